@@ -1,0 +1,320 @@
+"""The `pricectl` command line: one thin function per subcommand.
+
+Each command reads its flags, builds the settings (config.load_settings) and hands a stage
+function to runinfo.execute_stage. :func:`main` is the only place that turns exceptions into
+exit codes, through the table in errors.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pricing_cli import __version__
+from pricing_cli.config import Settings, load_settings, settings_to_yaml
+from pricing_cli.errors import PricingError, exit_code_for
+from pricing_cli.runinfo import OutputOptions, StageFn, execute_stage
+
+app = typer.Typer(
+    name="pricectl",
+    help=(
+        "Learn one pricing agent for every product from raw sales history.\n\n"
+        "Stages run in order: generate → features → preprocess → merge → validate-batches → "
+        "train → evaluate. Global options (--config, --preset, --json, ...) go before the "
+        "subcommand, e.g. `pricectl --preset tiny features`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+config_app = typer.Typer(help="Show or check configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+class _Globals:
+    """Global options, set by the callback and read by every command."""
+
+    config: Path | None = None
+    preset: str | None = None
+    max_memory: str | None = None
+    output = OutputOptions()
+
+
+G = _Globals()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pricectl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="YAML config file (also PRICECTL_CONFIG).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="Built-in scale preset below the config file: tiny, small or full.")] = None,
+    live: Annotated[bool | None, typer.Option(
+        "--live/--no-live", help="Force the live panel on or off (default: on a TTY).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="Print a machine-readable JSON summary on stdout.")] = False,
+    max_memory: Annotated[str | None, typer.Option(
+        help="Memory budget of the process tree, e.g. 1.5GB; the stage stops cleanly "
+             "before passing it and keeps the work done.")] = None,
+    debug: Annotated[bool, typer.Option(help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    G.config = config
+    G.preset = preset
+    G.max_memory = max_memory
+    G.output = OutputOptions(live="auto" if live is None else ("on" if live else "off"),
+                             quiet=quiet, json=json_output, debug=debug)
+
+
+def _settings(**flags: Any) -> Settings:
+    if G.max_memory is not None:
+        flags["monitor.max_memory"] = G.max_memory
+    return load_settings(G.config, G.preset, flags)
+
+
+def _run(stage: str, settings: Settings, fn: StageFn) -> None:
+    execute_stage(stage, settings, G.output, fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+@app.command()
+def generate(
+    seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same files).")] = None,
+    products: Annotated[int | None, typer.Option(help="Number of products.")] = None,
+    days: Annotated[int | None, typer.Option(help="Days of history.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Where to write raw data.")] = None,
+) -> None:
+    """Write a synthetic market with known ground truth, in the raw-data contract.
+
+    Writes transactions/ (one file per month), catalog.csv and ground_truth.json, which holds
+    every product's true demand parameters so evaluate can score against the true optimum.
+    """
+    from pricing_cli.data.generate import run_generate
+
+    settings = _settings(**{"generate.seed": seed, "generate.n_products": products,
+                            "generate.n_days": days,
+                            "generate.output_dir": None if output_dir is None else str(output_dir)})
+    _run("generate", settings, run_generate)
+
+
+@app.command()
+def features(
+    transactions: Annotated[str | None, typer.Option(
+        help="Glob of transaction files (CSV, CSV.gz or Parquet).")] = None,
+    catalog: Annotated[str | None, typer.Option(help="Catalog file.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Where to write features.")] = None,
+) -> None:
+    """Build the daily panel and time-series features on Polars' streaming engine.
+
+    Aggregates per product-day, fills zero-sale days, adds lags, rolling statistics, price
+    relative to its reference, calendar and catalog features, splits by date, fits scalers on
+    train only, and writes one Parquet file per product.
+    """
+    from pricing_cli.stages.features import run_features
+
+    settings = _settings(**{"data.transactions": transactions, "data.catalog": catalog,
+                            "features.output_dir": None if output_dir is None else str(output_dir)})
+    _run("features", settings, run_features)
+
+
+@app.command()
+def preprocess(
+    batch_size: Annotated[int | None, typer.Option(help="Files per batch.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (0 = all cores).")] = None,
+    keep_batches: Annotated[bool | None, typer.Option(
+        "--keep-batches", help="Keep batches after a successful merge.")] = None,
+    resume: Annotated[bool | None, typer.Option(
+        "--resume/--no-resume", help="Reuse batches whose inputs and config are unchanged.")] = None,
+    fail_fast: Annotated[bool | None, typer.Option(
+        "--fail-fast", help="Stop at the first failed file.")] = None,
+    input_glob: Annotated[str | None, typer.Option(help="Per-series files to read.")] = None,
+) -> None:
+    """Turn per-product feature files into batches of decision samples (.npz).
+
+    A pool of workers processes one batch of files at a time; the parent holds only that
+    batch, writes it atomically, records it in manifest.json and frees it. A re-run redoes
+    only missing or invalidated batches.
+    """
+    from pricing_cli.stages.preprocess import run_preprocess
+
+    settings = _settings(**{"preprocess.batch_size": batch_size, "preprocess.workers": workers,
+                            "preprocess.keep_batches": keep_batches, "preprocess.resume": resume,
+                            "preprocess.fail_fast": fail_fast,
+                            "preprocess.input_glob": input_glob})
+    _run("preprocess", settings, run_preprocess)
+
+
+@app.command()
+def merge(
+    strategy: Annotated[str | None, typer.Option(
+        help="sequential (two-pass, bounded memory) or accumulative (load-all reference).")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Where to write processed arrays.")] = None,
+    keep_batches: Annotated[bool | None, typer.Option(
+        "--keep-batches", help="Keep the intermediate batches after merging.")] = None,
+) -> None:
+    """Merge batches into X_{split}.npy, labels, masks and meta per split.
+
+    sequential reads only headers in pass 1, then streams each batch to its offset in pass 2,
+    so peak memory is one batch plus a constant. Outputs appear atomically.
+    """
+    from pricing_cli.stages.merge import run_merge
+
+    settings = _settings(**{"merge.strategy": strategy, "merge.keep_batches": keep_batches,
+                            "merge.output_dir": None if output_dir is None else str(output_dir)})
+    _run("merge", settings, run_merge)
+
+
+@app.command("validate-batches")
+def validate_batches(
+    paths: Annotated[list[Path] | None, typer.Argument(
+        help="Batch files or folders (default: preprocess.output_dir).")] = None,
+    deep: Annotated[bool, typer.Option(
+        "--deep", help="Also rebuild a sample of rows from the source files and compare.")] = False,
+    convert_legacy: Annotated[bool, typer.Option(
+        "--convert-legacy", help="Rewrite legacy list-of-dicts batches in the current format.")
+    ] = False,
+    trust_pickle: Annotated[bool, typer.Option(
+        "--trust-pickle", help="Allow unpickling legacy batches. Only for files you made.")
+    ] = False,
+) -> None:
+    """Check every batch and explain each problem found; exit non-zero on any problem."""
+    from pricing_cli.stages.batches import run_validate_batches
+
+    settings = _settings()
+    fn = functools.partial(run_validate_batches, paths=paths or [], deep=deep,
+                           convert_legacy=convert_legacy, trust_pickle=trust_pickle)
+    _run("validate-batches", settings, fn)
+
+
+@app.command()
+def train(
+    multi_product: Annotated[bool, typer.Option(
+        "--multi-product", help="One agent for every product (product embedding).")] = False,
+    product: Annotated[str | None, typer.Option(
+        help="Train a single-product agent for this product_id instead.")] = None,
+    timesteps: Annotated[int | None, typer.Option(help="Environment steps of RL.")] = None,
+    algo: Annotated[str | None, typer.Option(help="maskable-ppo or ppo.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the last checkpoint of --run-id.")] = False,
+    warm_start: Annotated[str | None, typer.Option(
+        help="bc: clone historical prices before RL; none: start from scratch.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Run folder name under models/.")] = None,
+) -> None:
+    """Fit the demand model and train the pricing agent; everything lands in models/<run_id>/."""
+    from pricing_cli.agent.train import run_train
+
+    if not multi_product and product is None:
+        raise typer.BadParameter("pass --multi-product, or --product ID for one product")
+    settings = _settings(**{"train.timesteps": timesteps, "train.algo": algo, "train.seed": seed,
+                            "train.device": device, "train.warm_start": warm_start,
+                            "train.run_id": run_id})
+    fn = functools.partial(run_train, product=product, resume=resume)
+    _run("train", settings, fn)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path | None, typer.Option(help="Run folder (default: newest).")] = None,
+    split: Annotated[str | None, typer.Option(help="train, val or test.")] = None,
+    reports_dir: Annotated[Path | None, typer.Option(help="Where reports go.")] = None,
+) -> None:
+    """Compare the agent with historical, static, greedy and random prices (and the oracle).
+
+    Writes evaluation.json, recommendations.csv, plots and report.md to the reports folder.
+    """
+    from pricing_cli.agent.evaluate import run_evaluate
+
+    settings = _settings(**{"evaluate.model": None if model is None else str(model),
+                            "evaluate.split": split,
+                            "evaluate.reports_dir": None if reports_dir is None else str(reports_dir)})
+    _run("evaluate", settings, run_evaluate)
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective config (defaults < preset < file < env < flags) as YAML."""
+    settings = _settings()
+    if G.output.json:
+        import json
+
+        typer.echo(json.dumps(settings.to_dict(), default=str))
+    else:
+        typer.echo(settings_to_yaml(settings), nl=False)
+
+
+@config_app.command("validate")
+def config_validate(
+    file: Annotated[Path, typer.Argument(help="YAML config file to check.")],
+) -> None:
+    """Check one config file: unknown keys (with the closest valid key) and types."""
+    load_settings(file, None, {}, environ={})
+    typer.echo(f"{file}: ok")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point: the only place that maps exceptions to exit codes.
+
+
+def _report(exc: BaseException) -> int:
+    row = exit_code_for(exc)
+    if G.output.debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, PricingError):
+        sys.stderr.write(f"pricectl: {row.label}: {exc.message}\n")
+        if exc.hint:
+            sys.stderr.write(f"  hint: {exc.hint}\n")
+    elif isinstance(exc, KeyboardInterrupt):
+        sys.stderr.write("pricectl: interrupted; completed work is kept, partial outputs removed\n")
+    else:
+        sys.stderr.write(f"pricectl: internal error: {type(exc).__name__}: {exc}\n"
+                         "  hint: this is a bug; re-run with --debug and report the traceback\n")
+    return row.code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return the exit code (the console script calls sys.exit on it)."""
+    from typer._click.exceptions import ClickException  # typer vendors click
+
+    try:
+        result = app(args=argv, standalone_mode=False)
+        return int(result) if isinstance(result, int) else 0
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        return _report(KeyboardInterrupt())
+    except ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except BrokenPipeError:
+        return 0
+    except (PricingError, KeyboardInterrupt) as exc:
+        return _report(exc)
+    except Exception as exc:  # noqa: BLE001 - last resort: no bare traceback without --debug
+        return _report(exc)
+
+
+def entry() -> None:
+    sys.exit(main())

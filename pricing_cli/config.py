@@ -1,0 +1,480 @@
+"""One config loader for every subcommand.
+
+Precedence, lowest first::
+
+    built-in defaults < preset (--preset) < YAML file (--config / PRICECTL_CONFIG)
+        < env vars PRICECTL_<SECTION>__<KEY> < command-line flags
+
+The result is a frozen, typed :class:`Settings`. Unknown keys are rejected with the file they
+came from and the closest valid key; wrong types name the key and the type expected. Only
+``yaml.safe_load`` is used, because configs may come from elsewhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pricing_cli.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+ENV_PREFIX = "PRICECTL_"
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, and no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ColumnMap(Section):
+    """Names of the raw transaction columns in the input files (maps an export as it is)."""
+
+    date: str = "date"
+    """Transaction date or datetime (ISO)."""
+    product_id: str = "product_id"
+    """Product identifier (read as a string)."""
+    quantity: str = "quantity"
+    """Units sold; negative is a return."""
+    unit_price: str = "unit_price"
+    """Price paid per unit, > 0."""
+    store_id: str | None = None
+    """Optional store column; None if absent."""
+
+
+class DataSettings(Section):
+    """Where raw data lives and how it is read."""
+
+    transactions: str = "data/raw/transactions/*.csv*"
+    """Glob of transaction files: CSV (optionally .gz) or Parquet."""
+    catalog: str = "data/raw/catalog.csv"
+    """Catalog file: product_id, unit_cost, min_price, max_price, optional category."""
+    ground_truth: str = "data/raw/ground_truth.json"
+    """True demand parameters (only for generated markets); ignored if missing."""
+    columns: ColumnMap = ColumnMap()
+    """Column-name mapping for the transaction files."""
+    date_format: str | None = None
+    """strftime format of the date column; None means ISO date or datetime."""
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Fraction of bad rows per file above which the file is an error instead of a skip."""
+    bad_row_examples: int = Field(5, ge=0)
+    """How many bad rows to show per file as file:line examples."""
+
+
+class GenerateSettings(Section):
+    """The synthetic market written by `pricectl generate`."""
+
+    output_dir: str = "data/raw"
+    """Where transactions/, catalog.csv and ground_truth.json are written."""
+    seed: int = 7
+    """Random seed; the same seed gives byte-identical files."""
+    n_products: int = Field(50, ge=1)
+    """Number of products in the catalog."""
+    n_categories: int = Field(5, ge=1)
+    """Number of product categories."""
+    start_date: date = date(2023, 1, 1)
+    """First day of history."""
+    n_days: int = Field(365, ge=14)
+    """Days of history."""
+    mean_transactions_per_day: float = Field(6.0, gt=0)
+    """Average transactions per product-day at list price (sets the sales volume)."""
+    return_rate: float = Field(0.02, ge=0, lt=1)
+    """Fraction of transactions that are returns (negative quantity)."""
+    file_period: Literal["month", "week", "day"] = "month"
+    """One transaction file per period."""
+    file_format: Literal["csv", "csv.gz", "parquet"] = "csv"
+    """Format of the transaction files."""
+
+
+class FeaturesSettings(Section):
+    """The lazy, streaming `features` stage."""
+
+    output_dir: str = "data/features"
+    """Per-product Parquet files, scalers.json and feature_manifest.json go here."""
+    lags: list[int] = [1, 7, 14]
+    """Lags (days) of units and price."""
+    windows: list[int] = [7, 28]
+    """Rolling windows (days) for mean/std of units and price."""
+    reference_window: int = Field(28, ge=2)
+    """Rolling window (days) of the reference price that price_rel_ref is relative to."""
+    val_start: date | None = None
+    """First day of validation; None means use val_fraction."""
+    test_start: date | None = None
+    """First day of test; None means use test_fraction."""
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    """Fraction of days (from the end, before test) used for validation."""
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    """Fraction of days at the end used for test."""
+
+
+class PreprocessSettings(Section):
+    """Per-product feature files to batches of decision samples."""
+
+    input_glob: str = "data/features/*.parquet"
+    """Per-series files to read (the output of `features` by default)."""
+    output_dir: str = "data/intermediate"
+    """batch_NNNN.npz and manifest.json go here."""
+    batch_size: int = Field(500, ge=1)
+    """Files per batch; the parent holds one batch at a time."""
+    workers: int = Field(0, ge=0)
+    """Worker processes; 0 means all cores."""
+    price_levels: int = Field(21, ge=2, le=32767)
+    """K: candidate price levels spanning each product's [min_price, max_price]."""
+    max_daily_change: float = Field(0.25, gt=0)
+    """Largest allowed relative price change from one day to the next."""
+    history_window: int = Field(7, ge=0)
+    """Days of recent units and prices stacked into the state."""
+    heads: list[str] = ["price_level", "price_move"]
+    """Label heads; price_level and price_move are built in."""
+    move_tolerance: float = Field(0.005, ge=0)
+    """Relative change below which a price move counts as hold."""
+    keep_batches: bool = False
+    """Keep intermediate batches after a successful merge."""
+    resume: bool = True
+    """Reuse batches whose inputs and config are unchanged."""
+    fail_fast: bool = False
+    """Stop at the first failed file instead of quarantining it."""
+
+
+class MergeSettings(Section):
+    """Batches to the processed arrays."""
+
+    strategy: Literal["sequential", "accumulative"] = "sequential"
+    """sequential: two-pass, memory set by one batch. accumulative: load-all reference."""
+    output_dir: str = "data/processed"
+    """X_{split}.npy, labels/masks/meta per split and the stats go here."""
+    keep_batches: bool = False
+    """Keep the intermediate batches after a successful merge."""
+
+
+class TrainSettings(Section):
+    """The multi-product pricing agent."""
+
+    models_dir: str = "models"
+    """Run folders models/<run_id>/ are created here."""
+    run_id: str | None = None
+    """Name of the run folder; None means a timestamp."""
+    algo: Literal["maskable-ppo", "ppo"] = "maskable-ppo"
+    """RL algorithm."""
+    timesteps: int = Field(50_000, ge=1)
+    """Environment steps of RL training."""
+    seed: int = 0
+    """Seed of the env, the policy and the demand fit."""
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    """Torch device."""
+    n_envs: int = Field(16, ge=1)
+    """Parallel environments (vectorized in one numpy step)."""
+    episode_length: int = Field(28, ge=1)
+    """Days in one episode (a window of one product)."""
+    embedding_dim: int = Field(16, ge=1)
+    """Size of the product embedding."""
+    net_arch: list[int] = [64, 64]
+    """Hidden layers of the policy and value networks."""
+    learning_rate: float = Field(3e-4, gt=0)
+    """Optimizer learning rate."""
+    n_steps: int = Field(256, ge=1)
+    """Rollout length per env before each PPO update."""
+    batch_size: int = Field(512, ge=1)
+    """PPO minibatch size."""
+    n_epochs: int = Field(5, ge=1)
+    """PPO epochs per update."""
+    gamma: float = Field(0.9, gt=0, le=1)
+    """Discount factor."""
+    ent_coef: float = Field(0.01, ge=0)
+    """Entropy bonus."""
+    reward_scale: float = Field(0.01, gt=0)
+    """Profit is multiplied by this to give the reward."""
+    warm_start: Literal["none", "bc"] = "none"
+    """bc: first clone historical prices (labels + masks), then run RL."""
+    bc_epochs: int = Field(3, ge=0)
+    """Epochs of behaviour cloning for --warm-start bc."""
+    checkpoint_every: int = Field(10_000, ge=1)
+    """Save a checkpoint every N steps."""
+    eval_every: int = Field(10_000, ge=1)
+    """Evaluate on val every N steps to select the best model."""
+    demand_shrinkage: float = Field(5.0, ge=0)
+    """Strength of the pooling of product demand parameters toward their category."""
+
+
+class EvaluateSettings(Section):
+    """Agent vs baselines vs the true optimum."""
+
+    model: str | None = None
+    """Run folder to evaluate; None means the newest under train.models_dir."""
+    split: Literal["train", "val", "test"] = "test"
+    """Split to evaluate on."""
+    reports_dir: str = "reports"
+    """evaluation.json, recommendations.csv, plots and report.md go here."""
+    plot_products: int = Field(4, ge=0)
+    """Products whose price paths are plotted."""
+    seed: int = 0
+    """Seed of the random-feasible baseline."""
+
+
+class MonitorSettings(Section):
+    """The live panel and memory sampler shared by every stage."""
+
+    live: Literal["auto", "on", "off"] = "auto"
+    """auto: live panel on a TTY, plain timestamped lines otherwise."""
+    refresh_per_second: float = Field(4.0, gt=0, le=4.0)
+    """Live panel redraws per second (at most 4)."""
+    plain_interval_s: float = Field(5.0, gt=0)
+    """Seconds between plain progress lines when not on a TTY."""
+    sample_interval_s: float = Field(0.25, gt=0)
+    """Seconds between memory samples."""
+    max_memory: str | None = None
+    """Memory budget of the process tree, e.g. '1.5GB'; the stage stops cleanly before it."""
+    runs_dir: str = "runs"
+    """Run folders with memory.jsonl and run.json are written under this folder."""
+
+    @field_validator("max_memory")
+    @classmethod
+    def _parse_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+
+class Settings(Section):
+    """The whole effective configuration; one frozen object travels through the code."""
+
+    data: DataSettings = DataSettings()
+    generate: GenerateSettings = GenerateSettings()
+    features: FeaturesSettings = FeaturesSettings()
+    preprocess: PreprocessSettings = PreprocessSettings()
+    merge: MergeSettings = MergeSettings()
+    train: TrainSettings = TrainSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+    monitor: MonitorSettings = MonitorSettings()
+
+    def section_fingerprint(self, section: str) -> str:
+        """SHA-256 of one section's values; used to invalidate cached stage outputs."""
+        payload = json.dumps(getattr(self, section).model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
+               "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4,
+               "TB": 1024**4, "TIB": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """Parse '1.5GB', '512M', '800MiB' or a byte count into bytes (binary units)."""
+    raw = str(text).strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(
+            f"cannot read memory size {text!r}", "Use a number with a unit, e.g. 1.5GB or 800MB."
+        ) from None
+    if unit not in _SIZE_UNITS or value <= 0:
+        raise ConfigError(
+            f"cannot read memory size {text!r}", "Use a number with a unit, e.g. 1.5GB or 800MB."
+        )
+    return int(value * _SIZE_UNITS[unit])
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _check_keys(raw: Mapping[str, Any], model: type[BaseModel], source: str, prefix: str) -> None:
+    """Reject unknown keys, naming the source and the closest valid key."""
+    fields = model.model_fields
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            suggestion = f"did you mean '{prefix}{close[0]}'?" if close else (
+                "valid keys here: " + ", ".join(sorted(fields)))
+            raise ConfigError(
+                f"unknown config key '{where}' in {source}",
+                f"{suggestion} See configs/default.yaml for every key.",
+            )
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"config key '{where}' in {source} must be a mapping of keys, "
+                    f"got {type(value).__name__}",
+                    f"Write it as a section: `{key}:` followed by indented keys.",
+                )
+            _check_keys(value, annotation, source, f"{where}.")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML config file with the safe loader."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", "Pass an existing file to --config.")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {exc}",
+                          "Fix the YAML syntax.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text", "Save it as UTF-8.") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections",
+                          "Start with a section name such as `preprocess:`.")
+    return loaded
+
+
+def preset_path(name: str) -> Path:
+    """Path of a built-in preset (tiny, small, full)."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"unknown preset '{name}'", f"{hint}Available: {', '.join(names)}.")
+    return path
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Collect PRICECTL_<SECTION>__<KEY>[__<SUBKEY>] variables as a nested mapping.
+
+    Values are parsed with ``yaml.safe_load`` so numbers, booleans and lists get their types.
+    """
+    nested: dict[str, Any] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError:
+            value = text
+        cursor = nested
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+    return nested
+
+
+def flag_overrides(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn {'preprocess.batch_size': 500, ...} into a nested mapping, dropping None values."""
+    nested: dict[str, Any] = {}
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        parts = dotted.split(".")
+        cursor = nested
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+    return nested
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _validate(raw: dict[str, Any], sources: str) -> Settings:
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        expected = _expected_type(first["loc"])
+        got = first.get("input")
+        raise ConfigError(
+            f"config key '{key}' has an invalid value {got!r} (from {sources}): {first['msg']}",
+            f"Expected {expected}." if expected else "See configs/default.yaml.",
+        ) from None
+
+
+def _expected_type(loc: tuple[Any, ...]) -> str | None:
+    model: Any = Settings
+    annotation: Any = None
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        annotation = fields[part].annotation
+        model = annotation
+    return _type_name(annotation) if annotation is not None else None
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    preset: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the effective settings from every source, in precedence order.
+
+    Args:
+        config_file: YAML file; if None, ``PRICECTL_CONFIG`` is used when set.
+        preset: name of a built-in preset (tiny, small, full), applied below the file.
+        flags: dotted keys to values from command-line flags; None values are ignored.
+        environ: environment to read PRICECTL_* variables from (default: os.environ).
+
+    Returns:
+        The validated, frozen settings.
+
+    Raises:
+        ConfigError: unknown key (with the closest valid one), wrong type, unreadable file.
+    """
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    sources = ["defaults"]
+    if preset is None:
+        preset = environ.get("PRICECTL_PRESET") or None
+    if preset:
+        path = preset_path(preset)
+        layer = read_yaml(path)
+        _check_keys(layer, Settings, f"preset '{preset}' ({path})", "")
+        raw = _deep_merge(raw, layer)
+        sources.append(f"preset {preset}")
+    if config_file is None and environ.get("PRICECTL_CONFIG"):
+        config_file = environ["PRICECTL_CONFIG"]
+    if config_file is not None:
+        path = Path(config_file)
+        layer = read_yaml(path)
+        _check_keys(layer, Settings, str(path), "")
+        raw = _deep_merge(raw, layer)
+        sources.append(str(path))
+    env_layer = env_overrides(environ)
+    if env_layer:
+        _check_keys(env_layer, Settings, "environment (PRICECTL_<SECTION>__<KEY>)", "")
+        raw = _deep_merge(raw, env_layer)
+        sources.append("environment")
+    flag_layer = flag_overrides(flags or {})
+    if flag_layer:
+        _check_keys(flag_layer, Settings, "command-line flags", "")
+        raw = _deep_merge(raw, flag_layer)
+        sources.append("flags")
+    return _validate(raw, " < ".join(sources))
+
+
+def settings_to_yaml(settings: Settings) -> str:
+    """The effective config as YAML, for `pricectl config show`."""
+    return yaml.safe_dump(settings.to_dict(), sort_keys=False)

@@ -1,0 +1,109 @@
+"""The exception hierarchy and the one table that maps it to messages and exit codes.
+
+Every user-facing failure raises a subclass of :class:`PricingError`. The CLI entry point
+(:func:`pricing_cli.cli.main`) is the only place that turns them into exit codes, using
+:data:`EXIT_CODES`. A traceback is printed only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PricingError(Exception):
+    """Base class of every error pricectl reports to the user.
+
+    Args:
+        message: what went wrong, naming the file, row or key involved.
+        hint: how to fix it; shown on a second line.
+    """
+
+    default_hint = "Run with --debug for the full traceback."
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+
+class ConfigError(PricingError):
+    """A config file, environment variable or flag is invalid."""
+
+    default_hint = "Check the key against `pricectl config show` or configs/default.yaml."
+
+
+class DataError(PricingError):
+    """Raw input data breaks the contract in docs/data-format.md."""
+
+    default_hint = "See docs/data-format.md for the expected columns and types."
+
+
+class BatchError(PricingError):
+    """A batch file, manifest or processed array is missing, corrupt or inconsistent."""
+
+    default_hint = "Run `pricectl validate-batches` for details, or re-run `pricectl preprocess`."
+
+
+class PartialFailure(PricingError):
+    """A stage finished, but some inputs failed and were quarantined."""
+
+    default_hint = "The failed files are listed above and in the manifest; fix them and re-run."
+
+
+class MemoryBudgetExceeded(PricingError):
+    """The process tree was about to exceed --max-memory; the stage stopped cleanly."""
+
+    default_hint = (
+        "Work done so far is kept; re-run with a larger --max-memory or a smaller "
+        "--batch-size / fewer --workers to resume."
+    )
+
+
+class DiskFullError(PricingError):
+    """A write failed for lack of space (ENOSPC)."""
+
+    default_hint = "Free disk space and re-run: completed work is kept and will be reused."
+
+
+class ModelError(PricingError):
+    """A model run folder is missing or does not match the processed data."""
+
+    default_hint = "Train a model first with `pricectl train --multi-product`, or pass --model."
+
+
+class MissingInputError(PricingError):
+    """A stage's input does not exist yet (an earlier stage has not run)."""
+
+    default_hint = "Run the earlier pipeline stage first; see `pricectl --help` for the order."
+
+
+@dataclass(frozen=True)
+class ExitCode:
+    """One row of the exit-code table."""
+
+    error: type[BaseException]
+    code: int
+    label: str
+
+
+# The one table: most specific first. Documented in README.md ("Exit codes").
+EXIT_CODES: tuple[ExitCode, ...] = (
+    ExitCode(ConfigError, 3, "config error"),
+    ExitCode(DataError, 4, "data error"),
+    ExitCode(BatchError, 5, "batch error"),
+    ExitCode(PartialFailure, 6, "partial failure"),
+    ExitCode(MemoryBudgetExceeded, 7, "memory budget"),
+    ExitCode(DiskFullError, 8, "disk full"),
+    ExitCode(ModelError, 9, "model error"),
+    ExitCode(MissingInputError, 10, "missing input"),
+    ExitCode(PricingError, 1, "error"),
+    ExitCode(KeyboardInterrupt, 130, "interrupted"),
+)
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """Return the table row for ``exc`` (the first matching type wins)."""
+    for row in EXIT_CODES:
+        if isinstance(exc, row.error):
+            return row
+    return ExitCode(type(exc), 1, "internal error")

@@ -1,0 +1,411 @@
+"""One memory sampler and one live panel, shared by every stage.
+
+:class:`MemorySampler` reads memory on a background thread: this process's RSS, its worker
+processes' PSS (USS, then RSS where PSS is unreadable), system available memory and swap,
+keeps the peak of each, appends every sample to ``memory.jsonl`` and enforces ``--max-memory``.
+
+:class:`RunMonitor` owns the display. On a TTY it is a Rich Live panel (header: stage and
+elapsed time; a body the stage fills: worker lines, progress bars, rates; a memory line),
+redrawn at most 4 times a second. Otherwise it prints a timestamped plain line every few
+seconds, with no escape codes. Workers never print: they put :data:`Event` tuples on a queue
+that the stage drains into :meth:`RunMonitor.handle_event`.
+
+Progress goes to stderr so that ``--json`` leaves stdout machine-readable.
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import psutil
+
+from pricing_cli.errors import MemoryBudgetExceeded
+
+DisplayMode = Literal["live", "plain", "quiet"]
+# ("worker", worker_id, text) | ("log", text) | ("advance", bar_key, n) | ("metric", name, text)
+Event = tuple[Any, ...]
+
+# Stop when the tree reaches this fraction of the budget, so the stop happens *before* it.
+BUDGET_SAFETY = 0.92
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size: 1536 -> '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def format_elapsed(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass
+class MemorySample:
+    """One reading. ``tree`` = this process's PSS + its workers' PSS (shared pages once)."""
+
+    t: float
+    rss: int
+    workers: int
+    tree: int
+    n_workers: int
+    available: int
+    swap_used: int
+    swap_total: int
+
+
+@dataclass
+class MemoryPeaks:
+    rss: int = 0
+    workers: int = 0
+    tree: int = 0
+    swap_used: int = 0
+    min_available: int = 0
+
+    def update(self, s: MemorySample) -> None:
+        self.rss = max(self.rss, s.rss)
+        self.workers = max(self.workers, s.workers)
+        self.tree = max(self.tree, s.tree)
+        self.swap_used = max(self.swap_used, s.swap_used)
+        self.min_available = s.available if not self.min_available else min(
+            self.min_available, s.available)
+
+
+def _proportional_memory(proc: psutil.Process) -> int:
+    """PSS where readable (never counts shared pages twice), else USS, else RSS."""
+    try:
+        info = proc.memory_full_info()
+        pss = getattr(info, "pss", None)
+        if pss:
+            return int(pss)
+        uss = getattr(info, "uss", None)
+        if uss:
+            return int(uss)
+        return int(info.rss)
+    except (psutil.AccessDenied, psutil.ZombieProcess):
+        try:
+            return int(proc.memory_info().rss)
+        except psutil.Error:
+            return 0
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def read_memory(proc: psutil.Process | None = None) -> MemorySample:
+    """Take one memory reading of ``proc`` (default: this process) and its descendants."""
+    proc = proc or psutil.Process()
+    rss = int(proc.memory_info().rss)
+    own = _proportional_memory(proc)
+    children = proc.children(recursive=True)
+    workers = sum(_proportional_memory(child) for child in children)
+    vm = psutil.virtual_memory()
+    sw = psutil.swap_memory()
+    return MemorySample(
+        t=time.time(), rss=rss, workers=workers, tree=own + workers, n_workers=len(children),
+        available=int(vm.available), swap_used=int(sw.used), swap_total=int(sw.total),
+    )
+
+
+class MemorySampler:
+    """Samples memory on a daemon thread; writes memory.jsonl; trips the memory budget.
+
+    Args:
+        interval_s: seconds between samples.
+        jsonl_path: where to append one JSON object per sample (None: keep in memory only).
+        budget_bytes: --max-memory in bytes; None for no budget.
+    """
+
+    def __init__(self, interval_s: float = 0.25, jsonl_path: Path | None = None,
+                 budget_bytes: int | None = None) -> None:
+        self.interval_s = interval_s
+        self.jsonl_path = jsonl_path
+        self.budget_bytes = budget_bytes
+        self.peaks = MemoryPeaks()
+        self.last: MemorySample | None = None
+        self.budget_tripped = False
+        self.budget_message = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._jsonl: IO[str] | None = None
+        self._proc = psutil.Process()
+
+    def sample(self) -> MemorySample:
+        s = read_memory(self._proc)
+        self.last = s
+        self.peaks.update(s)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(asdict(s)) + "\n")
+            self._jsonl.flush()
+        if (self.budget_bytes is not None and not self.budget_tripped
+                and s.tree >= self.budget_bytes * BUDGET_SAFETY):
+            self.budget_tripped = True
+            self.budget_message = (
+                f"memory budget: the process tree reached {format_bytes(s.tree)} of the "
+                f"{format_bytes(self.budget_bytes)} allowed by --max-memory; stopped cleanly")
+            # Interrupt the main thread; RunMonitor.__exit__ turns it into MemoryBudgetExceeded.
+            _thread.interrupt_main()
+        return s
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> MemorySampler:
+        if self.jsonl_path is not None:
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+        self.sample()
+        self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        try:
+            self.sample()
+        except psutil.Error:
+            pass
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+@dataclass
+class _Bar:
+    label: str
+    total: int | None
+    completed: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class RunMonitor:
+    """The live panel (or plain lines) plus the memory sampler for one stage run.
+
+    Use as a context manager. The stage fills the body with :meth:`add_bar`,
+    :meth:`update_bar`, :meth:`set_worker`, :meth:`set_metric` and :meth:`log`, and calls
+    :meth:`check_memory` at safe points (batch boundaries).
+
+    Args:
+        stage: stage name shown in the header.
+        mode: 'live' (Rich Live), 'plain' (timestamped lines) or 'quiet'.
+        refresh_per_second: live redraw rate (capped at 4).
+        plain_interval_s: seconds between plain lines.
+        sample_interval_s: seconds between memory samples.
+        memory_jsonl: where memory samples go.
+        budget_bytes: --max-memory in bytes.
+        stream: where progress is written (default stderr).
+    """
+
+    def __init__(self, stage: str, mode: DisplayMode = "plain", *, refresh_per_second: float = 4,
+                 plain_interval_s: float = 5.0, sample_interval_s: float = 0.25,
+                 memory_jsonl: Path | None = None, budget_bytes: int | None = None,
+                 stream: IO[str] | None = None) -> None:
+        self.stage = stage
+        self.mode: DisplayMode = mode
+        self.refresh_per_second = min(refresh_per_second, 4.0)
+        self.plain_interval_s = plain_interval_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.sampler = MemorySampler(sample_interval_s, memory_jsonl, budget_bytes)
+        self.started = time.monotonic()
+        self.started_wall = datetime.now().astimezone()
+        self._bars: dict[str, _Bar] = {}
+        self._workers: dict[Any, str] = {}
+        self._metrics: dict[str, str] = {}
+        self._logs: deque[str] = deque(maxlen=6)
+        self._lock = threading.Lock()
+        self._live: Any = None
+        self._console: Any = None
+        self._plain_stop = threading.Event()
+        self._plain_thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> RunMonitor:
+        self.sampler.start()
+        if self.mode == "live":
+            from rich.console import Console
+            from rich.live import Live
+
+            self._console = Console(file=self.stream)
+            self._live = Live(get_renderable=self._render, console=self._console,
+                              refresh_per_second=self.refresh_per_second, transient=False,
+                              redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
+        elif self.mode == "plain":
+            self._plain_thread = threading.Thread(target=self._plain_loop, daemon=True,
+                                                  name="plain-progress")
+            self._plain_thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        self.close()
+        if self.sampler.budget_tripped and exc_type is not None and issubclass(
+                exc_type, (KeyboardInterrupt, MemoryBudgetExceeded)):
+            if exc_type is MemoryBudgetExceeded:
+                return False
+            raise MemoryBudgetExceeded(self.sampler.budget_message) from exc
+        return False
+
+    def close(self) -> None:
+        if self._plain_thread is not None:
+            self._plain_stop.set()
+            self._plain_thread.join(timeout=2)
+            self._plain_thread = None
+            self._emit_plain()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        self.sampler.stop()
+
+    # -- what stages call --------------------------------------------------------------------
+    def add_bar(self, key: str, label: str, total: int | None) -> None:
+        with self._lock:
+            self._bars[key] = _Bar(label, total)
+
+    def update_bar(self, key: str, *, advance: int = 0, completed: int | None = None,
+                   total: int | None = None) -> None:
+        with self._lock:
+            bar = self._bars[key]
+            if completed is not None:
+                bar.completed = completed
+            bar.completed += advance
+            if total is not None:
+                bar.total = total
+
+    def set_worker(self, worker: Any, text: str) -> None:
+        with self._lock:
+            self._workers[worker] = text
+
+    def clear_workers(self) -> None:
+        with self._lock:
+            self._workers.clear()
+
+    def set_metric(self, name: str, text: str) -> None:
+        with self._lock:
+            self._metrics[name] = text
+
+    def log(self, message: str) -> None:
+        """A message that stays on screen (above the live panel / as its own plain line)."""
+        if self.mode == "quiet":
+            return
+        if self._live is not None and self._console is not None:
+            self._console.print(message, markup=False, highlight=False)
+        else:
+            self._write_line(message)
+        with self._lock:
+            self._logs.append(message)
+
+    def handle_event(self, event: Event) -> None:
+        """Apply one event sent by a worker over a queue."""
+        kind = event[0]
+        if kind == "worker":
+            self.set_worker(event[1], event[2])
+        elif kind == "log":
+            self.log(event[1])
+        elif kind == "advance":
+            self.update_bar(event[1], advance=int(event[2]))
+        elif kind == "metric":
+            self.set_metric(event[1], event[2])
+
+    def check_memory(self) -> None:
+        """Raise MemoryBudgetExceeded at a safe point if the budget has been reached."""
+        if self.sampler.budget_tripped:
+            raise MemoryBudgetExceeded(self.sampler.budget_message)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def memory_summary(self) -> dict[str, Any]:
+        p = self.sampler.peaks
+        return {"peak_rss_bytes": p.rss, "peak_workers_bytes": p.workers,
+                "peak_tree_bytes": p.tree, "peak_swap_used_bytes": p.swap_used,
+                "min_available_bytes": p.min_available}
+
+    # -- rendering ---------------------------------------------------------------------------
+    def memory_line(self) -> str:
+        s = self.sampler.last
+        if s is None:
+            return "memory: -"
+        p = self.sampler.peaks
+        budget = (f" · budget {format_bytes(self.sampler.budget_bytes)}"
+                  if self.sampler.budget_bytes else "")
+        return (f"memory: rss {format_bytes(s.rss)} · workers({s.n_workers}) "
+                f"{format_bytes(s.workers)} · tree {format_bytes(s.tree)} "
+                f"(peak {format_bytes(p.tree)}) · available {format_bytes(s.available)} · "
+                f"swap {format_bytes(s.swap_used)}/{format_bytes(s.swap_total)}{budget}")
+
+    def _bar_text(self, bar: _Bar) -> str:
+        rate = bar.completed / max(time.monotonic() - bar.started, 1e-9)
+        total = "?" if bar.total is None else str(bar.total)
+        return f"{bar.label} {bar.completed}/{total} ({rate:.1f}/s)"
+
+    def _render(self) -> Any:
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        with self._lock:
+            bars = list(self._bars.values())
+            workers = dict(self._workers)
+            metrics = dict(self._metrics)
+        body = Table.grid(padding=(0, 1))
+        body.add_column(no_wrap=True)
+        body.add_column(ratio=1)
+        for wid, text in sorted(workers.items(), key=lambda kv: str(kv[0])):
+            body.add_row(f"[cyan]worker {wid}[/]", text)
+        for bar in bars:
+            total = bar.total or 0
+            body.add_row(
+                self._bar_text(bar),
+                ProgressBar(total=max(total, 1), completed=min(bar.completed, max(total, 1)),
+                            width=40),
+            )
+        if metrics:
+            body.add_row("", " · ".join(f"{k} {v}" for k, v in metrics.items()))
+        title = f"pricectl {self.stage} · {format_elapsed(self.elapsed)}"
+        return Panel(Group(body, self.memory_line()), title=title, title_align="left")
+
+    def plain_line(self) -> str:
+        with self._lock:
+            parts = [self._bar_text(b) for b in self._bars.values()]
+            parts += [f"{k} {v}" for k, v in self._metrics.items()]
+            if self._workers:
+                parts.append("workers: " + ", ".join(
+                    f"{w}={t}" for w, t in sorted(self._workers.items(), key=lambda kv: str(kv[0]))))
+        parts.append(self.memory_line())
+        return f"{self.stage} {format_elapsed(self.elapsed)} | " + " | ".join(parts)
+
+    def _write_line(self, text: str) -> None:
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            self.stream.write(f"[{stamp}] {text}\n")
+            self.stream.flush()
+        except (ValueError, OSError):
+            pass
+
+    def _emit_plain(self) -> None:
+        self._write_line(self.plain_line())
+
+    def _plain_loop(self) -> None:
+        while not self._plain_stop.wait(self.plain_interval_s):
+            self._emit_plain()

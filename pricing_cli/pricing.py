@@ -1,0 +1,56 @@
+"""The candidate price grid and the feasibility rule, shared by preprocess, env and evaluate.
+
+The grid spans each product's whole [min_price, max_price], not a band around the historical
+price, because historical prices are not optimal and the agent must be able to leave them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MOVE_DOWN, MOVE_HOLD, MOVE_UP = 0, 1, 2
+
+
+def price_grid(min_price: np.ndarray | float, max_price: np.ndarray | float, levels: int) -> np.ndarray:
+    """Evenly spaced candidate prices from min_price to max_price (inclusive).
+
+    Args:
+        min_price, max_price: scalars or arrays of shape (n,).
+        levels: K, the number of candidate levels (>= 2).
+
+    Returns:
+        Array of shape (K,) for scalars or (n, K) for arrays, float64.
+    """
+    lo = np.asarray(min_price, dtype=np.float64)
+    hi = np.asarray(max_price, dtype=np.float64)
+    steps = np.linspace(0.0, 1.0, levels)
+    return lo[..., None] + (hi - lo)[..., None] * steps
+
+
+def nearest_level(grid: np.ndarray, price: np.ndarray | float) -> np.ndarray:
+    """Index of the grid level closest to ``price`` (row-wise for a (n, K) grid)."""
+    price = np.asarray(price, dtype=np.float64)
+    return np.abs(grid - price[..., None]).argmin(axis=-1)
+
+
+def feasible_mask(grid: np.ndarray, prev_price: np.ndarray | float,
+                  max_daily_change: float) -> tuple[np.ndarray, np.ndarray]:
+    """Which levels may be chosen today, given yesterday's price.
+
+    A level is feasible if it lies within the grid's bounds (always, by construction) and
+    within ``max_daily_change`` (relative) of ``prev_price``. A row is never all zero: if the
+    constraints conflict (yesterday's price far outside the bounds), the level nearest to
+    ``prev_price`` is kept and the row is counted as a conflict.
+
+    Returns:
+        (mask int8 of grid's shape, conflict bool of shape grid.shape[:-1]).
+    """
+    prev = np.asarray(prev_price, dtype=np.float64)[..., None]
+    # A tiny tolerance keeps a level exactly on the boundary feasible despite rounding.
+    ok = np.abs(grid / prev - 1.0) <= max_daily_change + 1e-9
+    conflict = ~ok.any(axis=-1)
+    if conflict.any():
+        nearest = np.abs(grid - prev).argmin(axis=-1)
+        rows = np.nonzero(conflict)
+        ok[(*rows, nearest[rows])] = True
+    return ok.astype(np.int8), conflict

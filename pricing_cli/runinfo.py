@@ -1,0 +1,163 @@
+"""Running one stage: the monitor around it, run.json beside its outputs, the summary.
+
+Every stage function has the shape ``fn(settings, monitor) -> StageResult``. The CLI calls
+:func:`execute_stage`, which owns everything around it, so no stage repeats it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pricing_cli import __version__
+from pricing_cli.config import Settings, parse_size
+from pricing_cli.errors import PartialFailure
+from pricing_cli.monitor import DisplayMode, RunMonitor, format_bytes
+from pricing_cli.storage import fingerprint_files, write_json
+
+
+@dataclass
+class OutputOptions:
+    """Global display options from the command line."""
+
+    live: str = "auto"  # auto | on | off
+    quiet: bool = False
+    json: bool = False
+    debug: bool = False
+
+
+@dataclass
+class StageResult:
+    """What a stage returns to the CLI.
+
+    Args:
+        stage: stage name.
+        output_dir: where its outputs are; run.json is written there (None: run folder only).
+        inputs: input files, fingerprinted into run.json.
+        summary: numbers for the summary table, run.json and --json.
+        failures: one line per failed input; non-empty means exit code 'partial failure'.
+        notes: extra lines printed under the summary table.
+    """
+
+    stage: str
+    output_dir: Path | None
+    inputs: Sequence[Path] = ()
+    summary: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+StageFn = Callable[[Settings, RunMonitor], StageResult]
+
+
+def display_mode(options: OutputOptions, settings: Settings) -> DisplayMode:
+    """live on a TTY (stdout and stderr), plain otherwise; --quiet/--json silence progress."""
+    if options.quiet or options.json:
+        return "quiet"
+    live = options.live if options.live != "auto" else settings.monitor.live
+    if live == "on":
+        return "live"
+    if live == "off":
+        return "plain"
+    return "live" if sys.stdout.isatty() and sys.stderr.isatty() else "plain"
+
+
+def new_run_dir(settings: Settings, stage: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(settings.monitor.runs_dir) / f"{stamp}-{stage}-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_record(stage: str, settings: Settings, result: StageResult, monitor: RunMonitor,
+               ended: datetime) -> dict[str, Any]:
+    """The content of run.json."""
+    return {
+        "stage": stage,
+        "pricectl_version": __version__,
+        "command_line": sys.argv,
+        "config": settings.to_dict(),
+        "config_fingerprint": settings.section_fingerprint(_config_section(stage)),
+        "inputs": fingerprint_files(list(result.inputs)) if result.inputs else None,
+        "started": monitor.started_wall.isoformat(),
+        "ended": ended.isoformat(),
+        "elapsed_s": round(monitor.elapsed, 3),
+        "memory": monitor.memory_summary(),
+        "summary": result.summary,
+        "failures": result.failures,
+    }
+
+
+def _config_section(stage: str) -> str:
+    return {"validate-batches": "preprocess"}.get(stage, stage)
+
+
+def execute_stage(stage: str, settings: Settings, options: OutputOptions, fn: StageFn) -> StageResult:
+    """Run ``fn`` under a monitor, write run.json, print the summary.
+
+    Raises:
+        PartialFailure: the stage finished but listed failures.
+        Whatever ``fn`` raises (a PricingError subclass for user mistakes).
+    """
+    mode = display_mode(options, settings)
+    run_dir = new_run_dir(settings, stage)
+    budget = parse_size(settings.monitor.max_memory) if settings.monitor.max_memory else None
+    monitor = RunMonitor(
+        stage, mode, refresh_per_second=settings.monitor.refresh_per_second,
+        plain_interval_s=settings.monitor.plain_interval_s,
+        sample_interval_s=settings.monitor.sample_interval_s,
+        memory_jsonl=run_dir / "memory.jsonl", budget_bytes=budget,
+    )
+    with monitor:
+        result = fn(settings, monitor)
+    record = run_record(stage, settings, result, monitor, datetime.now().astimezone())
+    write_json(run_dir / "run.json", record)
+    if result.output_dir is not None and Path(result.output_dir).is_dir():
+        write_json(Path(result.output_dir) / "run.json", record)
+    print_summary(stage, record, result, options)
+    if result.failures:
+        raise PartialFailure(f"{stage}: {len(result.failures)} input(s) failed")
+    return result
+
+
+def print_summary(stage: str, record: dict[str, Any], result: StageResult,
+                  options: OutputOptions) -> None:
+    if options.json:
+        sys.stdout.write(json.dumps({k: record[k] for k in (
+            "stage", "summary", "failures", "elapsed_s", "memory")}, default=str) + "\n")
+        return
+    if options.quiet:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"pricectl {stage}", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for key, value in result.summary.items():
+        if isinstance(value, float):
+            value = f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value, default=str)
+        table.add_row(str(key), str(value))
+    mem = record["memory"]
+    table.add_row("elapsed", f"{record['elapsed_s']:.1f} s")
+    table.add_row("peak memory (tree)", format_bytes(mem["peak_tree_bytes"]))
+    if result.output_dir is not None:
+        table.add_row("outputs", str(result.output_dir))
+    console.print(table)
+    for note in result.notes:
+        console.print(note, markup=False, highlight=False)
+    for failure in result.failures[:20]:
+        console.print(f"[red]failed[/]: {failure}", highlight=False)
+    if len(result.failures) > 20:
+        console.print(f"... and {len(result.failures) - 20} more (see run.json)")
