@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from pricing_cli import __version__
-from pricing_cli.config import Settings, load_settings, settings_to_yaml
+from pricing_cli.config import Settings, documented_yaml, load_settings, settings_to_yaml
 from pricing_cli.errors import PricingError, exit_code_for
 from pricing_cli.runinfo import OutputOptions, StageFn, execute_stage
 
@@ -254,10 +254,16 @@ def evaluate(
 
 
 @config_app.command("show")
-def config_show() -> None:
+def config_show(
+    documented: Annotated[bool, typer.Option(
+        "--documented", help="Add each key's description as a comment (configs/default.yaml).")
+    ] = False,
+) -> None:
     """Print the effective config (defaults < preset < file < env < flags) as YAML."""
     settings = _settings()
-    if G.output.json:
+    if documented:
+        typer.echo(documented_yaml(settings), nl=False)
+    elif G.output.json:
         import json
 
         typer.echo(json.dumps(settings.to_dict(), default=str))
@@ -300,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = app(args=argv, standalone_mode=False)
-        return int(result) if isinstance(result, int) else 0
+        code = int(result) if isinstance(result, int) else 0
     except typer.Exit as exc:
-        return int(exc.exit_code)
+        code = int(exc.exit_code)
     except typer.Abort:
         return _report(KeyboardInterrupt())
     except ClickException as exc:
@@ -314,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(exc)
     except Exception as exc:  # noqa: BLE001 - last resort: no bare traceback without --debug
         return _report(exc)
+    # typer turns Ctrl+C into exit code 130 itself; add our one-line explanation.
+    return _report(KeyboardInterrupt()) if code == 130 else code
 
 
 def entry() -> None:

@@ -33,7 +33,9 @@ ENV_PREFIX = "PRICECTL_"
 class Section(BaseModel):
     """Base of every config section: frozen, and no unknown keys."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True
+    )
 
 
 class ColumnMap(Section):
@@ -478,3 +480,48 @@ def load_settings(
 def settings_to_yaml(settings: Settings) -> str:
     """The effective config as YAML, for `pricectl config show`."""
     return yaml.safe_dump(settings.to_dict(), sort_keys=False)
+
+
+def documented_yaml(settings: Settings | None = None) -> str:
+    """The config as YAML with each key's docstring as a comment above it.
+
+    This is how configs/default.yaml is produced (`pricectl config show --documented`), so the
+    reference can never drift from the code; a test compares the two.
+    """
+    settings = settings or Settings()
+    lines = [
+        "# pricectl configuration: every key, its default and what it does.",
+        "# Precedence: defaults < --preset < this file (--config / PRICECTL_CONFIG)",
+        "#             < env PRICECTL_<SECTION>__<KEY> < command-line flags.",
+        "# Regenerate with: pricectl config show --documented > configs/default.yaml",
+    ]
+
+    def emit(model: BaseModel, indent: int) -> None:
+        pad = "  " * indent
+        for name, info in type(model).model_fields.items():
+            value = getattr(model, name)
+            if info.description:
+                for text in info.description.splitlines():
+                    lines.append(f"{pad}# {text.strip()}")
+            if isinstance(value, BaseModel):
+                lines.append(f"{pad}{name}:")
+                emit(value, indent + 1)
+                continue
+            dumped = yaml.safe_dump({name: value.model_dump(mode="json") if isinstance(
+                value, BaseModel) else _jsonable(value)}, default_flow_style=True,
+                sort_keys=False).strip()
+            lines.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")
+
+    for section, info in Settings.model_fields.items():
+        lines.append("")
+        doc = (info.annotation.__doc__ or "").strip().splitlines()[0] if info.annotation else ""
+        lines.append(f"# --- {section}: {doc}")
+        lines.append(f"{section}:")
+        emit(getattr(settings, section), 1)
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
