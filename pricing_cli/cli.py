@@ -100,16 +100,22 @@ def generate(
     products: Annotated[int | None, typer.Option(help="Number of products.")] = None,
     days: Annotated[int | None, typer.Option(help="Days of history.")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="Where to write raw data.")] = None,
+    file_period: Annotated[str | None, typer.Option(
+        help="One transaction file per month, week or day.")] = None,
+    file_format: Annotated[str | None, typer.Option(
+        help="csv, csv.gz or parquet.")] = None,
 ) -> None:
     """Write a synthetic market with known ground truth, in the raw-data contract.
 
-    Writes transactions/ (one file per month), catalog.csv and ground_truth.json, which holds
-    every product's true demand parameters so evaluate can score against the true optimum.
+    Writes transactions/ (one file per month, week or day), catalog.csv and ground_truth.json,
+    which holds every product's true demand parameters so evaluate can score against the true
+    optimum. The same seed gives byte-identical files; see docs/market.md.
     """
     from pricing_cli.data.generate import run_generate
 
     settings = _settings(**{"generate.seed": seed, "generate.n_products": products,
-                            "generate.n_days": days,
+                            "generate.n_days": days, "generate.file_period": file_period,
+                            "generate.file_format": file_format,
                             "generate.output_dir": None if output_dir is None else str(output_dir)})
     _run("generate", settings, run_generate)
 
@@ -247,6 +253,58 @@ def evaluate(
                             "evaluate.split": split,
                             "evaluate.reports_dir": None if reports_dir is None else str(reports_dir)})
     _run("evaluate", settings, run_evaluate)
+
+
+# Where each stage function lives, for `pipeline` (imported only when that stage runs).
+STAGE_FUNCTIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "generate": ("pricing_cli.data.generate", "run_generate", {}),
+    "features": ("pricing_cli.stages.features", "run_features", {}),
+    "preprocess": ("pricing_cli.stages.preprocess", "run_preprocess", {}),
+    "validate-batches": ("pricing_cli.stages.batches", "run_validate_batches",
+                         {"paths": [], "deep": False, "convert_legacy": False,
+                          "trust_pickle": False}),
+    "merge": ("pricing_cli.stages.merge", "run_merge", {}),
+    "train": ("pricing_cli.agent.train", "run_train", {"product": None, "resume": False}),
+    "evaluate": ("pricing_cli.agent.evaluate", "run_evaluate", {}),
+}
+
+
+def _run_named_stage(name: str, settings: Settings) -> None:
+    import importlib
+
+    module, attr, kwargs = STAGE_FUNCTIONS[name]
+    fn = getattr(importlib.import_module(module), attr)
+    _run(name, settings, functools.partial(fn, **kwargs) if kwargs else fn)
+
+
+@app.command()
+def pipeline(
+    start: Annotated[str | None, typer.Option(
+        "--from", help="First stage to run (default: generate, or features with --no-generate).")
+    ] = None,
+    stop: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Run every planned stage even if it is up to date.")] = False,
+    with_generate: Annotated[bool, typer.Option(
+        "--generate/--no-generate",
+        help="Start with the synthetic market (off for your own data).")] = True,
+) -> None:
+    """Run generate → features → preprocess → validate-batches → merge → train → evaluate.
+
+    A stage whose inputs, config section and pricectl version are unchanged since its last
+    run (recorded in the run.json beside its outputs) is skipped, as `dvc repro` does.
+    """
+    from pricing_cli.pipeline import run_pipeline
+
+    settings = _settings()
+
+    def say(message: str) -> None:
+        if not (G.output.quiet or G.output.json):
+            typer.echo(f"pipeline: {message}", err=True)
+
+    outcome = run_pipeline(settings, _run_named_stage, say, start=start, stop=stop,
+                           force=force, with_generate=with_generate)
+    say("done: " + ", ".join(f"{name} {what}" for name, what in outcome))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,11 +90,23 @@ class GenerateSettings(Section):
     mean_transactions_per_day: float = Field(6.0, gt=0)
     """Average transactions per product-day at list price (sets the sales volume)."""
     return_rate: float = Field(0.02, ge=0, lt=1)
-    """Fraction of transactions that are returns (negative quantity)."""
+    """Fraction of sale transactions returned later (a negative-quantity row 1-7 days after)."""
     file_period: Literal["month", "week", "day"] = "month"
     """One transaction file per period."""
     file_format: Literal["csv", "csv.gz", "parquet"] = "csv"
     """Format of the transaction files."""
+    n_stores: int = Field(3, ge=0)
+    """Stores S1..Sn a transaction is assigned to; 0 writes no store_id column."""
+    max_units_per_transaction: int = Field(4, ge=1)
+    """A transaction holds 1..this many units (uniform), so the mean is about (k + 1) / 2."""
+    promotions_per_year: float = Field(8.0, ge=0)
+    """Promotions (10-30% off for 3-7 days) per product per year; gaps of 0.5-1.5x the mean."""
+    list_price_changes_per_year: float = Field(3.0, ge=0)
+    """Permanent list-price changes (-10%..+10%) per product per year, on average."""
+    elasticity_season: float = Field(0.10, ge=-0.4, le=0.4)
+    """Relative change of every elasticity per unit of the product's seasonal wave."""
+    elasticity_weekend: float = Field(-0.08, ge=-0.4, le=0.4)
+    """Relative change of every elasticity on Saturdays and Sundays (< 0: less sensitive)."""
 
 
 class FeaturesSettings(Section):
@@ -116,6 +128,15 @@ class FeaturesSettings(Section):
     """Fraction of days (from the end, before test) used for validation."""
     test_fraction: float = Field(0.15, gt=0, lt=1)
     """Fraction of days at the end used for test."""
+
+    @field_validator("lags", "windows")
+    @classmethod
+    def _positive_days(cls, value: list[int], info: Any) -> list[int]:
+        # A window of 1 day has no standard deviation, and a lag of 0 is today (leakage).
+        smallest = 2 if info.field_name == "windows" else 1
+        if any(day < smallest for day in value):
+            raise ValueError(f"every entry must be >= {smallest} days")
+        return sorted(set(value))
 
 
 class PreprocessSettings(Section):
@@ -205,6 +226,14 @@ class TrainSettings(Section):
     """Evaluate on val every N steps to select the best model."""
     demand_shrinkage: float = Field(5.0, ge=0)
     """Strength of the pooling of product demand parameters toward their category."""
+    feature_hidden: int = Field(64, ge=1)
+    """Width of the extractor's MLP over the state features (beside the product embedding)."""
+    sample_demand: bool = False
+    """Draw each day's units from Poisson instead of using the demand model's expectation."""
+    tensorboard: bool = True
+    """Write TensorBoard logs into the run folder (models/<run_id>/tensorboard/)."""
+    torch_threads: int = Field(0, ge=0)
+    """Torch CPU threads; 0 means one per core."""
 
 
 class EvaluateSettings(Section):

@@ -1,0 +1,161 @@
+"""`pricectl pipeline`: every stage in order, skipping those that are already up to date.
+
+A stage is up to date, the way `dvc repro` decides it, when the run.json beside its outputs
+records the same *stage key*: a digest of the pricectl version, the config sections the
+stage reads, and the identity of its inputs. For `features` the inputs are the raw files
+(path, size, mtime); for every later stage they are the upstream stage's run.json, so a
+re-run upstream re-runs everything downstream.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pricing_cli import __version__
+from pricing_cli.config import Settings
+from pricing_cli.errors import ConfigError
+from pricing_cli.storage import fingerprint_files
+
+RunFn = Callable[[str, Settings], None]
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """One step: its name, the config sections it reads, and where its run.json lands."""
+
+    name: str
+    sections: tuple[str, ...]
+    upstream: str | None
+
+    def output_dir(self, settings: Settings) -> Path | None:
+        if self.name == "train":
+            return newest_model_dir(settings)
+        folder = {
+            "generate": settings.generate.output_dir,
+            "features": settings.features.output_dir,
+            "preprocess": settings.preprocess.output_dir,
+            "merge": settings.merge.output_dir,
+            "evaluate": settings.evaluate.reports_dir,
+        }.get(self.name)
+        return None if folder is None else Path(folder)
+
+
+STAGES: tuple[PipelineStage, ...] = (
+    PipelineStage("generate", ("generate",), None),
+    PipelineStage("features", ("data", "features"), None),
+    PipelineStage("preprocess", ("preprocess",), "features"),
+    PipelineStage("validate-batches", ("preprocess",), "preprocess"),
+    PipelineStage("merge", ("merge",), "preprocess"),
+    PipelineStage("train", ("train",), "merge"),
+    PipelineStage("evaluate", ("evaluate", "data"), "train"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def newest_model_dir(settings: Settings) -> Path | None:
+    """models/<run_id> if train.run_id is set, else the newest run folder with a run.json."""
+    root = Path(settings.train.models_dir)
+    if settings.train.run_id:
+        return root / settings.train.run_id
+    runs = sorted((p for p in root.glob("*") if (p / "run.json").is_file()),
+                  key=lambda p: (p / "run.json").stat().st_mtime)
+    return runs[-1] if runs else None
+
+
+def stage_key(stage: PipelineStage, settings: Settings) -> str | None:
+    """The digest that decides whether ``stage`` must run; None if its inputs are missing."""
+    if stage.name == "features":
+        files = sorted(glob.glob(settings.data.transactions)) + [settings.data.catalog]
+        if not all(Path(f).is_file() for f in files):
+            return None
+        inputs: Any = fingerprint_files(files)
+    elif stage.upstream is not None:
+        upstream = next(s for s in STAGES if s.name == stage.upstream)
+        folder = upstream.output_dir(settings)
+        record = None if folder is None else folder / "run.json"
+        if record is None or not record.is_file():
+            return None
+        inputs = hashlib.sha256(record.read_bytes()).hexdigest()
+    else:
+        inputs = None
+    payload = {
+        "version": __version__,
+        "config": {s: settings.section_fingerprint(s) for s in stage.sections},
+        "inputs": inputs,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def recorded_key(stage: PipelineStage, settings: Settings) -> str | None:
+    folder = stage.output_dir(settings)
+    if folder is None or not (folder / "run.json").is_file():
+        return None
+    try:
+        record = json.loads((folder / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record.get("stage_key") if isinstance(record, dict) else None
+
+
+def plan(settings: Settings, start: str | None, stop: str | None, force: bool,
+         with_generate: bool) -> list[PipelineStage]:
+    """The stages between --from and --to, in order."""
+    for name in (start, stop):
+        if name is not None and name not in STAGE_NAMES:
+            raise ConfigError(f"unknown stage '{name}'", f"Stages: {', '.join(STAGE_NAMES)}.")
+    names = list(STAGE_NAMES)
+    first = names.index(start) if start else (0 if with_generate else 1)
+    last = names.index(stop) if stop else len(names) - 1
+    if first > last:
+        raise ConfigError(f"--from {start} comes after --to {stop}",
+                          f"Stages run in this order: {' → '.join(STAGE_NAMES)}.")
+    return list(STAGES[first:last + 1])
+
+
+def run_pipeline(settings: Settings, run_stage: RunFn, log: Callable[[str], None], *,
+                 start: str | None = None, stop: str | None = None, force: bool = False,
+                 with_generate: bool = True) -> list[tuple[str, str]]:
+    """Run the planned stages; returns (stage, 'ran' | 'skipped (up to date)') pairs.
+
+    ``run_stage(name, settings)`` runs one stage (the CLI passes its own stage runner, so
+    each stage behaves exactly as when typed alone). validate-batches always runs when
+    preprocess or merge runs, and is skipped with them otherwise.
+    """
+    outcome: list[tuple[str, str]] = []
+    ran_upstream = False
+    for stage in plan(settings, start, stop, force, with_generate):
+        key_before = stage_key(stage, settings)
+        up_to_date = (not force and not ran_upstream and key_before is not None
+                      and key_before == recorded_key(stage, settings))
+        if stage.name == "validate-batches":
+            # It has no outputs of its own: it runs exactly when the batches are new.
+            up_to_date = not ran_upstream and not force
+        if up_to_date:
+            log(f"{stage.name}: up to date, skipped")
+            outcome.append((stage.name, "skipped (up to date)"))
+            continue
+        log(f"{stage.name}: running")
+        run_stage(stage.name, settings)
+        ran_upstream = True
+        record_stage_key(stage, settings)
+        outcome.append((stage.name, "ran"))
+    return outcome
+
+
+def record_stage_key(stage: PipelineStage, settings: Settings) -> None:
+    """Add the stage key to the run.json the stage just wrote beside its outputs."""
+    folder = stage.output_dir(settings)
+    key = stage_key(stage, settings)
+    if folder is None or key is None or not (folder / "run.json").is_file():
+        return
+    from pricing_cli.storage import write_json
+
+    record = json.loads((folder / "run.json").read_text())
+    record["stage_key"] = key
+    write_json(folder / "run.json", record)
