@@ -390,8 +390,8 @@ class RunMonitor:
             parts = [self._bar_text(b) for b in self._bars.values()]
             parts += [f"{k} {v}" for k, v in self._metrics.items()]
             if self._workers:
-                parts.append("workers: " + ", ".join(
-                    f"{w}={t}" for w, t in sorted(self._workers.items(), key=lambda kv: str(kv[0]))))
+                workers = sorted(self._workers.items(), key=lambda kv: str(kv[0]))
+                parts.append("workers: " + ", ".join(f"{w}={t}" for w, t in workers))
         parts.append(self.memory_line())
         return f"{self.stage} {format_elapsed(self.elapsed)} | " + " | ".join(parts)
 

@@ -11,7 +11,8 @@ import numpy as np
 MOVE_DOWN, MOVE_HOLD, MOVE_UP = 0, 1, 2
 
 
-def price_grid(min_price: np.ndarray | float, max_price: np.ndarray | float, levels: int) -> np.ndarray:
+def price_grid(min_price: np.ndarray | float, max_price: np.ndarray | float,
+               levels: int) -> np.ndarray:
     """Evenly spaced candidate prices from min_price to max_price (inclusive).
 
     Args:

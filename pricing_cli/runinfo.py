@@ -98,7 +98,8 @@ def _config_section(stage: str) -> str:
     return {"validate-batches": "preprocess"}.get(stage, stage)
 
 
-def execute_stage(stage: str, settings: Settings, options: OutputOptions, fn: StageFn) -> StageResult:
+def execute_stage(stage: str, settings: Settings, options: OutputOptions,
+                  fn: StageFn) -> StageResult:
     """Run ``fn`` under a monitor, write run.json, print the summary.
 
     Raises:

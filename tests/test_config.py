@@ -1,4 +1,4 @@
-"""Config loader: precedence, unknown keys with suggestions, types, safe YAML, the reference file."""
+"""Config loader: precedence, unknown keys with suggestions, types, safe YAML, reference file."""
 
 from __future__ import annotations
 

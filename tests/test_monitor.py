@@ -86,7 +86,8 @@ def test_plain_mode_prints_timestamped_lines_without_escape_codes(tmp_path: Path
     assert "memory: rss" in progress[-1] and "swap" in progress[-1]
     samples = [json.loads(x) for x in (tmp_path / "memory.jsonl").read_text().splitlines()]
     assert len(samples) >= 3
-    assert {"t", "rss", "workers", "tree", "available", "swap_used", "swap_total"} <= set(samples[0])
+    keys = {"t", "rss", "workers", "tree", "available", "swap_used", "swap_total"}
+    assert keys <= set(samples[0])
 
 
 def test_display_mode_is_plain_when_not_a_tty() -> None:

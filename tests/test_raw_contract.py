@@ -1,0 +1,169 @@
+"""The raw-data reader: parsing, bad-row reports with file:line, unreadable files."""
+
+from __future__ import annotations
+
+import gzip
+from datetime import date
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pricing_cli.config import load_settings
+from pricing_cli.data.raw_contract import (
+    read_catalog,
+    read_daily_sales,
+    read_transaction_file,
+    transaction_files,
+)
+from pricing_cli.errors import DataError, MissingInputError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "raw"
+CATALOG = FIXTURES / "catalog.csv"
+
+
+def data_settings(**flags):
+    flags = {"data.catalog": str(CATALOG), **{f"data.{k}": v for k, v in flags.items()}}
+    return load_settings(preset="tiny", flags=flags, environ={}).data
+
+
+@pytest.fixture(scope="module")
+def catalog_ids() -> pl.Series:
+    return read_catalog(CATALOG)["product_id"]
+
+
+# One fixture per kind of bad row: (file, line, reason as reported).
+BAD_ROWS = [
+    ("bad_date.csv", 5, "cannot read date '2023-13-45'"),
+    ("bad_number.csv", 7, "cannot read quantity 'two' as an integer"),
+    ("bad_price.csv", 4, "unit_price 0 is not a positive number"),
+    ("unknown_product.csv", 9, f"product 'ZZZ' is not in the catalog {CATALOG}"),
+]
+
+
+@pytest.mark.parametrize(("name", "line", "reason"), BAD_ROWS)
+def test_bad_row_is_skipped_and_reported_with_its_line(name, line, reason, catalog_ids):
+    path = FIXTURES / name
+    sums, report = read_transaction_file(path, data_settings(max_bad_fraction=0.2), catalog_ids)
+    assert (report.rows, report.bad_rows) == (10, 1)
+    assert report.examples == (f"{path}:{line}: {reason}",)
+    assert report.note() == (
+        f"{path}: skipped 1 bad row(s) of 10 (10.00%); first: {path}:{line}: {reason}")
+    # The good rows are all there: 9 rows, their units summed.
+    good = pl.read_csv(path, infer_schema=False).with_row_index("i").filter(pl.col("i") != line - 2)
+    assert sums["n_transactions"].sum() == 9
+    assert sums["units"].sum() == good["quantity"].cast(pl.Int64).sum()
+
+
+@pytest.mark.parametrize(("name", "line", "reason"), BAD_ROWS)
+def test_bad_fraction_above_limit_is_an_error_naming_file_counts_and_rows(name, line, reason,
+                                                                          catalog_ids):
+    path = FIXTURES / name
+    with pytest.raises(DataError) as caught:
+        read_transaction_file(path, data_settings(), catalog_ids)  # default limit 1%
+    assert caught.value.message == (
+        f"{path}: 1 of 10 rows (10.00%) are bad, more than data.max_bad_fraction = 1.00%; "
+        f"first: {path}:{line}: {reason}")
+    assert "max_bad_fraction" in caught.value.hint
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("missing_column.csv", "{path} has no column 'unit_price'; its columns are: 'date', "
+                           "'product_id', 'quantity'"),
+    ("empty.csv", "{path} is empty"),
+    ("not_utf8.csv", "{path} is not UTF-8 text (invalid utf-8 sequence)"),
+    ("truncated.csv.gz", "{path} is a truncated or corrupt gzip file (unexpected end of file)"),
+])
+def test_unreadable_file_is_a_clear_error(name, message, catalog_ids):
+    path = FIXTURES / name
+    with pytest.raises(DataError) as caught:
+        read_transaction_file(path, data_settings(), catalog_ids)
+    assert caught.value.message == message.format(path=path)
+
+
+def test_header_without_rows_is_an_error(tmp_path, catalog_ids):
+    path = tmp_path / "only_header.csv"
+    path.write_text("date,product_id,quantity,unit_price\n")
+    with pytest.raises(DataError, match="has a header but no transactions"):
+        read_transaction_file(path, data_settings(), catalog_ids)
+
+
+def test_uci_online_retail_export_reads_as_it_is(tmp_path):
+    """InvoiceDate with a time, StockCode, Quantity, Price; extra columns are ignored."""
+    data = data_settings(transactions=str(FIXTURES / "online_retail_ii.csv"),
+                         columns={"date": "InvoiceDate", "product_id": "StockCode",
+                                  "quantity": "Quantity", "unit_price": "Price"})
+    catalog = read_catalog(CATALOG)
+    sales = read_daily_sales(data, catalog, transaction_files(data.transactions))
+    assert sales.bad_rows == 0 and sales.transaction_rows == 6
+    got = {(r["product_id"], r["date"]): (r["units"], r["revenue"], r["price"],
+                                          r["n_transactions"])
+           for r in sales.panel.iter_rows(named=True)}
+    assert got == {
+        ("22041", date(2009, 12, 1)): (48.0, 72.0, 1.5, 1),
+        ("22041", date(2009, 12, 2)): (-12.0, -18.0, 1.5, 1),  # only a return: mean unit_price
+        ("79323P", date(2009, 12, 1)): (12.0, 81.0, 6.75, 1),
+        ("79323P", date(2009, 12, 3)): (4.0, 27.0, 6.75, 1),
+        ("85048", date(2009, 12, 1)): (12.0, 83.4, 6.95, 1),
+        ("85048", date(2009, 12, 2)): (6.0, 47.7, 7.95, 1),
+    }
+
+
+def test_daily_sales_net_returns_and_weight_price_by_sold_units(tmp_path):
+    """Hand-computed day: sales 2 @ 3.0 and 1 @ 6.0, a return of 1 @ 3.0."""
+    (tmp_path / "t.csv").write_text(
+        "date,product_id,quantity,unit_price\n"
+        "2023-01-01,A,2,3.0\n2023-01-01T09:30:00,A,1,6.0\n2023-01-01 18:00,A,-1,3.0\n")
+    data = data_settings(transactions=str(tmp_path / "*.csv"))
+    sales = read_daily_sales(data, read_catalog(CATALOG), transaction_files(data.transactions))
+    row = sales.panel.row(0, named=True)
+    assert row == {"product_id": "A", "date": date(2023, 1, 1), "units": 2.0, "revenue": 9.0,
+                   "price": 4.0, "n_transactions": 3}
+
+
+def test_csv_gz_parquet_and_date_format_give_the_same_daily_sales(tmp_path):
+    text = ("date,product_id,quantity,unit_price\n"
+            "03/01/2023,A,2,3.0\n04/01/2023,B,1,4.0\n03/01/2023,A,1,6.0\n")
+    (tmp_path / "a.csv").write_text(text)
+    catalog = read_catalog(CATALOG)
+    by_format = read_daily_sales(data_settings(date_format="%d/%m/%Y"), catalog,
+                                 [tmp_path / "a.csv"]).panel
+    typed = pl.read_csv(tmp_path / "a.csv").with_columns(
+        pl.col("date").str.strptime(pl.Date, "%d/%m/%Y"))
+    typed.write_parquet(tmp_path / "b.parquet")
+    iso_csv = typed.with_columns(pl.col("date").cast(pl.String)).write_csv()
+    (tmp_path / "d.csv.gz").write_bytes(gzip.compress(iso_csv.encode()))
+    for name in ("b.parquet", "d.csv.gz"):
+        other = read_daily_sales(data_settings(), catalog, [tmp_path / name]).panel
+        assert other.equals(by_format), name
+    assert by_format["price"].to_list() == [4.0, 4.0]  # (2*3 + 1*6) / 3 and 4.0
+
+
+def test_files_overlapping_in_dates_combine_exactly(tmp_path, catalog_ids):
+    (tmp_path / "a.csv").write_text("date,product_id,quantity,unit_price\n2023-01-01,A,2,3.0\n")
+    (tmp_path / "b.csv").write_text("date,product_id,quantity,unit_price\n2023-01-01,A,1,6.0\n")
+    data = data_settings(transactions=str(tmp_path / "*.csv"))
+    sales = read_daily_sales(data, read_catalog(CATALOG), transaction_files(data.transactions))
+    assert sales.panel.select("units", "revenue", "price", "n_transactions").row(0) == (
+        3.0, 12.0, 4.0, 2)
+
+
+def test_no_matching_files_and_unknown_suffix(tmp_path):
+    with pytest.raises(MissingInputError, match="no transaction files match"):
+        transaction_files(str(tmp_path / "*.csv"))
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(DataError, match="is not a CSV, CSV.gz or Parquet file"):
+        transaction_files(str(tmp_path / "*"))
+
+
+def test_catalog_errors_name_the_line(tmp_path):
+    path = tmp_path / "catalog.csv"
+    path.write_text("product_id,unit_cost,min_price,max_price\n"
+                    "A,1,2,5\nB,1,6,5\nA,1,2,5\nC,x,2,5\n")
+    with pytest.raises(DataError) as caught:
+        read_catalog(path)
+    assert caught.value.message == (
+        f"catalog {path} has invalid rows: {path}:3: min_price 6.0 > max_price 5.0; "
+        f"{path}:5: cannot read unit_cost 'x' as a number; {path}:4: product_id 'A' repeats")
+    with pytest.raises(MissingInputError, match="catalog file not found"):
+        read_catalog(tmp_path / "nope.csv")
