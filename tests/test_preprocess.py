@@ -1,0 +1,422 @@
+"""preprocess: per-product feature files to batches; samples, labels, masks, resume, failures.
+
+The fixture generator :func:`write_feature_files` writes files that follow the
+"features → preprocess" contract of docs/architecture.md directly (no features stage needed);
+test_merge.py, test_batches.py and bench/bench_preprocess_merge.py reuse it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pricing_cli.config import Settings, load_settings
+from pricing_cli.errors import DataError, MissingInputError
+from pricing_cli.monitor import RunMonitor
+from pricing_cli.pricing import MOVE_DOWN, MOVE_HOLD, MOVE_UP, feasible_mask, price_grid
+from pricing_cli.stages import batches as batches_module
+from pricing_cli.stages.batches import load_batch, read_manifest
+from pricing_cli.stages.preprocess import (
+    SampleParams,
+    build_samples,
+    build_samples_with_stats,
+    feature_layout,
+    run_preprocess,
+)
+
+START = date(2023, 1, 1)
+OUT_OF_BOUNDS_PRODUCT = 3  # its prices run above max_price: mask conflicts
+JUMPY_PRODUCTS = (1, 5)  # +40 % / -35 % days that break max_daily_change 0.25
+
+
+def write_feature_files(folder: Path, n_products: int = 13, n_days: int = 40,
+                        n_features: int = 5, seed: int = 0) -> list[Path]:
+    """Write per-product Parquet files and feature_manifest.json like `pricectl features`.
+
+    Product i starts i % 4 days late (so files differ in length). Days are split
+    chronologically: the first 70 % of the calendar train, the next 15 % val, the rest test.
+    Returns the file paths in product order.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    feature_columns = [f"f_{j}" for j in range(n_features)]
+    val_start = START + timedelta(days=int(n_days * 0.7))
+    test_start = START + timedelta(days=int(n_days * 0.85))
+    paths, products = [], []
+    for i in range(n_products):
+        offset = i % 4
+        days = n_days - offset
+        dates = [START + timedelta(days=offset + d) for d in range(days)]
+        cost = float(rng.uniform(2, 20))
+        low, high = cost * 1.1, cost * 2.5
+        log_price = np.log(cost * 1.8) + np.cumsum(rng.normal(0, 0.04, days))
+        price = np.clip(np.exp(log_price), low, high)
+        if i in JUMPY_PRODUCTS:
+            price[days // 3:] *= 1.4
+            price[2 * days // 3:] *= 0.65
+            price = np.clip(price, low, high)
+        if i == OUT_OF_BOUNDS_PRODUCT:
+            price[days // 2:] = high * 1.6
+        price = np.round(price, 2)
+        units = rng.poisson(5, days).astype(np.float64) - (rng.random(days) < 0.05)
+        ref = np.array([price[max(0, d - 7):d].mean() if d else price[0] for d in range(days)])
+        split = ["train" if d < val_start else "val" if d < test_start else "test"
+                 for d in dates]
+        frame = pl.DataFrame({
+            "product_index": pl.Series([i] * days, dtype=pl.Int32),
+            "product_id": [f"SKU-{i * 7919 % 1000:03d}{'x' * (i % 3)}"] * days,
+            "date": dates,
+            "split": split,
+            "units": units,
+            "price": price,
+            "revenue": units * price,
+            "n_transactions": pl.Series(np.maximum(units, 0).astype(np.int64) // 2),
+            "ref_price": ref,
+            "unit_cost": [cost] * days,
+            "min_price": [low] * days,
+            "max_price": [high] * days,
+            "category": [f"cat{i % 3}"] * days,
+            **{c: pl.Series(rng.normal(size=days).astype(np.float32))
+               for c in feature_columns},
+        })
+        path = folder / f"{i:05d}.parquet"
+        frame.write_parquet(path)
+        paths.append(path)
+        counts = {s: split.count(s) for s in ("train", "val", "test")}
+        products.append({"product_index": i, "product_id": frame["product_id"][0],
+                         "file": path.name, "rows": counts})
+    manifest = {
+        "feature_columns": feature_columns,
+        "raw_columns": ["units", "price", "revenue", "n_transactions", "ref_price"],
+        "products": products,
+        "splits": {"train": [str(START), str(val_start - timedelta(days=1))],
+                   "val": [str(val_start), str(test_start - timedelta(days=1))],
+                   "test": [str(test_start), str(START + timedelta(days=n_days - 1))]},
+        "rows": {}, "scalers": {},
+    }
+    (folder / "feature_manifest.json").write_text(json.dumps(manifest, indent=2))
+    return paths
+
+
+def tiny_settings(**flags: object) -> Settings:
+    """tiny preset with in-process work (workers=1) unless a test asks for a pool."""
+    base: dict[str, object] = {"preprocess.workers": 1}
+    base.update(flags)
+    return load_settings(preset="tiny", flags=base, environ={})
+
+
+def quiet_monitor(stage: str = "preprocess") -> tuple[RunMonitor, io.StringIO]:
+    """A plain monitor writing to a buffer (not entered: no sampler thread)."""
+    stream = io.StringIO()
+    return RunMonitor(stage, "plain", stream=stream), stream
+
+
+@pytest.fixture
+def features_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    write_feature_files(tmp_path / "data" / "features")
+    return tmp_path / "data" / "features"
+
+
+def batch_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("batch_*.npz"))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples of one file, against a hand computation
+
+
+def _hand_file(folder: Path) -> Path:
+    """Seven days of one product with bounds [10, 20], K=11 (grid step 1), change limit 0.25."""
+    folder.mkdir(parents=True)
+    # hold (+0.27 %), +30 % (too far), -13 %, +24 % to above max, -4.8 %, +2.5 % at the top
+    price = [15.0, 15.04, 19.6, 17.0, 21.0, 20.0, 20.5]
+    n = len(price)
+    frame = pl.DataFrame({
+        "product_index": pl.Series([4] * n, dtype=pl.Int32), "product_id": ["P4"] * n,
+        "date": [START + timedelta(days=d) for d in range(n)],
+        "split": ["train"] * 4 + ["val", "val", "test"],
+        "units": [3.0, 0.0, -1.0, 2.0, 5.0, 1.0, 1.0], "price": price,
+        "revenue": [45.0, 0.0, -19.6, 34.0, 105.0, 20.0, 20.5],
+        "n_transactions": pl.Series([2, 0, 1, 1, 3, 1, 1], dtype=pl.Int64),
+        "ref_price": [15.0, 15.0, 15.02, 16.55, 16.66, 17.53, 18.53], "unit_cost": [8.0] * n,
+        "min_price": [10.0] * n, "max_price": [20.0] * n, "category": ["c"] * n,
+        "f_a": pl.Series([0.5, -0.5, 1.0, 0.0, 2.0, 0.1, 0.2], dtype=pl.Float32),
+    })
+    path = folder / "00004.parquet"
+    frame.write_parquet(path)
+    return path
+
+
+def test_labels_masks_and_features_match_a_hand_computation(tmp_path: Path) -> None:
+    path = _hand_file(tmp_path / "f")
+    params = SampleParams(("f_a",), price_levels=11, max_daily_change=0.25, history_window=2,
+                          move_tolerance=0.005, heads=("price_level", "price_move"))
+    block, stats = build_samples_with_stats(path, params)
+    # Grid 10, 11, ..., 20. Nearest levels: 15 -> 5, 15.04 -> 5, 19.6 -> 10, but yesterday
+    # was 15.04 and 15.04 * 1.25 = 18.8, so feasible levels stop at 18: projected to 8.
+    # 17 -> 7; 21 (above max) -> 10; 20 -> 10; 20.5 -> 10.
+    assert block.labels["price_level"].tolist() == [5, 5, 8, 7, 10, 10, 10]
+    # the last +2.5 % is an up move from the top of the grid: infeasible, projected to hold
+    assert block.labels["price_move"].tolist() == [
+        -1, MOVE_HOLD, MOVE_UP, MOVE_DOWN, MOVE_UP, MOVE_DOWN, MOVE_HOLD]
+    assert stats.labels_projected == {"price_level": 1, "price_move": 1}
+    assert stats.mask_conflicts == 0
+    level_mask = block.masks["price_level"]
+    assert level_mask[0].tolist() == [1] * 11  # first day: everything feasible
+    # day 1, yesterday 15: feasible |p / 15 - 1| <= 0.25 -> 11.25..18.75 -> levels 12..18
+    assert level_mask[1].tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+    # day 3, yesterday 19.6: 14.7..24.5 -> 15..20
+    assert level_mask[3].tolist() == [0] * 5 + [1] * 6
+    # day 4, yesterday 17: 12.75..21.25 -> 13..20
+    assert level_mask[4].tolist() == [0] * 3 + [1] * 8
+    # day 5, yesterday 21 (above max): 15.75..26.25 -> 16..20
+    assert level_mask[5].tolist() == [0] * 6 + [1] * 5
+    move_mask = block.masks["price_move"]
+    assert move_mask[0].tolist() == [1, 1, 1]
+    # day 3: yesterday 19.6; 20 > 19.6 * 1.005 is feasible, so up is too
+    assert move_mask[3].tolist() == [1, 1, 1]
+    # days 5 and 6: yesterday 21 and 20, no feasible level above them
+    assert move_mask[5].tolist() == [1, 1, 0]
+    assert move_mask[6].tolist() == [1, 1, 0]
+    for head in ("price_level", "price_move"):
+        labels = block.labels[head]
+        rows = np.flatnonzero(labels >= 0)
+        assert block.masks[head][rows, labels[rows]].all()
+
+    names, spans = feature_layout(params)
+    assert block.features.shape == (7, len(names)) == (7, 1 + 8 * 2 + 2 * 11 + 6)
+    assert block.features.dtype == np.float32
+    row = dict(zip(names, block.features[2].tolist(), strict=True))
+    assert row["f_a"] == 1.0
+    assert row["hist_units_lag1"] == pytest.approx(np.arcsinh(0.0))
+    assert row["hist_units_lag2"] == pytest.approx(np.arcsinh(3.0))
+    assert row["hist_price_rel_ref_lag1"] == pytest.approx(15.04 / 15.0 - 1, abs=1e-7)
+    assert row["hist_log_price_change_lag1"] == pytest.approx(np.log(15.04 / 15.0), abs=1e-7)
+    assert row["hist_log_price_change_lag2"] == 0.0  # first day has no change
+    assert row["hist_zero_sales_lag1"] == 1.0
+    assert row["ladder_log_rel_000"] == pytest.approx(np.log(10 / 15.02), rel=1e-6)
+    assert row["ladder_margin_010"] == pytest.approx((20 - 8) / 20)
+    assert row["static_cost_to_min_price"] == pytest.approx(0.8)
+    first = dict(zip(names, block.features[0].tolist(), strict=True))
+    assert first["hist_units_lag1"] == first["hist_price_rel_ref_lag2"] == 0.0  # zero padding
+    assert block.meta["date"][0] == np.datetime64("2023-01-01")
+    assert block.meta["split"].tolist() == ["train"] * 4 + ["val", "val", "test"]
+    assert block.meta["product_id"].dtype.kind == "U"
+    assert spans["ladder_log_rel"] == [17, 28]
+
+
+def test_masks_use_the_shared_feasibility_rule_and_count_conflicts(tmp_path: Path) -> None:
+    paths = write_feature_files(tmp_path / "f", n_products=5)
+    params = SampleParams(tuple(f"f_{j}" for j in range(5)), 11, 0.25, 3, 0.005,
+                          ("price_level", "price_move"))
+    block = build_samples(paths[OUT_OF_BOUNDS_PRODUCT], params)
+    frame = pl.read_parquet(paths[OUT_OF_BOUNDS_PRODUCT])
+    price = frame["price"].to_numpy()
+    grid = price_grid(frame["min_price"].to_numpy(), frame["max_price"].to_numpy(), 11)
+    expected, conflict = feasible_mask(grid[1:], price[:-1], 0.25)
+    assert np.array_equal(block.masks["price_level"][1:], expected)
+    assert conflict.sum() > 0  # this product's price jumps far above max_price
+    assert block.masks["price_level"].any(axis=1).all()
+
+
+def test_same_day_price_features_are_left_out_of_the_state(features_dir: Path) -> None:
+    manifest_path = features_dir / "feature_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["current_price_columns"] = ["f_1", "f_3"]  # as `features` marks f_price etc.
+    manifest_path.write_text(json.dumps(manifest))
+    run_preprocess(tiny_settings(), quiet_monitor()[0])
+    _, names = load_batch("data/intermediate/batch_0000.npz")
+    assert names[:4] == ["f_0", "f_2", "f_4", "hist_units_lag1"]
+    saved = read_manifest("data/intermediate")
+    assert saved is not None and saved["excluded_feature_columns"] == ["f_1", "f_3"]
+
+
+def test_bad_files_are_reported_with_file_row_and_reason(tmp_path: Path) -> None:
+    paths = write_feature_files(tmp_path / "f", n_products=3)
+    params = SampleParams(tuple(f"f_{j}" for j in range(5)), 11, 0.25, 3, 0.005,
+                          ("price_level", "price_move"))
+    frame = pl.read_parquet(paths[0])
+    frame.with_columns(pl.when(pl.int_range(pl.len()) == 6).then(float("nan"))
+                       .otherwise(pl.col("f_2")).cast(pl.Float32).alias("f_2")
+                       ).write_parquet(paths[0])
+    with pytest.raises(DataError, match=r"00000.parquet: row 6 \(date 2023-01-07\): feature "
+                                        r"column f_2 is NaN or inf"):
+        build_samples(paths[0], params)
+    pl.read_parquet(paths[1]).drop("ref_price").write_parquet(paths[1])
+    with pytest.raises(DataError, match="00001.parquet: missing column\\(s\\) ref_price"):
+        build_samples(paths[1], params)
+    paths[2].write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="00002.parquet: not a readable Parquet file"):
+        build_samples(paths[2], params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+
+
+@pytest.mark.parametrize(("n_files", "batch_size", "expected"), [
+    (3, 5, [3]),            # fewer files than a batch
+    (5, 5, [5]),            # exactly one batch
+    (6, 5, [5, 1]),         # one batch + 1
+    (3, 1, [1, 1, 1]),      # batch_size = 1
+])
+def test_files_are_cut_into_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    n_files: int, batch_size: int, expected: list[int]) -> None:
+    monkeypatch.chdir(tmp_path)
+    paths = write_feature_files(tmp_path / "data" / "features", n_products=n_files, n_days=12)
+    monitor, _ = quiet_monitor()
+    result = run_preprocess(tiny_settings(**{"preprocess.batch_size": batch_size}), monitor)
+    manifest = read_manifest(tmp_path / "data" / "intermediate")
+    assert manifest is not None
+    assert [len(b["files"]) for b in manifest["batches"]] == expected
+    assert [b["name"] for b in manifest["batches"]] == [
+        f"batch_{i:04d}.npz" for i in range(len(expected))]
+    assert [f["path"] for b in manifest["batches"] for f in b["files"]] == [
+        str(p.relative_to(tmp_path)) for p in paths]
+    assert result.summary["samples"] == sum(12 - i % 4 for i in range(n_files))
+    assert result.failures == []
+
+
+def test_no_input_files_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monitor, _ = quiet_monitor()
+    with pytest.raises(MissingInputError, match=r"no files match preprocess.input_glob "
+                                                r"'data/features/\*.parquet'"):
+        run_preprocess(tiny_settings(), monitor)
+
+
+def test_batch_holds_the_samples_of_its_files(features_dir: Path) -> None:
+    monitor, _ = quiet_monitor()
+    settings = tiny_settings()
+    result = run_preprocess(settings, monitor)
+    out = Path("data/intermediate")
+    assert result.summary["batches"] == 3 and result.summary["batches_built"] == 3
+    block, names = load_batch(out / "batch_0001.npz")
+    params = SampleParams.from_settings(settings, [f"f_{j}" for j in range(5)])
+    expected = [build_samples(features_dir / f"{i:05d}.parquet", params) for i in range(5, 10)]
+    assert names == feature_layout(params)[0]
+    assert np.array_equal(block.features, np.concatenate([b.features for b in expected]))
+    for head in ("price_level", "price_move"):
+        assert np.array_equal(block.labels[head],
+                              np.concatenate([b.labels[head] for b in expected]))
+        assert np.array_equal(block.masks[head],
+                              np.concatenate([b.masks[head] for b in expected]))
+    assert block.meta["product_index"].tolist() == [i for i in range(5, 10) for _ in range(
+        40 - i % 4)]
+    manifest = read_manifest(out)
+    assert manifest is not None
+    assert manifest["batches"][1]["n_samples"] == block.n
+    assert sum(manifest["batches"][1]["samples"].values()) == block.n
+    assert result.summary["mask_conflicts"] > 0
+    assert result.summary["labels_projected"]["price_level"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume, invalidation, failures
+
+
+def test_resume_after_a_crash_redoes_only_missing_batches(
+        features_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    settings = tiny_settings(**{"preprocess.batch_size": 3})  # 13 files -> 5 batches
+    out = Path("data/intermediate")
+    real_write = batches_module.write_batch
+    calls = {"n": 0}
+
+    def crash_on_third(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl+C while batch 2 was written
+        return real_write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("pricing_cli.stages.preprocess.write_batch", crash_on_third)
+    monitor, _ = quiet_monitor()
+    with pytest.raises(KeyboardInterrupt):
+        run_preprocess(settings, monitor)
+    assert sorted(p.name for p in out.glob("batch_*.npz")) == ["batch_0000.npz", "batch_0001.npz"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("batch_*.npz")}
+
+    monkeypatch.setattr("pricing_cli.stages.preprocess.write_batch", real_write)
+    monitor, stream = quiet_monitor()
+    result = run_preprocess(settings, monitor)
+    assert result.summary["built"] == ["batch_0002.npz", "batch_0003.npz", "batch_0004.npz"]
+    assert "reusing 2 of 5 batches" in stream.getvalue()
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
+    resumed = batch_bytes(out)
+    resumed_manifest = (out / "manifest.json").read_text()
+
+    monkeypatch.chdir(tmp_path / "data")  # an uninterrupted run elsewhere, same inputs
+    (tmp_path / "data" / "data").mkdir()
+    (tmp_path / "data" / "data" / "features").symlink_to(features_dir)
+    run_preprocess(settings, quiet_monitor()[0])
+    assert batch_bytes(Path("data/intermediate")) == resumed
+    assert Path("data/intermediate/manifest.json").read_text() == resumed_manifest
+
+
+def test_changed_input_or_config_invalidates_what_it_affects(features_dir: Path) -> None:
+    settings = tiny_settings()  # batch_size 5: files 0-4, 5-9, 10-12
+    run_preprocess(settings, quiet_monitor()[0])
+    frame = pl.read_parquet(features_dir / "00007.parquet")
+    frame.with_columns(pl.col("units") + 1).write_parquet(features_dir / "00007.parquet")
+    result = run_preprocess(settings, quiet_monitor()[0])
+    assert result.summary["built"] == ["batch_0001.npz"]
+    # other workers or keep_batches do not change a batch's content: nothing to redo
+    result = run_preprocess(tiny_settings(**{"preprocess.workers": 3,
+                                             "preprocess.keep_batches": True}),
+                            quiet_monitor()[0])
+    assert result.summary["built"] == []
+    result = run_preprocess(tiny_settings(**{"preprocess.history_window": 3}),
+                            quiet_monitor()[0])
+    assert result.summary["built"] == ["batch_0000.npz", "batch_0001.npz", "batch_0002.npz"]
+    result = run_preprocess(tiny_settings(**{"preprocess.history_window": 3,
+                                             "preprocess.resume": False}), quiet_monitor()[0])
+    assert result.summary["batches_built"] == 3
+
+
+def test_failed_files_are_quarantined_and_others_carry_on(features_dir: Path) -> None:
+    (features_dir / "00006.parquet").write_bytes(b"garbage")
+    pl.read_parquet(features_dir / "00011.parquet").drop("f_1").write_parquet(
+        features_dir / "00011.parquet")
+    result = run_preprocess(tiny_settings(), quiet_monitor()[0])
+    # the reader's own words follow in parentheses
+    assert [f.split(" (")[0] for f in result.failures] == [
+        "data/features/00006.parquet: not a readable Parquet file",
+        "data/features/00011.parquet: missing column(s) f_1"]
+    manifest = read_manifest("data/intermediate")
+    assert manifest is not None
+    assert [q["file"] for q in manifest["batches"][1]["quarantined"]] == [
+        "data/features/00006.parquet"]
+    assert manifest["batches"][1]["products"] == 4
+    block, _ = load_batch("data/intermediate/batch_0001.npz")
+    assert sorted(set(block.meta["product_index"].tolist())) == [5, 7, 8, 9]
+    # a re-run keeps reporting them (the batch is reused, the failure is not forgotten)
+    again = run_preprocess(tiny_settings(), quiet_monitor()[0])
+    assert again.summary["built"] == [] and len(again.failures) == 2
+
+
+def test_fail_fast_stops_at_the_first_failure(features_dir: Path) -> None:
+    (features_dir / "00006.parquet").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="00006.parquet: not a readable Parquet file"):
+        run_preprocess(tiny_settings(**{"preprocess.fail_fast": True}), quiet_monitor()[0])
+    manifest = read_manifest("data/intermediate")
+    assert manifest is not None
+    assert [b["name"] for b in manifest["batches"]] == ["batch_0000.npz"]
+
+
+def test_worker_pool_gives_the_same_batches_as_in_process(
+        features_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_preprocess(tiny_settings(), quiet_monitor()[0])
+    one_worker = batch_bytes(Path("data/intermediate"))
+    monitor, _ = quiet_monitor()
+    result = run_preprocess(tiny_settings(**{"preprocess.workers": 2,
+                                             "preprocess.resume": False}), monitor)
+    assert result.summary["workers"] == 2
+    assert batch_bytes(Path("data/intermediate")) == one_worker
+    assert "files/s" in monitor.plain_line() and "samples/s" in monitor.plain_line()
