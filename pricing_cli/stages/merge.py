@@ -328,15 +328,13 @@ def merge_accumulative(plan: MergePlan, staging: Path, monitor: RunMonitor) -> N
 
 
 def delete_batches(plan: MergePlan) -> int:
-    """Remove the merged batches and their manifest; returns how many batch files."""
+    """Remove the merged batch files; returns how many.
+
+    manifest.json and run.json stay: they are a few KB, record what was merged, and let
+    `pricectl pipeline` see that preprocess is up to date without keeping the batches.
+    """
     for path, _ in plan.batches:
         path.unlink(missing_ok=True)
-    (plan.batch_dir / "manifest.json").unlink(missing_ok=True)
-    (plan.batch_dir / "run.json").unlink(missing_ok=True)
-    try:
-        plan.batch_dir.rmdir()
-    except OSError:
-        pass  # other files live there; leave them
     return len(plan.batches)
 
 
