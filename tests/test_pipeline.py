@@ -1,0 +1,73 @@
+"""`pricectl pipeline`: stage order, skipping what is up to date, --from/--to/--force."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pricing_cli import cli
+
+
+def pipeline(capsys, *args: str) -> list[str]:
+    code = cli.main(["--preset", "tiny", "--no-live", *args])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return [line.removeprefix("pipeline: ") for line in err.splitlines()
+            if line.startswith("pipeline: ") and not line.startswith("pipeline: done")]
+
+
+def test_pipeline_skips_up_to_date_stages_and_reruns_downstream(tmp_path: Path, monkeypatch,
+                                                                capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    first = pipeline(capsys, "pipeline", "--to", "merge")
+    assert first == ["generate: running", "features: running", "preprocess: running",
+                     "validate-batches: running", "merge: running"]
+    x_train = np.load("data/processed/X_train.npy")
+    stats = json.loads(Path("data/processed/preprocessing_stats.json").read_text())
+    assert x_train.shape == (stats["samples"]["train"], stats["input_dim"])
+    # batches were merged and deleted; their manifest stays as the record
+    assert not list(Path("data/intermediate").glob("batch_*.npz"))
+
+    again = pipeline(capsys, "pipeline", "--to", "merge")
+    assert again == [f"{s}: up to date, skipped" for s in
+                     ("generate", "features", "preprocess", "validate-batches", "merge")]
+
+    # a changed features setting re-runs features and everything after it, not generate
+    monkeypatch.setenv("PRICECTL_FEATURES__WINDOWS", "[7, 14]")
+    changed = pipeline(capsys, "pipeline", "--to", "merge")
+    assert changed == ["generate: up to date, skipped", "features: running",
+                       "preprocess: running", "validate-batches: running", "merge: running"]
+
+    # a touched raw file (new mtime) is a changed input
+    raw = sorted(Path("data/raw/transactions").iterdir())[0]
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+    touched = pipeline(capsys, "pipeline", "--from", "features", "--to", "preprocess")
+    assert touched == ["features: running", "preprocess: running"]
+
+    forced = pipeline(capsys, "pipeline", "--from", "merge", "--to", "merge", "--force")
+    assert forced == ["merge: running"]
+
+
+def test_pipeline_rejects_unknown_or_reversed_stages(tmp_path: Path, monkeypatch,
+                                                     capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["pipeline", "--from", "featurs"]) == 3
+    assert "unknown stage 'featurs'" in capsys.readouterr().err
+    assert cli.main(["pipeline", "--from", "merge", "--to", "features"]) == 3
+    assert "--from merge comes after --to features" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["merge", "train"])
+def test_stage_without_its_input_says_which_stage_to_run(stage: str, tmp_path: Path,
+                                                         monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = [stage] + (["--multi-product"] if stage == "train" else [])
+    code = cli.main(["--preset", "tiny", "-q", *args])
+    err = capsys.readouterr().err
+    assert code == 10, err
+    assert "Traceback" not in err
+    assert "hint:" in err
