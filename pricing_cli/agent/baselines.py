@@ -1,0 +1,337 @@
+"""The baseline pricing policies the agent is compared with.
+
+Every policy is one price per row of ``meta_{split}.parquet`` (rows ordered by
+``product_index``, then ``date``), so evaluate scores all of them the same way. The policies
+that move on the price grid (static, greedy, random) obey the agent's rules: a price is one of
+the product's K levels (:func:`pricing.price_grid`) and is feasible from the policy's *own*
+previous price (:func:`pricing.feasible_mask`). Day one of the split is feasible from the last
+historical price before the split (see :meth:`SplitMeta.day_one_mask`).
+
+Everything is vectorized across products: the sequential policies loop over days, never over
+products x days.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pricing_cli.errors import BatchError, MissingInputError
+from pricing_cli.pricing import feasible_mask, price_grid
+
+# Splits in chronological order: the split before ``test`` holds the last price before it.
+SPLIT_ORDER = ("train", "val", "test")
+
+
+class DemandLike(Protocol):
+    """Anything that predicts expected units sold (the fitted DemandModel, or a test stand-in)."""
+
+    def expected_units(self, product_index: np.ndarray, dates: np.ndarray,
+                       prices: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class SplitMeta:
+    """The rows of one processed split as numpy arrays, plus what day one is feasible from.
+
+    Row arrays have shape (n,) and follow ``meta_{split}.parquet``. A *series* is one product's
+    consecutive rows; series arrays have shape (n_series,).
+
+    Attributes:
+        product_index: processed product index (int64).
+        product_id: product id strings (object).
+        date: datetime64[D].
+        price, units, unit_cost, min_price, max_price: float64, as in meta.
+        first_day_mask: (n_series, K) int8, the processed ``price_level`` mask of each series'
+            first row (feasibility from the last historical price before the split).
+        prev_price: (n_series,) last historical price before the split, NaN where unknown
+            (the train split, or a product whose history starts inside the split).
+    """
+
+    product_index: np.ndarray
+    product_id: np.ndarray
+    date: np.ndarray
+    price: np.ndarray
+    units: np.ndarray
+    unit_cost: np.ndarray
+    min_price: np.ndarray
+    max_price: np.ndarray
+    first_day_mask: np.ndarray
+    prev_price: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.product_index.shape[0])
+
+    @functools.cached_property
+    def series_start(self) -> np.ndarray:
+        """Row index of each series' first row."""
+        return series_starts(self.product_index)
+
+    @functools.cached_property
+    def series_length(self) -> np.ndarray:
+        return np.diff(np.append(self.series_start, self.n_rows))
+
+    @functools.cached_property
+    def series_of_row(self) -> np.ndarray:
+        """Which series each row belongs to."""
+        return np.repeat(np.arange(self.series_start.size), self.series_length)
+
+    @functools.cached_property
+    def grid(self) -> np.ndarray:
+        """(n_series, K) candidate prices; min/max price are per product, so per series."""
+        levels = self.first_day_mask.shape[1]
+        start = self.series_start
+        return price_grid(self.min_price[start], self.max_price[start], levels)
+
+    def rows_on_day(self, day: int) -> tuple[np.ndarray, np.ndarray]:
+        """(series, rows) of every series that has a ``day``-th row (0 = its first)."""
+        series = np.flatnonzero(self.series_length > day)
+        return series, self.series_start[series] + day
+
+    def day_one_mask(self, max_daily_change: float) -> np.ndarray:
+        """(n_series, K) levels feasible on each series' first day.
+
+        From the known previous price with the shared rule where there is one, so choosing and
+        counting violations agree exactly; otherwise the processed mask row.
+        """
+        mask = self.first_day_mask.astype(np.int8, copy=True)
+        known = np.isfinite(self.prev_price)
+        if known.any():
+            mask[known] = feasible_mask(self.grid[known], self.prev_price[known],
+                                        max_daily_change)[0]
+        return mask
+
+
+def series_starts(product_index: np.ndarray) -> np.ndarray:
+    """Row index where each product's run of rows begins (rows grouped by product)."""
+    if product_index.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    new = np.ones(product_index.size, dtype=bool)
+    new[1:] = product_index[1:] != product_index[:-1]
+    return np.flatnonzero(new)
+
+
+def _check_order(product_index: np.ndarray, date: np.ndarray, source: str) -> None:
+    """Raise BatchError unless rows are ordered by product_index, then strictly by date."""
+    if product_index.size < 2:
+        return
+    step_product = np.diff(product_index)
+    same = step_product == 0
+    bad = (step_product < 0) | (same & (np.diff(date) <= np.timedelta64(0, "D")))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0]) + 1
+        raise BatchError(
+            f"{source}: row {row} is out of order (rows must be sorted by product_index, then "
+            f"date, one row per product-day)",
+            "Re-run `pricectl merge` to rebuild the processed split.",
+        )
+
+
+def load_split_meta(processed_dir: str | Path, split: str) -> SplitMeta:
+    """Read ``meta_{split}.parquet`` and ``masks_{split}.npz`` into a :class:`SplitMeta`.
+
+    The price before day one comes from the last row of each product in the previous split's
+    meta, when that file exists.
+
+    Raises:
+        MissingInputError: the processed split does not exist.
+        BatchError: the meta and masks disagree, or rows are out of order.
+    """
+    import polars as pl
+
+    folder = Path(processed_dir)
+    meta_path = folder / f"meta_{split}.parquet"
+    masks_path = folder / f"masks_{split}.npz"
+    for path in (meta_path, masks_path):
+        if not path.is_file():
+            raise MissingInputError(f"processed split not found: {path}",
+                                    "Run `pricectl merge` first (after features and preprocess).")
+    frame = pl.read_parquet(meta_path)
+    missing = {"product_index", "product_id", "date", "price", "units", "unit_cost", "min_price",
+               "max_price"} - set(frame.columns)
+    if missing:
+        raise BatchError(f"{meta_path} lacks column(s) {sorted(missing)}",
+                         "Re-run `pricectl merge` to rebuild the processed split.")
+    product_index = frame["product_index"].to_numpy().astype(np.int64)
+    date = frame["date"].to_numpy().astype("datetime64[D]")
+    _check_order(product_index, date, str(meta_path))
+    with np.load(masks_path) as masks:
+        level_mask = masks["price_level"]
+    if level_mask.shape[0] != frame.height:
+        raise BatchError(f"{masks_path} has {level_mask.shape[0]} rows but {meta_path} has "
+                         f"{frame.height}", "Re-run `pricectl merge` to rebuild the split.")
+
+    def floats(name: str) -> np.ndarray:
+        return frame[name].cast(pl.Float64).to_numpy()
+
+    product_id = frame["product_id"].to_numpy().astype(object)
+    start = series_starts(product_index)
+    return SplitMeta(product_index, product_id, date, floats("price"), floats("units"),
+                     floats("unit_cost"), floats("min_price"), floats("max_price"),
+                     first_day_mask=np.ascontiguousarray(level_mask[start]),
+                     prev_price=_last_prices_before(folder, split, product_id[start]))
+
+
+def _last_prices_before(folder: Path, split: str, product_ids: np.ndarray) -> np.ndarray:
+    """Last price of each product in the split just before ``split``; NaN where unknown."""
+    import polars as pl
+
+    prev = np.full(product_ids.size, np.nan)
+    position = SPLIT_ORDER.index(split) if split in SPLIT_ORDER else 0
+    if position == 0:
+        return prev
+    path = folder / f"meta_{SPLIT_ORDER[position - 1]}.parquet"
+    if not path.is_file():
+        return prev
+    last = (pl.scan_parquet(path).select("product_id", "date", "price")
+            .group_by("product_id").agg(pl.col("price").sort_by("date").last())
+            .collect(engine="streaming"))
+    lookup = dict(zip(last["product_id"].to_list(), last["price"].to_list(), strict=True))
+    for i, pid in enumerate(product_ids):
+        value = lookup.get(pid)
+        if value is not None:
+            prev[i] = value
+    return prev
+
+
+# ----------------------------------------------------------------------------------------------
+# Policies
+
+
+def historical_prices(meta: SplitMeta) -> np.ndarray:
+    """The prices actually charged (meta ``price``)."""
+    return meta.price.copy()
+
+
+def _level_profits(meta: SplitMeta, demand: DemandLike, rows: np.ndarray,
+                   grid: np.ndarray) -> np.ndarray:
+    """(len(rows), K) expected profit of every candidate level of ``grid`` on ``rows``."""
+    levels = grid.shape[1]
+    units = demand.expected_units(np.repeat(meta.product_index[rows], levels),
+                                  np.repeat(meta.date[rows], levels), grid.ravel())
+    units = np.asarray(units, dtype=np.float64).reshape(grid.shape)
+    return (grid - meta.unit_cost[rows, None]) * units
+
+
+def static_prices(meta: SplitMeta, demand: DemandLike, K: int,
+                  max_daily_change: float) -> np.ndarray:
+    """The best single price per product over the split under ``demand``.
+
+    Searches the product's K grid levels that are feasible on day one (so holding the price
+    never breaks the daily-change rule) and keeps the one with the largest summed expected
+    profit over the split. Ties go to the lower price.
+    """
+    _check_levels(meta, K)
+    if meta.n_rows == 0:
+        return np.zeros(0)
+    start = meta.series_start
+    total = np.zeros(meta.grid.shape)
+    # One call per level over every row keeps memory at n floats, whatever K is.
+    for level in range(K):
+        prices = meta.grid[meta.series_of_row, level]
+        units = np.asarray(demand.expected_units(meta.product_index, meta.date, prices),
+                           dtype=np.float64)
+        total[:, level] = np.add.reduceat((prices - meta.unit_cost) * units, start)
+    total[meta.day_one_mask(max_daily_change) == 0] = -np.inf
+    best = total.argmax(axis=1)
+    return meta.grid[meta.series_of_row, best[meta.series_of_row]]
+
+
+def _walk_grid(meta: SplitMeta, K: int, max_daily_change: float,
+               choose: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Run a day-by-day grid policy for every product at once.
+
+    ``choose(series, rows, mask)`` returns the level index for each active series given its
+    feasibility mask (from its own previous price; from :meth:`SplitMeta.day_one_mask` on day
+    one).
+    """
+    _check_levels(meta, K)
+    prices = np.zeros(meta.n_rows)
+    if meta.n_rows == 0:
+        return prices
+    first_mask = meta.day_one_mask(max_daily_change)
+    for day in range(int(meta.series_length.max())):
+        series, rows = meta.rows_on_day(day)
+        grid = meta.grid[series]
+        if day == 0:
+            mask = first_mask[series]
+        else:
+            mask = feasible_mask(grid, prices[rows - 1], max_daily_change)[0]
+        level = choose(series, rows, mask)
+        prices[rows] = grid[np.arange(series.size), level]
+    return prices
+
+
+def greedy_prices(meta: SplitMeta, demand: DemandLike, K: int,
+                  max_daily_change: float) -> np.ndarray:
+    """Each day's most profitable feasible level under ``demand`` (myopic; ties: lower price)."""
+
+    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        profit = _level_profits(meta, demand, rows, meta.grid[series])
+        return np.where(mask == 1, profit, -np.inf).argmax(axis=1)
+
+    return _walk_grid(meta, K, max_daily_change, choose)
+
+
+def random_feasible_prices(meta: SplitMeta, K: int, max_daily_change: float,
+                           seed: int) -> np.ndarray:
+    """A uniformly random feasible level each day (the floor any policy should beat)."""
+    rng = np.random.default_rng(seed)
+
+    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        count = mask.sum(axis=1)
+        pick = np.minimum((rng.random(series.size) * count).astype(np.int64), count - 1)
+        # The pick-th feasible level: the first level whose running count of feasible levels
+        # passes pick.
+        return (np.cumsum(mask, axis=1) > pick[:, None]).argmax(axis=1)
+
+    return _walk_grid(meta, K, max_daily_change, choose)
+
+
+def oracle_prices(meta: SplitMeta, ground_truth: Any, truth_index: np.ndarray) -> np.ndarray:
+    """The true per-day optimum within [min_price, max_price] (continuous, no daily limit).
+
+    Args:
+        ground_truth: a loaded ``market.GroundTruth``.
+        truth_index: (n,) the ground truth's product index of every row
+            (see :func:`ground_truth_index`).
+    """
+    from pricing_cli.data.market import optimal_price
+
+    prices = np.asarray(optimal_price(ground_truth, truth_index, meta.date), dtype=np.float64)
+    return np.clip(prices, meta.min_price, meta.max_price)
+
+
+def ground_truth_index(meta: SplitMeta, truth_product_ids: dict[str, int]) -> np.ndarray | None:
+    """The ground truth's product index of every row, through product_id; None on a mismatch.
+
+    The ground truth numbers products its own way, so the processed product_index cannot be
+    used directly.
+    """
+    start = meta.series_start
+    mapped = [truth_product_ids.get(str(pid)) for pid in meta.product_id[start]]
+    if any(index is None for index in mapped):
+        return None
+    return np.asarray(mapped, dtype=np.int64)[meta.series_of_row]
+
+
+def _check_levels(meta: SplitMeta, K: int) -> None:
+    if meta.first_day_mask.shape[1] != K:
+        raise BatchError(
+            f"the processed masks have {meta.first_day_mask.shape[1]} price levels, expected {K}",
+            "Re-run `pricectl preprocess` and `pricectl merge` with the same price_levels.")
+
+
+def read_stats(processed_dir: str | Path) -> dict[str, Any]:
+    """preprocessing_stats.json of the processed folder ({} if absent)."""
+    path = Path(processed_dir) / "preprocessing_stats.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))

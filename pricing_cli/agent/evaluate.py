@@ -1,0 +1,411 @@
+"""`pricectl evaluate`: the agent vs the baselines vs the true optimum.
+
+Every policy is one price per row of the processed split (see baselines.py), so one scorer
+serves them all. Profit, revenue and units are *expected* values under a demand function, so
+the evaluation is deterministic: first under the fitted demand model of the run, and, where the
+market's ground truth is known (generated data), under the true demand as well, next to the
+oracle that knows it.
+
+Outputs (``evaluate.reports_dir``, replaced as a whole): evaluation.json, recommendations.csv,
+profit_by_policy.png, price_paths.png, uplift_histogram.png and report.md.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pricing_cli.agent.baselines import (
+    SplitMeta,
+    greedy_prices,
+    ground_truth_index,
+    historical_prices,
+    load_split_meta,
+    oracle_prices,
+    random_feasible_prices,
+    read_stats,
+    static_prices,
+)
+from pricing_cli.config import Settings
+from pricing_cli.errors import ModelError
+from pricing_cli.monitor import RunMonitor
+from pricing_cli.pricing import feasible_mask
+from pricing_cli.runinfo import StageResult
+from pricing_cli.storage import staged_dir, write_json
+
+# Average Gregorian month, so "per product-month" does not depend on which months the split has.
+DAYS_PER_MONTH = 365.25 / 12
+# Relative slack when comparing prices with bounds and limits: grid prices are computed in
+# floating point and must not count as violations by rounding alone.
+PRICE_TOLERANCE = 1e-9
+# Products whose historical profit is this close to zero have no meaningful uplift in %.
+MIN_BASE_PROFIT = 1e-9
+
+UnitsFn = Callable[[np.ndarray], np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the run
+
+
+def find_run_dir(settings: Settings) -> Path:
+    """The run folder to evaluate: ``evaluate.model``, or the newest complete run.
+
+    train publishes a run folder as a whole only when training finished; until then it lives in
+    a hidden folder (``.partial-<run_id>``, or storage's ``.tmp-`` while being renamed), so a
+    complete run is a visible folder under ``train.models_dir`` holding ``model.zip``. Newest
+    means the most recently written files (a resumed run counts from its last training).
+
+    Raises:
+        ModelError: the given folder does not exist, or no complete run exists.
+    """
+    from pricing_cli.agent.policy import MODEL_ZIP
+
+    if settings.evaluate.model is not None:
+        run_dir = Path(settings.evaluate.model)
+        if not run_dir.is_dir():
+            raise ModelError(f"model run folder not found: {run_dir}",
+                             "Pass --model models/<run_id> of a finished `pricectl train` run.")
+        return run_dir
+    models_dir = Path(settings.train.models_dir)
+    complete = [p for p in models_dir.iterdir()
+                if p.is_dir() and not p.name.startswith(".") and (p / MODEL_ZIP).is_file()
+                ] if models_dir.is_dir() else []
+    if not complete:
+        raise ModelError(f"no complete training run under {models_dir}/",
+                         "Train one with `pricectl train --multi-product`, or pass --model.")
+
+    def written(run_dir: Path) -> tuple[int, str]:
+        return max(f.stat().st_mtime_ns for f in run_dir.iterdir() if f.is_file()), run_dir.name
+
+    return max(complete, key=written)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def profit_metrics(meta: SplitMeta, prices: np.ndarray, units: np.ndarray) -> dict[str, float]:
+    """Profit, revenue, units and margin (profit / revenue) of one policy, summed over rows."""
+    revenue = float(np.sum(prices * units))
+    profit = float(np.sum((prices - meta.unit_cost) * units))
+    return {"profit": profit, "revenue": revenue, "units": float(np.sum(units)),
+            "margin": profit / revenue if revenue else 0.0}
+
+
+def product_profits(meta: SplitMeta, prices: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """(n_series,) profit of each product over the split."""
+    if meta.n_rows == 0:
+        return np.zeros(0)
+    return np.add.reduceat((prices - meta.unit_cost) * units, meta.series_start)
+
+
+def uplift_pct(profit: float, base_profit: float) -> float | None:
+    """Relative profit gain over ``base_profit`` in %; None when the base is zero."""
+    if abs(base_profit) < MIN_BASE_PROFIT:
+        return None
+    return (profit - base_profit) / abs(base_profit) * 100.0
+
+
+def price_changes_per_product_month(meta: SplitMeta, prices: np.ndarray) -> float:
+    """Day-to-day price changes inside the split, per product and month (30.44 days).
+
+    The move onto day one (from before the split) is not counted: only the policy's own moves.
+    """
+    if meta.n_rows == 0:
+        return 0.0
+    inner = np.ones(meta.n_rows, dtype=bool)
+    inner[meta.series_start] = False
+    prev = np.roll(prices, 1)
+    changed = inner & (np.abs(prices - prev) > PRICE_TOLERANCE * np.maximum(1.0, np.abs(prev)))
+    return float(changed.sum()) / (meta.n_rows / DAYS_PER_MONTH)
+
+
+@dataclass(frozen=True)
+class Violations:
+    """Constraint violations of one policy.
+
+    Attributes:
+        bounds: rows priced outside [min_price, max_price].
+        daily_change: rows whose relative change from the policy's own previous price exceeds
+            max_daily_change. Day one is checked against the last price before the split where
+            it is known. A row where no grid level satisfies the rule (yesterday's price far
+            outside the bounds) is not counted: no policy could avoid it.
+    """
+
+    bounds: int
+    daily_change: int
+
+    @property
+    def total(self) -> int:
+        return self.bounds + self.daily_change
+
+    def as_dict(self) -> dict[str, int]:
+        return {"bounds": self.bounds, "daily_change": self.daily_change, "total": self.total}
+
+
+def count_violations(meta: SplitMeta, prices: np.ndarray, max_daily_change: float) -> Violations:
+    """Count price-bound and daily-change violations of ``prices`` (see :class:`Violations`)."""
+    slack_lo = PRICE_TOLERANCE * np.maximum(1.0, np.abs(meta.min_price))
+    slack_hi = PRICE_TOLERANCE * np.maximum(1.0, np.abs(meta.max_price))
+    out_of_bounds = (prices < meta.min_price - slack_lo) | (prices > meta.max_price + slack_hi)
+    prev = np.roll(prices, 1)
+    prev[meta.series_start] = meta.prev_price  # NaN where the price before the split is unknown
+    with np.errstate(divide="ignore", invalid="ignore"):
+        too_far = np.abs(prices / prev - 1.0) > max_daily_change + PRICE_TOLERANCE
+    rows = np.flatnonzero(too_far)  # NaN compares False: unknown previous prices are skipped
+    if rows.size:
+        grid = meta.grid[meta.series_of_row[rows]]
+        conflict = feasible_mask(grid, prev[rows], max_daily_change)[1]
+        rows = rows[~conflict]
+    return Violations(int(out_of_bounds.sum()), int(rows.size))
+
+
+def distribution_stats(values: np.ndarray) -> dict[str, float | int | None]:
+    """count, mean, quantiles, min/max and share of positive values (NaN values dropped)."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {"count": 0, "mean": None, "median": None, "p10": None, "p90": None,
+                "min": None, "max": None, "share_positive": None}
+    p10, median, p90 = np.quantile(values, [0.1, 0.5, 0.9])
+    return {"count": int(values.size), "mean": float(values.mean()), "median": float(median),
+            "p10": float(p10), "p90": float(p90), "min": float(values.min()),
+            "max": float(values.max()), "share_positive": float((values > 0).mean())}
+
+
+def product_uplift_pct(meta: SplitMeta, prices: np.ndarray, base_prices: np.ndarray,
+                       units_fn: UnitsFn) -> np.ndarray:
+    """(n_series,) profit uplift in % of ``prices`` over ``base_prices`` per product (NaN: 0)."""
+    profit = product_profits(meta, prices, units_fn(prices))
+    base = product_profits(meta, base_prices, units_fn(base_prices))
+    uplift = np.full(base.shape, np.nan)
+    ok = np.abs(base) >= MIN_BASE_PROFIT
+    uplift[ok] = (profit[ok] - base[ok]) / np.abs(base[ok]) * 100.0
+    return uplift
+
+
+def score_policies(meta: SplitMeta, policies: dict[str, np.ndarray], units_fn: UnitsFn,
+                   baseline: str = "historical",
+                   reference: str | None = None) -> dict[str, dict[str, Any]]:
+    """Profit metrics of every policy under one demand function.
+
+    Args:
+        policies: name -> (n,) prices; must contain ``baseline``.
+        units_fn: prices -> expected units, row by row.
+        baseline: the policy uplift is measured against.
+        reference: a policy (the oracle) whose profit every policy is shown as a share of.
+
+    Returns:
+        name -> {profit, revenue, units, margin, uplift_pct[, share_of_oracle_pct]}.
+    """
+    scores: dict[str, dict[str, Any]] = {
+        name: dict(profit_metrics(meta, prices, units_fn(prices)))
+        for name, prices in policies.items()}
+    base = scores[baseline]["profit"]
+    for values in scores.values():
+        values["uplift_pct"] = uplift_pct(values["profit"], base)
+    if reference is not None:
+        best = scores[reference]["profit"]
+        for values in scores.values():
+            values["share_of_oracle_pct"] = (values["profit"] / best * 100.0
+                                             if abs(best) >= MIN_BASE_PROFIT else None)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def _load_truth(settings: Settings, meta: SplitMeta,
+                monitor: RunMonitor) -> tuple[Any, np.ndarray | None, str]:
+    """(ground truth, its product index per row, why it is not used) from data.ground_truth."""
+    path = Path(settings.data.ground_truth)
+    if not path.is_file():
+        return None, None, f"no ground truth at {path} (only generated markets have one)"
+    from pricing_cli.data.market import load_ground_truth
+
+    truth = load_ground_truth(path)
+    index = ground_truth_index(meta, truth.index)
+    if index is None:
+        monitor.log(f"ground truth {path} does not cover the processed products; "
+                    "scoring under the fitted demand only")
+        return None, None, f"the products of {path} do not match the processed data"
+    return truth, index, ""
+
+
+def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
+    """Score the agent and the baselines on ``evaluate.split`` and write the reports.
+
+    Inputs: the processed split (``merge.output_dir``), the run folder (``evaluate.model`` or
+    the newest complete one under ``train.models_dir``) and, if present and matching,
+    ``data.ground_truth``.
+
+    Returns:
+        StageResult whose summary holds the agent's key numbers and whose notes hold the
+        table of every policy.
+
+    Raises:
+        MissingInputError: the processed split does not exist.
+        ModelError: no run folder, or the agent's prices do not fit the split.
+        BatchError: the processed split is inconsistent.
+    """
+    ev = settings.evaluate
+    processed_dir = Path(settings.merge.output_dir)
+    run_dir = find_run_dir(settings)
+    monitor.log(f"evaluating {run_dir} on the {ev.split} split of {processed_dir}")
+    meta = load_split_meta(processed_dir, ev.split)
+    stats = read_stats(processed_dir)
+    levels = int(stats.get("price_levels", settings.preprocess.price_levels))
+    max_daily_change = float(stats.get("max_daily_change", settings.preprocess.max_daily_change))
+    monitor.check_memory()
+
+    truth, truth_index, truth_note = _load_truth(settings, meta, monitor)
+
+    from pricing_cli.agent.policy import load_agent, load_demand_model, rollout_prices
+
+    demand = load_demand_model(run_dir)
+    # Each baseline is priced on demand, after the agent, in table order.
+    makers: dict[str, Callable[[], np.ndarray]] = {
+        "historical": functools.partial(historical_prices, meta),
+        "static": functools.partial(static_prices, meta, demand, levels, max_daily_change),
+        "greedy": functools.partial(greedy_prices, meta, demand, levels, max_daily_change),
+        "random": functools.partial(random_feasible_prices, meta, levels, max_daily_change,
+                                    ev.seed),
+    }
+    if truth_index is not None:
+        makers["oracle"] = functools.partial(oracle_prices, meta, truth, truth_index)
+    monitor.add_bar("policies", "policies priced", 1 + len(makers))
+
+    monitor.set_metric("policy", "agent")
+    agent = load_agent(run_dir)
+    _, agent_prices = rollout_prices(agent, processed_dir, ev.split)
+    agent_prices = np.asarray(agent_prices, dtype=np.float64)
+    if agent_prices.shape != (meta.n_rows,):
+        raise ModelError(f"the agent of {run_dir} priced {agent_prices.shape[0]} rows but "
+                         f"meta_{ev.split} has {meta.n_rows}",
+                         "Evaluate with the processed data the run was trained on, or retrain.")
+    policies: dict[str, np.ndarray] = {"agent": agent_prices}
+    monitor.update_bar("policies", advance=1)
+    for name in makers:
+        monitor.set_metric("policy", name)
+        policies[name] = makers[name]()
+        monitor.update_bar("policies", advance=1)
+        monitor.check_memory()
+
+    def fitted_units(prices: np.ndarray) -> np.ndarray:
+        return np.asarray(demand.expected_units(meta.product_index, meta.date, prices),
+                          dtype=np.float64)
+
+    fitted = score_policies(meta, policies, fitted_units)
+    true: dict[str, dict[str, Any]] | None = None
+    uplift_true = None
+    if truth is not None:
+        from pricing_cli.data.market import expected_units as true_expected_units
+
+        def true_units(prices: np.ndarray) -> np.ndarray:
+            return np.asarray(true_expected_units(truth, truth_index, meta.date, prices),
+                              dtype=np.float64)
+
+        true = score_policies(meta, policies, true_units, reference="oracle")
+        uplift_true = product_uplift_pct(meta, agent_prices, policies["historical"], true_units)
+    uplift_fitted = product_uplift_pct(meta, agent_prices, policies["historical"], fitted_units)
+
+    evaluation = _evaluation_record(settings, run_dir, meta, levels, max_daily_change, policies,
+                                    fitted, true, uplift_fitted, uplift_true, truth_note)
+    reports_dir = Path(ev.reports_dir)
+    _write_reports(reports_dir, meta, policies, evaluation, uplift_true if uplift_true is not None
+                   else uplift_fitted, ev.plot_products)
+
+    from pricing_cli.agent.report import policy_table
+
+    agent_row = evaluation["policies"]["agent"]
+    summary: dict[str, Any] = {
+        "run": str(run_dir), "split": ev.split, "products": int(meta.series_start.size),
+        "product-days": meta.n_rows,
+        "agent profit (fitted)": agent_row["fitted"]["profit"],
+        "agent uplift vs historical % (fitted)": agent_row["fitted"]["uplift_pct"],
+        "agent violations": agent_row["violations"]["total"],
+    }
+    if true is not None:
+        summary["agent uplift vs historical % (true)"] = agent_row["true"]["uplift_pct"]
+        summary["agent share of oracle % (true)"] = agent_row["true"]["share_of_oracle_pct"]
+    notes = [policy_table(evaluation)]
+    if truth_note:
+        notes.append(f"true demand not scored: {truth_note}")
+    inputs = [processed_dir / f"meta_{ev.split}.parquet", processed_dir / f"masks_{ev.split}.npz",
+              *sorted(p for p in run_dir.iterdir() if p.is_file())]
+    if truth is not None:
+        inputs.append(Path(settings.data.ground_truth))
+    return StageResult("evaluate", reports_dir, inputs=inputs, summary=summary, notes=notes)
+
+
+def _evaluation_record(settings: Settings, run_dir: Path, meta: SplitMeta, levels: int,
+                       max_daily_change: float, policies: dict[str, np.ndarray],
+                       fitted: dict[str, dict[str, Any]], true: dict[str, dict[str, Any]] | None,
+                       uplift_fitted: np.ndarray, uplift_true: np.ndarray | None,
+                       truth_note: str) -> dict[str, Any]:
+    """The content of evaluation.json."""
+    per_policy: dict[str, Any] = {}
+    for name, prices in policies.items():
+        per_policy[name] = {
+            "fitted": fitted[name],
+            "true": None if true is None else true[name],
+            "price_changes_per_product_month": price_changes_per_product_month(meta, prices),
+            "violations": count_violations(meta, prices, max_daily_change).as_dict(),
+            # The oracle knows the true demand and ignores the daily limit by design.
+            "exempt_from_daily_limit": name == "oracle",
+        }
+    return {
+        "run": str(run_dir),
+        "split": settings.evaluate.split,
+        "products": int(meta.series_start.size),
+        "product_days": meta.n_rows,
+        "dates": [str(meta.date.min()), str(meta.date.max())] if meta.n_rows else None,
+        "price_levels": levels,
+        "max_daily_change": max_daily_change,
+        "ground_truth": {"used": true is not None, "path": settings.data.ground_truth,
+                         "note": truth_note or None},
+        "policies": per_policy,
+        "policy_order": list(policies),  # the JSON keys are sorted; this is the table order
+        "agent_uplift_per_product_pct": {
+            "fitted": distribution_stats(uplift_fitted),
+            "true": None if uplift_true is None else distribution_stats(uplift_true),
+        },
+    }
+
+
+def _write_reports(reports_dir: Path, meta: SplitMeta, policies: dict[str, np.ndarray],
+                   evaluation: dict[str, Any], uplift: np.ndarray, plot_products: int) -> None:
+    """Write every report file into a staged folder that replaces ``reports_dir`` as a whole."""
+    from pricing_cli.agent import report
+
+    with staged_dir(reports_dir) as folder:
+        write_json(folder / "evaluation.json", evaluation)
+        write_recommendations(folder / "recommendations.csv", meta, policies["agent"])
+        plots = {
+            "profit_by_policy": report.plot_profit_by_policy(folder / "profit_by_policy.png",
+                                                             evaluation),
+            "price_paths": report.plot_price_paths(folder / "price_paths.png", meta, policies,
+                                                   plot_products),
+            "uplift_histogram": report.plot_uplift_histogram(folder / "uplift_histogram.png",
+                                                             uplift),
+        }
+        report.write_report_md(folder / "report.md", evaluation,
+                               {k: v for k, v in plots.items() if v is not None})
+
+
+def write_recommendations(path: Path, meta: SplitMeta, prices: np.ndarray) -> None:
+    """recommendations.csv: product_id,date,recommended_price (cents) for every product-day."""
+    import polars as pl
+
+    frame = pl.DataFrame({
+        "product_id": pl.Series(meta.product_id.tolist(), dtype=pl.String),
+        "date": pl.Series(meta.date, dtype=pl.Date),
+        "recommended_price": np.round(prices, 2),
+    })
+    frame.write_csv(path, float_precision=2)

@@ -1,0 +1,225 @@
+"""The human side of `pricectl evaluate`: the policy table, PNG plots and report.md.
+
+Plots use matplotlib's Agg backend (no display needed). Each plot function returns the file
+name it wrote, or None when there was nothing to draw, so report.md links only what exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pricing_cli.agent.baselines import SplitMeta
+
+# Policies drawn in every price-path panel, in this order, when present.
+PATH_POLICIES = ("historical", "agent", "greedy", "oracle")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}{suffix}"
+
+
+# Columns of the terminal table: it must fit 80 characters, so revenue and units stay in
+# report.md and evaluation.json.
+COMPACT_COLUMNS = ("policy", "profit", "margin", "uplift", "chg/mo", "viol.", "true profit",
+                   "true uplift", "of oracle")
+
+
+def policy_rows(evaluation: dict[str, Any], compact: bool = False
+                ) -> tuple[list[str], list[list[str]]]:
+    """Header and one row of formatted cells per policy (for the terminal and report.md).
+
+    The oracle's violation count carries a ``*``: it ignores the daily-change limit by design.
+    """
+    truth = evaluation["ground_truth"]["used"]
+    header = ["policy", "profit", "revenue", "units", "margin", "uplift", "changes/mo",
+              "violations", "true profit", "true uplift", "% of oracle"]
+    rows = []
+    for name in evaluation["policy_order"]:
+        entry = evaluation["policies"][name]
+        fitted, true = entry["fitted"], entry["true"] or {}
+        violations = str(entry["violations"]["total"])
+        if entry["exempt_from_daily_limit"]:
+            violations += "*"
+        rows.append([name, _fmt(fitted["profit"], 0), _fmt(fitted["revenue"], 0),
+                     _fmt(fitted["units"], 0), _fmt(fitted["margin"] * 100, 1, "%"),
+                     _fmt(fitted["uplift_pct"], 1, "%"),
+                     _fmt(entry["price_changes_per_product_month"], 2), violations,
+                     _fmt(true.get("profit"), 0), _fmt(true.get("uplift_pct"), 1, "%"),
+                     _fmt(true.get("share_of_oracle_pct"), 1, "%")])
+    keep = list(range(len(header) if truth else len(header) - 3))
+    if compact:
+        keep = [i for i in keep if header[i] not in ("revenue", "units")]
+        header = list(COMPACT_COLUMNS[:len(keep)])
+    else:
+        header = [header[i] for i in keep]
+    return header, [[row[i] for i in keep] for row in rows]
+
+
+def exempt_footnote(evaluation: dict[str, Any]) -> str | None:
+    if "oracle" not in evaluation["policies"]:
+        return None
+    return "* the oracle ignores the daily-change limit by design (exempt)"
+
+
+def policy_table(evaluation: dict[str, Any]) -> str:
+    """The policy comparison as preformatted text of at most 80 columns.
+
+    Profit, margin and uplift are under the fitted demand; the true-demand columns appear when
+    ground truth is known.
+    """
+    header, rows = policy_rows(evaluation, compact=True)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [" ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+             for row in [header, *rows]]
+    lines.insert(1, " ".join("-" * w for w in widths))
+    footnote = exempt_footnote(evaluation)
+    if footnote:
+        lines.append(footnote)
+    return "\n".join(lines)
+
+
+def plot_profit_by_policy(path: Path, evaluation: dict[str, Any]) -> str:
+    """Bar chart of each policy's profit (fitted demand, and true demand next to it if known)."""
+    plt = _pyplot()
+    names = evaluation["policy_order"]
+    fitted = [evaluation["policies"][n]["fitted"]["profit"] for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    try:
+        if evaluation["ground_truth"]["used"]:
+            true = [evaluation["policies"][n]["true"]["profit"] for n in names]
+            ax.bar(x - 0.2, fitted, 0.4, label="fitted demand")
+            ax.bar(x + 0.2, true, 0.4, label="true demand")
+            ax.legend(loc="lower right")
+        else:
+            ax.bar(x, fitted, 0.6, label="fitted demand")
+        ax.set_xticks(x, names)
+        ax.set_ylabel("expected profit over the split")
+        ax.set_title(f"Profit by policy ({evaluation['split']} split)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path.name
+
+
+def plot_price_paths(path: Path, meta: SplitMeta, policies: dict[str, np.ndarray],
+                     n_products: int) -> str | None:
+    """Price paths of the ``n_products`` products with the most historical revenue.
+
+    Draws historical, agent, greedy and oracle prices (those present) against the date, with
+    the product's [min_price, max_price] band.
+    """
+    if n_products == 0 or meta.n_rows == 0:
+        return None
+    plt = _pyplot()
+    start, length = meta.series_start, meta.series_length
+    revenue = np.add.reduceat(meta.price * meta.units, start)
+    chosen = np.argsort(-revenue, kind="stable")[:n_products]
+    height = 2.4 * len(chosen)
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(8, height), squeeze=False)
+    try:
+        for ax, series in zip(axes[:, 0], chosen, strict=True):
+            rows = slice(start[series], start[series] + length[series])
+            dates = meta.date[rows]
+            for name in PATH_POLICIES:
+                if name in policies:
+                    ax.step(dates, policies[name][rows], where="post", label=name,
+                            linestyle="--" if name == "oracle" else "-")
+            ax.axhspan(meta.min_price[start[series]], meta.max_price[start[series]],
+                       color="grey", alpha=0.1)
+            ax.set_title(f"product {meta.product_id[start[series]]}", fontsize=9)
+            ax.set_ylabel("price")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
+        fig.autofmt_xdate()
+        # Leave a strip at the top for the shared legend so it covers no line.
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path.name
+
+
+def plot_uplift_histogram(path: Path, uplift: np.ndarray) -> str | None:
+    """Histogram over products of the agent's profit uplift vs historical prices, in %."""
+    values = uplift[np.isfinite(uplift)]
+    if values.size == 0:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    try:
+        ax.hist(values, bins=min(30, max(5, values.size // 2)))
+        ax.axvline(0.0, color="black", linewidth=1)
+        ax.set_xlabel("agent profit uplift vs historical (%)")
+        ax.set_ylabel("products")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path.name
+
+
+def write_report_md(path: Path, evaluation: dict[str, Any], plots: dict[str, str]) -> None:
+    """report.md: a short summary, the policy table and links to the plots."""
+    agent = evaluation["policies"]["agent"]
+    truth = evaluation["ground_truth"]["used"]
+    measure = "true" if truth else "fitted"
+    uplift = evaluation["agent_uplift_per_product_pct"][measure]
+    lines = [
+        f"# Pricing agent evaluation ({evaluation['split']} split)",
+        "",
+        f"Run `{evaluation['run']}`, {evaluation['products']} products, "
+        f"{evaluation['product_days']} product-days"
+        + (f" from {evaluation['dates'][0]} to {evaluation['dates'][1]}"
+           if evaluation["dates"] else "") + ".",
+        "",
+        f"- Agent profit uplift vs historical prices: "
+        f"{_fmt(agent['fitted']['uplift_pct'], 1, '%')} under the fitted demand model"
+        + (f", {_fmt(agent['true']['uplift_pct'], 1, '%')} under the true demand" if truth
+           else "") + ".",
+    ]
+    if truth:
+        lines.append(f"- Agent share of the oracle's profit (true demand): "
+                     f"{_fmt(agent['true']['share_of_oracle_pct'], 1, '%')}.")
+    improved = None if uplift["share_positive"] is None else uplift["share_positive"] * 100
+    lines += [
+        f"- Per product ({measure} demand): median uplift {_fmt(uplift['median'], 1, '%')}, "
+        f"{_fmt(improved, 0, '%')} of products improved.",
+        f"- Constraint violations of the agent: {agent['violations']['total']}.",
+    ]
+    if not truth and evaluation["ground_truth"]["note"]:
+        lines.append(f"- Not scored under the true demand: {evaluation['ground_truth']['note']}.")
+    header, rows = policy_rows(evaluation)
+    lines += ["", "## Policies", "",
+              "Profit, revenue, units and margin are expected values under the fitted demand "
+              "model; uplift is relative to historical prices; changes/mo is price changes per "
+              "product-month.", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    footnote = exempt_footnote(evaluation)
+    if footnote:
+        lines += ["", footnote.replace("*", "\\*", 1)]
+    titles = {"profit_by_policy": "Profit by policy", "price_paths": "Price paths",
+              "uplift_histogram": "Per-product uplift"}
+    if plots:
+        lines += ["", "## Plots", ""]
+        for key, name in plots.items():
+            lines += [f"### {titles.get(key, key)}", "", f"![{titles.get(key, key)}]({name})", ""]
+    lines.append("Recommended prices for every product-day: [recommendations.csv]"
+                 "(recommendations.csv). All numbers: [evaluation.json](evaluation.json).")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
