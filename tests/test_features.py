@@ -12,6 +12,7 @@ import pandas as pd
 import polars as pl
 import pytest
 
+from bench.pandas_features import pandas_features
 from pricing_cli.cli import main
 from pricing_cli.config import load_settings
 from pricing_cli.data.raw_contract import (
@@ -153,66 +154,7 @@ def test_output_follows_the_features_contract(market):
 
 
 # ----------------------------------------------------------------------------------------------
-# An independent pandas implementation of the same features
-
-
-def pandas_features(raw: Path, lags=(1, 7), windows=(7,), reference_window=14,
-                    val_fraction=0.15, test_fraction=0.15) -> pd.DataFrame:
-    tx = pd.concat([pd.read_csv(p, dtype={"product_id": str})
-                    for p in sorted((raw / "transactions").glob("*.csv"))])
-    tx["date"] = pd.to_datetime(tx["date"])
-    catalog = pd.read_csv(raw / "catalog.csv", dtype={"product_id": str})
-    tx["revenue"] = tx["quantity"] * tx["unit_price"]
-    tx["sold"] = tx["quantity"].clip(lower=0)
-    tx["sold_revenue"] = tx["sold"] * tx["unit_price"]
-    daily = tx.groupby(["product_id", "date"]).agg(
-        units=("quantity", "sum"), revenue=("revenue", "sum"), sold=("sold", "sum"),
-        sold_revenue=("sold_revenue", "sum"), mean_price=("unit_price", "mean"),
-        n_transactions=("quantity", "size")).reset_index()
-    daily["price"] = np.where(daily["sold"] > 0, daily["sold_revenue"] / daily["sold"].where(
-        daily["sold"] > 0), daily["mean_price"])
-    first_day, last_day = daily["date"].min(), daily["date"].max()
-    n_days = (last_day - first_day).days + 1
-    test_start = last_day - pd.Timedelta(days=round(n_days * test_fraction) - 1)
-    val_start = test_start - pd.Timedelta(days=round(n_days * val_fraction))
-    parts = []
-    for index, (product_id, group) in enumerate(daily.groupby("product_id", sort=True)):
-        days = pd.date_range(group["date"].min(), last_day, freq="D")
-        g = group.set_index("date").reindex(days)
-        g.index.name = "date"
-        g["units"] = g["units"].fillna(0.0)
-        g["revenue"] = g["revenue"].fillna(0.0)
-        g["n_transactions"] = g["n_transactions"].fillna(0)
-        g["price"] = g["price"].ffill()
-        g["product_index"], g["product_id"] = index, product_id
-        for k in lags:
-            g[f"units_lag_{k}"] = g["units"].shift(k)
-            g[f"price_lag_{k}"] = g["price"].shift(k)
-        for w in windows:
-            g[f"units_mean_{w}"] = g["units"].shift(1).rolling(w).mean()
-            g[f"units_std_{w}"] = g["units"].shift(1).rolling(w).std()
-            g[f"price_mean_{w}"] = g["price"].shift(1).rolling(w).mean()
-            g[f"price_std_{w}"] = g["price"].shift(1).rolling(w).std()
-        g["ref_price"] = g["price"].shift(1).rolling(reference_window).mean()
-        parts.append(g.reset_index())
-    df = pd.concat(parts).merge(catalog, on="product_id", how="left")
-    df["price_rel_ref"] = df["price"] / df["ref_price"]
-    dow = df["date"].dt.day_of_week  # Monday = 0
-    df["dow_sin"], df["dow_cos"] = np.sin(2 * np.pi * dow / 7), np.cos(2 * np.pi * dow / 7)
-    doy = df["date"].dt.day_of_year
-    df["doy_sin"] = np.sin(2 * np.pi * doy / 365.25)
-    df["doy_cos"] = np.cos(2 * np.pi * doy / 365.25)
-    df["is_weekend"] = (dow >= 5).astype(float)
-    df["margin"] = (df["price"] - df["unit_cost"]) / df["price"]
-    df["price_position"] = (df["price"] - df["min_price"]) / (df["max_price"] - df["min_price"])
-    df["split"] = np.where(df["date"] >= test_start, "test",
-                           np.where(df["date"] >= val_start, "val", "train"))
-    df = df.dropna(subset=TINY_FEATURES).reset_index(drop=True)
-    train = df[df["split"] == "train"]
-    for name in TINY_FEATURES:
-        std = train[name].std(ddof=0)
-        df[f"f_{name}"] = (df[name] - train[name].mean()) / (std if std > 0 else 1.0)
-    return df.sort_values(["product_index", "date"]).reset_index(drop=True)
+# The features match an independent pandas implementation (bench/pandas_features.py)
 
 
 def test_features_match_an_independent_pandas_implementation(market):
