@@ -232,8 +232,9 @@ class TrainSettings(Section):
     """Draw each day's units from Poisson instead of using the demand model's expectation."""
     tensorboard: bool = True
     """Write TensorBoard logs into the run folder (models/<run_id>/tensorboard/)."""
-    torch_threads: int = Field(0, ge=0)
-    """Torch CPU threads; 0 means one per core."""
+    torch_threads: int = Field(1, ge=0)
+    """Torch CPU threads; 0 means one per core. 1 by default: the policy net is small, so one
+    thread is as fast on an idle machine and several times faster on a busy one (docs/agent.md)."""
 
 
 class EvaluateSettings(Section):

@@ -1,0 +1,223 @@
+"""`make bench`: the scale runs, written to docs/benchmarks.md.
+
+Every figure is measured here by running the command printed beside it (under
+/usr/bin/time -v, plus pricectl's own run.json for the process-tree peak). Results are cached
+per section in bench/out/results.json, so one section can be re-run alone:
+
+    .venv/bin/python -m bench.run_all [--only features,preprocess,...] [--render-only]
+
+Sections: generate, features, features_scaling, pandas, preprocess, merge_scaling, train,
+quality. The whole run takes roughly 20-30 minutes on 2 cores and needs about 15 GB of disk
+under bench/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.harness import OUT, PRICECTL, PYTHON, ROOT, Measurement, gib, measure, mib, quote
+
+RESULTS = OUT / "results.json"
+FULL = OUT / "full"
+BASE = [PRICECTL, "--preset", "full", "--json", "--no-live"]
+
+
+def row(figure: str, value: str, command: str, target: str = "") -> dict[str, str]:
+    return {"figure": figure, "value": value, "command": command, "target": target}
+
+
+def measured(m: Measurement, what: str, target: str = "") -> list[dict[str, str]]:
+    rows = [row(f"{what}: wall time", f"{m.wall_s:.1f} s", m.command),
+            row(f"{what}: max RSS of the largest process", mib(m.max_rss_bytes), m.command)]
+    if m.peak_tree_bytes is not None:
+        rows.append(row(f"{what}: peak memory of the process tree (PSS)",
+                        mib(m.peak_tree_bytes), m.command, target))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_generate() -> list[dict[str, str]]:
+    m = measure(quote(*BASE, "generate"), FULL, run_json=Path("data/raw/run.json"))
+    s = m.run_json["summary"]
+    return measured(m, "generate (full preset)") + [
+        row("generate: transaction rows", f"{s['transactions']:,}", m.command, ">= 40 M"),
+        row("generate: products / files", f"{s['products']:,} / {s['files']}", m.command),
+    ]
+
+
+def bench_features() -> list[dict[str, str]]:
+    m = measure(quote(*BASE, "features"), FULL, run_json=Path("data/features/run.json"))
+    s = m.run_json["summary"]
+    days = s["product_days"]
+    return measured(m, "features (full preset)", "<= 1.5 GB") + [
+        row("features: transaction rows read", f"{s['transaction_rows']:,}", m.command),
+        row("features: product-days after warm-up (train/val/test)",
+            f"{sum(days.values()):,} ({days['train']:,}/{days['val']:,}/{days['test']:,})",
+            m.command, ">= 500,000"),
+    ]
+
+
+def bench_pandas() -> list[dict[str, str]]:
+    raw = FULL / "data" / "raw"
+    m = measure(quote(PYTHON, "-m", "bench.pandas_features", str(raw)), ROOT)
+    return measured(m, "pandas eager features (same input, no file writing)")
+
+
+def bench_features_scaling() -> list[dict[str, str]]:
+    files = sorted((FULL / "data" / "raw" / "transactions").glob("*.csv"))
+    rows_per_file = []
+    for path in files:
+        with open(path, "rb") as handle:
+            rows_per_file.append(sum(1 for _ in handle) - 1)
+    out: list[dict[str, str]] = []
+    for target_rows in (10_000_000, 20_000_000, 40_000_000):
+        total, chosen = 0, []
+        for path, n in zip(files, rows_per_file, strict=True):
+            if total >= target_rows:
+                break
+            chosen.append(path)
+            total += n
+        work = OUT / f"features_{target_rows // 1_000_000}M"
+        shutil.rmtree(work, ignore_errors=True)
+        (work / "tx").mkdir(parents=True)
+        for path in chosen:
+            (work / "tx" / path.name).symlink_to(path)
+        catalog = FULL / "data" / "raw" / "catalog.csv"
+        m = measure(quote(*BASE, "features", "--transactions", "tx/*.csv", "--catalog",
+                          str(catalog)), work, run_json=Path("data/features/run.json"))
+        out.append(row(f"features on {total / 1e6:.1f} M rows: wall / peak tree / max RSS",
+                       f"{m.wall_s:.1f} s / {mib(m.peak_tree_bytes)} / {mib(m.max_rss_bytes)}",
+                       f"cd {work} && {m.command}"))
+        shutil.rmtree(work / "data", ignore_errors=True)
+    return out
+
+
+def bench_preprocess() -> list[dict[str, str]]:
+    pre = measure(quote(*BASE, "preprocess", "--no-resume"), FULL,
+                  run_json=Path("data/intermediate/run.json"))
+    s = pre.run_json["summary"]
+    val = measure(quote(*BASE, "validate-batches"), FULL)
+    seq = measure(quote(*BASE, "merge", "--keep-batches"), FULL,
+                  run_json=Path("data/processed/run.json"))
+    acc = measure(quote(*BASE, "merge", "--strategy", "accumulative", "--keep-batches",
+                        "--output-dir", "data/processed_acc"), FULL,
+                  run_json=Path("data/processed_acc/run.json"))
+    same = subprocess.run(
+        "for f in data/processed/X_*.npy data/processed/labels_* data/processed/masks_* "
+        "data/processed/meta_*; do cmp -s $f data/processed_acc/$(basename $f) || echo $f; "
+        "done", shell=True, cwd=FULL, capture_output=True, text=True).stdout.strip()
+    cp = measure("rm -rf /tmp/pricectl_cp && cp -r data/intermediate /tmp/pricectl_cp && sync "
+                 "&& rm -rf /tmp/pricectl_cp", FULL)
+    x_bytes = sum(p.stat().st_size for p in (FULL / "data" / "processed").glob("X_*.npy"))
+    rows = measured(pre, "preprocess (full preset)", "<= 1.5 GB") + [
+        row("preprocess: files / samples / features per sample",
+            f"{s['files']:,} / {s['samples']:,} / {s['n_features']}", pre.command),
+        row("preprocess: files/s, samples/s",
+            f"{s['files_per_s']:.0f} files/s, {s['samples_per_s']:,.0f} samples/s", pre.command),
+    ]
+    rows += measured(val, "validate-batches (full preset)")
+    rows += measured(seq, "merge sequential (full preset)", "<= 512 MB")
+    rows += [row("merge: final float32 X size", gib(x_bytes), seq.command),
+             row("plain cp of the batch files (reference for merge time)",
+                 f"{cp.wall_s:.1f} s", cp.command),
+             row("merge sequential wall time / cp wall time", f"{seq.wall_s / cp.wall_s:.2f}x",
+                 seq.command, "<= 3x")]
+    rows += measured(acc, "merge accumulative (full preset)")
+    rows.append(row("sequential and accumulative outputs byte-identical",
+                    "yes" if not same else f"NO: {same}", "cmp data/processed/* "
+                    "data/processed_acc/*"))
+    shutil.rmtree(FULL / "data" / "processed_acc", ignore_errors=True)
+    return rows
+
+
+def bench_merge_scaling() -> list[dict[str, str]]:
+    rows = []
+    for label, products in (("1/2x", 3650), ("1x", 7300), ("2x", 14600)):
+        work = OUT / f"merge_{products}"
+        cmd = quote(PYTHON, "-m", "bench.bench_preprocess_merge", "--products", str(products),
+                    "--workdir", str(work))
+        subprocess.run(cmd, shell=True, cwd=ROOT, check=True, capture_output=True)
+        result = json.loads((work / "results.json").read_text())
+        rows.append(row(f"merge sequential at {label} ({products:,} files): peak tree / wall",
+                        f"{result['merge peak tree (run.json)']} / {result['merge wall']}",
+                        cmd, "flat, <= 512 MB"))
+        rows.append(row(f"preprocess at {label} ({products:,} files): peak tree / wall",
+                        f"{result['preprocess peak tree (run.json)']} / "
+                        f"{result['preprocess wall']}", cmd, "<= 1.5 GB"))
+        rows.append(row(f"at {label}: X_*.npy on disk / samples",
+                        f"{result['X_*.npy on disk']} / {result['merge samples']}", cmd))
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+SECTIONS: dict[str, Callable[[], list[dict[str, str]]]] = {
+    "generate": bench_generate,
+    "features": bench_features,
+    "features_scaling": bench_features_scaling,
+    "pandas": bench_pandas,
+    "preprocess": bench_preprocess,
+    "merge_scaling": bench_merge_scaling,
+}
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Measured on this project's machine (2 cores, 24 GiB RAM, no GPU) by `make bench`",
+        "(`.venv/bin/python -m bench.run_all`). Each figure comes with the command that",
+        "reproduces it, run from the repository root unless it starts with `cd`. Commands",
+        "with `--preset full` run in `bench/out/full/`. Wall times are single runs.",
+        "'Peak memory of the process tree' is pricectl's own sampler (run.json): the parent's",
+        "and every worker's PSS, so shared pages count once. 'Max RSS' is /usr/bin/time -v's",
+        "figure for the largest single process.",
+    ]
+    for section in SECTIONS:
+        if section not in results:
+            continue
+        entry = results[section]
+        lines += ["", f"## {section}", "", f"Measured {entry['when']}.", "",
+                  "| figure | value | target | command |", "|---|---|---|---|"]
+        for r in entry["rows"]:
+            lines.append(f"| {r['figure']} | {r['value']} | {r['target']} | `{r['command']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated sections")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    wanted = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    unknown = [s for s in wanted if s not in SECTIONS]
+    if unknown:
+        sys.exit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if not args.render_only:
+        from datetime import datetime
+
+        for section in wanted:
+            print(f"== {section}", flush=True)
+            rows = SECTIONS[section]()
+            results[section] = {"when": datetime.now().strftime("%Y-%m-%d %H:%M"), "rows": rows}
+            RESULTS.write_text(json.dumps(results, indent=2))
+            for r in rows:
+                print(f"   {r['figure']}: {r['value']}", flush=True)
+    (ROOT / "docs" / "benchmarks.md").write_text(render(results), encoding="utf-8")
+    print(f"wrote docs/benchmarks.md ({len(results)} sections)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,468 @@
+"""The fitted demand model: expected daily units of a product at a price, on a date.
+
+For product p on a day with day of week d, weekend flag w and season (sin s, cos c of the day
+of year), at price x = log(price / ref_p)::
+
+    log λ = a_p + dow_d + s1_p·s + s2_p·c − (e_p + g1·s + g2·c + g3·w) · x
+
+``ref_p`` is the product's median train price (fixed), so ``a_p`` is log demand at a typical
+price and ``e_p`` the elasticity there; the elasticity itself moves with season and weekend
+(global g). Units follow a Poisson law; net-return days (negative units) count as 0 sold.
+
+Each product's parameters (a, s1, s2, e) are ``overall mean + category offset + product
+offset``. Offsets carry an L2 penalty of strength ``train.demand_shrinkage`` (a Gaussian prior
+centred on the group mean, empirical-Bayes style: the means are fitted from all products), so
+a product with a handful of sales gets the curve of its group and one with years of sales its
+own. All rows are fitted at once with torch L-BFGS; per-row parameters are gathered by index
+(no one-hot design matrix), so memory is a few arrays of the row count.
+
+Files: ``demand_model.npz`` (numeric arrays, loaded with allow_pickle=False) and
+``demand_model.json`` (categories, fit information). No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pricing_cli.errors import DataError, ModelError
+from pricing_cli.storage import atomic_write, write_json
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from pricing_cli.config import Settings
+    from pricing_cli.monitor import RunMonitor
+
+NPZ_NAME = "demand_model.npz"
+JSON_NAME = "demand_model.json"
+FORMULA = "log λ = a_p + dow_d + s1_p·s + s2_p·c − (e_p + g1·s + g2·c + g3·w) · log(price / ref_p)"
+PARAMETERS = ("log_level", "season_sin", "season_cos", "elasticity")
+# Relative weight of the shrinkage per parameter: product volumes differ by orders of
+# magnitude, so the level gets a looser prior (SD ~1 in log units at the default strength).
+SHRINK_WEIGHTS = np.array([0.1, 1.0, 1.0, 1.0])
+# Category offsets get a 5x looser prior than product offsets: a category is measured by all of
+# its products, and a tight prior would leave most of a category's shared deviation to its
+# products' offsets (and so not to the sparse product that needs it).
+CATEGORY_SHRINK = 0.2
+# Fixed ridge on the global season means, the elasticity modifiers g and the day-of-week
+# effects: a train window shorter than a year cannot tell season from level, so keep them small
+# unless the data insists.
+GLOBAL_RIDGE = 1.0
+ETA_MAX = 30.0  # exp overflow guard during line searches
+REQUIRED_COLUMNS = ("product_index", "date", "price", "units")
+YEAR_DAYS = 365.25
+
+
+def calendar_terms(dates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Day of week (Monday 0), season sin and cos of the day of year, weekend flag.
+
+    Args:
+        dates: datetime64 array (any unit at or above days).
+
+    Returns:
+        (dow int64, season_sin float64, season_cos float64, weekend float64), each like dates.
+    """
+    days = np.asarray(dates).astype("datetime64[D]")
+    dow = (days.astype(np.int64) + 3) % 7  # 1970-01-01 was a Thursday
+    doy = (days - days.astype("datetime64[Y]")).astype(np.int64) + 1
+    angle = 2.0 * np.pi * doy / YEAR_DAYS
+    return dow, np.sin(angle), np.cos(angle), (dow >= 5).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class DemandModel:
+    """Fitted demand parameters; see the module docstring for the formula.
+
+    Attributes:
+        mean: (4,) overall means of (a, s1, s2, e).
+        category_offset: (n_categories, 4); empty when the data had no category column.
+        product_offset: (n_products, 4).
+        product_category: (n_products,) index into ``categories``, -1 for none.
+        dow_effect: (7,) Monday first, Monday fixed at 0.
+        elasticity_modifiers: (3,) g1 (season sin), g2 (season cos), g3 (weekend).
+        reference_price: (n_products,) ref_p.
+        categories: category names.
+        info: how the fit went (iterations, loss, seconds, rows).
+    """
+
+    mean: np.ndarray
+    category_offset: np.ndarray
+    product_offset: np.ndarray
+    product_category: np.ndarray
+    dow_effect: np.ndarray
+    elasticity_modifiers: np.ndarray
+    reference_price: np.ndarray
+    categories: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_products(self) -> int:
+        return int(self.product_offset.shape[0])
+
+    # -- fitting -------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, meta: pl.DataFrame, settings: Settings, *, n_products: int | None = None,
+            fallback_reference: np.ndarray | None = None, monitor: RunMonitor | None = None,
+            source: str = "meta_train.parquet") -> DemandModel:
+        """Fit on the train rows of the processed meta table.
+
+        Args:
+            meta: columns product_index, date, price, units (+ optional category).
+            settings: uses ``train.demand_shrinkage``.
+            n_products: size of the product index (default: max product_index + 1). Products
+                without rows get the group mean.
+            fallback_reference: (n_products,) reference prices for products without train
+                rows (e.g. their median price in later splits); NaN entries become 1.0.
+            monitor: progress (optional).
+            source: file name used in error messages.
+
+        Returns:
+            The fitted model.
+
+        Raises:
+            DataError: a required column is missing, or no row has a positive price.
+        """
+        missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
+        if missing:
+            raise DataError(f"{source} lacks column(s) {', '.join(missing)} needed by the demand "
+                            "model", "Re-run `pricectl merge` to rebuild the processed data.")
+        started = time.monotonic()
+        product = meta["product_index"].to_numpy().astype(np.int64)
+        price = meta["price"].to_numpy().astype(np.float64)
+        raw_units = meta["units"].to_numpy().astype(np.float64)
+        usable = np.isfinite(price) & (price > 0) & np.isfinite(raw_units)
+        if not usable.any():
+            raise DataError(f"{source}: no row has a positive price and finite units",
+                            "Check the price and units columns of the processed data.")
+        n_products = int(n_products if n_products is not None else product.max() + 1)
+        dow, s_sin, s_cos, weekend = calendar_terms(meta["date"].to_numpy())
+        product, price = product[usable], price[usable]
+        units = np.maximum(raw_units[usable], 0.0)  # net-return days sold nothing
+        dow, s_sin, s_cos, weekend = dow[usable], s_sin[usable], s_cos[usable], weekend[usable]
+
+        reference = _median_by_product(product, price, n_products)
+        no_rows = np.isnan(reference)
+        if fallback_reference is not None:
+            reference[no_rows] = np.asarray(fallback_reference, dtype=np.float64)[no_rows]
+        reference[np.isnan(reference)] = 1.0
+        categories, product_category = _product_categories(meta, usable, n_products)
+        neg_x = -np.log(price / reference[product])
+        design = _Design(product=product, product_category=product_category, dow=dow,
+                         z=np.column_stack([np.ones_like(neg_x), s_sin, s_cos, neg_x]),
+                         v=np.column_stack([neg_x * s_sin, neg_x * s_cos, neg_x * weekend]),
+                         units=units)
+        params = _Params.initial(design)
+        solution, solver = _newton(design, params, float(settings.train.demand_shrinkage), monitor)
+        info = {"rows": int(len(units)), "rows_dropped": int((~usable).sum()),
+                "negative_unit_rows_clipped": int((raw_units < 0).sum()),
+                "products": n_products, "products_without_rows": int(no_rows.sum()),
+                "categories": len(categories),
+                "shrinkage": float(settings.train.demand_shrinkage), **solver,
+                "seconds": round(time.monotonic() - started, 3)}
+        return cls(mean=solution.core[:4].copy(), category_offset=solution.category,
+                   product_offset=solution.product, product_category=product_category,
+                   dow_effect=np.concatenate([[0.0], solution.core[4:10]]),
+                   elasticity_modifiers=solution.core[10:13].copy(), reference_price=reference,
+                   categories=categories, info=info)
+
+    # -- prediction ----------------------------------------------------------------------------
+    def product_parameters(self) -> np.ndarray:
+        """(n_products, 4) per-product (a, s1, s2, e) = mean + category offset + offset."""
+        theta = self.mean + self.product_offset
+        has = self.product_category >= 0
+        if has.any():
+            theta = theta.copy()
+            theta[has] += self.category_offset[self.product_category[has]]
+        return theta
+
+    def log_base_and_elasticity(self, product_index: np.ndarray, dates: np.ndarray
+                                ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row log demand at the reference price, and the elasticity.
+
+        So ``expected_units = exp(log_base - elasticity * log(price / reference))``; the env
+        precomputes both once per row and only applies the price at each step.
+        """
+        theta = self.product_parameters()[np.asarray(product_index, dtype=np.int64)]
+        dow, s_sin, s_cos, weekend = calendar_terms(dates)
+        g = self.elasticity_modifiers
+        log_base = theta[:, 0] + self.dow_effect[dow] + theta[:, 1] * s_sin + theta[:, 2] * s_cos
+        elasticity = theta[:, 3] + g[0] * s_sin + g[1] * s_cos + g[2] * weekend
+        return log_base, elasticity
+
+    def elasticity(self, product_index: np.ndarray, dates: np.ndarray) -> np.ndarray:
+        """Price elasticity (positive: demand falls as price rises) per row."""
+        return self.log_base_and_elasticity(product_index, dates)[1]
+
+    def expected_units(self, product_index: np.ndarray, dates: np.ndarray,
+                       prices: np.ndarray) -> np.ndarray:
+        """Expected daily units (float64) for each (product, date, price) row."""
+        product_index = np.asarray(product_index, dtype=np.int64)
+        log_base, elasticity = self.log_base_and_elasticity(product_index, dates)
+        log_rel = np.log(np.asarray(prices, dtype=np.float64) / self.reference_price[product_index])
+        return np.exp(np.minimum(log_base - elasticity * log_rel, ETA_MAX))
+
+    def fit_report(self, meta: pl.DataFrame) -> dict[str, Any]:
+        """How well the model predicts the daily units of ``meta`` (e.g. the val split).
+
+        Returns:
+            rows; poisson_deviance (mean per row); mae and rmse of daily units; mean_actual and
+            mean_predicted; calibration: per decile of the prediction, rows, mean_predicted,
+            mean_actual. Actual units are clipped at 0 like in the fit.
+        """
+        actual = np.maximum(meta["units"].to_numpy().astype(np.float64), 0.0)
+        predicted = self.expected_units(meta["product_index"].to_numpy(),
+                                        meta["date"].to_numpy(), meta["price"].to_numpy())
+        if len(actual) == 0:
+            return {"rows": 0}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            term = np.where(actual > 0, actual * np.log(actual / predicted), 0.0)
+        deviance = 2.0 * (term - (actual - predicted))
+        edges = np.quantile(predicted, np.linspace(0, 1, 11))
+        decile = np.clip(np.searchsorted(edges, predicted, side="right") - 1, 0, 9)
+        calibration = []
+        for d in range(10):
+            sel = decile == d
+            if sel.any():
+                calibration.append({"decile": d + 1, "rows": int(sel.sum()),
+                                    "mean_predicted": float(predicted[sel].mean()),
+                                    "mean_actual": float(actual[sel].mean())})
+        return {"rows": int(len(actual)), "poisson_deviance": float(deviance.mean()),
+                "mae": float(np.abs(predicted - actual).mean()),
+                "rmse": float(np.sqrt(((predicted - actual) ** 2).mean())),
+                "mean_actual": float(actual.mean()), "mean_predicted": float(predicted.mean()),
+                "calibration": calibration}
+
+    # -- files ---------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        """Write demand_model.npz and demand_model.json into ``folder`` (atomically each)."""
+        folder = Path(folder)
+        with atomic_write(folder / NPZ_NAME) as handle:
+            np.savez(handle, mean=self.mean, category_offset=self.category_offset,
+                     product_offset=self.product_offset, product_category=self.product_category,
+                     dow_effect=self.dow_effect, elasticity_modifiers=self.elasticity_modifiers,
+                     reference_price=self.reference_price)
+        write_json(folder / JSON_NAME, {"formula": FORMULA, "parameters": list(PARAMETERS),
+                                        "categories": self.categories, "info": self.info})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> DemandModel:
+        """Read a model written by :meth:`save`.
+
+        Raises:
+            ModelError: a file is missing or unreadable.
+        """
+        folder = Path(folder)
+        try:
+            with np.load(folder / NPZ_NAME, allow_pickle=False) as arrays:
+                data = {k: arrays[k] for k in arrays.files}
+            meta = json.loads((folder / JSON_NAME).read_text(encoding="utf-8"))
+            return cls(categories=list(meta["categories"]), info=dict(meta["info"]), **data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"cannot read the demand model in {folder}: {exc}",
+                             "Re-run `pricectl train` to rebuild the run folder.") from None
+
+
+def _median_by_product(product: np.ndarray, price: np.ndarray, n_products: int) -> np.ndarray:
+    """Median price of each product (NaN where it has no row)."""
+    import polars as pl
+
+    medians = (pl.DataFrame({"p": product, "price": price}).group_by("p")
+               .agg(pl.col("price").median()))
+    out = np.full(n_products, np.nan)
+    out[medians["p"].to_numpy()] = medians["price"].to_numpy()
+    return out
+
+
+def _product_categories(meta: pl.DataFrame, usable: np.ndarray, n_products: int
+                        ) -> tuple[list[str], np.ndarray]:
+    """Category names and each product's category index (-1: no category column / no rows)."""
+    product_category = np.full(n_products, -1, dtype=np.int64)
+    if "category" not in meta.columns:
+        return [], product_category
+    import polars as pl
+
+    table = (meta.filter(pl.Series(usable)).select("product_index", "category")
+             .unique(subset="product_index", keep="first").sort("product_index"))
+    categories = sorted(set(table["category"].cast(pl.String).fill_null("none").to_list()))
+    code = {name: i for i, name in enumerate(categories)}
+    names = table["category"].cast(pl.String).fill_null("none").to_list()
+    product_category[table["product_index"].to_numpy().astype(np.int64)] = [code[n] for n in names]
+    return categories, product_category
+
+
+# ----------------------------------------------------------------------------------------------
+# The penalized Poisson fit: Newton's method on the block structure of the problem.
+#
+# Parameters: 13 "core" globals (means of a, s1, s2, e; dow Tue..Sun; g1, g2, g3), 4 per category
+# and 4 per product. The Hessian is block-arrow shaped: one 4x4 block per product, coupled only
+# to the globals, so the Newton system is solved exactly by eliminating the product blocks
+# (batched 4x4 solves) and solving a small (13 + 4 categories) Schur complement. Every sum over
+# rows is a bincount by product: memory stays a few arrays of the row count.
+
+N_CORE = 13
+NEWTON_MAX_ITER = 100
+NEWTON_TOL = 1e-12  # stop when the Newton decrement is this small relative to the objective
+OFFSET_EPS = 1e-6  # keeps the system definite when demand_shrinkage is 0 (mean vs offsets)
+
+
+class _Design:
+    """The rows of the fit. ``q`` = [z (1, sin, cos, -log rel price), dow one-hot Tue..Sun,
+    v (-log rel price times sin, cos, weekend)], so log λ = (core + offsets) · q."""
+
+    def __init__(self, *, product: np.ndarray, product_category: np.ndarray, dow: np.ndarray,
+                 z: np.ndarray, v: np.ndarray, units: np.ndarray) -> None:
+        self.product = product
+        self.dow = dow
+        self.product_category = product_category
+        self.category = product_category[product]
+        dow_onehot = (dow[:, None] == np.arange(1, 7)[None, :]).astype(np.float64)
+        self.q = np.ascontiguousarray(np.column_stack([z, dow_onehot, v]))
+        self.units = units
+        self.n_products = len(product_category)
+        self.n_categories = int(product_category.max() + 1) if len(product_category) else 0
+
+
+@dataclass(frozen=True)
+class _Params:
+    core: np.ndarray  # (13,)
+    category: np.ndarray  # (n_categories, 4)
+    product: np.ndarray  # (n_products, 4)
+
+    @classmethod
+    def initial(cls, d: _Design) -> _Params:
+        """Each product's own mean volume and an elasticity of 1."""
+        counts = np.bincount(d.product, minlength=d.n_products)
+        sums = np.bincount(d.product, weights=d.units, minlength=d.n_products)
+        overall = np.log(d.units.mean() + 0.1)
+        own = np.where(counts > 0, np.log(sums / np.maximum(counts, 1) + 0.1), overall)
+        product = np.zeros((d.n_products, 4))
+        product[:, 0] = np.clip(own - overall, -5.0, 5.0)
+        core = np.zeros(N_CORE)
+        core[0], core[3] = overall, 1.0
+        return cls(core, np.zeros((d.n_categories, 4)), product)
+
+    def moved(self, delta: _Params, t: float) -> _Params:
+        return _Params(self.core + t * delta.core, self.category + t * delta.category,
+                       self.product + t * delta.product)
+
+    def eta(self, d: _Design) -> np.ndarray:
+        """log λ of every row."""
+        theta = self.product[d.product] + self.core[:4]
+        if d.n_categories:
+            has = d.category >= 0
+            theta[has] += self.category[d.category[has]]
+        eta = np.einsum("ij,ij->i", theta, d.q[:, :4]) + d.q[:, 4:] @ self.core[4:]
+        return np.minimum(eta, ETA_MAX)
+
+
+def _penalty_weights(strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Diagonal penalties (as in ``sum(w * x**2)``) of a product block, a category block and
+    the core."""
+    product = strength * SHRINK_WEIGHTS + OFFSET_EPS
+    category = CATEGORY_SHRINK * strength * SHRINK_WEIGHTS + OFFSET_EPS
+    core = np.zeros(N_CORE)
+    core[[1, 2]] = GLOBAL_RIDGE  # season means
+    core[4:] = GLOBAL_RIDGE  # dow effects and elasticity modifiers
+    return product, category, core
+
+
+def _objective(d: _Design, p: _Params, product_w: np.ndarray, category_w: np.ndarray,
+               core_w: np.ndarray) -> float:
+    """The penalized Poisson negative log-likelihood (constant terms dropped)."""
+    eta = p.eta(d)
+    nll = float((np.exp(eta) - d.units * eta).sum())
+    return nll + float((product_w * p.product**2).sum() + (category_w * p.category**2).sum()
+                       + (core_w * p.core**2).sum())
+
+
+def _newton_direction(d: _Design, p: _Params, product_w: np.ndarray, category_w: np.ndarray,
+                      core_w: np.ndarray) -> tuple[_Params, float]:
+    """The exact Newton step and the Newton decrement -grad·step."""
+    P, K, G = d.n_products, d.n_categories, N_CORE + 4 * d.n_categories
+    lam = np.exp(p.eta(d))
+    residual = lam - d.units
+    z = d.q[:, :4]
+    # Per product: E_p = sum lam z q^T (4 x 13); its first 4 columns are M_p = sum lam z z^T.
+    E = np.zeros((P, 4, N_CORE))
+    for i in range(4):
+        for j in range(i, 4):
+            E[:, i, j] = E[:, j, i] = np.bincount(d.product, lam * z[:, i] * z[:, j], P)
+        by_dow = np.bincount(d.product * 7 + d.dow, lam * z[:, i], 7 * P).reshape(P, 7)
+        E[:, i, 4:10] = by_dow[:, 1:]
+        for j in range(10, N_CORE):
+            E[:, i, j] = np.bincount(d.product, lam * z[:, i] * d.q[:, j], P)
+    M = E[:, :, :4]
+    grad_product = np.column_stack([np.bincount(d.product, residual * z[:, i], P)
+                                    for i in range(4)])
+    has = np.nonzero(d.product_category >= 0)[0] if K else np.zeros(0, dtype=np.int64)
+
+    # Global block: core then categories.
+    H = np.zeros((G, G))
+    H[:N_CORE, :N_CORE] = (d.q * lam[:, None]).T @ d.q + 2.0 * np.diag(core_w)
+    grad = np.zeros(G)
+    grad[:N_CORE] = d.q.T @ residual + 2.0 * core_w * p.core
+    B = np.zeros((P, 4, G))
+    B[:, :, :N_CORE] = E
+    if K:
+        cat = d.product_category[has]
+        E_cat = np.zeros((K, 4, N_CORE))
+        np.add.at(E_cat, cat, E[has])
+        g_cat = np.zeros((K, 4))
+        np.add.at(g_cat, cat, grad_product[has])
+        for k in range(K):
+            block = slice(N_CORE + 4 * k, N_CORE + 4 * k + 4)
+            H[block, block] = E_cat[k, :, :4] + 2.0 * np.diag(category_w)
+            H[block, :N_CORE] = E_cat[k]
+            H[:N_CORE, block] = E_cat[k].T
+            grad[block] = g_cat[k] + 2.0 * category_w * p.category[k]
+        cols = N_CORE + 4 * cat[:, None] + np.arange(4)[None, :]
+        B[has[:, None, None], np.arange(4)[None, :, None], cols[:, None, :]] = M[has]
+    grad_product = grad_product + 2.0 * product_w * p.product
+
+    # Eliminate the product blocks: A_p d_p + B_p d_g = -g_p.
+    A = M + 2.0 * np.diag(product_w)[None, :, :]
+    A_inv_B = np.linalg.solve(A, B)
+    A_inv_g = np.linalg.solve(A, grad_product[:, :, None])[:, :, 0]
+    B_flat = B.reshape(P * 4, G)
+    schur = H - B_flat.T @ A_inv_B.reshape(P * 4, G)
+    step_global = np.linalg.solve(schur, -grad + B_flat.T @ A_inv_g.reshape(P * 4))
+    step_product = -A_inv_g - A_inv_B @ step_global
+    step = _Params(step_global[:N_CORE], step_global[N_CORE:].reshape(K, 4), step_product)
+    decrement = -float(grad @ step_global + (grad_product * step_product).sum())
+    return step, decrement
+
+
+def _newton(d: _Design, p: _Params, strength: float, monitor: RunMonitor | None
+            ) -> tuple[_Params, dict[str, Any]]:
+    """Damped Newton (backtracking line search) to the penalized Poisson optimum."""
+    weights = _penalty_weights(strength)
+    f = _objective(d, p, *weights)
+    if monitor is not None:
+        monitor.add_bar("demand_fit", "demand fit (Newton iterations)", NEWTON_MAX_ITER)
+    decrement, iteration, converged = float("inf"), 0, False
+    for iteration in range(1, NEWTON_MAX_ITER + 1):  # noqa: B007 - reported below
+        step, decrement = _newton_direction(d, p, *weights)
+        if decrement <= NEWTON_TOL * (1.0 + abs(f)):
+            converged = True
+            break
+        t = 1.0
+        while True:
+            candidate = p.moved(step, t)
+            f_new = _objective(d, candidate, *weights)
+            if f_new <= f - 1e-4 * t * decrement or t < 1e-8:
+                break
+            t *= 0.5
+        p, f = candidate, f_new
+        if monitor is not None:
+            monitor.update_bar("demand_fit", completed=iteration)
+            monitor.check_memory()
+    if monitor is not None:
+        monitor.update_bar("demand_fit", completed=iteration, total=iteration)
+    return p, {"newton_iterations": iteration, "converged": converged,
+               "newton_decrement": decrement, "penalized_nll_per_row": f / max(len(d.units), 1)}

@@ -1,0 +1,578 @@
+"""The pricing environment: one product's days, priced by the agent, sold under the demand model.
+
+A :class:`Market` is one split of ``data/processed`` made ready for simulation: the feature
+matrix stays memory-mapped (``np.load(mmap_mode="r")``, one page cache shared by every reader),
+and small per-row arrays (cost, bounds, historical prices, the demand model's per-row level and
+elasticity, bit-packed processed masks) live in memory.
+
+:class:`EpisodeBatch` holds the state of many episodes at once and steps them in one numpy
+operation; :class:`PriceEnv` (gymnasium, one episode) and :class:`PriceVecEnv` (SB3 VecEnv,
+``n_envs`` episodes) are thin shells around it, and :func:`simulate` runs a policy over every
+product of a split (used by evaluation and rollouts).
+
+Observation: ``{"product_id": Box (1,), "features": Box (F + 3,)}``. The product is a Box
+index, not Discrete, so SB3 does not one-hot it (7,000 products); the extractor embeds it.
+The 3 endogenous features come from the agent's own prices, so today's price shapes tomorrow's
+state: log(last price / reference), days the last price has been held (scaled), and the last
+price's position in [min_price, max_price].
+
+Action: ``Discrete(K)``, a level of ``pricing.price_grid(min_price, max_price, K)``. Feasible
+levels follow ``pricing.feasible_mask`` from the agent's previous price (on an episode's first
+day: the processed mask of that row). An infeasible action (PPO without masks) is moved to the
+nearest feasible level and counted.
+
+Reward: ``(price - unit_cost) * units * reward_scale``, units = the demand model's expectation
+(or a Poisson draw with ``sample_demand``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from stable_baselines3.common.vec_env import VecEnv
+
+from pricing_cli.errors import BatchError, MissingInputError
+from pricing_cli.pricing import feasible_mask
+
+if TYPE_CHECKING:
+    from pricing_cli.agent.demand import DemandModel
+
+SPLITS = ("train", "val", "test")
+ENDOGENOUS_FEATURES = ("own_log_price_vs_reference", "own_days_held", "own_price_position")
+N_ENDOGENOUS = len(ENDOGENOUS_FEATURES)
+HELD_DAYS_SCALE = 28.0  # days held are reported as min(days, 28) / 28
+PRICE_CHANGE_TOLERANCE = 0.005  # relative change below which the price counts as held
+META_COLUMNS = ("product_index", "product_id", "date", "price", "unit_cost", "min_price",
+                "max_price")
+
+Observation = dict[str, np.ndarray]
+
+
+def processed_file(processed_dir: Path, name: str) -> Path:
+    """Path of one processed file; a missing one is an earlier stage not run yet."""
+    path = Path(processed_dir) / name
+    if not path.is_file():
+        raise MissingInputError(f"processed file {path} not found",
+                                "Run `pricectl merge` (after preprocess) to build data/processed/.")
+    return path
+
+
+def read_stats(processed_dir: Path) -> dict[str, Any]:
+    """preprocessing_stats.json, checked for the keys the agent needs."""
+    path = processed_file(processed_dir, "preprocessing_stats.json")
+    stats = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("price_levels", "max_daily_change", "input_dim"):
+        if key not in stats:
+            raise BatchError(f"{path} lacks the key '{key}'", "Re-run `pricectl merge`.")
+    return stats
+
+
+def product_count(processed_dir: Path, stats: dict[str, Any]) -> int:
+    """Size of the product index: stats['products'] (a count) or 1 + the largest index seen."""
+    products = stats.get("products")
+    if isinstance(products, int) and not isinstance(products, bool):
+        return products
+    import polars as pl
+
+    top = -1
+    for split in SPLITS:
+        path = Path(processed_dir) / f"meta_{split}.parquet"
+        if path.is_file():
+            value = pl.scan_parquet(path).select(pl.col("product_index").max()).collect().item()
+            top = max(top, -1 if value is None else int(value))
+    return top + 1
+
+
+def clip_to_feasible(levels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Move each level to the nearest feasible one (by grid index; ties go down).
+
+    Returns:
+        (levels int64, moved bool) of the batch's shape.
+    """
+    levels = np.asarray(levels, dtype=np.int64).reshape(-1)
+    mask = np.asarray(mask, dtype=bool).reshape(len(levels), -1)
+    moved = ~mask[np.arange(len(levels)), levels]
+    if moved.any():
+        distance = np.abs(np.arange(mask.shape[1])[None, :] - levels[moved, None]).astype(float)
+        distance[~mask[moved]] = np.inf
+        levels = levels.copy()
+        levels[moved] = distance.argmin(axis=1)
+    return levels, moved
+
+
+@dataclass
+class Market:
+    """One split of the processed data, ready to simulate. Row order is the processed order."""
+
+    split: str
+    features: np.ndarray  # (n, F) float32, memory-mapped
+    product_index: np.ndarray  # (n,) int64
+    dates: np.ndarray  # (n,) datetime64[D]
+    unit_cost: np.ndarray
+    min_price: np.ndarray
+    max_price: np.ndarray
+    historical_price: np.ndarray
+    previous_price: np.ndarray  # historical price the day before each row
+    held_days: np.ndarray  # days the previous price had been held, before each row
+    mask_bits: np.ndarray  # (n, ceil(K/8)) processed price_level masks, bit-packed
+    log_base: np.ndarray  # demand model, per row
+    elasticity: np.ndarray
+    reference: np.ndarray
+    product_end: np.ndarray  # (n,) first row after this row's product
+    product_ids: dict[int, str]
+    n_products: int
+    price_levels: int
+    max_daily_change: float
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.product_index)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[1]) + N_ENDOGENOUS
+
+    def grid(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), K) candidate prices; identical to pricing.price_grid."""
+        from pricing_cli.pricing import price_grid
+
+        return price_grid(self.min_price[rows], self.max_price[rows], self.price_levels)
+
+    def prices(self, rows: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        return self.grid(rows)[np.arange(len(rows)), levels]
+
+    def processed_masks(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), K) bool: the processed price_level masks of these rows."""
+        return np.unpackbits(self.mask_bits[rows], axis=1, count=self.price_levels).astype(bool)
+
+    def expected_units(self, rows: np.ndarray, prices: np.ndarray) -> np.ndarray:
+        """The demand model's expected units of these rows at these prices."""
+        return np.exp(np.minimum(
+            self.log_base[rows] - self.elasticity[rows] * np.log(prices / self.reference[rows]),
+            30.0))
+
+    def endogenous(self, rows: np.ndarray, last_price: np.ndarray, held: np.ndarray
+                   ) -> np.ndarray:
+        """The 3 features computed from the agent's own last price (see module docstring)."""
+        span = np.maximum(self.max_price[rows] - self.min_price[rows], 1e-12)
+        return np.column_stack([
+            np.log(last_price / self.reference[rows]),
+            np.minimum(held, HELD_DAYS_SCALE) / HELD_DAYS_SCALE,
+            np.clip((last_price - self.min_price[rows]) / span, 0.0, 1.0),
+        ])
+
+    def observation(self, rows: np.ndarray, last_price: np.ndarray, held: np.ndarray
+                    ) -> Observation:
+        """The Dict observation of a batch of rows."""
+        features = np.empty((len(rows), self.n_features), dtype=np.float32)
+        features[:, :-N_ENDOGENOUS] = self.features[rows]
+        features[:, -N_ENDOGENOUS:] = self.endogenous(rows, last_price, held)
+        return {"product_id": self.product_index[rows].astype(np.float32)[:, None],
+                "features": features}
+
+    def historical_observation(self, rows: np.ndarray) -> Observation:
+        """The observation of rows as history had them (for behaviour cloning)."""
+        return self.observation(rows, self.previous_price[rows], self.held_days[rows])
+
+    def episode_starts(self, episode_length: int, products: Sequence[int] | None = None
+                       ) -> np.ndarray:
+        """Rows where a window of ``episode_length`` days of one product can start (a product
+        shorter than that contributes its first row: its episode is all its rows)."""
+        rows = np.arange(self.n_rows)
+        first = np.r_[True, self.product_index[1:] != self.product_index[:-1]]
+        ok = (rows + episode_length <= self.product_end) | first
+        if products is not None:
+            ok &= np.isin(self.product_index, np.asarray(products))
+        return np.nonzero(ok)[0]
+
+    def observation_space(self) -> spaces.Dict:
+        return observation_space(self.n_products, self.n_features)
+
+
+def observation_space(n_products: int, n_features: int) -> spaces.Dict:
+    """The Dict observation space (product_id as a Box index, features incl. endogenous)."""
+    return spaces.Dict({
+        "product_id": spaces.Box(low=0.0, high=float(max(n_products - 1, 0)), shape=(1,),
+                                 dtype=np.float32),
+        "features": spaces.Box(low=-np.inf, high=np.inf, shape=(n_features,), dtype=np.float32),
+    })
+
+
+def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
+                stats: dict[str, Any] | None = None) -> Market:
+    """Open one split of ``processed_dir`` for simulation.
+
+    Args:
+        processed_dir: the merge output folder (data/processed).
+        split: train, val or test.
+        demand: the fitted demand model (per-row level and elasticity are precomputed).
+        stats: preprocessing_stats.json content (read if None).
+
+    Raises:
+        MissingInputError: a processed file is missing.
+        BatchError: the files disagree (row counts, K) with each other.
+    """
+    import polars as pl
+
+    processed_dir = Path(processed_dir)
+    stats = stats if stats is not None else read_stats(processed_dir)
+    K = int(stats["price_levels"])
+    meta_path = processed_file(processed_dir, f"meta_{split}.parquet")
+    meta = pl.read_parquet(meta_path, columns=list(META_COLUMNS))
+    X_path = processed_file(processed_dir, f"X_{split}.npy")
+    features = np.load(X_path, mmap_mode="r")
+    n = meta.height
+    if features.ndim != 2 or features.shape[0] != n:
+        raise BatchError(f"{X_path} has shape {features.shape} but {meta_path} has {n} rows",
+                         "Re-run `pricectl merge` so the processed files agree.")
+    masks_path = processed_file(processed_dir, f"masks_{split}.npz")
+    with np.load(masks_path, allow_pickle=False) as archive:
+        masks = archive["price_level"]
+    if masks.shape != (n, K):
+        raise BatchError(f"{masks_path}: price_level masks have shape {masks.shape}, expected "
+                         f"({n}, {K}) from {meta_path} and price_levels",
+                         "Re-run `pricectl merge` so the processed files agree.")
+    mask_bits = np.packbits(masks.astype(bool), axis=1)
+    del masks
+
+    product = meta["product_index"].to_numpy().astype(np.int64)
+    price = meta["price"].to_numpy().astype(np.float64)
+    first = np.r_[True, product[1:] != product[:-1]] if n else np.zeros(0, dtype=bool)
+    previous = np.r_[price[:1], price[:-1]]
+    earlier = _last_prices_before(processed_dir, split)
+    first_rows = np.nonzero(first)[0]
+    previous[first_rows] = [earlier.get(int(p), price[r]) for p, r in
+                            zip(product[first_rows], first_rows, strict=True)]
+    held = _held_days(price, first)
+    starts = np.r_[first_rows, n]
+    product_end = np.repeat(starts[1:], np.diff(starts))
+    log_base, elasticity = demand.log_base_and_elasticity(product, meta["date"].to_numpy())
+    ids = meta.select("product_index", "product_id").unique(subset="product_index")
+    n_products = max(product_count(processed_dir, stats), demand.n_products)
+    return Market(
+        split=split, features=features, product_index=product,
+        dates=meta["date"].to_numpy().astype("datetime64[D]"),
+        unit_cost=meta["unit_cost"].to_numpy().astype(np.float64),
+        min_price=meta["min_price"].to_numpy().astype(np.float64),
+        max_price=meta["max_price"].to_numpy().astype(np.float64),
+        historical_price=price, previous_price=previous, held_days=held, mask_bits=mask_bits,
+        log_base=log_base, elasticity=elasticity, reference=demand.reference_price[product],
+        product_end=product_end,
+        product_ids=dict(zip(ids["product_index"].to_list(), ids["product_id"].to_list(),
+                             strict=True)),
+        n_products=n_products, price_levels=K,
+        max_daily_change=float(stats["max_daily_change"]))
+
+
+def _last_prices_before(processed_dir: Path, split: str) -> dict[int, float]:
+    """Each product's last historical price in the splits before ``split``."""
+    import polars as pl
+
+    last: dict[int, float] = {}
+    for earlier in SPLITS[:SPLITS.index(split)]:
+        path = processed_dir / f"meta_{earlier}.parquet"
+        if path.is_file():
+            table = (pl.read_parquet(path, columns=["product_index", "price"])
+                     .group_by("product_index", maintain_order=True).last())
+            last.update(zip(table["product_index"].to_list(), table["price"].to_list(),
+                            strict=True))
+    return last
+
+
+def _held_days(price: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """For each row, how many consecutive days (ending the day before) the price was held;
+    1 on a product's first row, where the history before is unknown."""
+    n = len(price)
+    if n == 0:
+        return np.zeros(0)
+    prev = np.r_[price[:1], price[:-1]]
+    changed = first | (np.abs(price / prev - 1.0) > PRICE_CHANGE_TOLERANCE)
+    run_start = np.maximum.accumulate(np.where(changed, np.arange(n), 0))
+    run_length = np.arange(n) - run_start + 1  # days at this price, ending at this row
+    held = np.r_[1.0, run_length[:-1].astype(np.float64)]
+    held[first] = 1.0
+    return held
+
+
+class EpisodeBatch:
+    """The state of ``size`` episodes (slots), stepped together.
+
+    Args:
+        market: the split being simulated.
+        size: number of slots.
+        reward_scale: reward = profit * reward_scale.
+        sample_demand: draw units from Poisson instead of using the expectation.
+    """
+
+    def __init__(self, market: Market, size: int, *, reward_scale: float = 1.0,
+                 sample_demand: bool = False) -> None:
+        self.market = market
+        self.reward_scale = reward_scale
+        self.sample_demand = sample_demand
+        self.row = np.zeros(size, dtype=np.int64)
+        self.end = np.zeros(size, dtype=np.int64)
+        self.last_price = np.ones(size)
+        self.held = np.ones(size)
+        self.mask = np.ones((size, market.price_levels), dtype=bool)
+        self.episode_return = np.zeros(size)
+        self.episode_profit = np.zeros(size)
+        self.episode_length = np.zeros(size, dtype=np.int64)
+        self.clipped_actions = 0
+
+    def begin(self, slots: np.ndarray, start_rows: np.ndarray, end_rows: np.ndarray) -> None:
+        """Start episodes covering rows [start, end) in these slots, from the historical state."""
+        m = self.market
+        self.row[slots] = start_rows
+        self.end[slots] = end_rows
+        self.last_price[slots] = m.previous_price[start_rows]
+        self.held[slots] = m.held_days[start_rows]
+        self.mask[slots] = m.processed_masks(start_rows)
+        self.episode_return[slots] = 0.0
+        self.episode_profit[slots] = 0.0
+        self.episode_length[slots] = 0
+
+    def observe(self, slots: np.ndarray) -> Observation:
+        """Observation of these slots (after an episode's end: its last row, updated state)."""
+        rows = np.minimum(self.row[slots], self.market.product_end[self.row[slots] - 1] - 1)
+        rows = np.where(self.episode_length[slots] == 0, self.row[slots], rows)
+        return self.market.observation(rows, self.last_price[slots], self.held[slots])
+
+    def step(self, slots: np.ndarray, levels: np.ndarray, rng: np.random.Generator | None = None
+             ) -> dict[str, np.ndarray]:
+        """Apply one day's price levels to these slots.
+
+        Returns:
+            dict of per-slot arrays: rows, levels (after clipping), prices, units, profit,
+            reward, clipped (bool), done (the window is over).
+        """
+        m = self.market
+        rows = self.row[slots]
+        levels, clipped = clip_to_feasible(levels, self.mask[slots])
+        self.clipped_actions += int(clipped.sum())
+        grid = m.grid(rows)
+        prices = grid[np.arange(len(rows)), levels]
+        units = m.expected_units(rows, prices)
+        if self.sample_demand:
+            units = (rng if rng is not None else np.random.default_rng()).poisson(units)
+            units = units.astype(np.float64)
+        profit = (prices - m.unit_cost[rows]) * units
+        reward = profit * self.reward_scale
+        changed = np.abs(prices / self.last_price[slots] - 1.0) > PRICE_CHANGE_TOLERANCE
+        self.held[slots] = np.where(changed, 1.0, self.held[slots] + 1.0)
+        self.last_price[slots] = prices
+        self.episode_return[slots] += reward
+        self.episode_profit[slots] += profit
+        self.episode_length[slots] += 1
+        next_rows = rows + 1
+        self.row[slots] = next_rows
+        done = next_rows >= self.end[slots]
+        going = ~done
+        if going.any():
+            self.mask[slots[going]] = feasible_mask(m.grid(next_rows[going]), prices[going],
+                                                    m.max_daily_change)[0].astype(bool)
+        return {"rows": rows, "levels": levels, "prices": prices, "units": units,
+                "profit": profit, "reward": reward, "clipped": clipped, "done": done}
+
+
+class PriceEnv(gym.Env):
+    """One episode at a time: a window of ``episode_length`` days of one random product.
+
+    Args:
+        market: the split to simulate.
+        episode_length: days per episode.
+        reward_scale: reward = profit * reward_scale.
+        sample_demand: Poisson units instead of the expectation.
+        products: restrict episodes to these product indices (single-product agents).
+    """
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(self, market: Market, *, episode_length: int = 28, reward_scale: float = 0.01,
+                 sample_demand: bool = False, products: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.market = market
+        self.episode_length = episode_length
+        self.starts = market.episode_starts(episode_length, products)
+        if len(self.starts) == 0:
+            raise BatchError(f"the {market.split} split has no rows for these products",
+                             "Pick a product that has rows in this split.")
+        self.observation_space = market.observation_space()
+        self.action_space = spaces.Discrete(market.price_levels)
+        self.batch = EpisodeBatch(market, 1, reward_scale=reward_scale,
+                                  sample_demand=sample_demand)
+        self._slot = np.zeros(1, dtype=np.int64)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
+              ) -> tuple[Observation, dict[str, Any]]:
+        super().reset(seed=seed)
+        start = self.starts[self.np_random.integers(len(self.starts))]
+        end = min(start + self.episode_length, self.market.product_end[start])
+        self.batch.begin(self._slot, np.array([start]), np.array([end]))
+        return self._observe(), {"row": int(start)}
+
+    def step(self, action: Any) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
+        out = self.batch.step(self._slot, np.array([int(action)]), self.np_random)
+        info = {"row": int(out["rows"][0]), "price": float(out["prices"][0]),
+                "units": float(out["units"][0]), "profit": float(out["profit"][0]),
+                "clipped": bool(out["clipped"][0])}
+        # Windows end by time limit: truncated, not terminated (the market goes on).
+        return self._observe(), float(out["reward"][0]), False, bool(out["done"][0]), info
+
+    def action_masks(self) -> np.ndarray:
+        """(K,) bool: the levels feasible today."""
+        return self.batch.mask[0].copy()
+
+    def _observe(self) -> Observation:
+        obs = self.batch.observe(self._slot)
+        return {key: value[0] for key, value in obs.items()}
+
+
+class PriceVecEnv(VecEnv):
+    """``n_envs`` PriceEnv episodes stepped in one numpy operation (SB3 VecEnv).
+
+    Finished windows restart at once (SB3 auto-reset); their last observation is in
+    ``info["terminal_observation"]`` with ``TimeLimit.truncated`` so PPO bootstraps the value,
+    and ``info["episode"]`` carries r (reward sum), l, t and profit.
+    """
+
+    render_mode = None
+
+    def __init__(self, market: Market, n_envs: int, *, episode_length: int = 28,
+                 reward_scale: float = 0.01, sample_demand: bool = False,
+                 products: Sequence[int] | None = None, seed: int | None = None) -> None:
+        self.market = market
+        self.episode_length = episode_length
+        self.starts = market.episode_starts(episode_length, products)
+        if len(self.starts) == 0:
+            raise BatchError(f"the {market.split} split has no rows for these products",
+                             "Pick a product that has rows in this split.")
+        self.batch = EpisodeBatch(market, n_envs, reward_scale=reward_scale,
+                                  sample_demand=sample_demand)
+        self.rng = np.random.default_rng(seed)
+        self._slots = np.arange(n_envs)
+        self._actions = np.zeros(n_envs, dtype=np.int64)
+        self._started = time.monotonic()
+        super().__init__(n_envs, market.observation_space(), spaces.Discrete(market.price_levels))
+
+    def _begin(self, slots: np.ndarray) -> None:
+        starts = self.starts[self.rng.integers(len(self.starts), size=len(slots))]
+        ends = np.minimum(starts + self.episode_length, self.market.product_end[starts])
+        self.batch.begin(slots, starts, ends)
+
+    def reset(self) -> Observation:
+        if self._seeds[0] is not None:
+            self.rng = np.random.default_rng(self._seeds[0])
+        self._reset_seeds()
+        self._reset_options()
+        self._begin(self._slots)
+        return self.batch.observe(self._slots)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions, dtype=np.int64).reshape(-1)
+
+    def step_wait(self) -> tuple[Observation, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        out = self.batch.step(self._slots, self._actions, self.rng)
+        done = out["done"]
+        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        if done.any():
+            finished = np.nonzero(done)[0]
+            terminal = self.batch.observe(finished)
+            elapsed = round(time.monotonic() - self._started, 6)
+            for j, slot in enumerate(finished):
+                infos[slot] = {
+                    "terminal_observation": {k: v[j] for k, v in terminal.items()},
+                    "TimeLimit.truncated": True,
+                    "episode": {"r": float(self.batch.episode_return[slot]),
+                                "l": int(self.batch.episode_length[slot]), "t": elapsed,
+                                "profit": float(self.batch.episode_profit[slot])},
+                }
+            self._begin(finished)
+        return (self.batch.observe(self._slots), out["reward"].astype(np.float32), done.copy(),
+                infos)
+
+    def action_masks(self) -> np.ndarray:
+        """(n_envs, K) bool: the levels feasible today in each env."""
+        return self.batch.mask.copy()
+
+    def close(self) -> None:
+        return None
+
+    def _indices(self, indices: Any) -> list[int]:
+        if indices is None:
+            return list(range(self.num_envs))
+        if isinstance(indices, int):
+            return [indices]
+        return list(indices)
+
+    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
+        value = getattr(self, attr_name)
+        return [value for _ in self._indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name: str, *method_args: Any, indices: Any = None,
+                   **method_kwargs: Any) -> list[Any]:
+        """Only ``action_masks`` is per-env here (what sb3-contrib's get_action_masks calls)."""
+        if method_name != "action_masks":
+            raise AttributeError(f"PriceVecEnv has no per-env method {method_name!r}")
+        masks = self.action_masks()
+        return [masks[i] for i in self._indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: Any = None) -> list[bool]:
+        return [False for _ in self._indices(indices)]
+
+
+def simulate(market: Market, choose: Callable[[Observation, np.ndarray], np.ndarray], *,
+             sample_demand: bool = False, rng: np.random.Generator | None = None,
+             products: Sequence[int] | None = None) -> dict[str, Any]:
+    """Price every row of a split with ``choose``, each product day by day from its history.
+
+    All products run side by side: on day t, the t-th row of every product still going is
+    decided in one call ``choose(observation, mask) -> levels``. Each product starts from its
+    last historical price before the split (the processed mask of its first row) and then
+    follows its own prices.
+
+    Returns:
+        dict with per-row arrays in row order (``levels`` int64, ``prices``, ``units``,
+        ``profit``; rows not simulated hold -1 / NaN), ``clipped_actions`` and
+        ``mean_profit`` (per simulated product-day).
+    """
+    n = market.n_rows
+    first = np.nonzero(np.r_[True, market.product_index[1:] != market.product_index[:-1]])[0]
+    if products is not None:
+        first = first[np.isin(market.product_index[first], np.asarray(products))]
+    out: dict[str, Any] = {"levels": np.full(n, -1, dtype=np.int64), "prices": np.full(n, np.nan),
+           "units": np.full(n, np.nan), "profit": np.full(n, np.nan)}
+    batch = EpisodeBatch(market, len(first), sample_demand=sample_demand)
+    batch.begin(np.arange(len(first)), first, market.product_end[first])
+    active = np.arange(len(first))
+    while len(active):
+        obs = batch.observe(active)
+        levels = np.asarray(choose(obs, batch.mask[active]), dtype=np.int64).reshape(-1)
+        result = batch.step(active, levels, rng)
+        rows = result["rows"]
+        for key in ("levels", "prices", "units", "profit"):
+            out[key][rows] = result[key]
+        active = active[~result["done"]]
+    simulated = out["levels"] >= 0
+    out["clipped_actions"] = batch.clipped_actions
+    out["mean_profit"] = float(out["profit"][simulated].mean()) if simulated.any() else 0.0
+    return out
+
+
+def random_feasible_policy(rng: np.random.Generator) -> Callable[[Observation, np.ndarray],
+                                                                  np.ndarray]:
+    """A policy that picks a feasible level uniformly at random (a baseline)."""
+    def choose(obs: Observation, mask: np.ndarray) -> np.ndarray:
+        # The largest of uniform draws over the feasible levels is uniform among them.
+        return np.where(mask, rng.random(mask.shape), -1.0).argmax(axis=1)
+    return choose

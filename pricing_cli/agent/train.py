@@ -1,0 +1,481 @@
+"""`pricectl train`: fit the demand model, then train one pricing agent for every product.
+
+Steps: read ``data/processed`` → fit :class:`DemandModel` on train (report on val) → build the
+vectorized env over train → optional behaviour cloning of historical prices (``--warm-start
+bc``) → MaskablePPO (or PPO) with the product-embedding extractor → every ``eval_every`` steps
+the deterministic policy prices the whole val split under the fitted demand, and the best
+(mean profit per product-day) is kept.
+
+The run folder ``models/<run_id>/`` appears only when training is complete: work happens in
+``models/.partial-<run_id>/`` (checkpoints every ``checkpoint_every`` steps, so ``--resume``
+can continue a killed run) and is renamed into place as a whole at the end. It holds
+``model.zip`` (the best policy), ``last_checkpoint.zip``, ``agent.json``, ``config.yaml``,
+``demand_model.npz/.json``, ``train_summary.json`` and ``tensorboard/``. No VecNormalize: the
+features are already scaled by the features stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zipfile
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pricing_cli.config import Settings, settings_to_yaml
+from pricing_cli.errors import ConfigError, ModelError
+from pricing_cli.runinfo import StageResult
+from pricing_cli.storage import atomic_write, commit_file, staged_dir, tmp_path_for, write_json
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from pricing_cli.agent.env import Market
+    from pricing_cli.monitor import RunMonitor
+
+PARTIAL_PREFIX = ".partial-"
+CHECKPOINT = "last_checkpoint.zip"
+BEST = "best_model.zip"  # renamed to policy.MODEL_ZIP when the run is published
+STATE_JSON = "training_state.json"
+SUMMARY_JSON = "train_summary.json"
+
+
+def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = None,
+              resume: bool = False) -> StageResult:
+    """Train the pricing agent; see the module docstring.
+
+    Args:
+        settings: uses ``train``, ``merge.output_dir``.
+        monitor: progress (timesteps bar, fps, episode profit, losses, val profit).
+        product: a product_id to train a single-product agent (same code, env restricted).
+        resume: continue ``train.run_id`` from its last checkpoint.
+
+    Returns:
+        StageResult with the run folder and a summary of the training.
+
+    Raises:
+        MissingInputError: data/processed is incomplete.
+        ConfigError: --product names no product with train rows.
+        ModelError: --resume without a checkpoint, or a run folder that already exists.
+    """
+    import polars as pl
+    import torch
+
+    from pricing_cli.agent.demand import DemandModel
+    from pricing_cli.agent.env import (
+        PriceVecEnv,
+        load_market,
+        processed_file,
+        product_count,
+        random_feasible_policy,
+        read_stats,
+        simulate,
+    )
+    from pricing_cli.agent.policy import AGENT_JSON, MODEL_ZIP, PricingAgent
+
+    cfg = settings.train
+    started = time.monotonic()
+    torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
+    processed_dir = Path(settings.merge.output_dir)
+    stats = read_stats(processed_dir)
+    meta_train_path = processed_file(processed_dir, "meta_train.parquet")
+    meta_val_path = processed_file(processed_dir, "meta_val.parquet")
+    run_id = cfg.run_id or datetime.now().strftime("%Y%m%d-%H%M%S")
+    final_dir, work_dir, checkpoint = _prepare_run_folder(Path(cfg.models_dir), run_id, resume)
+
+    # 1. Demand model.
+    monitor.log(f"fitting the demand model on {meta_train_path}")
+    meta_train = pl.read_parquet(meta_train_path)
+    n_products = product_count(processed_dir, stats)
+    demand = DemandModel.fit(meta_train, settings, n_products=n_products,
+                             fallback_reference=_later_median_prices(processed_dir, n_products),
+                             monitor=monitor, source=str(meta_train_path))
+    demand_report = demand.fit_report(pl.read_parquet(meta_val_path))
+    monitor.log(f"demand model: {demand.info['newton_iterations']} Newton iterations; val MAE "
+                f"{demand_report.get('mae', float('nan')):.3f} units/day, Poisson deviance "
+                f"{demand_report.get('poisson_deviance', float('nan')):.3f}")
+    products = None if product is None else [_product_index(meta_train, product, meta_train_path)]
+    del meta_train
+
+    # 2. Markets and env.
+    train_market = load_market(processed_dir, "train", demand, stats)
+    val_market = load_market(processed_dir, "val", demand, stats)
+    if val_market.n_rows == 0:
+        monitor.log("the val split is empty: model selection uses the train split")
+        val_market = train_market
+    env = PriceVecEnv(train_market, cfg.n_envs, episode_length=cfg.episode_length,
+                      reward_scale=cfg.reward_scale, sample_demand=cfg.sample_demand,
+                      products=products, seed=cfg.seed)
+    agent_config = {
+        "algo": cfg.algo, "n_products": train_market.n_products,
+        "n_features": train_market.n_features, "input_dim": int(train_market.features.shape[1]),
+        "price_levels": train_market.price_levels,
+        "max_daily_change": train_market.max_daily_change, "net_arch": list(cfg.net_arch),
+        "embedding_dim": cfg.embedding_dim, "feature_hidden": cfg.feature_hidden,
+        "reward_scale": cfg.reward_scale, "episode_length": cfg.episode_length,
+        "products": products, "product_id": product,
+        "feature_cols": _feature_cols(processed_dir),
+    }
+    model = _build_model(settings, env, agent_config, work_dir)
+    state = _load_state(work_dir) if checkpoint is not None else _fresh_state()
+    if checkpoint is not None:
+        model.set_parameters(str(checkpoint), exact_match=True, device=model.device)
+        model.num_timesteps = _checkpoint_timesteps(checkpoint)
+        monitor.log(f"resuming {run_id} from {checkpoint} at {model.num_timesteps} steps")
+    agent = PricingAgent(policy=model.policy, config=agent_config, demand=demand)
+
+    def evaluate(step: int) -> float:
+        model.policy.set_training_mode(False)
+        profit = simulate(val_market, agent.chooser(True), products=products)["mean_profit"]
+        state["evaluations"].append({"timesteps": step, "val_mean_profit": profit})
+        if state["best_val_profit"] is None or profit > state["best_val_profit"]:
+            state["best_val_profit"], state["best_timesteps"] = profit, step
+            _save_model(model, work_dir / BEST)
+        best = state["best_val_profit"]
+        monitor.set_metric("val profit/day", f"{profit:,.2f} (best {best:,.2f})")
+        _save_state(work_dir, state)
+        return profit
+
+    # 3. Behaviour cloning, then RL.
+    bc_summary: dict[str, Any] | None = None
+    if cfg.warm_start == "bc" and checkpoint is None and cfg.bc_epochs > 0:
+        bc_summary = behaviour_clone(model.policy, train_market, processed_dir, cfg.bc_epochs,
+                                     cfg.batch_size, cfg.seed, monitor, products)
+    if checkpoint is None:
+        evaluate(0)
+    remaining = max(cfg.timesteps - model.num_timesteps, 0)
+    callback = make_training_callback(monitor, total=cfg.timesteps, reward_scale=cfg.reward_scale,
+                                checkpoint_every=cfg.checkpoint_every,
+                                eval_every=cfg.eval_every,
+                                on_checkpoint=lambda step: _checkpoint(model, work_dir, state),
+                                on_evaluate=evaluate)
+    rl_started, rl_start_steps = time.monotonic(), model.num_timesteps
+    if remaining > 0:
+        model.learn(total_timesteps=remaining, callback=callback,
+                    reset_num_timesteps=checkpoint is None, tb_log_name="agent",
+                    progress_bar=False)
+    rl_seconds = time.monotonic() - rl_started
+    if not state["evaluations"] or state["evaluations"][-1]["timesteps"] != model.num_timesteps:
+        evaluate(model.num_timesteps)
+    _checkpoint(model, work_dir, state)
+
+    # 4. Baselines for context, under the same fitted demand, on the same rows.
+    rng = np.random.default_rng(cfg.seed)
+    random_profit = simulate(val_market, random_feasible_policy(rng), products=products)
+    historical_profit = _historical_profit(val_market, products)
+
+    # 5. Write the rest and publish the folder as a whole.
+    demand.save(work_dir)
+    write_json(work_dir / AGENT_JSON, {**agent_config, "timesteps": model.num_timesteps,
+                                       "seed": cfg.seed})
+    with atomic_write(work_dir / "config.yaml", "w") as handle:
+        handle.write(settings_to_yaml(settings))
+    fps = (model.num_timesteps - rl_start_steps) / max(rl_seconds, 1e-9)
+    summary = {
+        "run_id": run_id, "algo": cfg.algo, "timesteps": int(model.num_timesteps),
+        "resumed_from": None if checkpoint is None else str(checkpoint),
+        "products_trained": "all" if product is None else product,
+        "rl_seconds": round(rl_seconds, 3), "fps": round(fps, 1),
+        "val_mean_profit_best": state["best_val_profit"],
+        "best_timesteps": state["best_timesteps"],
+        "val_mean_profit_random_feasible": random_profit["mean_profit"],
+        "val_mean_profit_historical": historical_profit,
+        "clipped_actions": int(env.batch.clipped_actions),
+        "demand_fit": demand.info, "demand_val": demand_report,
+        "behaviour_cloning": bc_summary, "evaluations": state["evaluations"],
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    write_json(work_dir / SUMMARY_JSON, summary)
+    os.replace(work_dir / BEST, work_dir / MODEL_ZIP)
+    _publish(work_dir, final_dir)
+    env.close()
+    flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list)) and v is not None}
+    flat["demand_val_mae"] = demand_report.get("mae")
+    flat["demand_val_poisson_deviance"] = demand_report.get("poisson_deviance")
+    if bc_summary:
+        flat["bc_accuracy"] = bc_summary["accuracy"]
+    return StageResult(stage="train", output_dir=final_dir,
+                       inputs=[meta_train_path, meta_val_path,
+                               processed_dir / "X_train.npy", processed_dir / "X_val.npy"],
+                       summary=flat,
+                       notes=[f"best model: {final_dir / MODEL_ZIP} (val profit/day "
+                              f"{state['best_val_profit']:,.2f} vs random feasible "
+                              f"{random_profit['mean_profit']:,.2f}, historical "
+                              f"{historical_profit:,.2f})"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], work_dir: Path
+                 ) -> Any:
+    """MaskablePPO (or PPO) with the multi-input policy and the product-embedding extractor."""
+    from pricing_cli.agent.policy import policy_kwargs
+
+    cfg = settings.train
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3 import PPO
+
+    # PPO ignores the masks; the env then moves an infeasible choice to the nearest feasible one.
+    algorithm: type[Any] = MaskablePPO if cfg.algo == "maskable-ppo" else PPO
+    rollout = cfg.n_steps * cfg.n_envs
+    return algorithm(
+        "MultiInputPolicy", env, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps,
+        # A minibatch larger than the rollout would be truncated by SB3 with a warning.
+        batch_size=min(cfg.batch_size, rollout), n_epochs=cfg.n_epochs, gamma=cfg.gamma,
+        ent_coef=cfg.ent_coef, policy_kwargs=policy_kwargs(agent_config), seed=cfg.seed,
+        device=cfg.device,
+        tensorboard_log=str(work_dir / "tensorboard") if cfg.tensorboard else None, verbose=0)
+
+
+def _save_model(model: Any, path: Path) -> None:
+    """model.save, atomically (SB3 writes in place)."""
+    tmp = tmp_path_for(path)
+    model.save(str(tmp))
+    commit_file(tmp, path)
+
+
+def _checkpoint(model: Any, work_dir: Path, state: dict[str, Any]) -> None:
+    _save_model(model, work_dir / CHECKPOINT)
+    state["checkpoint_timesteps"] = int(model.num_timesteps)
+    _save_state(work_dir, state)
+
+
+def _checkpoint_timesteps(checkpoint: Path) -> int:
+    """num_timesteps stored in an SB3 zip (plain JSON, read without unpickling)."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        return int(json.loads(archive.read("data"))["num_timesteps"])
+
+
+def _fresh_state() -> dict[str, Any]:
+    return {"best_val_profit": None, "best_timesteps": None, "evaluations": [],
+            "checkpoint_timesteps": 0}
+
+
+def _save_state(work_dir: Path, state: dict[str, Any]) -> None:
+    write_json(work_dir / STATE_JSON, state)
+
+
+def _load_state(work_dir: Path) -> dict[str, Any]:
+    """The state of a run being resumed. Evaluations after its last checkpoint are dropped:
+    training resumes from the checkpoint and redoes them (the best model found is kept)."""
+    path = work_dir / STATE_JSON
+    if not path.is_file():
+        return _fresh_state()
+    state = json.loads(path.read_text(encoding="utf-8"))
+    state["evaluations"] = [e for e in state["evaluations"]
+                            if e["timesteps"] <= state["checkpoint_timesteps"]]
+    return state
+
+
+def make_training_callback(monitor: RunMonitor, **kwargs: Any) -> Any:
+    """The SB3 callback that reports to ``monitor``, checkpoints and evaluates.
+
+    Defined inside a function so that importing this module does not import SB3.
+    """
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class _TrainingCallback(BaseCallback):
+        """Live progress, checkpoints and model selection from inside SB3's learn loop."""
+
+        def __init__(self, monitor: RunMonitor, *, total: int, reward_scale: float,
+                     checkpoint_every: int, eval_every: int, on_checkpoint: Any,
+                     on_evaluate: Any) -> None:
+            super().__init__()
+            self.monitor = monitor
+            self.total = total
+            self.reward_scale = reward_scale
+            self.checkpoint_every = checkpoint_every
+            self.eval_every = eval_every
+            self.on_checkpoint = on_checkpoint
+            self.on_evaluate = on_evaluate
+
+        def _on_training_start(self) -> None:
+            self.started = time.monotonic()
+            self.start_steps = self.num_timesteps
+            self.next_checkpoint = (self.num_timesteps // self.checkpoint_every + 1) \
+                * self.checkpoint_every
+            self.next_eval = (self.num_timesteps // self.eval_every + 1) * self.eval_every
+            self.monitor.add_bar("timesteps", "RL timesteps", self.total)
+            self.monitor.update_bar("timesteps", completed=self.num_timesteps)
+
+        def _on_step(self) -> bool:
+            steps = self.num_timesteps
+            self.monitor.update_bar("timesteps", completed=steps)
+            if steps >= self.next_checkpoint:
+                self.on_checkpoint(steps)
+                self.next_checkpoint = (steps // self.checkpoint_every + 1) * self.checkpoint_every
+            if steps >= self.next_eval:
+                self.on_evaluate(steps)
+                self.model.policy.set_training_mode(False)
+                self.next_eval = (steps // self.eval_every + 1) * self.eval_every
+            self.monitor.check_memory()
+            return True
+
+        def _on_rollout_end(self) -> None:
+            elapsed = max(time.monotonic() - self.started, 1e-9)
+            fps = (self.num_timesteps - self.start_steps) / elapsed
+            self.monitor.set_metric("fps", f"{fps:,.0f}")
+            episodes = [e["profit"] for e in self.model.ep_info_buffer or [] if "profit" in e]
+            if episodes:
+                self.monitor.set_metric("episode profit", f"{np.mean(episodes):,.1f}")
+            losses = self.model.logger.name_to_value
+            if "train/loss" in losses:
+                pg = losses.get("train/policy_gradient_loss", 0.0)
+                value = losses.get("train/value_loss", 0.0)
+                self.monitor.set_metric(
+                    "loss", f"{losses['train/loss']:.4g} (pg {pg:.3g}, value {value:.3g})")
+
+    return _TrainingCallback(monitor, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Behaviour cloning
+
+
+def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: int,
+                    batch_size: int, seed: int, monitor: RunMonitor,
+                    products: list[int] | None = None) -> dict[str, Any]:
+    """Teach the policy's own actor the historical price levels (masked cross-entropy).
+
+    Observations are the rows as history had them (yesterday's historical price as the agent's
+    own last price); masks are the processed masks. Rows without a label (-1) or whose label is
+    infeasible under their mask are skipped and counted.
+
+    Returns:
+        rows used, rows skipped, final-epoch loss and accuracy (argmax of masked logits).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from pricing_cli.agent.env import processed_file
+    from pricing_cli.agent.policy import action_logits
+
+    with np.load(processed_file(processed_dir, "labels_train.npz"), allow_pickle=False) as z:
+        labels = z["price_level"].astype(np.int64)
+    usable = labels >= 0
+    if products is not None:
+        usable &= np.isin(market.product_index, products)
+    rows = np.nonzero(usable)[0]
+    feasible = market.processed_masks(rows)[np.arange(len(rows)), labels[rows]]
+    skipped = int(len(labels) - usable.sum() + (~feasible).sum())
+    rows = rows[feasible]
+    if len(rows) == 0:
+        return {"rows": 0, "rows_skipped": skipped, "loss": None, "accuracy": None}
+    rng = np.random.default_rng(seed)
+    n_batches = -(-len(rows) // batch_size)
+    monitor.add_bar("bc", "behaviour cloning batches", epochs * n_batches)
+    policy.set_training_mode(True)
+    total_loss = correct = seen = 0.0
+    for _ in range(epochs):
+        total_loss = correct = seen = 0.0
+        order = rng.permutation(rows)
+        for start in range(0, len(order), batch_size):
+            # Sorted rows read the memory-mapped features in file order.
+            batch = np.sort(order[start:start + batch_size])
+            obs, _ = policy.obs_to_tensor(market.historical_observation(batch))
+            allowed = torch.as_tensor(market.processed_masks(batch), device=policy.device)
+            target = torch.as_tensor(labels[batch], device=policy.device)
+            logits = action_logits(policy, obs).masked_fill(~allowed, -1e9)
+            loss = F.cross_entropy(logits, target)
+            policy.optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
+            policy.optimizer.step()
+            total_loss += float(loss.detach()) * len(batch)
+            correct += float((logits.argmax(dim=1) == target).sum())
+            seen += len(batch)
+            monitor.update_bar("bc", advance=1)
+            monitor.check_memory()
+    policy.set_training_mode(False)
+    summary = {"rows": int(len(rows)), "rows_skipped": skipped, "epochs": epochs,
+               "loss": total_loss / seen, "accuracy": correct / seen}
+    monitor.log(f"behaviour cloning: accuracy {summary['accuracy']:.3f} on {len(rows)} rows")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _prepare_run_folder(models_dir: Path, run_id: str, resume: bool
+                        ) -> tuple[Path, Path, Path | None]:
+    """(final folder, work folder, checkpoint to resume from or None)."""
+    final_dir, work_dir = models_dir / run_id, models_dir / f"{PARTIAL_PREFIX}{run_id}"
+    if resume:
+        if (work_dir / CHECKPOINT).is_file():
+            return final_dir, work_dir, work_dir / CHECKPOINT
+        if (final_dir / CHECKPOINT).is_file():
+            shutil.rmtree(work_dir, ignore_errors=True)
+            shutil.copytree(final_dir, work_dir)
+            # The best model so far keeps competing with what the resumed run finds.
+            from pricing_cli.agent.policy import MODEL_ZIP
+
+            os.replace(work_dir / MODEL_ZIP, work_dir / BEST)
+            return final_dir, work_dir, work_dir / CHECKPOINT
+        raise ModelError(f"--resume: no checkpoint for run '{run_id}' in {models_dir}",
+                         "Pass --run-id of an earlier run (see the folders under "
+                         f"{models_dir}), or drop --resume to start a new run.")
+    if final_dir.exists():
+        raise ModelError(f"run folder {final_dir} already exists",
+                         "Pass --resume to continue it, or another --run-id.")
+    if work_dir.exists():
+        raise ModelError(f"{work_dir} holds an unfinished (killed) run '{run_id}'",
+                         f"Pass --resume --run-id {run_id} to continue it, or delete the folder.")
+    work_dir.mkdir(parents=True)
+    return final_dir, work_dir, None
+
+
+def _publish(work_dir: Path, final_dir: Path) -> None:
+    """Move the finished run into ``final_dir`` as a whole (storage.staged_dir)."""
+    with staged_dir(final_dir) as staging:
+        for child in work_dir.iterdir():
+            os.replace(child, staging / child.name)
+    work_dir.rmdir()
+
+
+def _product_index(meta_train: pl.DataFrame, product_id: str, path: Path) -> int:
+    import polars as pl
+
+    found = meta_train.filter(pl.col("product_id") == product_id)["product_index"]
+    if found.len() == 0:
+        examples = ", ".join(meta_train["product_id"].unique(maintain_order=True).head(5).to_list())
+        raise ConfigError(f"--product {product_id!r} has no rows in {path}",
+                          f"Pass a product_id with train history, e.g. {examples}.")
+    return int(found[0])
+
+
+def _later_median_prices(processed_dir: Path, n_products: int) -> np.ndarray:
+    """Median price per product over val and test: the reference of products new after train."""
+    import polars as pl
+
+    out = np.full(n_products, np.nan)
+    paths = [processed_dir / f"meta_{s}.parquet" for s in ("val", "test")]
+    paths = [p for p in paths if p.is_file()]
+    if paths:
+        table = (pl.concat([pl.read_parquet(p, columns=["product_index", "price"]) for p in paths])
+                 .group_by("product_index").agg(pl.col("price").median()))
+        out[table["product_index"].to_numpy()] = table["price"].to_numpy()
+    return out
+
+
+def _historical_profit(market: Market, products: list[int] | None) -> float:
+    """Mean profit per product-day of the historical prices, under the fitted demand."""
+    rows = np.arange(market.n_rows) if products is None else np.nonzero(
+        np.isin(market.product_index, products))[0]
+    if len(rows) == 0:
+        return 0.0
+    price = market.historical_price[rows]
+    units = market.expected_units(rows, price)
+    return float(((price - market.unit_cost[rows]) * units).mean())
+
+
+def _feature_cols(processed_dir: Path) -> list[str] | None:
+    path = processed_dir / "feature_cols.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

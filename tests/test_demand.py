@@ -1,0 +1,168 @@
+"""The demand model: recovered parameters, shrinkage, the Newton optimum, files, fit report."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pricing_cli.agent import demand as dm
+from pricing_cli.agent.demand import DemandModel, calendar_terms
+from pricing_cli.config import load_settings
+from pricing_cli.errors import DataError
+from tests.agent_fixtures import TRUE_DOW_EFFECT, write_processed
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, pl.DataFrame, pl.DataFrame]:
+    folder = tmp_path_factory.mktemp("processed")
+    truth = write_processed(folder)
+    return (truth, pl.read_parquet(folder / "meta_train.parquet"),
+            pl.read_parquet(folder / "meta_val.parquet"))
+
+
+def settings(**train: float) -> object:
+    return load_settings(preset="tiny", flags={f"train.{k}": v for k, v in train.items()},
+                         environ={})
+
+
+def mean_elasticity_by_product(model: DemandModel, meta: pl.DataFrame) -> np.ndarray:
+    products = meta["product_index"].to_numpy()
+    e = model.elasticity(products, meta["date"].to_numpy())
+    return np.bincount(products, e) / np.bincount(products)
+
+
+def test_calendar_terms_of_known_dates() -> None:
+    dates = np.array(["2023-01-02", "2023-01-07", "2023-01-08", "2024-12-31"],
+                     dtype="datetime64[D]")
+    dow, s_sin, s_cos, weekend = calendar_terms(dates)
+    assert dow.tolist() == [0, 5, 6, 1]  # Monday, Saturday, Sunday, Tuesday
+    assert weekend.tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert s_sin[0] == pytest.approx(np.sin(2 * np.pi * 2 / 365.25))
+    assert s_cos[3] == pytest.approx(np.cos(2 * np.pi * 366 / 365.25))
+
+
+def test_fit_recovers_true_elasticities_and_weekday_effects(market) -> None:
+    truth, train, _ = market
+    model = DemandModel.fit(train, settings())
+    assert model.info["converged"]
+    fitted = mean_elasticity_by_product(model, train)
+    np.testing.assert_allclose(fitted, truth["elasticity"], rtol=0.15)
+    # Monday is the baseline in both; the truth's weekend lift is 0.3-0.35.
+    np.testing.assert_allclose(model.dow_effect, TRUE_DOW_EFFECT, atol=0.06)
+    assert model.reference_price.tolist() == train.group_by("product_index").agg(
+        pl.col("price").median()).sort("product_index")["price"].to_list()
+
+
+def test_shrinkage_pulls_a_product_with_few_rows_to_the_group_mean(market) -> None:
+    truth, train, _ = market
+    # Product 0 (true elasticity 1.8, the lowest) keeps only its first 3 days.
+    sparse = train.filter((pl.col("product_index") != 0) | (pl.col("date") < pl.date(2023, 1, 5)))
+    pooled = DemandModel.fit(sparse, settings(demand_shrinkage=5.0))
+    alone = DemandModel.fit(sparse, settings(demand_shrinkage=0.0))
+    e_pooled = pooled.product_parameters()[0, 3]
+    e_alone = alone.product_parameters()[0, 3]
+    # Three days cannot identify four parameters: unpooled, the estimate is far off ...
+    assert abs(e_alone - truth["elasticity"][0]) > 1.0
+    # ... pooled, it stays within 0.1 of the group mean while the well-measured products
+    # keep their own elasticity.
+    assert abs(e_pooled - pooled.mean[3]) < 0.1
+    np.testing.assert_allclose(pooled.product_parameters()[1:, 3], truth["elasticity"][1:],
+                               rtol=0.15)
+
+
+def test_a_product_without_rows_gets_the_mean_and_the_fallback_reference(market) -> None:
+    _, train, _ = market
+    fallback = np.array([np.nan] * 6 + [12.5])
+    model = DemandModel.fit(train, settings(), n_products=7, fallback_reference=fallback)
+    np.testing.assert_allclose(model.product_parameters()[6], model.mean, atol=1e-9)
+    assert model.reference_price[6] == 12.5
+    assert model.info["products_without_rows"] == 1
+
+
+def test_category_pooling_pulls_toward_the_category(tmp_path) -> None:
+    write_processed(tmp_path, true_elasticity=[1.8, 1.9, 2.0, 3.0, 3.1, 3.2])
+    train = pl.read_parquet(tmp_path / "meta_train.parquet").with_columns(
+        category=pl.when(pl.col("product_index") < 3).then(pl.lit("low")).otherwise(pl.lit("high")))
+    sparse = train.filter((pl.col("product_index") != 0) | (pl.col("date") < pl.date(2023, 1, 5)))
+    model = DemandModel.fit(sparse, settings())
+    assert model.categories == ["high", "low"]
+    e0 = model.product_parameters()[0, 3]
+    low_mean = model.mean[3] + model.category_offset[1, 3]
+    assert abs(e0 - low_mean) < 0.1
+    assert abs(e0 - 1.9) < abs(e0 - model.mean[3])  # nearer its category than the overall mean
+
+
+def test_newton_stops_at_the_penalized_optimum(market) -> None:
+    """No small move of any parameter lowers the penalized objective (categories included)."""
+    _, train, _ = market
+    train = train.with_columns(category=(pl.col("product_index") % 2).cast(pl.String))
+    model = DemandModel.fit(train, settings())
+    product = train["product_index"].to_numpy().astype(np.int64)
+    dow, s_sin, s_cos, weekend = calendar_terms(train["date"].to_numpy())
+    neg_x = -np.log(train["price"].to_numpy() / model.reference_price[product])
+    design = dm._Design(product=product, product_category=model.product_category, dow=dow,
+                        z=np.column_stack([np.ones_like(neg_x), s_sin, s_cos, neg_x]),
+                        v=np.column_stack([neg_x * s_sin, neg_x * s_cos, neg_x * weekend]),
+                        units=np.maximum(train["units"].to_numpy(), 0.0))
+    best = dm._Params(np.concatenate([model.mean, model.dow_effect[1:],
+                                      model.elasticity_modifiers]),
+                      model.category_offset, model.product_offset)
+    weights = dm._penalty_weights(5.0)
+    f0 = dm._objective(design, best, *weights)
+    for block in ("core", "category", "product"):
+        values = getattr(best, block)
+        for index in np.ndindex(values.shape):
+            for h in (-1e-4, 1e-4):
+                moved = values.copy()
+                moved[index] += h
+                params = dm._Params(**{**best.__dict__, block: moved})
+                assert dm._objective(design, params, *weights) >= f0 - 1e-11 * abs(f0)
+
+
+def test_net_return_days_count_as_zero_units(market) -> None:
+    _, train, _ = market
+    rows = pl.Series(np.arange(train.height) % 17 == 0)
+    as_returns = train.with_columns(units=pl.when(rows).then(-2.0).otherwise(pl.col("units")))
+    as_zero = train.with_columns(units=pl.when(rows).then(0.0).otherwise(pl.col("units")))
+    a, b = DemandModel.fit(as_returns, settings()), DemandModel.fit(as_zero, settings())
+    np.testing.assert_array_equal(a.product_offset, b.product_offset)
+    assert a.info["negative_unit_rows_clipped"] == int(rows.sum())
+
+
+def test_expected_units_and_fit_report_by_hand() -> None:
+    model = DemandModel(
+        mean=np.array([np.log(10.0), 0.0, 0.0, 2.0]), category_offset=np.zeros((0, 4)),
+        product_offset=np.zeros((1, 4)), product_category=np.array([-1]),
+        dow_effect=np.zeros(7), elasticity_modifiers=np.zeros(3),
+        reference_price=np.array([4.0]))
+    meta = pl.DataFrame({"product_index": [0, 0, 0],
+                         "date": pl.Series(np.array(["2023-01-02"] * 3, dtype="datetime64[D]")),
+                         "price": [4.0, 8.0, 4.0], "units": [10.0, 0.0, 5.0]})
+    predicted = model.expected_units(np.zeros(3), meta["date"].to_numpy(), meta["price"])
+    np.testing.assert_allclose(predicted, [10.0, 2.5, 10.0])  # 10 * 2**-2 at twice the price
+    report = model.fit_report(meta)
+    assert report["mae"] == pytest.approx((0 + 2.5 + 5) / 3)
+    assert report["rmse"] == pytest.approx(np.sqrt((0 + 2.5**2 + 5**2) / 3))
+    # Unit deviances: 0; 2*(0 - (0 - 2.5)) = 5; 2*(5 log(5/10) - (5 - 10)).
+    assert report["poisson_deviance"] == pytest.approx((0 + 5 + 2 * (5 * np.log(0.5) + 5)) / 3)
+    assert sum(c["rows"] for c in report["calibration"]) == 3
+    assert report["mean_actual"] == 5.0
+    assert report["mean_predicted"] == pytest.approx(7.5)
+
+
+def test_save_and_load_round_trip(market, tmp_path) -> None:
+    _, train, val = market
+    model = DemandModel.fit(train.with_columns(category=pl.lit("a")), settings())
+    model.save(tmp_path)
+    loaded = DemandModel.load(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demand_model.json", "demand_model.npz"]
+    args = (val["product_index"].to_numpy(), val["date"].to_numpy(), val["price"].to_numpy())
+    np.testing.assert_array_equal(loaded.expected_units(*args), model.expected_units(*args))
+    assert loaded.categories == ["a"] and loaded.info == model.info
+
+
+def test_missing_column_names_the_file() -> None:
+    meta = pl.DataFrame({"product_index": [0], "date": [None], "price": [1.0]})
+    with pytest.raises(DataError, match=r"meta_train.parquet lacks column\(s\) units"):
+        DemandModel.fit(meta, settings())

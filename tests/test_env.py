@@ -1,0 +1,239 @@
+"""PriceEnv, PriceVecEnv, simulate and the extractor: checkers, masks, rewards by hand, shapes."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pricing_cli.agent.demand import DemandModel
+from pricing_cli.agent.env import (
+    HELD_DAYS_SCALE,
+    PriceEnv,
+    PriceVecEnv,
+    clip_to_feasible,
+    load_market,
+    random_feasible_policy,
+    simulate,
+)
+from pricing_cli.agent.extractor import ProductFeaturesExtractor
+from pricing_cli.config import load_settings
+from pricing_cli.pricing import feasible_mask, price_grid
+from tests.agent_fixtures import write_processed
+
+K, F, N_PRODUCTS, EPISODE = 11, 20, 6, 10
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("processed")
+    truth = write_processed(folder, n_products=N_PRODUCTS, K=K, F=F)
+    demand = DemandModel.fit(pl.read_parquet(folder / "meta_train.parquet"),
+                             load_settings(preset="tiny", environ={}))
+    return folder, truth, demand, load_market(folder, "train", demand)
+
+
+def make_env(world, **kwargs) -> PriceEnv:
+    return PriceEnv(world[3], episode_length=EPISODE, reward_scale=0.01, **kwargs)
+
+
+def test_env_passes_the_gymnasium_and_sb3_checkers(world) -> None:
+    from gymnasium.utils.env_checker import check_env as gymnasium_check
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # infinite feature bounds are on purpose
+        gymnasium_check(make_env(world), skip_render_check=True)
+        sb3_check(make_env(world), warn=False)
+
+
+def test_spaces_use_a_box_product_index(world) -> None:
+    env = make_env(world)
+    space = env.observation_space
+    assert space["product_id"].shape == (1,) and space["product_id"].high[0] == N_PRODUCTS - 1
+    assert space["features"].shape == (F + 3,)
+    assert env.action_space.n == K
+
+
+def test_reward_is_margin_times_expected_units_times_scale(world) -> None:
+    folder, _, demand, market = world
+    env = make_env(world)
+    _, info = env.reset(seed=3)
+    row = info["row"]
+    meta = pl.read_parquet(folder / "meta_train.parquet")
+    level = int(np.nonzero(env.action_masks())[0][0])
+    _, reward, terminated, truncated, step_info = env.step(level)
+    price = price_grid(meta["min_price"][row], meta["max_price"][row], K)[level]
+    units = demand.expected_units(np.array([meta["product_index"][row]]),
+                                  meta["date"].to_numpy()[row:row + 1], np.array([price]))[0]
+    assert step_info["price"] == price
+    assert step_info["units"] == pytest.approx(units, rel=1e-12)
+    assert reward == pytest.approx((price - meta["unit_cost"][row]) * units * 0.01, rel=1e-12)
+    assert not terminated and not truncated
+
+
+def test_sampled_demand_draws_poisson_units(world) -> None:
+    env = make_env(world, sample_demand=True)
+    env.reset(seed=0)
+    units = []
+    for _ in range(EPISODE):
+        _, _, _, truncated, info = env.step(int(np.nonzero(env.action_masks())[0][-1]))
+        units.append(info["units"])
+    assert all(float(u).is_integer() for u in units)
+    assert truncated
+
+
+def test_an_episode_is_a_window_of_one_product_from_its_historical_state(world) -> None:
+    folder, _, demand, market = world
+    env = make_env(world)
+    obs, info = env.reset(seed=11)
+    start = info["row"]
+    # Day one: the processed mask of the row, the historical price of the day before.
+    with np.load(folder / "masks_train.npz") as masks:
+        np.testing.assert_array_equal(env.action_masks(), masks["price_level"][start].astype(bool))
+    X = np.load(folder / "X_train.npy")
+    np.testing.assert_array_equal(obs["features"][:F], X[start])
+    assert obs["product_id"][0] == market.product_index[start]
+    rows = []
+    for day in range(EPISODE):
+        _, _, _, truncated, step = env.step(int(np.nonzero(env.action_masks())[0][0]))
+        rows.append(step["row"])
+        assert truncated == (day == EPISODE - 1)
+    assert rows == list(range(start, start + EPISODE))
+    assert len(set(market.product_index[rows])) == 1
+
+
+def test_endogenous_features_follow_the_agents_own_prices(world) -> None:
+    market = world[3]
+    env = make_env(world)
+    env.reset(seed=5)
+    level = int(np.nonzero(env.action_masks())[0][-1])
+    obs, _, _, _, info = env.step(level)
+    row = info["row"] + 1
+    ref, lo, hi = market.reference[row], market.min_price[row], market.max_price[row]
+    expected = [np.log(info["price"] / ref), 1 / HELD_DAYS_SCALE, (info["price"] - lo) / (hi - lo)]
+    np.testing.assert_allclose(obs["features"][F:], expected, rtol=1e-6)
+    # The same price again: held for two days now; the mask is centred on that price.
+    obs, _, _, _, again = env.step(level)
+    assert again["price"] == info["price"]
+    assert obs["features"][F + 1] == pytest.approx(2 / HELD_DAYS_SCALE)
+    np.testing.assert_array_equal(
+        env.action_masks(), feasible_mask(market.grid(np.array([row + 1]))[0], again["price"],
+                                          market.max_daily_change)[0].astype(bool))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), actions=st.lists(st.integers(0, K - 1), min_size=1,
+                                                      max_size=2 * EPISODE))
+def test_prices_always_respect_the_masks(world, seed: int, actions: list[int]) -> None:
+    """Whatever the agent asks for, every price is feasible from the previous one."""
+    market = world[3]
+    env = make_env(world)
+    _, info = env.reset(seed=seed)
+    previous = market.previous_price[info["row"]]
+    first_day = True
+    for action in actions:
+        mask = env.action_masks()
+        row = env.batch.row[0]
+        grid = market.grid(np.array([row]))[0]
+        if not first_day:  # day one uses the processed mask (checked elsewhere)
+            np.testing.assert_array_equal(
+                mask, feasible_mask(grid, previous, market.max_daily_change)[0].astype(bool))
+        _, _, _, truncated, step = env.step(action)
+        level = int(np.argmin(np.abs(grid - step["price"])))
+        assert mask[level]
+        assert step["clipped"] == (not mask[action])
+        if not step["clipped"]:
+            assert level == action
+        if not first_day:
+            assert abs(step["price"] / previous - 1) <= market.max_daily_change + 1e-9
+        assert market.min_price[row] <= step["price"] <= market.max_price[row]
+        previous, first_day = step["price"], False
+        if truncated:
+            _, info = env.reset()
+            previous, first_day = market.previous_price[info["row"]], True
+
+
+def test_clip_to_feasible_moves_to_the_nearest_feasible_level() -> None:
+    mask = np.array([[0, 0, 1, 1, 0], [1, 0, 0, 0, 1], [0, 1, 1, 1, 0]], dtype=bool)
+    levels, moved = clip_to_feasible(np.array([0, 2, 2]), mask)
+    assert levels.tolist() == [2, 0, 2]  # a tie (0 and 4 both 2 away) goes down
+    assert moved.tolist() == [True, True, False]
+
+
+def test_vec_env_steps_like_the_single_env_and_auto_resets(world) -> None:
+    from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
+
+    market = world[3]
+    vec = PriceVecEnv(market, 8, episode_length=EPISODE, reward_scale=0.01, seed=1)
+    vec.seed(7)
+    obs = vec.reset()
+    assert is_masking_supported(vec)
+    masks = get_action_masks(vec)
+    assert masks.shape == (8, K) and masks.dtype == bool
+    assert obs["features"].shape == (8, F + 3) and obs["product_id"].shape == (8, 1)
+    rows = vec.batch.row.copy()
+    actions = masks.argmax(axis=1)
+    _, rewards, dones, infos = vec.step(actions)
+    prices = market.prices(rows, actions)
+    expected = (prices - market.unit_cost[rows]) * market.expected_units(rows, prices) * 0.01
+    np.testing.assert_allclose(rewards, expected, rtol=1e-6)
+    assert not dones.any() and infos == [{}] * 8
+    for _ in range(EPISODE - 1):
+        _, rewards, dones, infos = vec.step(get_action_masks(vec).argmax(axis=1))
+    assert dones.all()
+    episode = infos[0]["episode"]
+    assert episode["l"] == EPISODE and infos[0]["TimeLimit.truncated"]
+    assert episode["r"] == pytest.approx(episode["profit"] * 0.01)
+    assert infos[0]["terminal_observation"]["features"].shape == (F + 3,)
+    assert (vec.batch.episode_length == 0).all()  # restarted
+    # The same seed gives the same episodes.
+    again = PriceVecEnv(market, 8, episode_length=EPISODE, seed=1)
+    again.seed(7)
+    np.testing.assert_array_equal(again.reset()["features"], obs["features"])
+
+
+def test_simulate_prices_every_row_once_from_the_last_historical_price(world) -> None:
+    folder, _, demand, _ = world
+    val = load_market(folder, "val", demand)
+    train_meta = pl.read_parquet(folder / "meta_train.parquet")
+    last_train_price = train_meta.group_by("product_index").agg(pl.col("price").last())
+    firsts = np.nonzero(np.r_[True, np.diff(val.product_index) != 0])[0]
+    expected = dict(zip(*last_train_price.to_numpy().T.tolist(), strict=True))
+    assert val.previous_price[firsts].tolist() == [expected[p] for p in val.product_index[firsts]]
+    result = simulate(val, random_feasible_policy(np.random.default_rng(0)))
+    assert (result["levels"] >= 0).all() and not np.isnan(result["prices"]).any()
+    grid = val.grid(np.arange(val.n_rows))
+    np.testing.assert_array_equal(grid[np.arange(val.n_rows), result["levels"]], result["prices"])
+    with np.load(folder / "masks_val.npz") as masks:
+        first_masks = masks["price_level"][firsts].astype(bool)
+    assert first_masks[np.arange(len(firsts)), result["levels"][firsts]].all()
+    later = np.setdiff1d(np.arange(val.n_rows), firsts)
+    change = result["prices"][later] / result["prices"][later - 1] - 1
+    assert np.abs(change).max() <= val.max_daily_change + 1e-9
+    assert result["mean_profit"] == pytest.approx(result["profit"].mean())
+    assert result["clipped_actions"] == 0
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_extractor_shapes_and_gradient_to_the_embedding(world, batch: int) -> None:
+    space = make_env(world).observation_space
+    extractor = ProductFeaturesExtractor(space, embedding_dim=4, hidden=12)
+    assert extractor.features_dim == 16 and extractor.embedding.num_embeddings == N_PRODUCTS
+    ids = torch.arange(batch, dtype=torch.float32).remainder(N_PRODUCTS)[:, None]
+    out = extractor({"product_id": ids, "features": torch.randn(batch, F + 3)})
+    assert out.shape == (batch, 16)
+    # The first 4 outputs are the embedding rows of the ids.
+    np.testing.assert_array_equal(out[:, :4].detach().numpy(),
+                                  extractor.embedding.weight[ids[:, 0].long()].detach().numpy())
+    out.sum().backward()
+    grad = extractor.embedding.weight.grad
+    used = np.unique(ids[:, 0].long().numpy())
+    assert (grad[used].abs().sum(dim=1) > 0).all()
+    unused = np.setdiff1d(np.arange(N_PRODUCTS), used)
+    assert (grad[unused] == 0).all()
