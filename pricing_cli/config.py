@@ -214,12 +214,23 @@ class TrainSettings(Section):
     """Discount factor."""
     ent_coef: float = Field(0.01, ge=0)
     """Entropy bonus."""
-    reward_scale: float = Field(0.01, gt=0)
-    """Profit is multiplied by this to give the reward."""
-    warm_start: Literal["none", "bc"] = "none"
-    """bc: first clone historical prices (labels + masks), then run RL."""
-    bc_epochs: int = Field(3, ge=0)
-    """Epochs of behaviour cloning for --warm-start bc."""
+    reward_scale: float = Field(1.0, gt=0)
+    """The reward is the (normalized) profit multiplied by this."""
+    normalize_reward: bool = True
+    """Divide each product's daily profit by its mean best daily profit under the fitted
+    demand model, so every product's reward is about 1 a day and products whose profits are
+    100x larger do not dominate the value loss. Off: reward = profit * reward_scale."""
+    warm_start: Literal["none", "bc", "greedy"] = "greedy"
+    """Supervised start before RL. bc: clone the historical prices (labels + masks). greedy:
+    clone each train day's most profitable feasible level under the fitted demand model (the
+    myopic optimum), so RL starts from a good policy. none: RL from scratch."""
+    bc_epochs: int = Field(30, ge=0)
+    """Epochs of behaviour cloning for --warm-start bc or greedy."""
+    bc_learning_rate: float = Field(1e-3, gt=0)
+    """Adam learning rate of the behaviour-cloning step (RL uses learning_rate)."""
+    bc_temperature: float = Field(0.01, gt=0)
+    """--warm-start greedy: soft targets softmax((relative profit - 1) / this); smaller is
+    sharper (0.01: a level 1% less profitable gets e^-1 of the best level's weight)."""
     checkpoint_every: int = Field(10_000, ge=1)
     """Save a checkpoint every N steps."""
     eval_every: int = Field(10_000, ge=1)

@@ -56,7 +56,7 @@ def test_spaces_use_a_box_product_index(world) -> None:
     env = make_env(world)
     space = env.observation_space
     assert space["product_id"].shape == (1,) and space["product_id"].high[0] == N_PRODUCTS - 1
-    assert space["features"].shape == (F + 3,)
+    assert space["features"].shape == (F + K + 3,)
     assert env.action_space.n == K
 
 
@@ -75,6 +75,21 @@ def test_reward_is_margin_times_expected_units_times_scale(world) -> None:
     assert step_info["units"] == pytest.approx(units, rel=1e-12)
     assert reward == pytest.approx((price - meta["unit_cost"][row]) * units * 0.01, rel=1e-12)
     assert not terminated and not truncated
+
+
+def test_forecast_features_are_the_demand_models_relative_profit_per_level(world) -> None:
+    folder, _, demand, market = world
+    meta = pl.read_parquet(folder / "meta_train.parquet")
+    rows = np.array([0, 17, 40])
+    obs = market.observation(rows, market.previous_price[rows], market.held_days[rows])
+    for i, row in enumerate(rows.tolist()):
+        grid = price_grid(meta["min_price"][row], meta["max_price"][row], K)
+        units = demand.expected_units(np.full(K, meta["product_index"][row]),
+                                      np.repeat(meta["date"].to_numpy()[row], K), grid)
+        profit = (grid - meta["unit_cost"][row]) * units
+        want = np.clip(profit / profit.max(), -1, 1)
+        np.testing.assert_allclose(obs["features"][i, F:F + K], want, rtol=1e-5, atol=1e-6)
+        assert obs["features"][i, F + int(profit.argmax())] == pytest.approx(1.0)
 
 
 def test_sampled_demand_draws_poisson_units(world) -> None:
@@ -117,11 +132,11 @@ def test_endogenous_features_follow_the_agents_own_prices(world) -> None:
     row = info["row"] + 1
     ref, lo, hi = market.reference[row], market.min_price[row], market.max_price[row]
     expected = [np.log(info["price"] / ref), 1 / HELD_DAYS_SCALE, (info["price"] - lo) / (hi - lo)]
-    np.testing.assert_allclose(obs["features"][F:], expected, rtol=1e-6)
+    np.testing.assert_allclose(obs["features"][F + K:], expected, rtol=1e-6)
     # The same price again: held for two days now; the mask is centred on that price.
     obs, _, _, _, again = env.step(level)
     assert again["price"] == info["price"]
-    assert obs["features"][F + 1] == pytest.approx(2 / HELD_DAYS_SCALE)
+    assert obs["features"][F + K + 1] == pytest.approx(2 / HELD_DAYS_SCALE)
     np.testing.assert_array_equal(
         env.action_masks(), feasible_mask(market.grid(np.array([row + 1]))[0], again["price"],
                                           market.max_daily_change)[0].astype(bool))
@@ -176,7 +191,7 @@ def test_vec_env_steps_like_the_single_env_and_auto_resets(world) -> None:
     assert is_masking_supported(vec)
     masks = get_action_masks(vec)
     assert masks.shape == (8, K) and masks.dtype == bool
-    assert obs["features"].shape == (8, F + 3) and obs["product_id"].shape == (8, 1)
+    assert obs["features"].shape == (8, F + K + 3) and obs["product_id"].shape == (8, 1)
     rows = vec.batch.row.copy()
     actions = masks.argmax(axis=1)
     _, rewards, dones, infos = vec.step(actions)
@@ -190,7 +205,7 @@ def test_vec_env_steps_like_the_single_env_and_auto_resets(world) -> None:
     episode = infos[0]["episode"]
     assert episode["l"] == EPISODE and infos[0]["TimeLimit.truncated"]
     assert episode["r"] == pytest.approx(episode["profit"] * 0.01)
-    assert infos[0]["terminal_observation"]["features"].shape == (F + 3,)
+    assert infos[0]["terminal_observation"]["features"].shape == (F + K + 3,)
     assert (vec.batch.episode_length == 0).all()  # restarted
     # The same seed gives the same episodes.
     again = PriceVecEnv(market, 8, episode_length=EPISODE, seed=1)
@@ -226,7 +241,7 @@ def test_extractor_shapes_and_gradient_to_the_embedding(world, batch: int) -> No
     extractor = ProductFeaturesExtractor(space, embedding_dim=4, hidden=12)
     assert extractor.features_dim == 16 and extractor.embedding.num_embeddings == N_PRODUCTS
     ids = torch.arange(batch, dtype=torch.float32).remainder(N_PRODUCTS)[:, None]
-    out = extractor({"product_id": ids, "features": torch.randn(batch, F + 3)})
+    out = extractor({"product_id": ids, "features": torch.randn(batch, F + K + 3)})
     assert out.shape == (batch, 16)
     # The first 4 outputs are the embedding rows of the ids.
     np.testing.assert_array_equal(out[:, :4].detach().numpy(),

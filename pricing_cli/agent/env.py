@@ -10,11 +10,14 @@ operation; :class:`PriceEnv` (gymnasium, one episode) and :class:`PriceVecEnv` (
 ``n_envs`` episodes) are thin shells around it, and :func:`simulate` runs a policy over every
 product of a split (used by evaluation and rollouts).
 
-Observation: ``{"product_id": Box (1,), "features": Box (F + 3,)}``. The product is a Box
+Observation: ``{"product_id": Box (1,), "features": Box (F + K + 3,)}``. The product is a Box
 index, not Discrete, so SB3 does not one-hot it (7,000 products); the extractor embeds it.
-The 3 endogenous features come from the agent's own prices, so today's price shapes tomorrow's
-state: log(last price / reference), days the last price has been held (scaled), and the last
-price's position in [min_price, max_price].
+The K forecast features are the demand model's expected profit at each candidate level
+relative to the day's best level (1 at the best): the model's view of today, which the policy
+would otherwise have to re-learn from the ladder and calendar features. The 3 endogenous
+features come from the agent's own prices, so today's price shapes tomorrow's state:
+log(last price / reference), days the last price has been held (scaled), and the last price's
+position in [min_price, max_price].
 
 Action: ``Discrete(K)``, a level of ``pricing.price_grid(min_price, max_price, K)``. Feasible
 levels follow ``pricing.feasible_mask`` from the agent's previous price (on an episode's first
@@ -138,7 +141,7 @@ class Market:
 
     @property
     def n_features(self) -> int:
-        return int(self.features.shape[1]) + N_ENDOGENOUS
+        return int(self.features.shape[1]) + self.price_levels + N_ENDOGENOUS
 
     def grid(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), K) candidate prices; identical to pricing.price_grid."""
@@ -159,6 +162,36 @@ class Market:
             self.log_base[rows] - self.elasticity[rows] * np.log(prices / self.reference[rows]),
             30.0))
 
+    def product_profit_scale(self) -> np.ndarray:
+        """(n_products,): each product's mean best daily profit under the demand model.
+
+        Dividing a product's profit by it puts every product's reward near 1 a day, so a few
+        high-revenue products cannot dominate the value loss (products differ 100x in scale).
+        """
+        best = np.zeros(self.n_rows)
+        for start in range(0, self.n_rows, 65_536):
+            rows = np.arange(start, min(start + 65_536, self.n_rows))
+            grid = self.grid(rows)
+            k = grid.shape[1]
+            units = self.expected_units(np.repeat(rows, k), grid.ravel()).reshape(grid.shape)
+            best[rows] = ((grid - self.unit_cost[rows, None]) * units).max(axis=1)
+        total = np.bincount(self.product_index, weights=best, minlength=self.n_products)
+        count = np.bincount(self.product_index, minlength=self.n_products)
+        scale = np.divide(total, count, out=np.ones(self.n_products), where=count > 0)
+        return np.maximum(scale, 1e-9)
+
+    def profit_forecast(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), K): the demand model's expected profit at each level / the best level's.
+
+        Clipped below at -1 so a loss-making level far under cost cannot dominate the scale.
+        """
+        grid = self.grid(rows)
+        k = grid.shape[1]
+        units = self.expected_units(np.repeat(rows, k), grid.ravel()).reshape(grid.shape)
+        profit = (grid - self.unit_cost[rows, None]) * units
+        best = np.maximum(profit.max(axis=1, keepdims=True), 1e-9)
+        return np.clip(profit / best, -1.0, 1.0)
+
     def endogenous(self, rows: np.ndarray, last_price: np.ndarray, held: np.ndarray
                    ) -> np.ndarray:
         """The 3 features computed from the agent's own last price (see module docstring)."""
@@ -173,7 +206,9 @@ class Market:
                     ) -> Observation:
         """The Dict observation of a batch of rows."""
         features = np.empty((len(rows), self.n_features), dtype=np.float32)
-        features[:, :-N_ENDOGENOUS] = self.features[rows]
+        width = self.features.shape[1]
+        features[:, :width] = self.features[rows]
+        features[:, width:-N_ENDOGENOUS] = self.profit_forecast(rows)
         features[:, -N_ENDOGENOUS:] = self.endogenous(rows, last_price, held)
         return {"product_id": self.product_index[rows].astype(np.float32)[:, None],
                 "features": features}
@@ -308,14 +343,17 @@ class EpisodeBatch:
     Args:
         market: the split being simulated.
         size: number of slots.
-        reward_scale: reward = profit * reward_scale.
+        reward_scale: reward = profit * reward_scale (after normalization, if on).
         sample_demand: draw units from Poisson instead of using the expectation.
+        normalize_reward: divide profit by the product's ``Market.product_profit_scale``.
     """
 
     def __init__(self, market: Market, size: int, *, reward_scale: float = 1.0,
-                 sample_demand: bool = False) -> None:
+                 sample_demand: bool = False, normalize_reward: bool = False) -> None:
         self.market = market
         self.reward_scale = reward_scale
+        self.profit_scale = (market.product_profit_scale() if normalize_reward
+                             else np.ones(market.n_products))
         self.sample_demand = sample_demand
         self.row = np.zeros(size, dtype=np.int64)
         self.end = np.zeros(size, dtype=np.int64)
@@ -364,7 +402,7 @@ class EpisodeBatch:
             units = (rng if rng is not None else np.random.default_rng()).poisson(units)
             units = units.astype(np.float64)
         profit = (prices - m.unit_cost[rows]) * units
-        reward = profit * self.reward_scale
+        reward = profit * self.reward_scale / self.profit_scale[m.product_index[rows]]
         changed = np.abs(prices / self.last_price[slots] - 1.0) > PRICE_CHANGE_TOLERANCE
         self.held[slots] = np.where(changed, 1.0, self.held[slots] + 1.0)
         self.last_price[slots] = prices
@@ -447,7 +485,8 @@ class PriceVecEnv(VecEnv):
 
     def __init__(self, market: Market, n_envs: int, *, episode_length: int = 28,
                  reward_scale: float = 0.01, sample_demand: bool = False,
-                 products: Sequence[int] | None = None, seed: int | None = None) -> None:
+                 products: Sequence[int] | None = None, seed: int | None = None,
+                 normalize_reward: bool = False) -> None:
         self.market = market
         self.episode_length = episode_length
         self.starts = market.episode_starts(episode_length, products)
@@ -455,7 +494,8 @@ class PriceVecEnv(VecEnv):
             raise BatchError(f"the {market.split} split has no rows for these products",
                              "Pick a product that has rows in this split.")
         self.batch = EpisodeBatch(market, n_envs, reward_scale=reward_scale,
-                                  sample_demand=sample_demand)
+                                  sample_demand=sample_demand,
+                                  normalize_reward=normalize_reward)
         self.rng = np.random.default_rng(seed)
         self._slots = np.arange(n_envs)
         self._actions = np.zeros(n_envs, dtype=np.int64)

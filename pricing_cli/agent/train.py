@@ -110,6 +110,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         val_market = train_market
     env = PriceVecEnv(train_market, cfg.n_envs, episode_length=cfg.episode_length,
                       reward_scale=cfg.reward_scale, sample_demand=cfg.sample_demand,
+                      normalize_reward=cfg.normalize_reward,
                       products=products, seed=cfg.seed)
     agent_config = {
         "algo": cfg.algo, "n_products": train_market.n_products,
@@ -143,9 +144,11 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 
     # 3. Behaviour cloning, then RL.
     bc_summary: dict[str, Any] | None = None
-    if cfg.warm_start == "bc" and checkpoint is None and cfg.bc_epochs > 0:
+    if cfg.warm_start != "none" and checkpoint is None and cfg.bc_epochs > 0:
         bc_summary = behaviour_clone(model.policy, train_market, processed_dir, cfg.bc_epochs,
-                                     cfg.batch_size, cfg.seed, monitor, products)
+                                     cfg.batch_size, cfg.seed, monitor, products,
+                                     teacher=cfg.warm_start, learning_rate=cfg.bc_learning_rate,
+                                     temperature=cfg.bc_temperature)
     if checkpoint is None:
         evaluate(0)
     remaining = max(cfg.timesteps - model.num_timesteps, 0)
@@ -341,15 +344,25 @@ def make_training_callback(monitor: RunMonitor, **kwargs: Any) -> Any:
 
 def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: int,
                     batch_size: int, seed: int, monitor: RunMonitor,
-                    products: list[int] | None = None) -> dict[str, Any]:
-    """Teach the policy's own actor the historical price levels (masked cross-entropy).
+                    products: list[int] | None = None, *, teacher: str = "bc",
+                    learning_rate: float = 1e-3, temperature: float = 0.01) -> dict[str, Any]:
+    """Teach the policy's own actor a teacher's pricing before RL.
 
-    Observations are the rows as history had them (yesterday's historical price as the agent's
-    own last price); masks are the processed masks. Rows without a label (-1) or whose label is
-    infeasible under their mask are skipped and counted.
+    Teachers:
+        bc: history. Masked cross-entropy on the processed ``price_level`` labels; rows
+            without a label (-1) or whose label is infeasible under their mask are skipped.
+        greedy: the fitted demand model's myopic optimum, as soft targets over every level,
+            ``softmax((relative profit - 1) / temperature)`` (``Market.profit_forecast``). Soft
+            targets teach the whole ranking, not just the best level, so when the agent's own
+            previous price makes the best level infeasible, its best feasible logit is still
+            the most profitable feasible level.
+
+    Observations are the rows as history had them (yesterday's historical price as the
+    agent's own last price). Accuracy: the argmax of the logits masked by the processed mask
+    against the teacher's best level under the same mask.
 
     Returns:
-        rows used, rows skipped, final-epoch loss and accuracy (argmax of masked logits).
+        teacher, rows used, rows skipped, final-epoch loss and accuracy.
     """
     import torch
     import torch.nn.functional as F
@@ -357,21 +370,30 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
     from pricing_cli.agent.env import processed_file
     from pricing_cli.agent.policy import action_logits
 
-    with np.load(processed_file(processed_dir, "labels_train.npz"), allow_pickle=False) as z:
-        labels = z["price_level"].astype(np.int64)
-    usable = labels >= 0
+    usable = np.ones(market.n_rows, dtype=bool)
+    labels: np.ndarray | None = None
+    if teacher == "bc":
+        with np.load(processed_file(processed_dir, "labels_train.npz"),
+                     allow_pickle=False) as z:
+            labels = z["price_level"].astype(np.int64)
+        usable = labels >= 0
     if products is not None:
         usable &= np.isin(market.product_index, products)
     rows = np.nonzero(usable)[0]
-    feasible = market.processed_masks(rows)[np.arange(len(rows)), labels[rows]]
-    skipped = int(len(labels) - usable.sum() + (~feasible).sum())
-    rows = rows[feasible]
+    skipped = int(market.n_rows - len(rows))
+    if labels is not None:
+        feasible = market.processed_masks(rows)[np.arange(len(rows)), labels[rows]]
+        skipped += int((~feasible).sum())
+        rows = rows[feasible]
     if len(rows) == 0:
-        return {"rows": 0, "rows_skipped": skipped, "loss": None, "accuracy": None}
+        return {"teacher": teacher, "rows": 0, "rows_skipped": skipped, "loss": None,
+                "accuracy": None}
     rng = np.random.default_rng(seed)
     n_batches = -(-len(rows) // batch_size)
-    monitor.add_bar("bc", "behaviour cloning batches", epochs * n_batches)
+    monitor.add_bar("bc", f"behaviour cloning ({teacher}) batches", epochs * n_batches)
     policy.set_training_mode(True)
+    # Its own optimizer: PPO's learning rate is tuned for small policy updates, too slow here.
+    optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
     total_loss = correct = seen = 0.0
     for _ in range(epochs):
         total_loss = correct = seen = 0.0
@@ -381,22 +403,31 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
             batch = np.sort(order[start:start + batch_size])
             obs, _ = policy.obs_to_tensor(market.historical_observation(batch))
             allowed = torch.as_tensor(market.processed_masks(batch), device=policy.device)
-            target = torch.as_tensor(labels[batch], device=policy.device)
-            logits = action_logits(policy, obs).masked_fill(~allowed, -1e9)
-            loss = F.cross_entropy(logits, target)
-            policy.optimizer.zero_grad()
+            logits = action_logits(policy, obs)
+            if labels is None:
+                relative = torch.as_tensor(market.profit_forecast(batch),
+                                           dtype=logits.dtype, device=policy.device)
+                soft = torch.softmax((relative - 1.0) / temperature, dim=1)
+                loss = -(soft * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+                target = relative.masked_fill(~allowed, -torch.inf).argmax(dim=1)
+            else:
+                target = torch.as_tensor(labels[batch], device=policy.device)
+                loss = F.cross_entropy(logits.masked_fill(~allowed, -1e9), target)
+            optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
-            policy.optimizer.step()
+            optimizer.step()
             total_loss += float(loss.detach()) * len(batch)
-            correct += float((logits.argmax(dim=1) == target).sum())
+            chosen = logits.detach().masked_fill(~allowed, -torch.inf).argmax(dim=1)
+            correct += float((chosen == target).sum())
             seen += len(batch)
             monitor.update_bar("bc", advance=1)
             monitor.check_memory()
     policy.set_training_mode(False)
-    summary = {"rows": int(len(rows)), "rows_skipped": skipped, "epochs": epochs,
-               "loss": total_loss / seen, "accuracy": correct / seen}
-    monitor.log(f"behaviour cloning: accuracy {summary['accuracy']:.3f} on {len(rows)} rows")
+    summary = {"teacher": teacher, "rows": int(len(rows)), "rows_skipped": skipped,
+               "epochs": epochs, "loss": total_loss / seen, "accuracy": correct / seen}
+    monitor.log(f"behaviour cloning ({teacher}): accuracy {summary['accuracy']:.3f} on "
+                f"{len(rows)} rows")
     return summary
 
 
