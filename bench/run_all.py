@@ -6,8 +6,8 @@ per section in bench/out/results.json, so one section can be re-run alone:
 
     .venv/bin/python -m bench.run_all [--only features,preprocess,...] [--render-only]
 
-Sections: generate, features, features_scaling, pandas, preprocess, merge_scaling, train,
-quality. The whole run takes roughly 20-30 minutes on 2 cores and needs about 15 GB of disk
+Sections: generate, features, features_scaling, pandas, preprocess, merge_scaling, env,
+train, quality. The whole run takes roughly 20-30 minutes on 2 cores and needs about 15 GB of disk
 under bench/out/.
 """
 
@@ -160,6 +160,60 @@ def bench_merge_scaling() -> list[dict[str, str]]:
     return rows
 
 
+def bench_env() -> list[dict[str, str]]:
+    rows = []
+    processed = FULL / "data" / "processed"
+    for envs in (16, 256):
+        cmd = quote(PYTHON, "-m", "bench.bench_env", str(processed), "--envs", str(envs),
+                    "--steps", str(max(200_000 // envs, 200)))
+        out = subprocess.run(cmd, shell=True, cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout.strip().splitlines()[-1]
+        result = json.loads(out)
+        rows.append(row(f"env alone, {envs} envs (full preset, {result['features']} features)",
+                        f"{result['steps_per_s']:,} steps/s", cmd,
+                        ">= 200,000" if envs == 256 else ""))
+    return rows
+
+
+def bench_train_full() -> list[dict[str, str]]:
+    m = measure(quote(*BASE, "train", "--multi-product", "--timesteps", "100000", "--run-id",
+                      "bench-full"), FULL, run_json=Path("models/bench-full/run.json"))
+    s = m.run_json["summary"]
+    rows = measured(m, "train (full preset, 100k steps)", "<= 2 GB")
+    rows.append(row("train on full preset: RL env steps/s on 2 cores", f"{s['fps']:,.0f}",
+                    m.command, ">= 4,000"))
+    shutil.rmtree(FULL / "models" / "bench-full", ignore_errors=True)
+    return rows
+
+
+def bench_quality() -> list[dict[str, str]]:
+    work = OUT / "small"
+    shutil.rmtree(work, ignore_errors=True)
+    m = measure(quote(PRICECTL, "--preset", "small", "--no-live", "pipeline"), work)
+    report = json.loads((work / "reports" / "evaluation.json").read_text())
+    train_run = sorted((work / "models").glob("*/run.json"))[-1]
+    train_record = json.loads(train_run.read_text())
+    policies = report["policies"]
+    cmd = f"cd {work} && {m.command}"
+    rows = [row("small preset: whole pipeline generate → evaluate, wall", f"{m.wall_s:.0f} s",
+                cmd, "< 10 min"),
+            row("small preset: train wall time (demand fit + cloning + RL) on 2 cores",
+                f"{train_record['elapsed_s']:.0f} s "
+                f"({train_record['summary']['timesteps']:,} RL steps at "
+                f"{train_record['summary']['fps']:,.0f} steps/s)", cmd)]
+    targets = {"agent": ">= 97% of oracle, >= greedy, >= +10% vs historical"}
+    for name in report["policy_order"]:
+        true = policies[name].get("true") or {}
+        fitted = policies[name]["fitted"]
+        rows.append(row(
+            f"small preset, test split, {name}: share of oracle profit (true demand) / "
+            f"uplift vs historical (true) / uplift (fitted model)",
+            f"{true.get('share_of_oracle_pct', float('nan')):.1f}% / "
+            f"{true.get('uplift_pct', float('nan')):+.1f}% / {fitted['uplift_pct']:+.1f}%",
+            cmd, targets.get(name, "")))
+    return rows
+
+
 SECTIONS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "generate": bench_generate,
     "features": bench_features,
@@ -167,6 +221,9 @@ SECTIONS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "pandas": bench_pandas,
     "preprocess": bench_preprocess,
     "merge_scaling": bench_merge_scaling,
+    "env": bench_env,
+    "train": bench_train_full,
+    "quality": bench_quality,
 }
 
 
