@@ -621,7 +621,7 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
     built: list[str] = []
     with _Pool(params, workers, monitor) as pool:
         for i in todo:
-            monitor.set_metric("batch", f"{i + 1}/{len(plan)}")
+            monitor.set_metric("working on batch", f"{i + 1}/{len(plan)}")
             blocks: list[SampleBlock] = []
             quarantined: list[dict[str, str]] = []
             conflicts = 0
