@@ -44,6 +44,8 @@ class _Globals:
     preset: str | None = None
     max_memory: str | None = None
     output = OutputOptions()
+    # Set by `pipeline`: one monitor (one live panel) for every stage of the run.
+    shared_monitor: Any = None
 
 
 G = _Globals()
@@ -87,7 +89,7 @@ def _settings(**flags: Any) -> Settings:
 
 
 def _run(stage: str, settings: Settings, fn: StageFn) -> None:
-    execute_stage(stage, settings, G.output, fn)
+    execute_stage(stage, settings, G.output, fn, shared=G.shared_monitor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +153,11 @@ def preprocess(
     fail_fast: Annotated[bool | None, typer.Option(
         "--fail-fast", help="Stop at the first failed file.")] = None,
     input_glob: Annotated[str | None, typer.Option(help="Per-series files to read.")] = None,
+    executor: Annotated[str | None, typer.Option(
+        help="local (process pool) or ray (Ray tasks; pip install 'pricing-cli[ray]').")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="With --executor ray: auto or ray://host:port joins a cluster; "
+             "default: a local Ray instance.")] = None,
 ) -> None:
     """Turn per-product feature files into batches of decision samples (.npz).
 
@@ -163,7 +170,9 @@ def preprocess(
     settings = _settings(**{"preprocess.batch_size": batch_size, "preprocess.workers": workers,
                             "preprocess.keep_batches": keep_batches, "preprocess.resume": resume,
                             "preprocess.fail_fast": fail_fast,
-                            "preprocess.input_glob": input_glob})
+                            "preprocess.input_glob": input_glob,
+                            "preprocess.executor": executor,
+                            "preprocess.ray_address": ray_address})
     _run("preprocess", settings, run_preprocess)
 
 
@@ -296,16 +305,24 @@ def pipeline(
     run (recorded in the run.json beside its outputs) is skipped, as `dvc repro` does.
     """
     from pricing_cli.pipeline import run_pipeline
+    from pricing_cli.runinfo import make_monitor, new_run_dir
 
     settings = _settings()
+    monitor = make_monitor("pipeline", settings, G.output,
+                           new_run_dir(settings, "pipeline") / "memory.jsonl")
 
     def say(message: str) -> None:
         if not (G.output.quiet or G.output.json):
-            typer.echo(f"pipeline: {message}", err=True)
+            monitor.log(f"pipeline: {message}")
 
-    outcome = run_pipeline(settings, _run_named_stage, say, start=start, stop=stop,
-                           force=force, with_generate=with_generate)
-    say("done: " + ", ".join(f"{name} {what}" for name, what in outcome))
+    G.shared_monitor = monitor
+    try:
+        with monitor:
+            outcome = run_pipeline(settings, _run_named_stage, say, start=start, stop=stop,
+                                   force=force, with_generate=with_generate)
+            say("done: " + ", ".join(f"{name} {what}" for name, what in outcome))
+    finally:
+        G.shared_monitor = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -167,6 +167,23 @@ class MemorySampler:
                 pass
             self._stop.wait(self.interval_s)
 
+    def switch_output(self, jsonl_path: Path | None) -> None:
+        """Send further samples to another memory.jsonl and start the peaks afresh.
+
+        Used when one monitor spans several stages (`pricectl pipeline`): each stage's run
+        folder gets its own samples and its run.json its own peaks.
+        """
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        self.jsonl_path = jsonl_path
+        if jsonl_path is not None:
+            jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+        self.peaks = MemoryPeaks()
+        if self.last is not None:
+            self.peaks.update(self.last)
+
     def start(self) -> MemorySampler:
         if self.jsonl_path is not None:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,6 +280,26 @@ class RunMonitor:
                 return False
             raise MemoryBudgetExceeded(self.sampler.budget_message) from exc
         return False
+
+    def begin_stage(self, stage: str, memory_jsonl: Path | None) -> None:
+        """Reuse this monitor (and its live panel) for the next stage of a pipeline."""
+        with self._lock:
+            self.stage = stage
+            self._bars.clear()
+            self._workers.clear()
+            self._metrics.clear()
+            self.started = time.monotonic()
+            self.started_wall = datetime.now().astimezone()
+        self.sampler.switch_output(memory_jsonl)
+
+    def print(self, renderable: Any) -> None:
+        """Print a table or text to stdout, above the live panel when one is showing."""
+        if self._live is not None and self._console is not None:
+            self._live.console.print(renderable)
+            return
+        from rich.console import Console
+
+        Console().print(renderable)
 
     def close(self) -> None:
         if self._plain_thread is not None:
@@ -363,6 +400,7 @@ class RunMonitor:
         from rich.panel import Panel
         from rich.progress_bar import ProgressBar
         from rich.table import Table
+        from rich.text import Text
 
         with self._lock:
             bars = list(self._bars.values())
@@ -372,18 +410,19 @@ class RunMonitor:
         body.add_column(no_wrap=True)
         body.add_column(ratio=1)
         for wid, text in sorted(workers.items(), key=lambda kv: str(kv[0])):
-            body.add_row(f"[cyan]worker {wid}[/]", text)
+            # Text, not markup: a file name with brackets must print as it is.
+            body.add_row(Text(f"worker {wid}", style="cyan"), Text(text))
         for bar in bars:
             total = bar.total or 0
             body.add_row(
-                self._bar_text(bar),
+                Text(self._bar_text(bar)),
                 ProgressBar(total=max(total, 1), completed=min(bar.completed, max(total, 1)),
                             width=40),
             )
         if metrics:
-            body.add_row("", " · ".join(f"{k} {v}" for k, v in metrics.items()))
-        title = f"pricectl {self.stage} · {format_elapsed(self.elapsed)}"
-        return Panel(Group(body, self.memory_line()), title=title, title_align="left")
+            body.add_row("", Text(" · ".join(f"{k} {v}" for k, v in metrics.items())))
+        title = Text(f"pricectl {self.stage} · {format_elapsed(self.elapsed)}")
+        return Panel(Group(body, Text(self.memory_line())), title=title, title_align="left")
 
     def plain_line(self) -> str:
         with self._lock:

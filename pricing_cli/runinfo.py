@@ -98,47 +98,61 @@ def _config_section(stage: str) -> str:
     return {"validate-batches": "preprocess"}.get(stage, stage)
 
 
-def execute_stage(stage: str, settings: Settings, options: OutputOptions,
-                  fn: StageFn) -> StageResult:
+def make_monitor(stage: str, settings: Settings, options: OutputOptions,
+                 memory_jsonl: Path | None) -> RunMonitor:
+    """The monitor for a run, as the settings and display options ask."""
+    budget = parse_size(settings.monitor.max_memory) if settings.monitor.max_memory else None
+    return RunMonitor(
+        stage, display_mode(options, settings),
+        refresh_per_second=settings.monitor.refresh_per_second,
+        plain_interval_s=settings.monitor.plain_interval_s,
+        sample_interval_s=settings.monitor.sample_interval_s,
+        memory_jsonl=memory_jsonl, budget_bytes=budget,
+    )
+
+
+def execute_stage(stage: str, settings: Settings, options: OutputOptions, fn: StageFn,
+                  shared: RunMonitor | None = None) -> StageResult:
     """Run ``fn`` under a monitor, write run.json, print the summary.
+
+    ``shared``: a monitor already running (one live panel for a whole pipeline); it is
+    switched to this stage instead of starting a new one.
 
     Raises:
         PartialFailure: the stage finished but listed failures.
         Whatever ``fn`` raises (a PricingError subclass for user mistakes).
     """
-    mode = display_mode(options, settings)
     run_dir = new_run_dir(settings, stage)
-    budget = parse_size(settings.monitor.max_memory) if settings.monitor.max_memory else None
-    monitor = RunMonitor(
-        stage, mode, refresh_per_second=settings.monitor.refresh_per_second,
-        plain_interval_s=settings.monitor.plain_interval_s,
-        sample_interval_s=settings.monitor.sample_interval_s,
-        memory_jsonl=run_dir / "memory.jsonl", budget_bytes=budget,
-    )
-    with monitor:
+    if shared is None:
+        monitor = make_monitor(stage, settings, options, run_dir / "memory.jsonl")
+        with monitor:
+            result = fn(settings, monitor)
+    else:
+        monitor = shared
+        monitor.begin_stage(stage, run_dir / "memory.jsonl")
         result = fn(settings, monitor)
+        monitor.check_memory()
     record = run_record(stage, settings, result, monitor, datetime.now().astimezone())
     write_json(run_dir / "run.json", record)
     if result.output_dir is not None and Path(result.output_dir).is_dir():
         write_json(Path(result.output_dir) / "run.json", record)
-    print_summary(stage, record, result, options)
+    print_summary(stage, record, result, options, monitor)
     if result.failures:
         raise PartialFailure(f"{stage}: {len(result.failures)} input(s) failed")
     return result
 
 
 def print_summary(stage: str, record: dict[str, Any], result: StageResult,
-                  options: OutputOptions) -> None:
+                  options: OutputOptions, monitor: RunMonitor) -> None:
     if options.json:
         sys.stdout.write(json.dumps({k: record[k] for k in (
             "stage", "summary", "failures", "elapsed_s", "memory")}, default=str) + "\n")
         return
     if options.quiet:
         return
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
     table = Table(title=f"pricectl {stage}", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -155,10 +169,10 @@ def print_summary(stage: str, record: dict[str, Any], result: StageResult,
     table.add_row("peak memory (tree)", format_bytes(mem["peak_tree_bytes"]))
     if result.output_dir is not None:
         table.add_row("outputs", str(result.output_dir))
-    console.print(table)
+    monitor.print(table)
     for note in result.notes:
-        console.print(note, markup=False, highlight=False)
+        monitor.print(Text(note))
     for failure in result.failures[:20]:
-        console.print(f"[red]failed[/]: {failure}", highlight=False)
+        monitor.print(Text.assemble(("failed", "red"), f": {failure}"))
     if len(result.failures) > 20:
-        console.print(f"... and {len(result.failures) - 20} more (see run.json)")
+        monitor.print(Text(f"... and {len(result.failures) - 20} more (see run.json)"))

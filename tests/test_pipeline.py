@@ -16,8 +16,10 @@ def pipeline(capsys, *args: str) -> list[str]:
     code = cli.main(["--preset", "tiny", "--no-live", *args])
     err = capsys.readouterr().err
     assert code == 0, err
-    return [line.removeprefix("pipeline: ") for line in err.splitlines()
-            if line.startswith("pipeline: ") and not line.startswith("pipeline: done")]
+    # plain mode: "[YYYY-MM-DD HH:MM:SS] pipeline: <stage>: <what>"
+    said = [line.split("] ", 1)[1] for line in err.splitlines() if "] pipeline: " in line]
+    return [line.removeprefix("pipeline: ") for line in said
+            if not line.startswith("pipeline: done")]
 
 
 def test_pipeline_skips_up_to_date_stages_and_reruns_downstream(tmp_path: Path, monkeypatch,
