@@ -144,7 +144,8 @@ def bench_merge_scaling() -> list[dict[str, str]]:
         subprocess.run(cmd, shell=True, cwd=ROOT, check=True, capture_output=True)
         result = json.loads((work / "results.json").read_text())
         rows.append(row(f"merge sequential at {label} ({products:,} files): peak tree / wall",
-                        f"{result['merge peak tree (run.json)']} / {result['merge (sequential) wall']}",
+                        f"{result['merge peak tree (run.json)']} / "
+                        f"{result['merge (sequential) wall']}",
                         cmd, "flat, <= 512 MB"))
         rows.append(row(f"preprocess at {label} ({products:,} files): peak tree / wall",
                         f"{result['preprocess peak tree (run.json)']} / "

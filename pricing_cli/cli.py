@@ -149,7 +149,8 @@ def preprocess(
     keep_batches: Annotated[bool | None, typer.Option(
         "--keep-batches", help="Keep batches after a successful merge.")] = None,
     resume: Annotated[bool | None, typer.Option(
-        "--resume/--no-resume", help="Reuse batches whose inputs and config are unchanged.")] = None,
+        "--resume/--no-resume", help="Reuse batches whose inputs and config are unchanged.")
+    ] = None,
     fail_fast: Annotated[bool | None, typer.Option(
         "--fail-fast", help="Stop at the first failed file.")] = None,
     input_glob: Annotated[str | None, typer.Option(help="Per-series files to read.")] = None,
@@ -180,7 +181,8 @@ def preprocess(
 def merge(
     strategy: Annotated[str | None, typer.Option(
         help="sequential (two-pass, bounded memory) or accumulative (load-all reference).")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Where to write processed arrays.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(
+        help="Where to write processed arrays.")] = None,
     keep_batches: Annotated[bool | None, typer.Option(
         "--keep-batches", help="Keep the intermediate batches after merging.")] = None,
 ) -> None:
@@ -261,7 +263,8 @@ def evaluate(
 
     settings = _settings(**{"evaluate.model": None if model is None else str(model),
                             "evaluate.split": split,
-                            "evaluate.reports_dir": None if reports_dir is None else str(reports_dir)})
+                            "evaluate.reports_dir":
+                                None if reports_dir is None else str(reports_dir)})
     _run("evaluate", settings, run_evaluate)
 
 

@@ -166,6 +166,11 @@ class PreprocessSettings(Section):
     """Reuse batches whose inputs and config are unchanged."""
     fail_fast: bool = False
     """Stop at the first failed file instead of quarantining it."""
+    executor: Literal["local", "ray"] = "local"
+    """local: a process pool on this machine. ray: Ray tasks (pip install 'pricing-cli[ray]')."""
+    ray_address: str | None = None
+    """With executor ray: null starts a local Ray instance; auto or ray://host:port joins a
+    cluster whose nodes all see the input files at the same path (docs/scaling.md)."""
 
 
 class MergeSettings(Section):

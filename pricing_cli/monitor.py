@@ -272,14 +272,12 @@ class RunMonitor:
             self._plain_thread.start()
         return self
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.close()
-        if self.sampler.budget_tripped and exc_type is not None and issubclass(
-                exc_type, (KeyboardInterrupt, MemoryBudgetExceeded)):
-            if exc_type is MemoryBudgetExceeded:
-                return False
+        # The sampler interrupts the main thread when the budget trips; say why, not "Ctrl+C".
+        if (self.sampler.budget_tripped and exc_type is not None
+                and issubclass(exc_type, KeyboardInterrupt)):
             raise MemoryBudgetExceeded(self.sampler.budget_message) from exc
-        return False
 
     def begin_stage(self, stage: str, memory_jsonl: Path | None) -> None:
         """Reuse this monitor (and its live panel) for the next stage of a pipeline."""

@@ -49,9 +49,13 @@ def feasible_mask(grid: np.ndarray, prev_price: np.ndarray | float,
     prev = np.asarray(prev_price, dtype=np.float64)[..., None]
     # A tiny tolerance keeps a level exactly on the boundary feasible despite rounding.
     ok = np.abs(grid / prev - 1.0) <= max_daily_change + 1e-9
-    conflict = ~ok.any(axis=-1)
+    # Work on a 2-D view so a single (K,) grid and a (n, K) batch take the same path.
+    flat = ok.reshape(-1, ok.shape[-1])
+    conflict = ~flat.any(axis=1)
     if conflict.any():
-        nearest = np.abs(grid - prev).argmin(axis=-1)
-        rows = np.nonzero(conflict)
-        ok[(*rows, nearest[rows])] = True
-    return ok.astype(np.int8), conflict
+        distance = np.abs(np.broadcast_to(grid - prev, ok.shape)).reshape(flat.shape)
+        rows = np.nonzero(conflict)[0]
+        flat[rows, distance[rows].argmin(axis=1)] = True
+    mask: np.ndarray = flat.reshape(ok.shape).astype(np.int8)
+    conflicts: np.ndarray = np.asarray(conflict.reshape(ok.shape[:-1]))
+    return mask, conflicts

@@ -32,6 +32,59 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` means the disk is full: OSError ENOSPC, or a library error that
+    wraps it (Polars' Rust writers raise ComputeError "... (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    text = str(exc)
+    return "(os error 28)" in text or "No space left on device" in text
+
+
+@contextlib.contextmanager
+def disk_full_names(path: str | Path) -> Iterator[None]:
+    """Turn a full-disk error raised in the block into a DiskFullError naming ``path``.
+
+    For writes that do not go through :func:`atomic_write` (streams inside a
+    :func:`staged_dir`, Polars' writers), whose OSError carries no file name.
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(f"no space left on device while writing {path}") from exc
+        raise
+
+
+def _first_disk_full_error(exc: BaseException) -> DiskFullError | None:
+    """The DiskFullError in ``exc`` or the exceptions it was raised while handling.
+
+    When a write fails for lack of space, closing the other open files of the block fails the
+    same way and replaces the DiskFullError that named the file; this finds it again.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, DiskFullError):
+            return current
+        if not is_disk_full(current):
+            return None
+        seen.add(id(current))
+        current = current.__context__
+    return None
+
+
+def _sweep_stale_staging(final: Path) -> None:
+    """Remove staging folders of ``final`` left by a killed run (``.tmp-<8 hex>-<name>``,
+    ``.tmp-old-<8 hex>-<name>``); only this name's, so other stages' staging is untouched."""
+    for pattern in (f"{TMP_MARK}????????-{final.name}", f"{TMP_MARK}old-????????-{final.name}"):
+        for stale in final.parent.glob(pattern):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 def tmp_path_for(final: Path) -> Path:
     """A unique temporary sibling of ``final``; recognisable so stale ones can be swept."""
     return final.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{final.name}")
@@ -84,10 +137,17 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces ``final`` as a whole on success.
 
     On any failure (including Ctrl+C) the temporary folder is removed and ``final`` keeps
-    what it had before.
+    what it had before. Staging folders of ``final`` left by a killed run (kill -9 skips this
+    cleanup) are removed first.
+
+    Raises:
+        DiskFullError: the disk filled up (OSError ENOSPC, or a Polars writer's "os error 28");
+            a DiskFullError raised inside the block naming a staged file is re-worded to name
+            the file's final path.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_staging(final)
     tmp = tmp_path_for(final)
     tmp.mkdir()
     try:
@@ -104,13 +164,18 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
+        named = _first_disk_full_error(exc)
+        if named is not None:
+            # the user knows the final folder, not the staging one that no longer exists
+            named.message = named.message.replace(str(tmp), str(final))
+            named.args = (named.message,)
+            if named is exc:
+                raise
+            raise named from exc
+        if is_disk_full(exc):
             raise DiskFullError(f"no space left on device while writing {final}") from exc
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pricing_cli.errors import BatchError, MissingInputError, PricingError
+from pricing_cli.errors import BatchError, PricingError
 from pricing_cli.stages.batches import read_manifest, write_manifest
 from pricing_cli.stages.merge import run_merge
 from pricing_cli.stages.preprocess import SampleParams, build_samples, run_preprocess

@@ -42,6 +42,11 @@ CSV_SUFFIXES = (".csv", ".csv.gz", ".txt", ".txt.gz")
 # fractional seconds and UTC offset. The calendar date as written is kept: an offset does not
 # move a sale to another day.
 ISO_TIME_SUFFIX = r"^[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?$"
+# A whole ISO date or datetime. The layout must be checked, not left to strptime: "%Y-%m-%d"
+# also reads 23-01-01 (the year 23, which would stretch the panel over 2,000 years of empty
+# days), 2023-1-1 and 5-digit years. ASCII digits only ("\d" also matches other scripts).
+ISO_DATE_TIME = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(?:" + ISO_TIME_SUFFIX[1:-1].replace(
+    r"\d", "[0-9]") + ")?$"
 
 # Columns of the daily partial sums (per product_id, date) that read_daily_sales returns.
 DAILY_SUM_COLUMNS = ("units", "revenue", "sold_units", "sold_revenue", "price_sum",
@@ -223,11 +228,10 @@ def _date(name: str, dtype: Any, date_format: str | None) -> pl.Expr:
     text = pl.col(name)
     if date_format is not None:
         return text.str.strptime(pl.Datetime, date_format, strict=False).dt.date()
-    # strptime on the first 10 characters reads the date and rejects impossible ones such as
-    # 2023-02-30; the rest must be empty or a time. Matching only the short rest keeps the
-    # regex cheap on 40M rows.
-    rest = text.str.slice(10)
-    return (pl.when((rest == "") | rest.str.contains(ISO_TIME_SUFFIX))
+    # The regex checks the layout; strptime on the first 10 characters reads the date and
+    # rejects impossible ones such as 2023-02-30. One anchored ASCII regex per value costs
+    # about what matching the time part alone did (5M values: ~1 s either way, 2 cores).
+    return (pl.when(text.str.contains(ISO_DATE_TIME))
             .then(text.str.slice(0, 10).str.strptime(pl.Date, "%Y-%m-%d", strict=False)))
 
 

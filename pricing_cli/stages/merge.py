@@ -45,7 +45,7 @@ from pricing_cli.stages.batches import (
     read_member_headers,
     write_npy_member,
 )
-from pricing_cli.storage import staged_dir, write_json
+from pricing_cli.storage import disk_full_names, staged_dir, write_json
 
 if TYPE_CHECKING:
     import polars as pl
@@ -270,14 +270,19 @@ def merge_sequential(plan: MergePlan, staging: Path, monitor: RunMonitor) -> Non
                 if start == stop:
                     continue
                 s = str(split[start])
-                x_out[s].append(block.features[start:stop])
+                # a full disk names the output file (staged_dir shows its final path)
+                with disk_full_names(staging / f"X_{s}.npy"):
+                    x_out[s].append(block.features[start:stop])
                 for h in plan.heads:
-                    label_out[(s, h)].append(block.labels[h][start:stop])
-                    mask_out[(s, h)].append(block.masks[h][start:stop])
+                    with disk_full_names(staging / f"labels_{s}.npz"):
+                        label_out[(s, h)].append(block.labels[h][start:stop])
+                    with disk_full_names(staging / f"masks_{s}.npz"):
+                        mask_out[(s, h)].append(block.masks[h][start:stop])
             for s in SPLITS:
                 if entry["samples"].get(s):
                     part = parts_dir / f"{s}_{index:05d}.parquet"
-                    meta_frame(block.take(split == s).meta).write_parquet(part)
+                    with disk_full_names(staging / f"meta_{s}.parquet"):
+                        meta_frame(block.take(split == s).meta).write_parquet(part)
                     parts[s].append(part)
             done += block.n
             del block
@@ -288,14 +293,16 @@ def merge_sequential(plan: MergePlan, staging: Path, monitor: RunMonitor) -> Non
             writer.close()
     for kind in ("labels", "masks"):
         for s in SPLITS:
-            with zipfile.ZipFile(staging / f"{kind}_{s}.npz", "w") as archive:
+            with disk_full_names(staging / f"{kind}_{s}.npz"), \
+                    zipfile.ZipFile(staging / f"{kind}_{s}.npz", "w") as archive:
                 for h in plan.heads:
                     temp = staging / f".{kind}_{s}_{h}.npy"
                     copy_npy_member(archive, h, temp)
                     temp.unlink()
     for s in SPLITS:
         frame = pl.scan_parquet(parts[s]) if parts[s] else _empty_meta().lazy()
-        write_meta(frame, staging / f"meta_{s}.parquet")
+        with disk_full_names(staging / f"meta_{s}.parquet"):
+            write_meta(frame, staging / f"meta_{s}.parquet")
         for part in parts[s]:
             part.unlink()
     parts_dir.rmdir()

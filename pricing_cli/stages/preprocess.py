@@ -91,7 +91,7 @@ RAW_COLUMNS: dict[str, str] = {
 # Keys of the preprocess section that change how the work is run, not what a batch holds:
 # they must not invalidate batches (a resume with other --workers reuses everything).
 EXECUTION_ONLY_KEYS = ("workers", "batch_size", "keep_batches", "resume", "fail_fast",
-                       "output_dir", "input_glob")
+                       "output_dir", "input_glob", "executor", "ray_address")
 
 
 @dataclass(frozen=True)
@@ -550,8 +550,10 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
         MemoryBudgetExceeded / KeyboardInterrupt: completed batches stay valid.
     """
     from pricing_cli.runinfo import StageResult
+    from pricing_cli.stages.executors import check_executor_settings, open_executor
 
     cfg = settings.preprocess
+    check_executor_settings(cfg)  # e.g. --executor ray without Ray installed: fail before work
     files = find_input_files(settings)
     fm_path, feature_manifest = read_feature_manifest(files)
     excluded = state_excluded_columns(feature_manifest)
@@ -619,7 +621,7 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
     started = time.monotonic()
     files_done = samples_done = 0
     built: list[str] = []
-    with _Pool(params, workers, monitor) as pool:
+    with open_executor(cfg, params, workers, monitor) as pool:
         for i in todo:
             monitor.set_metric("working on batch", f"{i + 1}/{len(plan)}")
             blocks: list[SampleBlock] = []
@@ -660,6 +662,7 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
             built.append(batch_name(i))
             monitor.update_bar("batches", advance=1)
             monitor.check_memory()
+        workers = pool.workers  # a Ray cluster's window is known once it has started
     monitor.clear_workers()
 
     all_entries = [entries[k] for k in sorted(entries)]
