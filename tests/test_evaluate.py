@@ -534,3 +534,15 @@ def test_pricectl_evaluate_after_a_real_training_run(tmp_path: Path,
     np.testing.assert_allclose(recommendations["recommended_price"].to_numpy(),
                                np.round(prices, 2))
     assert recommendations["product_id"].to_list() == list(meta.product_id)
+    # The demand model against the truth, recomputed here from both models directly.
+    fitted_e = agent.demand.elasticity(meta.product_index, meta.date)
+    true_e = market.elasticity(ground_truth, ground_truth.product_index(list(meta.product_id)),
+                               meta.date)
+    vs_truth = evaluation["demand_model"]["elasticity_vs_truth"]
+    assert vs_truth["product_days"] == meta.n_rows
+    assert vs_truth["mean_abs_relative_error_pct"] == pytest.approx(
+        100 * np.mean(np.abs(fitted_e - true_e) / true_e))
+    assert vs_truth["mean_abs_error"] == pytest.approx(np.mean(np.abs(fitted_e - true_e)))
+    # the fixture's elasticities are well identified: within 15% on average
+    assert vs_truth["mean_abs_relative_error_pct"] < 15
+    assert evaluation["demand_model"]["fit"]["rows"] == meta.n_rows

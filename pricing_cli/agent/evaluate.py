@@ -317,6 +317,8 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
 
     evaluation = _evaluation_record(settings, run_dir, meta, levels, max_daily_change, policies,
                                     fitted, true, uplift_fitted, uplift_true, truth_note)
+    evaluation["demand_model"] = demand_model_report(
+        demand, processed_dir / f"meta_{ev.split}.parquet", meta, truth, truth_index)
     reports_dir = Path(ev.reports_dir)
     _write_reports(reports_dir, meta, policies, evaluation, uplift_true if uplift_true is not None
                    else uplift_fitted, ev.plot_products)
@@ -334,6 +336,11 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     if true is not None:
         summary["agent uplift vs historical % (true)"] = agent_row["true"]["uplift_pct"]
         summary["agent share of oracle % (true)"] = agent_row["true"]["share_of_oracle_pct"]
+    fit = evaluation["demand_model"]
+    summary["demand model MAE, units/day"] = fit["fit"].get("mae")
+    if fit["elasticity_vs_truth"] is not None:
+        summary["demand model elasticity error % (vs truth)"] = (
+            fit["elasticity_vs_truth"]["mean_abs_relative_error_pct"])
     notes = [policy_table(evaluation)]
     if truth_note:
         notes.append(f"true demand not scored: {truth_note}")
@@ -342,6 +349,42 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     if truth is not None:
         inputs.append(Path(settings.data.ground_truth))
     return StageResult("evaluate", reports_dir, inputs=inputs, summary=summary, notes=notes)
+
+
+def demand_model_report(demand: Any, meta_path: Path, meta: SplitMeta, truth: Any,
+                        truth_index: np.ndarray | None) -> dict[str, Any]:
+    """The fitted demand model's quality on this split, and against the truth if known.
+
+    Returns:
+        ``fit``: ``DemandModel.fit_report`` on the split (Poisson deviance, MAE and RMSE of
+        daily units, calibration by decile). ``elasticity_vs_truth`` (None without ground
+        truth): over every product-day, the mean absolute error and mean absolute relative
+        error of the fitted elasticity against the true one, their correlation, and the
+        median over products of each product's mean relative error.
+    """
+    import polars as pl
+
+    report: dict[str, Any] = {"fit": demand.fit_report(pl.read_parquet(meta_path)),
+                              "elasticity_vs_truth": None}
+    if truth is None or truth_index is None or meta.n_rows == 0:
+        return report
+    from pricing_cli.data.market import elasticity as true_elasticity
+
+    fitted = np.asarray(demand.elasticity(meta.product_index, meta.date), dtype=np.float64)
+    actual = np.asarray(true_elasticity(truth, truth_index, meta.date), dtype=np.float64)
+    relative = np.abs(fitted - actual) / actual
+    per_product = (np.bincount(meta.product_index, weights=relative)
+                   / np.maximum(np.bincount(meta.product_index), 1))[np.unique(meta.product_index)]
+    report["elasticity_vs_truth"] = {
+        "product_days": int(meta.n_rows),
+        "mean_abs_error": float(np.mean(np.abs(fitted - actual))),
+        "mean_abs_relative_error_pct": float(100 * relative.mean()),
+        "correlation": float(np.corrcoef(fitted, actual)[0, 1]) if meta.n_rows > 1 else None,
+        "median_product_relative_error_pct": float(100 * np.median(per_product)),
+        "mean_fitted": float(fitted.mean()),
+        "mean_true": float(actual.mean()),
+    }
+    return report
 
 
 def _evaluation_record(settings: Settings, run_dir: Path, meta: SplitMeta, levels: int,
