@@ -252,3 +252,23 @@ def test_extractor_shapes_and_gradient_to_the_embedding(world, batch: int) -> No
     assert (grad[used].abs().sum(dim=1) > 0).all()
     unused = np.setdiff1d(np.arange(N_PRODUCTS), used)
     assert (grad[unused] == 0).all()
+
+
+def test_release_pages_drops_the_feature_matrix_from_resident_memory(world, tmp_path) -> None:
+    import dataclasses
+
+    import psutil
+
+    big = tmp_path / "X_big.npy"
+    np.save(big, np.ones((4096, 4096), dtype=np.float32))  # 64 MiB
+    market = dataclasses.replace(world[3], features=np.load(big, mmap_mode="r"))
+    process = psutil.Process()
+    before = process.memory_info().rss
+    assert float(np.asarray(market.features).sum(dtype=np.float64)) == 4096 * 4096  # every page
+    touched = process.memory_info().rss
+    market.release_pages()
+    released = process.memory_info().rss
+    assert touched - before > 48 * 2**20
+    assert touched - released > 48 * 2**20
+    # the data is still there, read back from the page cache
+    assert float(market.features[4095, 4095]) == 1.0

@@ -53,6 +53,10 @@ ENDOGENOUS_FEATURES = ("own_log_price_vs_reference", "own_days_held", "own_price
 N_ENDOGENOUS = len(ENDOGENOUS_FEATURES)
 HELD_DAYS_SCALE = 28.0  # days held are reported as min(days, 28) / 28
 PRICE_CHANGE_TOLERANCE = 0.005  # relative change below which the price counts as held
+# Resident feature pages are dropped this often (Market.release_pages): bounded RSS at the
+# cost of minor page faults from the page cache.
+RELEASE_EVERY_DAYS = 8  # simulate: days of every product
+RELEASE_EVERY_STEPS = 256  # PriceVecEnv: vectorized steps
 META_COLUMNS = ("product_index", "product_id", "date", "price", "unit_cost", "min_price",
                 "max_price")
 
@@ -161,6 +165,21 @@ class Market:
         return np.exp(np.minimum(
             self.log_base[rows] - self.elasticity[rows] * np.log(prices / self.reference[rows]),
             30.0))
+
+    def release_pages(self) -> None:
+        """Drop the feature matrix's pages from this process's resident set.
+
+        The matrix is memory-mapped: every row read stays resident (and counts in RSS/PSS)
+        until the kernel needs the memory. Training and evaluation read every row sooner or
+        later, which at full scale is over a gigabyte. MADV_DONTNEED unmaps the pages from this
+        process only; they stay in the page cache, so reading them again is a cheap minor
+        fault, and resident memory stays set by what was read since the last release.
+        """
+        import mmap
+
+        handle = getattr(self.features, "_mmap", None)
+        if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+            handle.madvise(mmap.MADV_DONTNEED)
 
     def product_profit_scale(self) -> np.ndarray:
         """(n_products,): each product's mean best daily profit under the demand model.
@@ -499,6 +518,7 @@ class PriceVecEnv(VecEnv):
         self.rng = np.random.default_rng(seed)
         self._slots = np.arange(n_envs)
         self._actions = np.zeros(n_envs, dtype=np.int64)
+        self._steps_taken = 0
         self._started = time.monotonic()
         super().__init__(n_envs, market.observation_space(), spaces.Discrete(market.price_levels))
 
@@ -519,6 +539,9 @@ class PriceVecEnv(VecEnv):
         self._actions = np.asarray(actions, dtype=np.int64).reshape(-1)
 
     def step_wait(self) -> tuple[Observation, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        self._steps_taken += 1
+        if self._steps_taken % RELEASE_EVERY_STEPS == 0:
+            self.market.release_pages()
         out = self.batch.step(self._slots, self._actions, self.rng)
         done = out["done"]
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
@@ -595,7 +618,11 @@ def simulate(market: Market, choose: Callable[[Observation, np.ndarray], np.ndar
     batch = EpisodeBatch(market, len(first), sample_demand=sample_demand)
     batch.begin(np.arange(len(first)), first, market.product_end[first])
     active = np.arange(len(first))
+    day = 0
     while len(active):
+        day += 1
+        if day % RELEASE_EVERY_DAYS == 0:
+            market.release_pages()
         obs = batch.observe(active)
         levels = np.asarray(choose(obs, batch.mask[active]), dtype=np.int64).reshape(-1)
         result = batch.step(active, levels, rng)
@@ -603,6 +630,7 @@ def simulate(market: Market, choose: Callable[[Observation, np.ndarray], np.ndar
         for key in ("levels", "prices", "units", "profit"):
             out[key][rows] = result[key]
         active = active[~result["done"]]
+    market.release_pages()
     simulated = out["levels"] >= 0
     out["clipped_actions"] = batch.clipped_actions
     out["mean_profit"] = float(out["profit"][simulated].mean()) if simulated.any() else 0.0
