@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -79,10 +80,10 @@ def _first_disk_full_error(exc: BaseException) -> DiskFullError | None:
 def _sweep_stale_staging(final: Path) -> None:
     """Remove staging folders of ``final`` left by a killed run (``.tmp-<8 hex>-<name>``,
     ``.tmp-old-<8 hex>-<name>``); only this name's, so other stages' staging is untouched."""
-    for pattern in (f"{TMP_MARK}????????-{final.name}", f"{TMP_MARK}old-????????-{final.name}"):
-        for stale in final.parent.glob(pattern):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
+    pattern = re.compile(rf"{re.escape(TMP_MARK)}(old-)?[0-9a-f]{{8}}-{re.escape(final.name)}")
+    for stale in final.parent.iterdir():
+        if pattern.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def tmp_path_for(final: Path) -> Path:
@@ -112,8 +113,11 @@ def atomic_write(final: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         if exc.errno == errno.ENOSPC:
             raise DiskFullError(f"no space left on device while writing {final}") from exc
         raise
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if not isinstance(exc, DiskFullError) and is_disk_full(exc):
+            # e.g. Polars writing into the handle reports ENOSPC as its own error type
+            raise DiskFullError(f"no space left on device while writing {final}") from exc
         raise
 
 

@@ -1,0 +1,271 @@
+"""Faults, proven: kill -9 at random moments (bench/kill_test.py, small) and a full disk.
+
+The full disk is injected at the lowest write the stage uses: a file object whose raw writes
+stop after N bytes with ENOSPC (short write first, as a real disk does), or Polars' own error
+text for its Rust writers. docs/faults.md states the guarantees these tests check.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from bench.kill_test import Watcher, run_kill_test
+from pricing_cli import cli
+from pricing_cli.stages import merge as merge_module
+from pricing_cli.stages.batches import write_batch
+from pricing_cli.storage import staged_dir
+
+HINT = "  hint: Free disk space and re-run: completed work is kept and will be reused.\n"
+
+
+class _FullDiskRaw(io.FileIO):
+    """A raw file that accepts ``budget`` bytes, then fails every write with ENOSPC."""
+
+    def __init__(self, path: Any, budget: int) -> None:
+        super().__init__(path, "w")
+        self.budget = budget
+
+    def write(self, data: Any) -> int:
+        if self.budget <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = memoryview(data).cast("B")[: self.budget]
+        written = super().write(view) or 0
+        self.budget -= written
+        return written
+
+
+def full_disk_open(name_part: str, after_bytes: int, nth: int = 1) -> Callable[..., Any]:
+    """An ``open`` whose ``nth`` write-open of a file named like ``name_part`` fills the disk."""
+    calls = {"n": 0}
+
+    def fake_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if "w" in mode and name_part in Path(file).name:
+            calls["n"] += 1
+            if calls["n"] == nth:
+                buffered = io.BufferedWriter(_FullDiskRaw(file, after_bytes))
+                if "b" in mode:
+                    return buffered
+                return io.TextIOWrapper(buffered, encoding=kwargs.get("encoding") or "utf-8")
+        return builtins.open(file, mode, *args, **kwargs)
+
+    return fake_open
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    """Every file but run.json (it holds times)."""
+    return {k: v for k, v in folder_bytes(folder).items() if k != "run.json"}
+
+
+def pricectl(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = cli.main(["--preset", "tiny", "-q", *args])
+    return code, capsys.readouterr().err
+
+
+PREPROCESS = ("preprocess", "--batch-size", "2", "--workers", "1")  # 12 products: 6 batches
+
+
+@pytest.fixture
+def tiny_features(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                  capsys: pytest.CaptureFixture[str]) -> Path:
+    monkeypatch.chdir(tmp_path)
+    code, err = pricectl(capsys, "pipeline", "--to", "features")
+    assert code == 0, err
+    return tmp_path
+
+
+def test_kill_9_at_random_moments_leaves_only_whole_files(
+        tiny_features: Path) -> None:
+    # 2 kills per stage, early in the working window so they land before the run ends even
+    # when the machine is busy (the bench draws the moments at random).
+    report = run_kill_test(tiny_features, kills=2, stage="both", seed=0, products=12,
+                           batch_size=1, workers=1, fractions=(0.05, 0.3))
+    for stage in ("preprocess", "merge"):
+        got = report[stage]
+        assert got["violations"] == []
+        assert got["half_written_files_seen"] == 0
+        assert got["kills_attempted"] == 2
+        assert got["reruns_byte_identical"] == 2, got["trials"]
+        assert got["tmp_files_left_after_rerun"] == 0
+        assert got["kills_landed_mid_run"] >= 1, got["trials"]
+        assert got["files_checked"] > 0
+    # a merge killed mid-run leaves its staging folder behind; the re-run swept it
+    assert report["merge"]["kills_leaving_tmp_files"] >= 1
+    assert report["preprocess"]["n_batches"] == 12
+
+
+def test_watcher_sees_half_written_files(tmp_path: Path) -> None:
+    """The kill test's checker fails on what it must catch (so its 0 means something)."""
+    folder = tmp_path / "data" / "intermediate"
+    record = write_batch(folder / "batch_0000.npz", [], ["f0"], {"price_level": 3})
+    whole = (folder / "batch_0000.npz").read_bytes()
+    (folder / "batch_0001.npz").write_bytes(whole[: len(whole) // 2])
+    manifest = {"batches": [
+        {"name": "batch_0000.npz", "members": record.members},
+        {"name": "batch_0002.npz", "members": record.members},
+    ]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    watcher = Watcher(tmp_path, "preprocess")
+    watcher.poll()
+    assert len(watcher.violations) == 2
+    assert watcher.violations[0].startswith(f"{folder / 'batch_0001.npz'}: visible under its "
+                                            "final name but not a whole zip")
+    assert watcher.violations[1] == (f"{folder / 'batch_0002.npz'}: listed in manifest.json "
+                                     "but not a complete file on disk")
+
+    processed = tmp_path / "data" / "processed"
+    processed.mkdir()
+    (processed / "X_train.npy").write_bytes(b"whole")
+    (processed / "X_val.npy").write_bytes(b"half")
+    reference = {"X_train.npy": hashlib.sha256(b"whole").hexdigest(),
+                 "X_test.npy": "0" * 64, "X_val.npy": "1" * 64}
+    watcher = Watcher(tmp_path, "merge", reference=reference)
+    watcher.poll()
+    assert watcher.violations == [
+        f"{processed}: visible without X_test.npy",
+        f"{processed / 'X_val.npy'}: visible under its final name with other bytes than a "
+        "whole run's",
+    ]
+
+
+def test_disk_full_during_a_batch_keeps_the_complete_batches(
+        tiny_features: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    inter = Path("data/intermediate")
+    code, err = pricectl(capsys, *PREPROCESS)
+    assert code == 0, err
+    reference = outputs(inter)
+    assert len(reference) == 7  # 6 batches + manifest.json
+    shutil.rmtree(inter)
+
+    # the disk fills 3,000 bytes into the 4th batch
+    monkeypatch.setattr("pricing_cli.storage.open", full_disk_open("batch_0003.npz", 3000),
+                        raising=False)
+    code, err = pricectl(capsys, *PREPROCESS)
+    assert code == 8
+    assert err == ("pricectl: disk full: no space left on device while writing "
+                   "data/intermediate/batch_0003.npz\n" + HINT)
+    # no temporary file, no run.json: only the three complete batches and their manifest
+    assert sorted(os.listdir(inter)) == ["batch_0000.npz", "batch_0001.npz", "batch_0002.npz",
+                                         "manifest.json"]
+    manifest = json.loads((inter / "manifest.json").read_text())
+    assert [b["name"] for b in manifest["batches"]] == ["batch_0000.npz", "batch_0001.npz",
+                                                        "batch_0002.npz"]
+    assert manifest["n_batches"] == 6
+    for name in ("batch_0000.npz", "batch_0001.npz", "batch_0002.npz"):
+        assert (inter / name).read_bytes() == reference[name]
+    monkeypatch.undo()
+    monkeypatch.chdir(tiny_features)
+    code, err = pricectl(capsys, "validate-batches")
+    assert code == 0, err
+
+    # space again: the re-run builds only the rest, and the folder equals an uninterrupted run
+    code, err = pricectl(capsys, *PREPROCESS)
+    assert code == 0, err
+    assert outputs(inter) == reference
+    summary = json.loads((inter / "run.json").read_text())["summary"]
+    assert summary["batches_reused"] == 3
+    assert summary["built"] == ["batch_0003.npz", "batch_0004.npz", "batch_0005.npz"]
+
+
+def test_disk_full_writing_the_manifest_rebuilds_the_unlisted_batch(
+        tiny_features: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    inter = Path("data/intermediate")
+    code, err = pricectl(capsys, *PREPROCESS)
+    assert code == 0, err
+    reference = outputs(inter)
+    shutil.rmtree(inter)
+
+    # manifest writes: 1 at the start, 2 after batch 0, 3 after batch 1 (fails)
+    monkeypatch.setattr("pricing_cli.storage.open", full_disk_open("manifest.json", 100, nth=3),
+                        raising=False)
+    code, err = pricectl(capsys, *PREPROCESS)
+    assert code == 8
+    assert err == ("pricectl: disk full: no space left on device while writing "
+                   "data/intermediate/manifest.json\n" + HINT)
+    # the previous manifest stays whole and lists only batch 0; batch 1 is complete but
+    # unlisted, so it is not trusted and gets rebuilt
+    assert sorted(os.listdir(inter)) == ["batch_0000.npz", "batch_0001.npz", "manifest.json"]
+    manifest = json.loads((inter / "manifest.json").read_text())
+    assert [b["name"] for b in manifest["batches"]] == ["batch_0000.npz"]
+    monkeypatch.undo()
+    monkeypatch.chdir(tiny_features)
+    code, err = pricectl(capsys, *PREPROCESS)
+    assert code == 0, err
+    assert outputs(inter) == reference
+    summary = json.loads((inter / "run.json").read_text())["summary"]
+    assert summary["batches_reused"] == 1
+
+
+def test_disk_full_during_merge_keeps_batches_and_the_previous_output(
+        tiny_features: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    data = Path("data")
+    code, err = pricectl(capsys, *PREPROCESS)
+    assert code == 0, err
+    batches = folder_bytes(data / "intermediate")
+    code, err = pricectl(capsys, "merge", "--keep-batches")
+    assert code == 0, err
+    previous = folder_bytes(data / "processed")
+    reference = outputs(data / "processed")
+
+    # the disk fills inside the streamed X_val.npy (merge's own open, inside staged_dir)
+    monkeypatch.setattr(merge_module, "open", full_disk_open("X_val.npy", 5000), raising=False)
+    code, err = pricectl(capsys, "merge", "--keep-batches")
+    assert code == 8
+    assert err == ("pricectl: disk full: no space left on device while writing "
+                   "data/processed/X_val.npy\n" + HINT)
+    # the previous complete output is untouched, the batches too, no staging folder is left
+    assert folder_bytes(data / "processed") == previous
+    assert folder_bytes(data / "intermediate") == batches
+    assert sorted(os.listdir(data)) == ["features", "intermediate", "processed", "raw"]
+    monkeypatch.undo()
+    monkeypatch.chdir(tiny_features)
+
+    # Polars' writers report a full disk as ComputeError "... (os error 28)"
+    def polars_full(frame: Any, path: Path) -> None:
+        raise pl.exceptions.ComputeError(
+            "parquet: File out of specification: underlying IO error: No space left on device "
+            "(os error 28)")
+
+    monkeypatch.setattr(merge_module, "write_meta", polars_full)
+    shutil.rmtree(data / "processed")
+    code, err = pricectl(capsys, "merge", "--keep-batches")
+    assert code == 8
+    assert err == ("pricectl: disk full: no space left on device while writing "
+                   "data/processed/meta_train.parquet\n" + HINT)
+    assert sorted(os.listdir(data)) == ["features", "intermediate", "raw"]
+    monkeypatch.undo()
+    monkeypatch.chdir(tiny_features)
+
+    code, err = pricectl(capsys, "merge", "--keep-batches")
+    assert code == 0, err
+    assert outputs(data / "processed") == reference
+
+
+def test_staged_dir_sweeps_only_its_own_stale_staging(tmp_path: Path) -> None:
+    """kill -9 skips staged_dir's cleanup; the next run of the same output removes it."""
+    for name in (".tmp-0123abcd-processed", ".tmp-old-0123abcd-processed",
+                 ".tmp-0123abcd-features"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "X_train.npy").write_bytes(b"partial")
+    with staged_dir(tmp_path / "processed") as staging:
+        (staging / "X_train.npy").write_bytes(b"whole")
+    assert sorted(os.listdir(tmp_path)) == [".tmp-0123abcd-features", "processed"]
+    assert (tmp_path / "processed" / "X_train.npy").read_bytes() == b"whole"
