@@ -269,3 +269,23 @@ def test_staged_dir_sweeps_only_its_own_stale_staging(tmp_path: Path) -> None:
         (staging / "X_train.npy").write_bytes(b"whole")
     assert sorted(os.listdir(tmp_path)) == [".tmp-0123abcd-features", "processed"]
     assert (tmp_path / "processed" / "X_train.npy").read_bytes() == b"whole"
+
+
+def test_a_full_disk_while_saving_the_model_is_a_disk_full_error(tmp_path, monkeypatch) -> None:
+    """SB3 writes model.zip itself; a full disk there must still be exit code 8, not a bug."""
+    import errno
+
+    from pricing_cli.agent import train as train_module
+    from pricing_cli.errors import DiskFullError, exit_code_for
+
+    class FullDiskModel:
+        def save(self, path: str) -> None:
+            with open(path, "wb") as handle:
+                handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "best_model.zip"
+    with pytest.raises(DiskFullError, match=f"while writing {target}") as info:
+        train_module._save_model(FullDiskModel(), target)
+    assert exit_code_for(info.value).code == 8
+    assert list(tmp_path.iterdir()) == []  # neither the partial temp file nor a final one

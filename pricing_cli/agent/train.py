@@ -30,7 +30,14 @@ import numpy as np
 from pricing_cli.config import Settings, settings_to_yaml
 from pricing_cli.errors import ConfigError, ModelError
 from pricing_cli.runinfo import StageResult
-from pricing_cli.storage import atomic_write, commit_file, staged_dir, tmp_path_for, write_json
+from pricing_cli.storage import (
+    atomic_write,
+    commit_file,
+    disk_full_names,
+    staged_dir,
+    tmp_path_for,
+    write_json,
+)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -238,10 +245,14 @@ def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], wor
 
 
 def _save_model(model: Any, path: Path) -> None:
-    """model.save, atomically (SB3 writes in place)."""
+    """model.save, atomically (SB3 writes in place); a full disk is a DiskFullError."""
     tmp = tmp_path_for(path)
-    model.save(str(tmp))
-    commit_file(tmp, path)
+    try:
+        with disk_full_names(path):
+            model.save(str(tmp))
+            commit_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _checkpoint(model: Any, work_dir: Path, state: dict[str, Any]) -> None:
