@@ -26,6 +26,8 @@ import hashlib
 import io
 import os
 import shutil
+import struct
+import tokenize
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +72,16 @@ LEGACY_MEMBERS = ("strategic_features", "labels", "masks", "df")
 
 # Fixed zip metadata: identical samples must give identical bytes (resume, merge outputs).
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+# What reading a corrupt zip raises besides BadZipFile (found by tests/test_fuzz.py): a flipped
+# bit can set the encryption flag (RuntimeError), name an unknown compression method or zip
+# version (NotImplementedError), move an offset before the start of the file (OSError), or
+# garble a field that struct cannot unpack.
+_CORRUPT_ZIP = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, RuntimeError,
+                NotImplementedError, struct.error, ValueError, OverflowError)
+# What numpy raises on a garbled .npy header: bad magic or dict (ValueError), text the
+# tokenizer or the literal parser rejects (TokenError, SyntaxError), an unknown dtype.
+_CORRUPT_NPY = (ValueError, SyntaxError, tokenize.TokenError, TypeError, OverflowError)
 
 
 def batch_name(index: int) -> str:
@@ -345,7 +357,7 @@ def read_member_headers(path: str | Path) -> dict[str, tuple[tuple[int, ...], np
                         reader = (npy_format.read_array_header_1_0 if version == (1, 0)
                                   else npy_format.read_array_header_2_0)
                         shape, fortran, dtype = reader(member)
-                    except ValueError as exc:
+                    except _CORRUPT_NPY as exc:
                         raise BatchError(
                             f"{path}: member {info.filename!r} is not a .npy array ({exc})"
                         ) from None
@@ -353,7 +365,7 @@ def read_member_headers(path: str | Path) -> dict[str, tuple[tuple[int, ...], np
                         raise BatchError(f"{path}: member {name!r} is Fortran-ordered; "
                                          "batches hold C-ordered arrays only")
                     headers[name] = (tuple(shape), dtype)
-    except (zipfile.BadZipFile, EOFError) as exc:
+    except _CORRUPT_ZIP as exc:
         raise BatchError(f"{path}: not a readable .npz (zip) file: {exc}",
                          "The file is truncated or corrupt; delete it and re-run "
                          "`pricectl preprocess` (only this batch is rebuilt).") from None
@@ -391,7 +403,7 @@ def load_batch(path: str | Path) -> tuple[SampleBlock, list[str]]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in member_names(heads)}
-    except (ValueError, zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (*_CORRUPT_ZIP, *_CORRUPT_NPY) as exc:
         raise BatchError(f"{path}: cannot read batch: {exc}") from None
     version = int(arrays["format_version"])
     if version != FORMAT_VERSION:
@@ -420,6 +432,87 @@ def member_sha256(path: str | Path) -> dict[str, str]:
                     digest.update(block)
             digests[info.filename.removesuffix(".npy")] = digest.hexdigest()
     return digests
+
+
+class _LayoutRecorder:
+    """Seekable write-only sink for :func:`layout_difference`.
+
+    Keeps the writes of up to ``SMALL`` bytes by offset (zip headers, the central directory,
+    small members; a later write at the same offset replaces the earlier one, as zipfile
+    rewrites each local header once its CRC is known) and only counts larger writes (member
+    data, checked by its CRC and SHA-256 instead), so memory stays small.
+    """
+
+    SMALL = 4096
+
+    def __init__(self) -> None:
+        self.pos = 0
+        self.end = 0
+        self.small: dict[int, bytes] = {}
+
+    def write(self, data: bytes | memoryview) -> int:
+        size = memoryview(data).nbytes
+        if size <= self.SMALL:
+            self.small[self.pos] = bytes(data)
+        self.pos += size
+        self.end = max(self.end, self.pos)
+        return size
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset + (0, self.pos, self.end)[whence]
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+
+def layout_difference(path: str | Path) -> tuple[dict[str, str], str | None]:
+    """SHA-256 of every member, and where the file differs from what :func:`write_batch`
+    writes for these members (None: nowhere).
+
+    The writer's zip is a function of the member names and bytes alone (fixed timestamps and
+    permissions, stored, zip64 extras), so writing the members again into a recorder gives
+    every byte outside the member data. Member checksums miss a flipped bit in a field the zip
+    reader ignores (a local header's time, CRC or extra field, the directory's attributes)
+    and junk appended after the directory; this comparison does not, so a file whose members
+    match the manifest and whose layout matches is byte for byte the file that was written.
+
+    Raises:
+        zipfile.BadZipFile (a member fails its CRC) or another error of ``_CORRUPT_ZIP``: the
+            file cannot be read as a zip.
+    """
+    path = Path(path)
+    digests: dict[str, str] = {}
+    recorder = _LayoutRecorder()
+    with zipfile.ZipFile(path) as archive, \
+            zipfile.ZipFile(recorder, "w") as rewritten:  # type: ignore[arg-type]
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            digest = hashlib.sha256()
+            with archive.open(info) as member, \
+                    rewritten.open(zip_member_info(name), "w", force_zip64=True) as copy:
+                while block := member.read(1 << 20):
+                    digest.update(block)
+                    copy.write(block)
+            digests[name] = digest.hexdigest()
+    size = path.stat().st_size
+    if size != recorder.end:
+        return digests, (f"the file has {size:,} bytes where the batch writer gives "
+                         f"{recorder.end:,} for these members (junk appended or bytes cut)")
+    with open(path, "rb") as handle:
+        for offset in sorted(recorder.small):
+            expected = recorder.small[offset]
+            handle.seek(offset)
+            if handle.read(len(expected)) != expected:
+                return digests, (f"bytes {offset:,}..{offset + len(expected) - 1:,} differ from "
+                                 "the zip headers the batch writer gives for these members")
+    return digests, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,23 +676,32 @@ def validate_batch(path: str | Path, manifest: Mapping[str, Any] | None) -> list
             add(f"meta_{column} has shape {headers[f'meta_{column}'][0]}, expected ({n_rows},)",
                 "every member must hold one row per sample.")
 
-    # manifest: shapes, dtypes and checksums
+    # manifest: shapes, dtypes and checksums; the zip layout around the members
+    recorded = entry.get("members", {}) if entry is not None else {}
+    for member, (shape, dtype) in headers.items():
+        info = recorded.get(member)
+        if info is None:
+            continue
+        if list(shape) != list(info["shape"]) or dtype.str != info["dtype"]:
+            add(f"member {member!r} is {dtype.str} {list(shape)} but the manifest records "
+                f"{info['dtype']} {info['shape']}",
+                "the file changed after it was written.")
+    try:
+        digests, difference = layout_difference(path)
+    except _CORRUPT_ZIP as exc:
+        what = ("fails its zip checksum" if isinstance(exc, zipfile.BadZipFile)
+                else "cannot be read")
+        add(f"a member {what} ({exc})",
+            "the bytes on disk differ from those written (flipped bits, partial copy).")
+        return problems
+    if difference is not None:
+        add(difference, "the bytes on disk differ from those written (flipped bits, partial "
+            "copy, junk appended, or a file edited by hand).")
     if entry is not None:
-        recorded = entry.get("members", {})
-        for member, (shape, dtype) in headers.items():
-            info = recorded.get(member)
-            if info is None:
-                continue
-            if list(shape) != list(info["shape"]) or dtype.str != info["dtype"]:
-                add(f"member {member!r} is {dtype.str} {list(shape)} but the manifest records "
-                    f"{info['dtype']} {info['shape']}",
-                    "the file changed after it was written.")
-        try:
-            digests = member_sha256(path)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            add(f"a member fails its zip checksum ({exc})",
-                "the bytes on disk differ from those written (flipped bits, partial copy).")
-            return problems
+        size = path.stat().st_size
+        if entry.get("bytes") is not None and entry["bytes"] != size:
+            add(f"the file has {size:,} bytes but the manifest records {entry['bytes']:,}",
+                "the file changed after it was written (partial copy or junk appended).")
         for member, digest in digests.items():
             info = recorded.get(member)
             if info is not None and info["sha256"] != digest:

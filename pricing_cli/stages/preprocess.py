@@ -596,7 +596,6 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
-        "config_fingerprint": settings.section_fingerprint("preprocess"),
         "feature_manifest": {"path": str(fm_path), "sha256": fm_sha},
         "params": params.to_json(),
         "heads": head_k,
