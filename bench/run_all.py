@@ -7,8 +7,8 @@ per section in bench/out/results.json, so one section can be re-run alone:
     .venv/bin/python -m bench.run_all [--only features,preprocess,...] [--render-only]
 
 Sections: generate, features, features_scaling, pandas, preprocess, merge_scaling, env,
-train, quality. The whole run takes roughly 20-30 minutes on 2 cores and needs about 15 GB of disk
-under bench/out/.
+train, quality, budget, faults, fuzz. The whole run takes roughly 30 minutes on 2 cores
+and needs about 15 GB of disk under bench/out/.
 """
 
 from __future__ import annotations
@@ -210,6 +210,54 @@ def bench_quality() -> list[dict[str, str]]:
     return rows
 
 
+def bench_faults() -> list[dict[str, str]]:
+    from bench.kill_test import run_kill_test
+
+    work = OUT / "kill"
+    shutil.rmtree(work, ignore_errors=True)
+    cmd = ".venv/bin/python -m bench.kill_test --kills 20 --stage both"
+    report = run_kill_test(work, 20, "both", 0)
+    rows = []
+    for stage in ("preprocess", "merge"):
+        r = report[stage]
+        rows.append(row(f"kill test, {stage}: SIGKILLs / landed mid-run / re-runs byte-identical "
+                        "/ half-written files seen / temp files left after re-run",
+                        f"{r['kills_attempted']} / {r['kills_landed_mid_run']} / "
+                        f"{r['reruns_byte_identical']} / {r['half_written_files_seen']} / "
+                        f"{r['tmp_files_left_after_rerun']}", cmd,
+                        "byte-identical, 0 half-written"))
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def bench_fuzz() -> list[dict[str, str]]:
+    from bench.fuzz_batches import run
+
+    result = run(1000, 0)
+    return [row("validate-batches on randomly mutated batch files (bit flips, truncations, "
+                "overwrites, appended junk): mutated / caught / missed",
+                f"{result['mutations']} / {result['caught']} / {result['missed']}",
+                ".venv/bin/python -m bench.fuzz_batches --mutations 1000", "0 missed")]
+
+
+def bench_budget() -> list[dict[str, str]]:
+    """--max-memory on the full preset: stop cleanly under a tight budget, then resume."""
+    tight = measure(quote(*BASE, "--max-memory", "250MB", "preprocess", "--no-resume"), FULL,
+                    check=False)
+    kept = len(list((FULL / "data" / "intermediate").glob("batch_*.npz")))
+    resume = measure(quote(*BASE, "preprocess"), FULL,
+                     run_json=Path("data/intermediate/run.json"))
+    s = resume.run_json["summary"]
+    return [
+        row("preprocess --max-memory 250MB (full preset): exit code / batches kept / largest "
+            "process max RSS", f"{tight.exit_code} / {kept} / {mib(tight.max_rss_bytes)}",
+            tight.command, "exit 7 before passing the budget"),
+        row("then preprocess without a budget: batches reused / built / exit code",
+            f"{s['batches_reused']} / {s['batches_built']} / {resume.exit_code}",
+            resume.command, "resume completes"),
+    ]
+
+
 SECTIONS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "generate": bench_generate,
     "features": bench_features,
@@ -220,6 +268,9 @@ SECTIONS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "env": bench_env,
     "train": bench_train_full,
     "quality": bench_quality,
+    "budget": bench_budget,
+    "faults": bench_faults,
+    "fuzz": bench_fuzz,
 }
 
 
