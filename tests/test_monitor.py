@@ -273,3 +273,11 @@ def test_format_bytes() -> None:
     assert format_bytes(512) == "512 B"
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(3 * 1024**3) == "3.0 GiB"
+
+
+def test_a_budget_makes_the_sampler_fast_enough_to_stop_before_it() -> None:
+    from pricing_cli.monitor import MemorySampler
+
+    assert MemorySampler(0.25).interval_s == 0.25
+    assert MemorySampler(0.25, budget_bytes=300 * 2**20).interval_s == 0.05
+    assert MemorySampler(0.01, budget_bytes=300 * 2**20).interval_s == 0.01
