@@ -280,14 +280,29 @@ SECTIONS: dict[str, Callable[[], list[dict[str, str]]]] = {
 }
 
 
+# Sections whose commands run in the full preset's folder (measure(..., FULL)).
+RUN_IN_FULL = {"generate", "features", "preprocess", "train", "budget"}
+
+
+def shown_command(section: str, command: str) -> str:
+    """The command as a user re-types it from the repository root, on any clone."""
+    if section in RUN_IN_FULL and not command.startswith("cd "):
+        command = f"cd {FULL} && {command}"
+    if command.startswith(f"cd {ROOT}/"):
+        # Inside bench/out/<name>/, the repository root is three levels up.
+        head, _, tail = command.partition(" && ")
+        return head.replace(f"{ROOT}/", "") + " && " + tail.replace(f"{ROOT}/", "../../../")
+    return command.replace(f"{ROOT}/", "")
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [
         "# Benchmarks",
         "",
         "Measured on this project's machine (2 cores, 24 GiB RAM, no GPU) by `make bench`",
         "(`.venv/bin/python -m bench.run_all`). Each figure comes with the command that",
-        "reproduces it, run from the repository root unless it starts with `cd`. Commands",
-        "with `--preset full` run in `bench/out/full/`. Wall times are single runs.",
+        "reproduces it, typed from the repository root (`cd bench/out/...` first where",
+        "shown; the folders are made by the earlier sections). Wall times are single runs.",
         "'Peak memory of the process tree' is pricectl's own sampler (run.json): the parent's",
         "and every worker's PSS, so shared pages count once. 'Max RSS' is /usr/bin/time -v's",
         "figure for the largest single process.",
@@ -299,8 +314,7 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", f"## {section}", "", f"Measured {entry['when']}.", "",
                   "| figure | value | target | command |", "|---|---|---|---|"]
         for r in entry["rows"]:
-            # Paths relative to the repository root read the same on every clone.
-            command = r["command"].replace(f"{ROOT}/", "")
+            command = shown_command(section, r["command"])
             lines.append(f"| {r['figure']} | {r['value']} | {r['target']} | `{command}` |")
     return "\n".join(lines) + "\n"
 

@@ -53,10 +53,10 @@ ENDOGENOUS_FEATURES = ("own_log_price_vs_reference", "own_days_held", "own_price
 N_ENDOGENOUS = len(ENDOGENOUS_FEATURES)
 HELD_DAYS_SCALE = 28.0  # days held are reported as min(days, 28) / 28
 PRICE_CHANGE_TOLERANCE = 0.005  # relative change below which the price counts as held
-# Resident feature pages are dropped this often (Market.release_pages): bounded RSS at the
-# cost of minor page faults from the page cache.
-RELEASE_EVERY_DAYS = 8  # simulate: days of every product
-RELEASE_EVERY_STEPS = 256  # PriceVecEnv: vectorized steps
+# Resident feature pages are dropped after this many rows were read (Market.release_pages):
+# RSS stays bounded (16k rows x 4 KB = 64 MB at the full preset's width) at the cost of minor
+# page faults from the page cache.
+RELEASE_EVERY_ROWS = 16_384
 META_COLUMNS = ("product_index", "product_id", "date", "price", "unit_cost", "min_price",
                 "max_price")
 
@@ -143,6 +143,7 @@ class Market:
         # A plain ndarray view of the mapping (no copy): np.memmap's __getitem__ wraps every
         # gathered batch in a memmap subclass, which made row gathers 3x slower.
         self._rows: np.ndarray = np.asarray(self.features)
+        self._rows_since_release = 0
 
     @property
     def n_rows(self) -> int:
@@ -185,6 +186,7 @@ class Market:
         handle = getattr(self.features, "_mmap", None)
         if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
             handle.madvise(mmap.MADV_DONTNEED)
+        self._rows_since_release = 0
 
     def product_profit_scale(self) -> np.ndarray:
         """(n_products,): each product's mean best daily profit under the demand model.
@@ -233,6 +235,9 @@ class Market:
         """The Dict observation of a batch of rows."""
         features = np.empty((len(rows), self.n_features), dtype=np.float32)
         width = self.features.shape[1]
+        self._rows_since_release += len(rows)
+        if self._rows_since_release > RELEASE_EVERY_ROWS:
+            self.release_pages()
         features[:, :width] = self._rows[rows]
         features[:, width:-N_ENDOGENOUS] = self.profit_forecast(rows)
         features[:, -N_ENDOGENOUS:] = self.endogenous(rows, last_price, held)
@@ -525,7 +530,6 @@ class PriceVecEnv(VecEnv):
         self.rng = np.random.default_rng(seed)
         self._slots = np.arange(n_envs)
         self._actions = np.zeros(n_envs, dtype=np.int64)
-        self._steps_taken = 0
         self._started = time.monotonic()
         super().__init__(n_envs, market.observation_space(), spaces.Discrete(market.price_levels))
 
@@ -546,9 +550,6 @@ class PriceVecEnv(VecEnv):
         self._actions = np.asarray(actions, dtype=np.int64).reshape(-1)
 
     def step_wait(self) -> tuple[Observation, np.ndarray, np.ndarray, list[dict[str, Any]]]:
-        self._steps_taken += 1
-        if self._steps_taken % RELEASE_EVERY_STEPS == 0:
-            self.market.release_pages()
         out = self.batch.step(self._slots, self._actions, self.rng)
         done = out["done"]
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
@@ -625,11 +626,7 @@ def simulate(market: Market, choose: Callable[[Observation, np.ndarray], np.ndar
     batch = EpisodeBatch(market, len(first), sample_demand=sample_demand)
     batch.begin(np.arange(len(first)), first, market.product_end[first])
     active = np.arange(len(first))
-    day = 0
     while len(active):
-        day += 1
-        if day % RELEASE_EVERY_DAYS == 0:
-            market.release_pages()
         obs = batch.observe(active)
         levels = np.asarray(choose(obs, batch.mask[active]), dtype=np.int64).reshape(-1)
         result = batch.step(active, levels, rng)

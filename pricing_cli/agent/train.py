@@ -434,8 +434,6 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
             seen += len(batch)
             monitor.update_bar("bc", advance=1)
             monitor.check_memory()
-            if int(seen) // batch_size % 64 == 0:
-                market.release_pages()
     policy.set_training_mode(False)
     summary = {"teacher": teacher, "rows": int(len(rows)), "rows_skipped": skipped,
                "epochs": epochs, "loss": total_loss / seen, "accuracy": correct / seen}
