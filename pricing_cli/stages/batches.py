@@ -491,7 +491,7 @@ def layout_difference(path: str | Path) -> tuple[dict[str, str], str | None]:
     digests: dict[str, str] = {}
     recorder = _LayoutRecorder()
     with zipfile.ZipFile(path) as archive, \
-            zipfile.ZipFile(recorder, "w") as rewritten:  # type: ignore[arg-type]
+            zipfile.ZipFile(recorder, "w") as rewritten:  # type: ignore[call-overload]
         for info in archive.infolist():
             name = info.filename.removesuffix(".npy")
             digest = hashlib.sha256()
