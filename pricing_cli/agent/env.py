@@ -251,13 +251,21 @@ class Market:
     def episode_starts(self, episode_length: int, products: Sequence[int] | None = None
                        ) -> np.ndarray:
         """Rows where a window of ``episode_length`` days of one product can start (a product
-        shorter than that contributes its first row: its episode is all its rows)."""
+        shorter than that contributes its first row: its episode is all its rows).
+
+        Raises:
+            BatchError: no row of these products is in this split.
+        """
         rows = np.arange(self.n_rows)
         first = np.r_[True, self.product_index[1:] != self.product_index[:-1]]
         ok = (rows + episode_length <= self.product_end) | first
         if products is not None:
             ok &= np.isin(self.product_index, np.asarray(products))
-        return np.nonzero(ok)[0]
+        starts = np.nonzero(ok)[0]
+        if len(starts) == 0:
+            raise BatchError(f"the {self.split} split has no rows for these products",
+                             "Pick a product that has rows in this split.")
+        return starts
 
     def observation_space(self) -> spaces.Dict:
         return observation_space(self.n_products, self.n_features)
@@ -470,9 +478,6 @@ class PriceEnv(gym.Env):
         self.market = market
         self.episode_length = episode_length
         self.starts = market.episode_starts(episode_length, products)
-        if len(self.starts) == 0:
-            raise BatchError(f"the {market.split} split has no rows for these products",
-                             "Pick a product that has rows in this split.")
         self.observation_space = market.observation_space()
         self.action_space = spaces.Discrete(market.price_levels)
         self.batch = EpisodeBatch(market, 1, reward_scale=reward_scale,
@@ -521,9 +526,6 @@ class PriceVecEnv(VecEnv):
         self.market = market
         self.episode_length = episode_length
         self.starts = market.episode_starts(episode_length, products)
-        if len(self.starts) == 0:
-            raise BatchError(f"the {market.split} split has no rows for these products",
-                             "Pick a product that has rows in this split.")
         self.batch = EpisodeBatch(market, n_envs, reward_scale=reward_scale,
                                   sample_demand=sample_demand,
                                   normalize_reward=normalize_reward)
