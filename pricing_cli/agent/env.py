@@ -144,6 +144,15 @@ class Market:
         # gathered batch in a memmap subclass, which made row gathers 3x slower.
         self._rows: np.ndarray = np.asarray(self.features)
         self._rows_since_release = 0
+        self._steps = np.linspace(0.0, 1.0, self.price_levels)  # as pricing.price_grid
+        self._span = self.max_price - self.min_price
+        # float32 copies for the per-step forecast: exp/log over (n_envs, K) in float32 take
+        # less than half the time of float64, and the forecast is a float32 feature anyway.
+        f32 = np.float32
+        self._forecast_terms = (
+            self.log_base.astype(f32), self.elasticity.astype(f32),
+            np.log(self.reference).astype(f32), self.min_price.astype(f32),
+            self._span.astype(f32), self.unit_cost.astype(f32), self._steps.astype(f32))
 
     @property
     def n_rows(self) -> int:
@@ -154,10 +163,9 @@ class Market:
         return int(self.features.shape[1]) + self.price_levels + N_ENDOGENOUS
 
     def grid(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), K) candidate prices; identical to pricing.price_grid."""
-        from pricing_cli.pricing import price_grid
-
-        return price_grid(self.min_price[rows], self.max_price[rows], self.price_levels)
+        """(len(rows), K) candidate prices; the same arithmetic as pricing.price_grid (a test
+        compares them), without rebuilding the level steps on every call."""
+        return self.min_price[rows, None] + self._span[rows, None] * self._steps
 
     def prices(self, rows: np.ndarray, levels: np.ndarray) -> np.ndarray:
         return self.grid(rows)[np.arange(len(rows)), levels]
@@ -212,13 +220,21 @@ class Market:
         return (grid - self.unit_cost[rows, None]) * np.exp(np.minimum(log_units, 30.0))
 
     def profit_forecast(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), K): the demand model's expected profit at each level / the best level's.
+        """(len(rows), K) float32: the demand model's expected profit at each level / the best
+        level's. Clipped below at -1 so a loss-making level far under cost cannot dominate the
+        scale.
 
-        Clipped below at -1 so a loss-making level far under cost cannot dominate the scale.
+        The same model as :meth:`level_profit`, in float32 (relative error ~1e-6: only exact
+        ties between levels can order differently); this runs on every env step.
         """
-        profit = self.level_profit(rows)
-        best = np.maximum(profit.max(axis=1, keepdims=True), 1e-9)
-        return np.clip(profit / best, -1.0, 1.0)
+        log_base, elasticity, log_ref, lo, span, cost, steps = self._forecast_terms
+        grid = lo[rows, None] + span[rows, None] * steps
+        log_units = log_base[rows, None] - elasticity[rows, None] * (np.log(grid)
+                                                                      - log_ref[rows, None])
+        profit = (grid - cost[rows, None]) * np.exp(np.minimum(log_units, np.float32(30.0)))
+        best = np.maximum(profit.max(axis=1, keepdims=True), np.float32(1e-9))
+        profit /= best
+        return np.clip(profit, np.float32(-1.0), np.float32(1.0), out=profit)
 
     def endogenous(self, rows: np.ndarray, last_price: np.ndarray, held: np.ndarray
                    ) -> np.ndarray:
@@ -238,7 +254,8 @@ class Market:
         self._rows_since_release += len(rows)
         if self._rows_since_release > RELEASE_EVERY_ROWS:
             self.release_pages()
-        features[:, :width] = self._rows[rows]
+        # take(out=) gathers straight into the observation, with no temporary (x1.25 faster).
+        np.take(self._rows, rows, axis=0, out=features[:, :width])
         features[:, width:-N_ENDOGENOUS] = self.profit_forecast(rows)
         features[:, -N_ENDOGENOUS:] = self.endogenous(rows, last_price, held)
         return {"product_id": self.product_index[rows].astype(np.float32)[:, None],
