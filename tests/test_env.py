@@ -254,6 +254,26 @@ def test_extractor_shapes_and_gradient_to_the_embedding(world, batch: int) -> No
     assert (grad[unused] == 0).all()
 
 
+def test_forecast_prior_logits_are_the_scaled_forecast_at_the_start(world) -> None:
+    from pricing_cli.agent.policy import action_logits, build_policy
+
+    env = make_env(world)
+    config = {"algo": "maskable-ppo", "n_products": N_PRODUCTS, "n_features": F + K + 3,
+              "price_levels": K, "net_arch": [8], "embedding_dim": 4, "feature_hidden": 12,
+              "forecast_prior": 50.0}
+    policy = build_policy(config)
+    assert policy.features_extractor.features_dim == 4 + 12 + K
+    obs, _ = env.reset(seed=1)
+    batch = {k: v[None] for k, v in obs.items()}
+    tensor, _ = policy.obs_to_tensor(batch)
+    logits = action_logits(policy, tensor).detach().numpy()[0]
+    forecast = obs["features"][F:F + K]  # the K relative-profit columns
+    np.testing.assert_allclose(logits, 50.0 * forecast, rtol=1e-6, atol=1e-5)
+    # The extractor passes exactly those columns through, last.
+    out = policy.extract_features(tensor)
+    np.testing.assert_array_equal(out[0, -K:].detach().numpy(), forecast)
+
+
 def test_release_pages_drops_the_feature_matrix_from_resident_memory(world, tmp_path) -> None:
     import dataclasses
 

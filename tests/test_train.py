@@ -90,8 +90,10 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
 
 
 def test_the_same_seed_gives_the_same_learning_curve(processed, tmp_path) -> None:
-    train(processed, tmp_path, run_id="a")
-    train(processed, tmp_path, run_id="b")
+    # A plain head: with the forecast prior the deterministic policy stays at the greedy
+    # choice over 2,000 steps, so its val curve would be flat and prove nothing.
+    train(processed, tmp_path, run_id="a", forecast_prior=0.0)
+    train(processed, tmp_path, run_id="b", forecast_prior=0.0)
     runs = [tmp_path / "models" / name for name in ("a", "b")]
     curves = [json.loads((r / "train_summary.json").read_text())["evaluations"] for r in runs]
     assert curves[0] == curves[1]
@@ -120,7 +122,7 @@ def profits(processed, run_dir):
 
 def test_rl_alone_beats_random_feasible_prices_on_unseen_days(processed, tmp_path) -> None:
     train(processed, tmp_path, run_id="learn", timesteps=4000, learning_rate=1e-3,
-          n_epochs=10, warm_start="none")
+          n_epochs=10, warm_start="none", forecast_prior=0.0)
     learned, random, best_on_grid = profits(processed, tmp_path / "models" / "learn")
     # Measured: random 559, best on grid 643, the agent 631. Ask for half the gap.
     assert learned >= random + 0.5 * (best_on_grid - random)
@@ -138,6 +140,30 @@ def test_greedy_warm_start_starts_near_the_best_price(processed, tmp_path) -> No
     # counts.
     assert summary["behaviour_cloning"]["rows"] == 378
     assert learned >= 0.97 * best_on_grid > random
+
+
+def test_the_forecast_prior_starts_the_agent_at_the_greedy_baseline(processed, tmp_path) -> None:
+    from pricing_cli.agent.baselines import greedy_prices, load_split_meta
+
+    # One rollout of RL; model selection keeps the best val policy (step 0 or later).
+    train(processed, tmp_path, run_id="prior", timesteps=64)
+    run = tmp_path / "models" / "prior"
+    agent = load_agent(run)
+    assert agent.config["forecast_prior"] == 100.0
+    weight = agent.policy.action_net.weight.detach()
+    np.testing.assert_allclose(weight[:, -K:].diagonal(), 100.0, atol=0.5)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["behaviour_cloning"] is None  # no cloning needed
+    # Step 0 prices every val day exactly like the greedy baseline (evaluate's own code,
+    # float64) under the same fitted model.
+    meta = load_split_meta(processed, "val")
+    greedy = greedy_prices(meta, agent.demand, K, 0.25)
+    greedy_units = agent.demand.expected_units(meta.product_index, meta.date, greedy)
+    greedy_profit = float(((greedy - meta.unit_cost) * greedy_units).mean())
+    assert summary["evaluations"][0]["timesteps"] == 0
+    assert summary["evaluations"][0]["val_mean_profit"] == pytest.approx(greedy_profit, rel=1e-9)
+    levels, prices = rollout_prices(agent, processed, "val")
+    np.testing.assert_allclose(prices, greedy, rtol=1e-12)
 
 
 class KillAt(RunMonitor):

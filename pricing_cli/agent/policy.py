@@ -33,13 +33,34 @@ MASKED_ALGOS = ("maskable-ppo",)
 
 def policy_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     """SB3 ``policy_kwargs`` of the multi-product policy, from agent.json-style keys
-    (``net_arch``, ``embedding_dim``, ``feature_hidden``)."""
+    (``net_arch``, ``embedding_dim``, ``feature_hidden``, ``forecast_prior``, ``price_levels``).
+    agent.json files written before the forecast prior existed mean ``forecast_prior`` 0."""
     from pricing_cli.agent.extractor import ProductFeaturesExtractor
 
-    return {"net_arch": list(config["net_arch"]),
-            "features_extractor_class": ProductFeaturesExtractor,
-            "features_extractor_kwargs": {"embedding_dim": int(config["embedding_dim"]),
-                                          "hidden": int(config["feature_hidden"])}}
+    prior = float(config.get("forecast_prior", 0.0))
+    levels = int(config["price_levels"]) if prior > 0 else 0
+    kwargs: dict[str, Any] = {
+        "net_arch": list(config["net_arch"]),
+        "features_extractor_class": ProductFeaturesExtractor,
+        "features_extractor_kwargs": {"embedding_dim": int(config["embedding_dim"]),
+                                      "hidden": int(config["feature_hidden"]),
+                                      "forecast_levels": levels}}
+    if prior > 0:
+        kwargs.update(forecast_prior=prior, forecast_levels=levels)
+    return kwargs
+
+
+def policy_class(config: dict[str, Any]) -> type[Any]:
+    """The SB3 policy class for agent.json-style keys ``algo`` and ``forecast_prior``."""
+    from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
+    from stable_baselines3.common.policies import MultiInputActorCriticPolicy
+
+    from pricing_cli.agent.extractor import ForecastPriorMaskablePolicy, ForecastPriorPolicy
+
+    masked = config["algo"] in MASKED_ALGOS
+    if float(config.get("forecast_prior", 0.0)) > 0:
+        return ForecastPriorMaskablePolicy if masked else ForecastPriorPolicy
+    return MaskableMultiInputActorCriticPolicy if masked else MultiInputActorCriticPolicy
 
 
 def action_logits(policy: Any, obs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -153,16 +174,12 @@ def load_agent(run_dir: str | Path) -> PricingAgent:
 def build_policy(config: dict[str, Any]) -> Any:
     """A fresh policy network with the architecture described by agent.json."""
     from gymnasium import spaces
-    from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
-    from stable_baselines3.common.policies import MultiInputActorCriticPolicy
 
     from pricing_cli.agent.env import observation_space
 
-    policy_class: type[Any] = (MaskableMultiInputActorCriticPolicy
-                               if config["algo"] in MASKED_ALGOS else MultiInputActorCriticPolicy)
-    return policy_class(observation_space(int(config["n_products"]), int(config["n_features"])),
-                       spaces.Discrete(int(config["price_levels"])), lambda _: 0.0,
-                       **policy_kwargs(config))
+    return policy_class(config)(
+        observation_space(int(config["n_products"]), int(config["n_features"])),
+        spaces.Discrete(int(config["price_levels"])), lambda _: 0.0, **policy_kwargs(config))
 
 
 def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,

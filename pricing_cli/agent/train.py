@@ -125,6 +125,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         "price_levels": train_market.price_levels,
         "max_daily_change": train_market.max_daily_change, "net_arch": list(cfg.net_arch),
         "embedding_dim": cfg.embedding_dim, "feature_hidden": cfg.feature_hidden,
+        "forecast_prior": cfg.forecast_prior,
         "reward_scale": cfg.reward_scale, "episode_length": cfg.episode_length,
         "products": products, "product_id": product,
         "feature_cols": _feature_cols(processed_dir),
@@ -226,7 +227,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], work_dir: Path
                  ) -> Any:
     """MaskablePPO (or PPO) with the multi-input policy and the product-embedding extractor."""
-    from pricing_cli.agent.policy import policy_kwargs
+    from pricing_cli.agent.policy import policy_class, policy_kwargs
 
     cfg = settings.train
     from sb3_contrib import MaskablePPO
@@ -236,7 +237,7 @@ def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], wor
     algorithm: type[Any] = MaskablePPO if cfg.algo == "maskable-ppo" else PPO
     rollout = cfg.n_steps * cfg.n_envs
     return algorithm(
-        "MultiInputPolicy", env, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps,
+        policy_class(agent_config), env, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps,
         # A minibatch larger than the rollout would be truncated by SB3 with a warning.
         batch_size=min(cfg.batch_size, rollout), n_epochs=cfg.n_epochs, gamma=cfg.gamma,
         ent_coef=cfg.ent_coef, policy_kwargs=policy_kwargs(agent_config), seed=cfg.seed,
