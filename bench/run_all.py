@@ -178,8 +178,11 @@ def bench_train_full() -> list[dict[str, str]]:
                       "bench-full"), FULL, run_json=Path("models/bench-full/run.json"))
     s = m.run_json["summary"]
     rows = measured(m, "train (full preset, 100k steps)", "<= 2 GB")
-    rows.append(row("train on full preset: RL env steps/s on 2 cores", f"{s['fps']:,.0f}",
-                    m.command, ">= 4,000"))
+    rows.append(row("train on full preset: RL env steps/s on 2 cores, including the val "
+                    "evaluations for model selection", f"{s['fps']:,.0f}", m.command, ">= 4,000"))
+    rows.append(row("train on full preset: RL env steps/s, rollouts and PPO updates only "
+                    f"({s['rl_eval_seconds']:.1f} s of val evaluations left out)",
+                    f"{s['fps_without_eval']:,.0f}", m.command, ">= 4,000"))
     shutil.rmtree(FULL / "models" / "bench-full", ignore_errors=True)
     return rows
 
@@ -206,7 +209,7 @@ def bench_quality() -> list[dict[str, str]]:
         rows.append(row(
             f"small preset, test split, {name}: share of oracle profit (true demand) / "
             f"uplift vs historical (true) / uplift (fitted model)",
-            f"{true.get('share_of_oracle_pct', float('nan')):.1f}% / "
+            f"{true.get('share_of_oracle_pct', float('nan')):.2f}% / "
             f"{true.get('uplift_pct', float('nan')):+.1f}% / {fitted['uplift_pct']:+.1f}%",
             cmd, targets.get(name, "")))
     return rows

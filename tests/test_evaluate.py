@@ -129,6 +129,59 @@ def test_greedy_equals_brute_force_per_day_search() -> None:
     np.testing.assert_array_equal(prices[:3], [12.0, 9.0, 8.0])
 
 
+@pytest.mark.parametrize("max_change", [0.25, 0.08])
+def test_planner_equals_brute_force_over_every_feasible_price_path(max_change: float) -> None:
+    n_days = 6
+    meta, demand = make_meta(n_days=n_days), TruthDemand(make_truth())
+    planned = bl.planned_prices(meta, demand, K, max_change)
+    greedy = bl.greedy_prices(meta, demand, K, max_change)
+    for p in range(len(IDS)):
+        rows = np.nonzero(meta.product_index == p)[0]
+        grid = price_grid(MIN_PRICE[p], MAX_PRICE[p], K)
+        day_profit = [(grid - COST[p]) * demand.expected_units(
+            np.full(K, p), np.full(K, meta.date[row]), grid) for row in rows]
+
+        def best_path(day: int, prev: float) -> float:
+            """Largest profit of days day.. over every feasible path (plain recursion)."""
+            if day == n_days:
+                return 0.0
+            return max(day_profit[day][j] + best_path(day + 1, grid[j]) for j in range(K)
+                       if abs(grid[j] / prev - 1) <= max_change + 1e-9)
+
+        def path_profit(prices: np.ndarray) -> float:
+            units = demand.expected_units(meta.product_index[rows], meta.date[rows], prices[rows])
+            return float(np.sum((prices[rows] - COST[p]) * units))
+
+        best = best_path(0, HISTORICAL[p])
+        assert path_profit(planned) == pytest.approx(best, rel=1e-12)
+        assert best >= path_profit(greedy) - 1e-9
+    assert ev.count_violations(meta, planned, max_change).total == 0
+
+
+class ShiftingDemand:
+    """Constant-elasticity demand whose elasticity jumps from 1.6 to 4 on day 3: the best
+    price falls from 3.1x to 1.33x unit cost overnight."""
+
+    def expected_units(self, product_index: np.ndarray, dates: np.ndarray,
+                       prices: np.ndarray) -> np.ndarray:
+        day = (np.asarray(dates) - START).astype(np.int64)
+        elasticity = np.where(day < 3, 1.6, 4.0)
+        return 100.0 * (np.asarray(prices) / 10.0) ** -elasticity
+
+
+def test_planner_anticipates_what_greedy_cannot() -> None:
+    # Under a tight daily limit the planner starts lowering prices before the change.
+    meta, demand = make_meta(n_days=6), ShiftingDemand()
+    planned = bl.planned_prices(meta, demand, K, 0.08)
+    greedy = bl.greedy_prices(meta, demand, K, 0.08)
+    assert profit(meta, demand, planned) > profit(meta, demand, greedy) * 1.001
+    before = (meta.date - START).astype(np.int64) < 3
+    assert (planned[before] <= greedy[before]).all()
+    # Product c: greedy holds its maximum 20 until the change; the planner leaves it at once.
+    np.testing.assert_allclose(planned[meta.product_index == 2][:3], [17.8, 16.7, 15.6])
+    np.testing.assert_array_equal(greedy[meta.product_index == 2][:3], [20.0, 20.0, 20.0])
+
+
 def test_oracle_is_the_true_optimum_and_policies_rank() -> None:
     meta, truth = make_meta(), make_truth(order=(2, 0, 1))
     demand = TruthDemand(truth)
@@ -379,7 +432,7 @@ def test_run_evaluate_writes_every_output(tmp_path: Path,
     evaluation = json.loads((reports / "evaluation.json").read_text())
     policies = evaluation["policies"]
     assert evaluation["policy_order"] == [
-        "agent", "historical", "static", "greedy", "random", "oracle"]
+        "agent", "historical", "static", "greedy", "planner", "random", "oracle"]
     assert sorted(policies) == sorted(evaluation["policy_order"])
     assert policies["agent"]["fitted"] == policies["greedy"]["fitted"]
     # The stand-in demand is the truth, so fitted and true scores agree.
@@ -390,7 +443,7 @@ def test_run_evaluate_writes_every_output(tmp_path: Path,
         profit(meta, demand, greedy) / policies["oracle"]["true"]["profit"] * 100)
     assert policies["historical"]["fitted"]["profit"] == pytest.approx(
         profit(meta, demand, meta.price))
-    for name in ("agent", "historical", "static", "greedy", "random"):
+    for name in ("agent", "historical", "static", "greedy", "planner", "random"):
         assert policies[name]["violations"]["total"] == 0, name
     assert policies["oracle"]["exempt_from_daily_limit"] is True
     assert evaluation["agent_uplift_per_product_pct"]["true"]["count"] == 3
@@ -408,8 +461,8 @@ def test_run_evaluate_writes_every_output(tmp_path: Path,
     table = result.notes[0].splitlines()
     assert table[0].split() == ["policy", "profit", "margin", "uplift", "chg/mo", "viol.", "true",
                                 "profit", "true", "uplift", "of", "oracle"]
-    assert [line.split()[0] for line in table[2:8]] == evaluation["policy_order"]
-    assert table[7].split()[5] == "3*"  # the oracle's exempt violations
+    assert [line.split()[0] for line in table[2:9]] == evaluation["policy_order"]
+    assert table[8].split()[5] == "3*"  # the oracle's exempt violations
     assert max(len(line) for line in table) <= 80
 
 
@@ -448,7 +501,7 @@ def test_run_evaluate_without_matching_ground_truth(tmp_path: Path,
     with RunMonitor("evaluate", "quiet") as monitor:
         result = ev.run_evaluate(settings, monitor)
     evaluation = json.loads((tmp_path / "reports" / "evaluation.json").read_text())
-    assert evaluation["policy_order"] == ["agent", "historical", "static", "greedy", "random"]
+    assert evaluation["policy_order"] == ["agent", "historical", "static", "greedy", "planner", "random"]
     assert evaluation["ground_truth"] == {
         "used": False, "path": "data/raw/ground_truth.json",
         "note": "the products of data/raw/ground_truth.json do not match the processed data"}
@@ -521,7 +574,7 @@ def test_pricectl_evaluate_after_a_real_training_run(tmp_path: Path,
     evaluation = json.loads((reports / "evaluation.json").read_text())
     assert evaluation["run"] == "models/r1" and evaluation["ground_truth"]["used"]
     policies = evaluation["policies"]
-    for name in ("agent", "historical", "static", "greedy", "random"):
+    for name in ("agent", "historical", "static", "greedy", "planner", "random"):
         assert policies[name]["violations"]["total"] == 0, name
         # Nothing beats the true per-day optimum under the true demand.
         assert policies[name]["true"]["share_of_oracle_pct"] <= 100.0 + 1e-9, name

@@ -280,6 +280,43 @@ def greedy_prices(meta: SplitMeta, demand: DemandLike, K: int,
     return _walk_grid(meta, K, max_daily_change, choose)
 
 
+def planned_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change: float,
+                   *, chunk: int = 512) -> np.ndarray:
+    """The most profitable feasible price path of each product over the whole split under
+    ``demand``: dynamic programming over days and grid levels, with the daily-change rule as
+    the only link between days.
+
+    This is the best any grid policy can earn in the world the agent trains in (the fitted
+    model), so it bounds what RL can add over ``greedy``: when it equals greedy, the myopic
+    choice is already optimal and planning has nothing to gain. Ties: lower price.
+
+    Memory: (n_rows, K) float64 of values-to-go, plus (``chunk``, K, K) per day.
+    """
+    _check_levels(meta, K)
+    if meta.n_rows == 0:
+        return np.zeros(0)
+    value = np.empty((meta.n_rows, K))  # profit from this row on, if it takes level j
+    for day in reversed(range(int(meta.series_length.max()))):
+        series, rows = meta.rows_on_day(day)
+        grid = meta.grid[series]
+        to_go = _level_profits(meta, demand, rows, grid)
+        going = np.nonzero(meta.series_length[series] > day + 1)[0]
+        for start in range(0, len(going), chunk):
+            part = going[start:start + chunk]
+            g = grid[part]
+            # allowed[s, j, k]: from level j today to level k tomorrow (pricing.feasible_mask's
+            # rule; a level can always be held, so no row is ever all-infeasible).
+            allowed = np.abs(g[:, None, :] / g[:, :, None] - 1.0) <= max_daily_change + 1e-9
+            tomorrow = value[rows[part] + 1]
+            to_go[part] += np.where(allowed, tomorrow[:, None, :], -np.inf).max(axis=2)
+        value[rows] = to_go
+
+    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.where(mask == 1, value[rows], -np.inf).argmax(axis=1)
+
+    return _walk_grid(meta, K, max_daily_change, choose)
+
+
 def random_feasible_prices(meta: SplitMeta, K: int, max_daily_change: float,
                            seed: int) -> np.ndarray:
     """A uniformly random feasible level each day (the floor any policy should beat)."""

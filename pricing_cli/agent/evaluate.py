@@ -27,6 +27,7 @@ from pricing_cli.agent.baselines import (
     historical_prices,
     load_split_meta,
     oracle_prices,
+    planned_prices,
     random_feasible_prices,
     read_stats,
     static_prices,
@@ -274,6 +275,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         "historical": functools.partial(historical_prices, meta),
         "static": functools.partial(static_prices, meta, demand, levels, max_daily_change),
         "greedy": functools.partial(greedy_prices, meta, demand, levels, max_daily_change),
+        "planner": functools.partial(planned_prices, meta, demand, levels, max_daily_change),
         "random": functools.partial(random_feasible_prices, meta, levels, max_daily_change,
                                     ev.seed),
     }

@@ -138,9 +138,13 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         monitor.log(f"resuming {run_id} from {checkpoint} at {model.num_timesteps} steps")
     agent = PricingAgent(policy=model.policy, config=agent_config, demand=demand)
 
+    eval_seconds = [0.0]  # time spent in evaluate(), kept apart from the RL steps/s
+
     def evaluate(step: int) -> float:
+        eval_started = time.monotonic()
         model.policy.set_training_mode(False)
         profit = simulate(val_market, agent.chooser(True), products=products)["mean_profit"]
+        eval_seconds[0] += time.monotonic() - eval_started
         state["evaluations"].append({"timesteps": step, "val_mean_profit": profit})
         if state["best_val_profit"] is None or profit > state["best_val_profit"]:
             state["best_val_profit"], state["best_timesteps"] = profit, step
@@ -165,12 +169,13 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
                                 eval_every=cfg.eval_every,
                                 on_checkpoint=lambda step: _checkpoint(model, work_dir, state),
                                 on_evaluate=evaluate)
-    rl_started, rl_start_steps = time.monotonic(), model.num_timesteps
+    rl_started, rl_start_steps, eval_before = time.monotonic(), model.num_timesteps, eval_seconds[0]
     if remaining > 0:
         model.learn(total_timesteps=remaining, callback=callback,
                     reset_num_timesteps=checkpoint is None, tb_log_name="agent",
                     progress_bar=False)
     rl_seconds = time.monotonic() - rl_started
+    rl_eval_seconds = eval_seconds[0] - eval_before  # val evaluations inside learn()
     if not state["evaluations"] or state["evaluations"][-1]["timesteps"] != model.num_timesteps:
         evaluate(model.num_timesteps)
     _checkpoint(model, work_dir, state)
@@ -186,12 +191,17 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
                                        "seed": cfg.seed})
     with atomic_write(work_dir / "config.yaml", "w") as handle:
         handle.write(settings_to_yaml(settings))
-    fps = (model.num_timesteps - rl_start_steps) / max(rl_seconds, 1e-9)
+    rl_steps = model.num_timesteps - rl_start_steps
+    fps = rl_steps / max(rl_seconds, 1e-9)
+    # Rollouts and PPO updates only: what the RL loop itself sustains.
+    fps_without_eval = rl_steps / max(rl_seconds - rl_eval_seconds, 1e-9)
     summary = {
         "run_id": run_id, "algo": cfg.algo, "timesteps": int(model.num_timesteps),
         "resumed_from": None if checkpoint is None else str(checkpoint),
         "products_trained": "all" if product is None else product,
         "rl_seconds": round(rl_seconds, 3), "fps": round(fps, 1),
+        "rl_eval_seconds": round(rl_eval_seconds, 3),
+        "fps_without_eval": round(fps_without_eval, 1),
         "val_mean_profit_best": state["best_val_profit"],
         "best_timesteps": state["best_timesteps"],
         "val_mean_profit_random_feasible": random_profit["mean_profit"],
