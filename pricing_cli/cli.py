@@ -233,8 +233,9 @@ def train(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the last checkpoint of --run-id.")] = False,
     warm_start: Annotated[str | None, typer.Option(
-        help="Supervised start before RL: greedy (default; clone the fitted model's myopic "
-             "optimum), bc (clone historical prices) or none (RL from scratch).")] = None,
+        help="Supervised start before RL: none (default; with train.forecast_prior the "
+             "policy already starts at the fitted model's myopic optimum), greedy (clone that "
+             "optimum) or bc (clone historical prices).")] = None,
     run_id: Annotated[str | None, typer.Option(help="Run folder name under models/.")] = None,
 ) -> None:
     """Fit the demand model and train the pricing agent; everything lands in models/<run_id>/."""

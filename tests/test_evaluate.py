@@ -129,32 +129,33 @@ def test_greedy_equals_brute_force_per_day_search() -> None:
     np.testing.assert_array_equal(prices[:3], [12.0, 9.0, 8.0])
 
 
+def best_path_profit(day_profit: list[np.ndarray], grid: np.ndarray, prev: float,
+                     max_change: float, day: int = 0) -> float:
+    """Largest profit of days ``day``.. over every feasible price path (plain recursion)."""
+    if day == len(day_profit):
+        return 0.0
+    return max(day_profit[day][j] + best_path_profit(day_profit, grid, grid[j], max_change,
+                                                     day + 1)
+               for j in range(len(grid)) if abs(grid[j] / prev - 1) <= max_change + 1e-9)
+
+
 @pytest.mark.parametrize("max_change", [0.25, 0.08])
 def test_planner_equals_brute_force_over_every_feasible_price_path(max_change: float) -> None:
-    n_days = 6
-    meta, demand = make_meta(n_days=n_days), TruthDemand(make_truth())
+    meta, demand = make_meta(n_days=6), TruthDemand(make_truth())
     planned = bl.planned_prices(meta, demand, K, max_change)
     greedy = bl.greedy_prices(meta, demand, K, max_change)
+    units = {name: demand.expected_units(meta.product_index, meta.date, prices)
+             for name, prices in (("planned", planned), ("greedy", greedy))}
     for p in range(len(IDS)):
         rows = np.nonzero(meta.product_index == p)[0]
         grid = price_grid(MIN_PRICE[p], MAX_PRICE[p], K)
         day_profit = [(grid - COST[p]) * demand.expected_units(
             np.full(K, p), np.full(K, meta.date[row]), grid) for row in rows]
-
-        def best_path(day: int, prev: float) -> float:
-            """Largest profit of days day.. over every feasible path (plain recursion)."""
-            if day == n_days:
-                return 0.0
-            return max(day_profit[day][j] + best_path(day + 1, grid[j]) for j in range(K)
-                       if abs(grid[j] / prev - 1) <= max_change + 1e-9)
-
-        def path_profit(prices: np.ndarray) -> float:
-            units = demand.expected_units(meta.product_index[rows], meta.date[rows], prices[rows])
-            return float(np.sum((prices[rows] - COST[p]) * units))
-
-        best = best_path(0, HISTORICAL[p])
-        assert path_profit(planned) == pytest.approx(best, rel=1e-12)
-        assert best >= path_profit(greedy) - 1e-9
+        best = best_path_profit(day_profit, grid, HISTORICAL[p], max_change)
+        planned_profit = float(np.sum((planned[rows] - COST[p]) * units["planned"][rows]))
+        greedy_profit = float(np.sum((greedy[rows] - COST[p]) * units["greedy"][rows]))
+        assert planned_profit == pytest.approx(best, rel=1e-12)
+        assert best >= greedy_profit - 1e-9
     assert ev.count_violations(meta, planned, max_change).total == 0
 
 
@@ -501,7 +502,8 @@ def test_run_evaluate_without_matching_ground_truth(tmp_path: Path,
     with RunMonitor("evaluate", "quiet") as monitor:
         result = ev.run_evaluate(settings, monitor)
     evaluation = json.loads((tmp_path / "reports" / "evaluation.json").read_text())
-    assert evaluation["policy_order"] == ["agent", "historical", "static", "greedy", "planner", "random"]
+    assert evaluation["policy_order"] == [
+        "agent", "historical", "static", "greedy", "planner", "random"]
     assert evaluation["ground_truth"] == {
         "used": False, "path": "data/raw/ground_truth.json",
         "note": "the products of data/raw/ground_truth.json do not match the processed data"}

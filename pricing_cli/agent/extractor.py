@@ -90,7 +90,11 @@ class _ForecastPrior:
     ``forecast_prior`` (float > 0) and ``forecast_levels`` (K) are extra policy kwargs.
     """
 
-    action_net: nn.Linear
+    # As the SB3 base classes declare them (the mixin comes first in the MRO).
+    action_net: nn.Module
+    mlp_extractor: MlpExtractor
+    forecast_prior: float
+    forecast_levels: int
 
     def __init__(self, *args: Any, forecast_prior: float, forecast_levels: int,
                  **kwargs: Any) -> None:
@@ -113,9 +117,11 @@ class _ForecastPrior:
             # forecast profits are within 1e-4 of each other, and the agent would start a
             # little below greedy instead of at it. Its gradient is not zero (latent x error),
             # so it learns from the first update.
-            self.action_net.weight.zero_()
-            self.action_net.bias.zero_()
-            self.action_net.weight[:, -K:] = self.forecast_prior * torch.eye(K)
+            head = self.action_net
+            assert isinstance(head, nn.Linear)
+            head.weight.zero_()
+            head.bias.zero_()
+            head.weight[:, -K:] = self.forecast_prior * torch.eye(K)
 
 
 class ForecastPriorMaskablePolicy(_ForecastPrior, MaskableMultiInputActorCriticPolicy):
