@@ -93,8 +93,14 @@ def stage_key(stage: PipelineStage, settings: Settings) -> str | None:
 
 
 def recorded_key(stage: PipelineStage, settings: Settings) -> str | None:
+    """The stage key of the run.json beside the stage's outputs; None if there is none or the
+    folder is a half-replaced generated market (its run.json is the earlier run's)."""
+    from pricing_cli.data.raw_contract import INCOMPLETE_MARKER
+
     folder = stage.output_dir(settings)
     if folder is None or not (folder / "run.json").is_file():
+        return None
+    if (folder / INCOMPLETE_MARKER).exists():
         return None
     try:
         record = json.loads((folder / "run.json").read_text())

@@ -79,11 +79,22 @@ def _first_disk_full_error(exc: BaseException) -> DiskFullError | None:
 
 def _sweep_stale_staging(final: Path) -> None:
     """Remove staging folders of ``final`` left by a killed run (``.tmp-<8 hex>-<name>``,
-    ``.tmp-old-<8 hex>-<name>``); only this name's, so other stages' staging is untouched."""
+    ``.tmp-old-<8 hex>-<name>``); only this name's, so other stages' staging is untouched.
+
+    A run killed between staged_dir's two renames leaves no ``final`` but the previous
+    ``final`` complete under ``.tmp-old-...``: it is put back first, so the earlier outputs
+    are never swept away with the half-finished new ones.
+    """
     pattern = re.compile(rf"{re.escape(TMP_MARK)}(old-)?[0-9a-f]{{8}}-{re.escape(final.name)}")
-    for stale in final.parent.iterdir():
-        if pattern.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
+    stale = [path for path in final.parent.iterdir()
+             if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink()]
+    if not final.exists():
+        previous = [path for path in stale if path.name.startswith(f"{TMP_MARK}old-")]
+        if previous:
+            os.replace(previous[0], final)
+            stale.remove(previous[0])
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def tmp_path_for(final: Path) -> Path:

@@ -271,6 +271,21 @@ def test_staged_dir_sweeps_only_its_own_stale_staging(tmp_path: Path) -> None:
     assert (tmp_path / "processed" / "X_train.npy").read_bytes() == b"whole"
 
 
+def test_a_kill_between_the_two_renames_keeps_the_previous_outputs(tmp_path: Path) -> None:
+    """Killed after ``processed`` became ``.tmp-old-...`` but before the new folder took its
+    place: the next run puts the previous outputs back, even if that run fails too."""
+    (tmp_path / ".tmp-old-0123abcd-processed").mkdir()
+    (tmp_path / ".tmp-old-0123abcd-processed" / "X_train.npy").write_bytes(b"previous")
+    (tmp_path / ".tmp-89abcdef-processed").mkdir()
+    (tmp_path / ".tmp-89abcdef-processed" / "X_train.npy").write_bytes(b"new, maybe partial")
+    with pytest.raises(RuntimeError, match="boom"):
+        with staged_dir(tmp_path / "processed") as staging:
+            (staging / "X_train.npy").write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert sorted(os.listdir(tmp_path)) == ["processed"]
+    assert (tmp_path / "processed" / "X_train.npy").read_bytes() == b"previous"
+
+
 def test_a_full_disk_while_saving_the_model_is_a_disk_full_error(tmp_path, monkeypatch) -> None:
     """SB3 writes model.zip itself; a full disk there must still be exit code 8, not a bug."""
     import errno

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from datetime import date
 from pathlib import Path
 
@@ -187,6 +188,57 @@ def test_rerun_replaces_the_old_transaction_files(tmp_path):
     assert names == [f"transactions_2023-0{m}.csv" for m in (1, 2, 3, 4)]
     assert (out / "notes.txt").read_text() == "mine"
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_generate_killed_while_swapping_in_is_refused_until_rerun(tmp_path, monkeypatch):
+    from pricing_cli.data import generate as generate_module
+    from pricing_cli.data.raw_contract import INCOMPLETE_MARKER, read_catalog
+
+    out = tmp_path / "raw"
+    _generate(out, **{"generate.seed": 1})
+    before = _files(out)
+    # Killed after the new transactions/ is in place, before the catalog follows.
+    real_replace = os.replace
+
+    def killed_at_the_catalog(src, dst):
+        if Path(dst).name == "catalog.csv":
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(generate_module.os, "replace", killed_at_the_catalog)
+    with pytest.raises(KeyboardInterrupt):
+        _generate(out, **{"generate.seed": 2})
+    monkeypatch.setattr(generate_module.os, "replace", real_replace)
+    assert (out / INCOMPLETE_MARKER).exists()
+    assert (out / "catalog.csv").read_bytes() == before["catalog.csv"]  # the old market's
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    with pytest.raises(DataError, match="interrupted while replacing this market") as info:
+        read_catalog(out / "catalog.csv")
+    assert "Re-run `pricectl generate`" in info.value.hint
+    # The re-run completes the market: the same files as an uninterrupted run.
+    _generate(out, **{"generate.seed": 2})
+    _generate(tmp_path / "clean", **{"generate.seed": 2})
+    assert not (out / INCOMPLETE_MARKER).exists()
+    assert _files(out) == _files(tmp_path / "clean")
+
+
+def test_a_generate_stopped_before_the_swap_keeps_the_old_market(tmp_path, monkeypatch):
+    from pricing_cli.data.raw_contract import INCOMPLETE_MARKER
+
+    out = tmp_path / "raw"
+    _generate(out, **{"generate.seed": 1})
+    before = _files(out)
+
+    class StopAfterOneFile(RunMonitor):
+        def update_bar(self, key, **kwargs):
+            raise KeyboardInterrupt
+
+    settings = load_settings(preset="tiny", environ={}, flags={
+        "generate.output_dir": str(out), "generate.seed": 2})
+    with pytest.raises(KeyboardInterrupt), StopAfterOneFile("generate", "quiet") as monitor:
+        run_generate(settings, monitor)
+    assert _files(out) == before
+    assert not (out / INCOMPLETE_MARKER).exists()
 
 
 def test_cli_generate(tmp_path, monkeypatch):

@@ -53,6 +53,12 @@ def test_pipeline_skips_up_to_date_stages_and_reruns_downstream(tmp_path: Path, 
     forced = pipeline(capsys, "pipeline", "--from", "merge", "--to", "merge", "--force")
     assert forced == ["merge: running"]
 
+    # a generate killed while swapping its market in (marker left) is not up to date
+    Path("data/raw/.generate-incomplete").write_text("{}")
+    resumed = pipeline(capsys, "pipeline", "--to", "features")
+    assert resumed == ["generate: running", "features: running"]
+    assert not Path("data/raw/.generate-incomplete").exists()
+
 
 def test_pipeline_rejects_unknown_or_reversed_stages(tmp_path: Path, monkeypatch,
                                                      capsys) -> None:

@@ -29,6 +29,7 @@ old one as a whole, so a killed run leaves the previous output intact.
 from __future__ import annotations
 
 import gzip
+import os
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -39,9 +40,16 @@ import numpy as np
 
 from pricing_cli.config import GenerateSettings, Settings
 from pricing_cli.data.market import GroundTruth, expected_units
+from pricing_cli.data.raw_contract import INCOMPLETE_MARKER, INCOMPLETE_NOTE
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.runinfo import StageResult
-from pricing_cli.storage import atomic_write, staged_dir, sweep_stale_tmp, write_json
+from pricing_cli.storage import (
+    atomic_write,
+    staged_dir,
+    sweep_stale_tmp,
+    tmp_path_for,
+    write_json,
+)
 
 TRANSACTIONS_DIR = "transactions"
 CATALOG_FILE = "catalog.csv"
@@ -319,6 +327,47 @@ def write_table(frame: Any, path: Path, file_format: str) -> None:
 # The stage
 
 
+def _write_transactions(staging: Path, final_dir: Path, gt: GroundTruth, cfg: GenerateSettings,
+                        prices: np.ndarray, monitor: RunMonitor
+                        ) -> tuple[list[Path], int, int, int]:
+    """Simulate the market day by day and write one transaction file per period into
+    ``staging``. Returns (final paths of the files, rows, return rows, gross units sold)."""
+    periods = file_periods(cfg.start_date, cfg.n_days, cfg.file_period)
+    monitor.add_bar("files", "transaction files", len(periods))
+    started = time.monotonic()
+    n_rows = n_returns = gross_units = 0
+    written: list[Path] = []
+    pending = TransactionRows.empty()  # returns dated after the period they were made in
+    for name, first_day, end_day in periods:
+        parts = []
+        for day in range(first_day, end_day):
+            sales, returns = simulate_day(gt, cfg, day, prices[:, day])
+            parts.append(sales)
+            gross_units += int(sales.quantity.sum())
+            pending = TransactionRows.concat(
+                [pending, returns.take(returns.day < cfg.n_days)])
+        due = pending.day < end_day
+        returns_now = pending.take(due)
+        pending = pending.take(~due)
+        rows = TransactionRows.concat([*parts, returns_now])
+        # Stable sort: within a product-day, sales come before returns.
+        order = np.argsort(rows.day.astype(np.int64) * gt.n_products + rows.product,
+                           kind="stable")
+        rows = rows.take(order)
+        path = staging / f"transactions_{name}.{cfg.file_format}"
+        write_table(_frame(rows, gt, cfg), path, cfg.file_format)
+        written.append(final_dir / path.name)
+        n_rows += len(rows)
+        n_returns += len(returns_now)
+        elapsed = max(time.monotonic() - started, 1e-9)
+        monitor.update_bar("files", advance=1)
+        monitor.set_metric("rows", f"{n_rows:,}")
+        monitor.set_metric("rows/s", f"{n_rows / elapsed:,.0f}")
+        monitor.check_memory()
+
+    return written, n_rows, n_returns, gross_units
+
+
 def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
     """Write a synthetic market: transactions/, catalog.csv and ground_truth.json.
 
@@ -343,49 +392,37 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
 
     gt = draw_market(cfg)
     prices = historical_prices(gt, cfg)
-    periods = file_periods(cfg.start_date, cfg.n_days, cfg.file_period)
-    monitor.add_bar("files", "transaction files", len(periods))
-    started = time.monotonic()
-    n_rows = n_returns = gross_units = 0
-    written: list[Path] = []
-    pending = TransactionRows.empty()  # returns dated after the period they were made in
 
-    # Transactions first and catalog/ground truth last: a run killed while writing the
-    # (long) transactions leaves the previous market complete and consistent.
-    with staged_dir(out / TRANSACTIONS_DIR) as staging:
-        for name, first_day, end_day in periods:
-            parts = []
-            for day in range(first_day, end_day):
-                sales, returns = simulate_day(gt, cfg, day, prices[:, day])
-                parts.append(sales)
-                gross_units += int(sales.quantity.sum())
-                pending = TransactionRows.concat(
-                    [pending, returns.take(returns.day < cfg.n_days)])
-            due = pending.day < end_day
-            returns_now = pending.take(due)
-            pending = pending.take(~due)
-            rows = TransactionRows.concat([*parts, returns_now])
-            # Stable sort: within a product-day, sales come before returns.
-            order = np.argsort(rows.day.astype(np.int64) * gt.n_products + rows.product,
-                               kind="stable")
-            rows = rows.take(order)
-            path = staging / f"transactions_{name}.{cfg.file_format}"
-            write_table(_frame(rows, gt, cfg), path, cfg.file_format)
-            written.append(out / TRANSACTIONS_DIR / path.name)
-            n_rows += len(rows)
-            n_returns += len(returns_now)
-            elapsed = max(time.monotonic() - started, 1e-9)
-            monitor.update_bar("files", advance=1)
-            monitor.set_metric("rows", f"{n_rows:,}")
-            monitor.set_metric("rows/s", f"{n_rows / elapsed:,.0f}")
-            monitor.check_memory()
+    # Transactions are staged as a folder; the catalog and ground truth of the same market are
+    # staged beside them and renamed into place right after the folder swap. Between that swap
+    # and the last rename, data/raw mixes two markets: the INCOMPLETE_MARKER says so, and the
+    # raw reader refuses such a folder (a kill there is the only way to see it).
+    staged_files = {out / CATALOG_FILE: tmp_path_for(out / CATALOG_FILE),
+                    out / GROUND_TRUTH_FILE: tmp_path_for(out / GROUND_TRUTH_FILE)}
+    marker = out / INCOMPLETE_MARKER
+    swapped = False  # True once the new transactions/ replaced the old
+    try:
+        with staged_dir(out / TRANSACTIONS_DIR) as staging:
+            written, n_rows, n_returns, gross_units = _write_transactions(
+                staging, out / TRANSACTIONS_DIR, gt, cfg, prices, monitor)
 
-    catalog = pl.DataFrame({
-        "product_id": list(gt.product_ids), "unit_cost": gt.unit_cost,
-        "min_price": gt.min_price, "max_price": gt.max_price, "category": list(gt.category),
-    })
-    write_table(catalog, out / CATALOG_FILE, "csv")
-    write_json(out / GROUND_TRUTH_FILE, gt.to_dict())
+            catalog = pl.DataFrame({
+                "product_id": list(gt.product_ids), "unit_cost": gt.unit_cost,
+                "min_price": gt.min_price, "max_price": gt.max_price, "category": list(gt.category),
+            })
+            write_table(catalog, staged_files[out / CATALOG_FILE], "csv")
+            write_json(staged_files[out / GROUND_TRUTH_FILE], gt.to_dict())
+            write_json(marker, {"stage": "generate", "note": INCOMPLETE_NOTE})
+        swapped = True
+        for final, staged in staged_files.items():
+            os.replace(staged, final)
+    except BaseException:
+        for staged in staged_files.values():
+            staged.unlink(missing_ok=True)
+        if not swapped:  # the previous market is still whole
+            marker.unlink(missing_ok=True)
+        raise
+    marker.unlink()
 
     files = [*written, out / CATALOG_FILE, out / GROUND_TRUTH_FILE]
     summary = {

@@ -239,6 +239,13 @@ def _date(name: str, dtype: Any, date_format: str | None) -> pl.Expr:
 # Catalog
 
 
+# Present only while a raw folder mixes two generated markets: `pricectl generate` writes it
+# just before swapping its transactions in and removes it once catalog and ground truth follow.
+INCOMPLETE_MARKER = ".generate-incomplete"
+INCOMPLETE_NOTE = ("`pricectl generate` was interrupted while replacing this market: the "
+                   "transactions, catalog and ground truth may come from different runs")
+
+
 def read_catalog(path: str | Path) -> pl.DataFrame:
     """Read and check the catalog (small, so eagerly).
 
@@ -252,13 +259,18 @@ def read_catalog(path: str | Path) -> pl.DataFrame:
 
     Raises:
         MissingInputError: the file does not exist.
-        DataError: a column is missing, a product_id repeats or is empty, a number cannot be
-            read, unit_cost < 0, min_price <= 0 or min_price > max_price; the message names
-            the first offending lines. The catalog is reference data, so no row is skipped.
+        DataError: the folder holds a half-replaced generated market (INCOMPLETE_MARKER), a
+            column is missing, a product_id repeats or is empty, a number cannot be read,
+            unit_cost < 0, min_price <= 0 or min_price > max_price; the message names the
+            first offending lines. The catalog is reference data, so no row is skipped.
     """
     import polars as pl
 
     path = Path(path)
+    if (path.parent / INCOMPLETE_MARKER).exists():
+        raise DataError(f"{path.parent} is incomplete: {INCOMPLETE_NOTE}",
+                        "Re-run `pricectl generate`; it removes "
+                        f"{path.parent / INCOMPLETE_MARKER} when the market is whole again.")
     if not path.is_file():
         raise MissingInputError(f"catalog file not found: {path}",
                                 "Run `pricectl generate`, or pass --catalog FILE.")
