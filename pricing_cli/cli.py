@@ -235,7 +235,8 @@ def train(
     warm_start: Annotated[str | None, typer.Option(
         help="Supervised start before RL: none (default; with train.forecast_prior the "
              "policy already starts at the fitted model's myopic optimum), greedy (clone that "
-             "optimum) or bc (clone historical prices).")] = None,
+             "optimum), planner (clone the best price path under the fitted model; for "
+             "train.price_change_cost > 0) or bc (clone historical prices).")] = None,
     run_id: Annotated[str | None, typer.Option(help="Run folder name under models/.")] = None,
 ) -> None:
     """Fit the demand model and train the pricing agent; everything lands in models/<run_id>/."""

@@ -225,11 +225,12 @@ class TrainSettings(Section):
     """Divide each product's daily profit by its mean best daily profit under the fitted
     demand model, so every product's reward is about 1 a day and products whose profits are
     100x larger do not dominate the value loss. Off: reward = profit * reward_scale."""
-    warm_start: Literal["none", "bc", "greedy"] = "none"
+    warm_start: Literal["none", "bc", "greedy", "planner"] = "none"
     """Supervised start before RL. bc: clone the historical prices (labels + masks). greedy:
     clone each train day's most profitable feasible level under the fitted demand model (the
-    myopic optimum). none: no cloning; with forecast_prior > 0 the policy already starts at
-    the greedy choice."""
+    myopic optimum). planner: clone the best feasible price path under the fitted model and
+    the change costs (worth it with price_change_cost > 0). none: no cloning; with
+    forecast_prior > 0 the policy already starts at the greedy choice."""
     bc_epochs: int = Field(30, ge=0)
     """Epochs of behaviour cloning for --warm-start bc or greedy."""
     bc_learning_rate: float = Field(1e-3, gt=0)
@@ -245,6 +246,10 @@ class TrainSettings(Section):
     """Strength of the pooling of product demand parameters toward their category."""
     feature_hidden: int = Field(64, ge=1)
     """Width of the extractor's MLP over the state features (beside the product embedding)."""
+    price_change_cost: float = Field(0.0, ge=0)
+    """What one price change costs (relabelling, shoppers' trust), as a share of the product's
+    mean best daily profit under the fitted model; 0: changes are free. The agent's reward,
+    the greedy and planner baselines and every policy's evaluated profit are net of it."""
     forecast_prior: float = Field(100.0, ge=0)
     """Weight of the demand model's relative profit per level added straight to the policy's
     logits (a residual policy): training starts from the greedy choice, softened with

@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 MOVE_DOWN, MOVE_HOLD, MOVE_UP = 0, 1, 2
+# A relative move below this is the same price held (rounding, not a decision); it decides
+# what counts as a price change for days held and for the price-change cost.
+CHANGE_TOLERANCE = 0.005
 
 
 def price_grid(min_price: np.ndarray | float, max_price: np.ndarray | float,
@@ -59,3 +62,11 @@ def feasible_mask(grid: np.ndarray, prev_price: np.ndarray | float,
     mask: np.ndarray = flat.reshape(ok.shape).astype(np.int8)
     conflicts: np.ndarray = np.asarray(conflict.reshape(ok.shape[:-1]))
     return mask, conflicts
+
+
+def is_price_change(price: np.ndarray | float, previous: np.ndarray | float) -> np.ndarray:
+    """True where ``price`` moves more than CHANGE_TOLERANCE (relative) from ``previous``.
+    A NaN previous price (unknown) is no change."""
+    with np.errstate(invalid="ignore"):
+        moved = np.abs(np.asarray(price, dtype=np.float64) / previous - 1.0) > CHANGE_TOLERANCE
+    return np.asarray(moved)

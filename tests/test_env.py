@@ -92,6 +92,36 @@ def test_forecast_features_are_the_demand_models_relative_profit_per_level(world
         assert obs["features"][i, F + int(profit.argmax())] == pytest.approx(1.0)
 
 
+def test_a_price_change_pays_the_change_cost_in_reward_and_forecast(world) -> None:
+    import dataclasses
+
+    folder, _, demand, market = world
+    cost = np.arange(1.0, N_PRODUCTS + 1) * 7.0  # money per change, by product index
+    costly = dataclasses.replace(market, change_cost=cost)
+    free_env, env = make_env(world), PriceEnv(costly, episode_length=EPISODE, reward_scale=0.01)
+    _, info = env.reset(seed=3)
+    free_env.reset(seed=3)  # the same episode
+    row = info["row"]
+    product = int(market.product_index[row])
+    grid = market.grid(np.array([row]))[0]
+    last = market.previous_price[row]
+    moves = np.abs(grid / last - 1.0) > 0.005
+    # The forecast is today's profit net of the cost on every level that moves the price.
+    obs = costly.observation(np.array([row]), np.array([last]), np.array([1.0]))
+    profit = costly.level_profit(np.array([row]))[0]
+    want = np.clip((profit - cost[product] * moves) / profit.max(), -1, 1)
+    np.testing.assert_allclose(obs["features"][0, F:F + K], want, rtol=1e-5, atol=1e-6)
+    # Moving pays the cost once; holding next day pays nothing.
+    level = int(np.nonzero(env.action_masks() & moves)[0][0])
+    _, reward, _, _, step = env.step(level)
+    _, free_reward, _, _, _ = free_env.step(level)
+    assert reward == pytest.approx(free_reward - cost[product] * 0.01, rel=1e-12)
+    assert step["profit"] == pytest.approx(free_reward / 0.01 - cost[product], rel=1e-12)
+    _, reward, _, _, _ = env.step(level)
+    _, free_reward, _, _, _ = free_env.step(level)
+    assert reward == pytest.approx(free_reward, rel=1e-12)
+
+
 def test_sampled_demand_draws_poisson_units(world) -> None:
     env = make_env(world, sample_demand=True)
     env.reset(seed=0)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -130,33 +131,55 @@ def test_greedy_equals_brute_force_per_day_search() -> None:
 
 
 def best_path_profit(day_profit: list[np.ndarray], grid: np.ndarray, prev: float,
-                     max_change: float, day: int = 0) -> float:
-    """Largest profit of days ``day``.. over every feasible price path (plain recursion)."""
+                     max_change: float, cost: float = 0.0, day: int = 0) -> float:
+    """Largest profit of days ``day``.. over every feasible price path, net of ``cost`` per
+    price change (plain recursion)."""
     if day == len(day_profit):
         return 0.0
-    return max(day_profit[day][j] + best_path_profit(day_profit, grid, grid[j], max_change,
-                                                     day + 1)
+    return max(day_profit[day][j] - cost * (abs(grid[j] / prev - 1) > 0.005)
+               + best_path_profit(day_profit, grid, grid[j], max_change, cost, day + 1)
                for j in range(len(grid)) if abs(grid[j] / prev - 1) <= max_change + 1e-9)
 
 
-@pytest.mark.parametrize("max_change", [0.25, 0.08])
-def test_planner_equals_brute_force_over_every_feasible_price_path(max_change: float) -> None:
+def net_path_profit(meta: SplitMeta, demand: TruthDemand, prices: np.ndarray, product: int,
+                    cost: float) -> float:
+    """One product's profit over the split, net of ``cost`` per price move."""
+    rows = np.nonzero(meta.product_index == product)[0]
+    units = demand.expected_units(meta.product_index[rows], meta.date[rows], prices[rows])
+    moves = np.abs(prices[rows] / np.r_[HISTORICAL[product], prices[rows][:-1]] - 1) > 0.005
+    return float(np.sum((prices[rows] - COST[product]) * units) - cost * moves.sum())
+
+
+@pytest.mark.parametrize(("max_change", "cost"), [(0.25, 0.0), (0.08, 0.0), (0.25, 40.0)])
+def test_planner_equals_brute_force_over_every_feasible_price_path(max_change: float,
+                                                                    cost: float) -> None:
     meta, demand = make_meta(n_days=6), TruthDemand(make_truth())
-    planned = bl.planned_prices(meta, demand, K, max_change)
-    greedy = bl.greedy_prices(meta, demand, K, max_change)
-    units = {name: demand.expected_units(meta.product_index, meta.date, prices)
-             for name, prices in (("planned", planned), ("greedy", greedy))}
+    change_cost = np.full(len(IDS), cost) if cost else None
+    planned = bl.planned_prices(meta, demand, K, max_change, change_cost)
+    greedy = bl.greedy_prices(meta, demand, K, max_change, change_cost)
     for p in range(len(IDS)):
         rows = np.nonzero(meta.product_index == p)[0]
         grid = price_grid(MIN_PRICE[p], MAX_PRICE[p], K)
         day_profit = [(grid - COST[p]) * demand.expected_units(
             np.full(K, p), np.full(K, meta.date[row]), grid) for row in rows]
-        best = best_path_profit(day_profit, grid, HISTORICAL[p], max_change)
-        planned_profit = float(np.sum((planned[rows] - COST[p]) * units["planned"][rows]))
-        greedy_profit = float(np.sum((greedy[rows] - COST[p]) * units["greedy"][rows]))
-        assert planned_profit == pytest.approx(best, rel=1e-12)
-        assert best >= greedy_profit - 1e-9
+        best = best_path_profit(day_profit, grid, HISTORICAL[p], max_change, cost)
+
+        assert net_path_profit(meta, demand, planned, p, cost) == pytest.approx(best, rel=1e-12)
+        assert best >= net_path_profit(meta, demand, greedy, p, cost) - 1e-9
     assert ev.count_violations(meta, planned, max_change).total == 0
+    if cost:
+        # Evaluate charges the same costs: profit net of every move, day one's included.
+        scored = ev.profit_metrics(meta, planned, demand.expected_units(
+            meta.product_index, meta.date, planned), change_cost)
+        moves = np.abs(planned / np.r_[np.nan, planned[:-1]] - 1) > 0.005
+        moves[meta.series_start] = np.abs(planned[meta.series_start] / HISTORICAL - 1) > 0.005
+        assert scored["change_costs"] == pytest.approx(cost * moves.sum())
+        # A change costs 40 here (a few days' profit gain): the planner moves less than greedy
+        # without costs does.
+        free = bl.greedy_prices(meta, demand, K, max_change)
+        free_moves = np.abs(free / np.r_[np.nan, free[:-1]] - 1) > 0.005
+        free_moves[meta.series_start] = np.abs(free[meta.series_start] / HISTORICAL - 1) > 0.005
+        assert moves.sum() < free_moves.sum()
 
 
 class ShiftingDemand:
@@ -394,9 +417,11 @@ def test_find_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def stage_with_stand_in_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                               truth: market.GroundTruth,
-                              agent_prices: np.ndarray | None = None) -> None:
+                              agent_prices: np.ndarray | None = None,
+                              change_cost: np.ndarray | None = None) -> None:
     """A processed folder, ground_truth.json, a finished run and a policy module stand-in
-    whose demand model is ``truth`` and whose agent prices like greedy (or ``agent_prices``)."""
+    whose demand model is ``truth`` and whose agent prices like greedy (or ``agent_prices``),
+    trained with ``change_cost``."""
     monkeypatch.chdir(tmp_path)
     meta = make_meta()
     write_processed(tmp_path / "data" / "processed", meta)
@@ -405,10 +430,40 @@ def stage_with_stand_in_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     (tmp_path / "models" / "run1" / "model.zip").write_bytes(b"")
     demand = TruthDemand(make_truth())
     if agent_prices is None:
-        agent_prices = bl.greedy_prices(meta, demand, K, MAX_CHANGE)
+        agent_prices = bl.greedy_prices(meta, demand, K, MAX_CHANGE, change_cost)
+    agent = SimpleNamespace(change_cost=change_cost,
+                            config={"price_change_cost": 0.0 if change_cost is None else 1.0})
     monkeypatch.setattr(policy, "load_demand_model", lambda run_dir: demand)
-    monkeypatch.setattr(policy, "load_agent", lambda run_dir: "agent")
+    monkeypatch.setattr(policy, "load_agent", lambda run_dir: agent)
     monkeypatch.setattr(policy, "rollout_prices", lambda agent, folder, split: (None, agent_prices))
+
+
+def test_run_evaluate_charges_change_costs_to_every_policy_but_the_oracle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    meta, truth = make_meta(), make_truth()
+    demand = TruthDemand(truth)
+    cost = np.array([30.0, 10.0, 50.0])
+    stage_with_stand_in_agent(tmp_path, monkeypatch, truth, change_cost=cost)
+    settings = load_settings(preset="tiny", flags={"evaluate.plot_products": 0}, environ={})
+    with RunMonitor("evaluate", "quiet") as monitor:
+        ev.run_evaluate(settings, monitor)
+    evaluation = json.loads((tmp_path / "reports" / "evaluation.json").read_text())
+    policies = evaluation["policies"]
+    greedy = bl.greedy_prices(meta, demand, K, MAX_CHANGE, cost)
+    previous = np.r_[np.nan, greedy[:-1]]
+    previous[meta.series_start] = HISTORICAL
+    paid = float(np.sum(cost[meta.product_index] * (np.abs(greedy / previous - 1) > 0.005)))
+    assert paid > 0
+    assert policies["greedy"]["fitted"]["change_costs"] == pytest.approx(paid)
+    assert policies["greedy"]["fitted"]["profit"] == pytest.approx(
+        profit(meta, demand, greedy) - paid)
+    assert policies["oracle"]["true"]["change_costs"] == 0.0
+    assert policies["oracle"]["true"]["profit"] == pytest.approx(
+        profit(meta, demand, bl.oracle_prices(meta, truth, bl.ground_truth_index(
+            meta, truth.index))))
+    # The planner optimises the same objective, so it is never below greedy.
+    assert policies["planner"]["fitted"]["profit"] >= policies["greedy"]["fitted"]["profit"]
+    assert evaluation["price_change_cost"] == 1.0
 
 
 def test_run_evaluate_writes_every_output(tmp_path: Path,

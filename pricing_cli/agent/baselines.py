@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pricing_cli.errors import BatchError, MissingInputError
-from pricing_cli.pricing import feasible_mask, price_grid
+from pricing_cli.pricing import feasible_mask, is_price_change, price_grid
 
 # Splits in chronological order: the split before ``test`` holds the last price before it.
 SPLIT_ORDER = ("train", "val", "test")
@@ -245,12 +245,13 @@ def static_prices(meta: SplitMeta, demand: DemandLike, K: int,
 
 
 def _walk_grid(meta: SplitMeta, K: int, max_daily_change: float,
-               choose: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+               choose: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+               ) -> np.ndarray:
     """Run a day-by-day grid policy for every product at once.
 
-    ``choose(series, rows, mask)`` returns the level index for each active series given its
-    feasibility mask (from its own previous price; from :meth:`SplitMeta.day_one_mask` on day
-    one).
+    ``choose(series, rows, mask, previous)`` returns the level index for each active series
+    given its feasibility mask (from its own previous price; from
+    :meth:`SplitMeta.day_one_mask` on day one) and that previous price (NaN where unknown).
     """
     _check_levels(meta, K)
     prices = np.zeros(meta.n_rows)
@@ -261,30 +262,49 @@ def _walk_grid(meta: SplitMeta, K: int, max_daily_change: float,
         series, rows = meta.rows_on_day(day)
         grid = meta.grid[series]
         if day == 0:
-            mask = first_mask[series]
+            mask, previous = first_mask[series], meta.prev_price[series]
         else:
-            mask = feasible_mask(grid, prices[rows - 1], max_daily_change)[0]
-        level = choose(series, rows, mask)
+            previous = prices[rows - 1]
+            mask = feasible_mask(grid, previous, max_daily_change)[0]
+        level = choose(series, rows, mask, previous)
         prices[rows] = grid[np.arange(series.size), level]
     return prices
 
 
-def greedy_prices(meta: SplitMeta, demand: DemandLike, K: int,
-                  max_daily_change: float) -> np.ndarray:
-    """Each day's most profitable feasible level under ``demand`` (myopic; ties: lower price)."""
+def change_charges(meta: SplitMeta, change_cost: np.ndarray | None, grid: np.ndarray,
+                   series: np.ndarray, previous: np.ndarray) -> np.ndarray | float:
+    """(len(series), K) what choosing each level costs in price-change cost, given the
+    previous prices (0 where the level holds the price or the previous price is unknown)."""
+    if change_cost is None:
+        return 0.0
+    cost = change_cost[meta.product_index[meta.series_start[series]]]
+    return np.where(is_price_change(grid, previous[:, None]), cost[:, None], 0.0)
 
-    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        profit = _level_profits(meta, demand, rows, meta.grid[series])
+
+def greedy_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change: float,
+                  change_cost: np.ndarray | None = None) -> np.ndarray:
+    """Each day's most profitable feasible level under ``demand`` (myopic; ties: lower price).
+
+    With ``change_cost`` ((n_products,) money per price change, by product index), today's
+    profit is net of it: greedy moves only when today's gain pays for the change.
+    """
+
+    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray,
+               previous: np.ndarray) -> np.ndarray:
+        grid = meta.grid[series]
+        profit = (_level_profits(meta, demand, rows, grid)
+                  - change_charges(meta, change_cost, grid, series, previous))
         return np.where(mask == 1, profit, -np.inf).argmax(axis=1)
 
     return _walk_grid(meta, K, max_daily_change, choose)
 
 
 def planned_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change: float,
-                   *, chunk: int = 512) -> np.ndarray:
+                   change_cost: np.ndarray | None = None, *, chunk: int = 512) -> np.ndarray:
     """The most profitable feasible price path of each product over the whole split under
     ``demand``: dynamic programming over days and grid levels, with the daily-change rule as
-    the only link between days.
+    the only link between days, and ``change_cost`` ((n_products,) money per price change, as
+    in :func:`greedy_prices`) charged on every move.
 
     This is the best any grid policy can earn in the world the agent trains in (the fitted
     model), so it bounds what RL can add over ``greedy``: when it equals greedy, the myopic
@@ -307,12 +327,19 @@ def planned_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change
             # allowed[s, j, k]: from level j today to level k tomorrow (pricing.feasible_mask's
             # rule; a level can always be held, so no row is ever all-infeasible).
             allowed = np.abs(g[:, None, :] / g[:, :, None] - 1.0) <= max_daily_change + 1e-9
-            tomorrow = value[rows[part] + 1]
-            to_go[part] += np.where(allowed, tomorrow[:, None, :], -np.inf).max(axis=2)
+            tomorrow = value[rows[part] + 1][:, None, :]
+            if change_cost is not None:
+                moves = is_price_change(g[:, None, :], g[:, :, None])
+                cost = change_cost[meta.product_index[rows[part]]]
+                tomorrow = tomorrow - np.where(moves, cost[:, None, None], 0.0)
+            to_go[part] += np.where(allowed, tomorrow, -np.inf).max(axis=2)
         value[rows] = to_go
 
-    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return np.where(mask == 1, value[rows], -np.inf).argmax(axis=1)
+    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray,
+               previous: np.ndarray) -> np.ndarray:
+        grid = meta.grid[series]
+        net = value[rows] - change_charges(meta, change_cost, grid, series, previous)
+        return np.where(mask == 1, net, -np.inf).argmax(axis=1)
 
     return _walk_grid(meta, K, max_daily_change, choose)
 
@@ -322,7 +349,8 @@ def random_feasible_prices(meta: SplitMeta, K: int, max_daily_change: float,
     """A uniformly random feasible level each day (the floor any policy should beat)."""
     rng = np.random.default_rng(seed)
 
-    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray,
+               previous: np.ndarray) -> np.ndarray:
         count = mask.sum(axis=1)
         pick = np.minimum((rng.random(series.size) * count).astype(np.int64), count - 1)
         # The pick-th feasible level: the first level whose running count of feasible levels

@@ -24,8 +24,9 @@ levels follow ``pricing.feasible_mask`` from the agent's previous price (on an e
 day: the processed mask of that row). An infeasible action (PPO without masks) is moved to the
 nearest feasible level and counted.
 
-Reward: ``(price - unit_cost) * units * reward_scale``, units = the demand model's expectation
-(or a Poisson draw with ``sample_demand``).
+Reward: ``((price - unit_cost) * units - change cost) * reward_scale``, units = the demand
+model's expectation (or a Poisson draw with ``sample_demand``); the change cost is paid on a day
+the price moves (``Market.change_cost``, zero by default: train.price_change_cost).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv
 
 from pricing_cli.errors import BatchError, MissingInputError
-from pricing_cli.pricing import feasible_mask
+from pricing_cli.pricing import CHANGE_TOLERANCE, feasible_mask, is_price_change
 
 if TYPE_CHECKING:
     from pricing_cli.agent.demand import DemandModel
@@ -52,7 +53,6 @@ SPLITS = ("train", "val", "test")
 ENDOGENOUS_FEATURES = ("own_log_price_vs_reference", "own_days_held", "own_price_position")
 N_ENDOGENOUS = len(ENDOGENOUS_FEATURES)
 HELD_DAYS_SCALE = 28.0  # days held are reported as min(days, 28) / 28
-PRICE_CHANGE_TOLERANCE = 0.005  # relative change below which the price counts as held
 # Resident feature pages are dropped after this many rows were read (Market.release_pages):
 # RSS stays bounded (16k rows x 4 KB = 64 MB at the full preset's width) at the cost of minor
 # page faults from the page cache.
@@ -138,8 +138,13 @@ class Market:
     n_products: int
     price_levels: int
     max_daily_change: float
+    # (n_products,) money lost per price change (train.price_change_cost x the product's
+    # profit scale); zeros: changes are free.
+    change_cost: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.change_cost is None:
+            self.change_cost = np.zeros(self.n_products)
         # A plain ndarray view of the mapping (no copy): np.memmap's __getitem__ wraps every
         # gathered batch in a memmap subclass, which made row gathers 3x slower.
         self._rows: np.ndarray = np.asarray(self.features)
@@ -153,6 +158,8 @@ class Market:
             self.log_base.astype(f32), self.elasticity.astype(f32),
             np.log(self.reference).astype(f32), self.min_price.astype(f32),
             self._span.astype(f32), self.unit_cost.astype(f32), self._steps.astype(f32))
+        self._change_cost32 = np.asarray(self.change_cost, dtype=f32)
+        self._charges_changes = bool(np.any(self._change_cost32 > 0))
 
     @property
     def n_rows(self) -> int:
@@ -219,10 +226,12 @@ class Market:
                      - self.elasticity[rows, None] * np.log(grid / self.reference[rows, None]))
         return (grid - self.unit_cost[rows, None]) * np.exp(np.minimum(log_units, 30.0))
 
-    def profit_forecast(self, rows: np.ndarray) -> np.ndarray:
+    def profit_forecast(self, rows: np.ndarray, last_price: np.ndarray | None = None
+                        ) -> np.ndarray:
         """(len(rows), K) float32: the demand model's expected profit at each level / the best
         level's. Clipped below at -1 so a loss-making level far under cost cannot dominate the
-        scale.
+        scale. With a price-change cost and ``last_price`` given, every level that would
+        change the price carries the cost: the forecast is today's profit net of it.
 
         The same model as :meth:`level_profit`, in float32 (relative error ~1e-6: only exact
         ties between levels can order differently); this runs on every env step.
@@ -233,6 +242,11 @@ class Market:
                                                                       - log_ref[rows, None])
         profit = (grid - cost[rows, None]) * np.exp(np.minimum(log_units, np.float32(30.0)))
         best = np.maximum(profit.max(axis=1, keepdims=True), np.float32(1e-9))
+        if last_price is not None and self._charges_changes:
+            change_cost = self._change_cost32[self.product_index[rows]]
+            moves = np.abs(grid / last_price[:, None].astype(np.float32) - np.float32(1.0))
+            profit -= np.where(moves > np.float32(CHANGE_TOLERANCE), change_cost[:, None],
+                               np.float32(0.0))
         profit /= best
         return np.clip(profit, np.float32(-1.0), np.float32(1.0), out=profit)
 
@@ -256,7 +270,7 @@ class Market:
             self.release_pages()
         # take(out=) gathers straight into the observation, with no temporary (x1.25 faster).
         np.take(self._rows, rows, axis=0, out=features[:, :width])
-        features[:, width:-N_ENDOGENOUS] = self.profit_forecast(rows)
+        features[:, width:-N_ENDOGENOUS] = self.profit_forecast(rows, last_price)
         features[:, -N_ENDOGENOUS:] = self.endogenous(rows, last_price, held)
         return {"product_id": self.product_index[rows].astype(np.float32)[:, None],
                 "features": features}
@@ -298,7 +312,8 @@ def observation_space(n_products: int, n_features: int) -> spaces.Dict:
 
 
 def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
-                stats: dict[str, Any] | None = None) -> Market:
+                stats: dict[str, Any] | None = None,
+                change_cost: np.ndarray | None = None) -> Market:
     """Open one split of ``processed_dir`` for simulation.
 
     Args:
@@ -306,6 +321,8 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
         split: train, val or test.
         demand: the fitted demand model (per-row level and elasticity are precomputed).
         stats: preprocessing_stats.json content (read if None).
+        change_cost: (n_products,) money per price change (None: free; see
+            :func:`change_costs`).
 
     Raises:
         MissingInputError: a processed file is missing.
@@ -360,7 +377,28 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
         product_ids=dict(zip(ids["product_index"].to_list(), ids["product_id"].to_list(),
                              strict=True)),
         n_products=n_products, price_levels=K,
-        max_daily_change=float(stats["max_daily_change"]))
+        max_daily_change=float(stats["max_daily_change"]),
+        change_cost=_fit_length(change_cost, n_products))
+
+
+def change_costs(market: Market, share: float) -> np.ndarray:
+    """(n_products,) the money one price change costs each product: ``share`` of its mean best
+    daily profit under the demand model on ``market`` (train.price_change_cost). Relative to
+    each product's own profit, so one setting means the same for a product selling 5 a day
+    and one selling 5,000."""
+    if share <= 0:
+        return np.zeros(market.n_products)
+    return share * market.product_profit_scale()
+
+
+def _fit_length(values: np.ndarray | None, n: int) -> np.ndarray | None:
+    """``values`` cut or zero-padded to n (a later split may know more product indices)."""
+    if values is None:
+        return None
+    out = np.zeros(n)
+    k = min(n, len(values))
+    out[:k] = values[:k]
+    return out
 
 
 def _last_prices_before(processed_dir: Path, split: str) -> dict[int, float]:
@@ -385,7 +423,7 @@ def _held_days(price: np.ndarray, first: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.zeros(0)
     prev = np.r_[price[:1], price[:-1]]
-    changed = first | (np.abs(price / prev - 1.0) > PRICE_CHANGE_TOLERANCE)
+    changed = first | (np.abs(price / prev - 1.0) > CHANGE_TOLERANCE)
     run_start = np.maximum.accumulate(np.where(changed, np.arange(n), 0))
     run_length = np.arange(n) - run_start + 1  # days at this price, ending at this row
     held = np.r_[1.0, run_length[:-1].astype(np.float64)]
@@ -444,8 +482,9 @@ class EpisodeBatch:
         """Apply one day's price levels to these slots.
 
         Returns:
-            dict of per-slot arrays: rows, levels (after clipping), prices, units, profit,
-            reward, clipped (bool), done (the window is over).
+            dict of per-slot arrays: rows, levels (after clipping), prices, units, profit
+            (net of change_cost), change_cost (paid for a price change), reward, clipped
+            (bool), done (the window is over).
         """
         m = self.market
         rows = self.row[slots]
@@ -457,9 +496,11 @@ class EpisodeBatch:
         if self.sample_demand:
             units = (rng if rng is not None else np.random.default_rng()).poisson(units)
             units = units.astype(np.float64)
-        profit = (prices - m.unit_cost[rows]) * units
+        changed = is_price_change(prices, self.last_price[slots])
+        assert m.change_cost is not None
+        change_cost = m.change_cost[m.product_index[rows]] * changed
+        profit = (prices - m.unit_cost[rows]) * units - change_cost
         reward = profit * self.reward_scale / self.profit_scale[m.product_index[rows]]
-        changed = np.abs(prices / self.last_price[slots] - 1.0) > PRICE_CHANGE_TOLERANCE
         self.held[slots] = np.where(changed, 1.0, self.held[slots] + 1.0)
         self.last_price[slots] = prices
         self.episode_return[slots] += reward
@@ -473,7 +514,8 @@ class EpisodeBatch:
             self.mask[slots[going]] = feasible_mask(m.grid(next_rows[going]), prices[going],
                                                     m.max_daily_change)[0].astype(bool)
         return {"rows": rows, "levels": levels, "prices": prices, "units": units,
-                "profit": profit, "reward": reward, "clipped": clipped, "done": done}
+                "profit": profit, "change_cost": change_cost, "reward": reward,
+                "clipped": clipped, "done": done}
 
 
 class PriceEnv(gym.Env):

@@ -35,7 +35,7 @@ from pricing_cli.agent.baselines import (
 from pricing_cli.config import Settings
 from pricing_cli.errors import ModelError
 from pricing_cli.monitor import RunMonitor
-from pricing_cli.pricing import feasible_mask
+from pricing_cli.pricing import feasible_mask, is_price_change
 from pricing_cli.runinfo import StageResult
 from pricing_cli.storage import staged_dir, write_json
 
@@ -44,6 +44,8 @@ DAYS_PER_MONTH = 365.25 / 12
 # Relative slack when comparing prices with bounds and limits: grid prices are computed in
 # floating point and must not count as violations by rounding alone.
 PRICE_TOLERANCE = 1e-9
+# Policies held to no rule (daily-change limit, change costs): the oracle, an upper bound.
+EXEMPT_POLICIES = ("oracle",)
 # Products whose historical profit is this close to zero have no meaningful uplift in %.
 MIN_BASE_PROFIT = 1e-9
 
@@ -91,12 +93,28 @@ def find_run_dir(settings: Settings) -> Path:
 # Metrics
 
 
-def profit_metrics(meta: SplitMeta, prices: np.ndarray, units: np.ndarray) -> dict[str, float]:
-    """Profit, revenue, units and margin (profit / revenue) of one policy, summed over rows."""
+def profit_metrics(meta: SplitMeta, prices: np.ndarray, units: np.ndarray,
+                   change_cost: np.ndarray | None = None) -> dict[str, float]:
+    """Profit, revenue, units, margin (profit / revenue) and change costs of one policy,
+    summed over rows. With ``change_cost`` ((n_products,) money per price change) profit is
+    net of the price-change costs the policy paid."""
     revenue = float(np.sum(prices * units))
-    profit = float(np.sum((prices - meta.unit_cost) * units))
+    costs = change_costs_paid(meta, prices, change_cost)
+    profit = float(np.sum((prices - meta.unit_cost) * units)) - costs
     return {"profit": profit, "revenue": revenue, "units": float(np.sum(units)),
-            "margin": profit / revenue if revenue else 0.0}
+            "margin": profit / revenue if revenue else 0.0, "change_costs": costs}
+
+
+def change_costs_paid(meta: SplitMeta, prices: np.ndarray,
+                      change_cost: np.ndarray | None) -> float:
+    """Price-change costs of a price path: every move beyond pricing.CHANGE_TOLERANCE, the one
+    onto day one from the last price before the split included (as the env charges it)."""
+    if change_cost is None or meta.n_rows == 0:
+        return 0.0
+    previous = np.roll(prices, 1)
+    previous[meta.series_start] = meta.prev_price
+    moved = is_price_change(prices, previous)
+    return float(np.sum(change_cost[meta.product_index] * moved))
 
 
 def product_profits(meta: SplitMeta, prices: np.ndarray, units: np.ndarray) -> np.ndarray:
@@ -191,8 +209,8 @@ def product_uplift_pct(meta: SplitMeta, prices: np.ndarray, base_prices: np.ndar
 
 
 def score_policies(meta: SplitMeta, policies: dict[str, np.ndarray], units_fn: UnitsFn,
-                   baseline: str = "historical",
-                   reference: str | None = None) -> dict[str, dict[str, Any]]:
+                   baseline: str = "historical", reference: str | None = None,
+                   change_cost: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
     """Profit metrics of every policy under one demand function.
 
     Args:
@@ -200,12 +218,16 @@ def score_policies(meta: SplitMeta, policies: dict[str, np.ndarray], units_fn: U
         units_fn: prices -> expected units, row by row.
         baseline: the policy uplift is measured against.
         reference: a policy (the oracle) whose profit every policy is shown as a share of.
+        change_cost: (n_products,) money per price change, charged to every policy but the
+            oracle (exempt from the rules, it stays an upper bound).
 
     Returns:
-        name -> {profit, revenue, units, margin, uplift_pct[, share_of_oracle_pct]}.
+        name -> {profit, revenue, units, margin, change_costs, uplift_pct[,
+        share_of_oracle_pct]}.
     """
     scores: dict[str, dict[str, Any]] = {
-        name: dict(profit_metrics(meta, prices, units_fn(prices)))
+        name: dict(profit_metrics(meta, prices, units_fn(prices),
+                                  None if name in EXEMPT_POLICIES else change_cost))
         for name, prices in policies.items()}
     base = scores[baseline]["profit"]
     for values in scores.values():
@@ -270,12 +292,18 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     from pricing_cli.agent.policy import load_agent, load_demand_model, rollout_prices
 
     demand = load_demand_model(run_dir)
+    agent = load_agent(run_dir)
+    # The agent's objective: greedy and the planner optimise it too, every policy is scored
+    # net of it.
+    change_cost = agent.change_cost
     # Each baseline is priced on demand, after the agent, in table order.
     makers: dict[str, Callable[[], np.ndarray]] = {
         "historical": functools.partial(historical_prices, meta),
         "static": functools.partial(static_prices, meta, demand, levels, max_daily_change),
-        "greedy": functools.partial(greedy_prices, meta, demand, levels, max_daily_change),
-        "planner": functools.partial(planned_prices, meta, demand, levels, max_daily_change),
+        "greedy": functools.partial(greedy_prices, meta, demand, levels, max_daily_change,
+                                    change_cost),
+        "planner": functools.partial(planned_prices, meta, demand, levels, max_daily_change,
+                                     change_cost),
         "random": functools.partial(random_feasible_prices, meta, levels, max_daily_change,
                                     ev.seed),
     }
@@ -284,7 +312,6 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     monitor.add_bar("policies", "policies priced", 1 + len(makers))
 
     monitor.set_metric("policy", "agent")
-    agent = load_agent(run_dir)
     _, agent_prices = rollout_prices(agent, processed_dir, ev.split)
     agent_prices = np.asarray(agent_prices, dtype=np.float64)
     if agent_prices.shape != (meta.n_rows,):
@@ -303,7 +330,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         return np.asarray(demand.expected_units(meta.product_index, meta.date, prices),
                           dtype=np.float64)
 
-    fitted = score_policies(meta, policies, fitted_units)
+    fitted = score_policies(meta, policies, fitted_units, change_cost=change_cost)
     true: dict[str, dict[str, Any]] | None = None
     uplift_true = None
     if truth is not None:
@@ -313,12 +340,14 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
             return np.asarray(true_expected_units(truth, truth_index, meta.date, prices),
                               dtype=np.float64)
 
-        true = score_policies(meta, policies, true_units, reference="oracle")
+        true = score_policies(meta, policies, true_units, reference="oracle",
+                              change_cost=change_cost)
         uplift_true = product_uplift_pct(meta, agent_prices, policies["historical"], true_units)
     uplift_fitted = product_uplift_pct(meta, agent_prices, policies["historical"], fitted_units)
 
     evaluation = _evaluation_record(settings, run_dir, meta, levels, max_daily_change, policies,
                                     fitted, true, uplift_fitted, uplift_true, truth_note)
+    evaluation["price_change_cost"] = float(agent.config.get("price_change_cost", 0.0))
     evaluation["demand_model"] = demand_model_report(
         demand, processed_dir / f"meta_{ev.split}.parquet", meta, truth, truth_index)
     reports_dir = Path(ev.reports_dir)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 AGENT_JSON = "agent.json"
 MODEL_ZIP = "model.zip"
+CHANGE_COSTS = "change_costs.npy"  # (n_products,) money per price change; absent: free
 MASKED_ALGOS = ("maskable-ppo",)
 
 
@@ -83,12 +84,15 @@ class PricingAgent:
         config: agent.json (algo, n_products, n_features, price_levels, ...).
         demand: the demand model fitted with it.
         run_dir: where it was loaded from (None while training).
+        change_cost: (n_products,) money per price change it was trained with (None: free);
+            part of its state (the forecast features are net of it).
     """
 
     policy: Any
     config: dict[str, Any]
     demand: DemandModel
     run_dir: Path | None = None
+    change_cost: np.ndarray | None = None
 
     @property
     def uses_masks(self) -> bool:
@@ -167,8 +171,15 @@ def load_agent(run_dir: str | Path) -> PricingAgent:
         raise ModelError(f"cannot load the policy weights in {run_dir / MODEL_ZIP}: {exc}",
                          "Re-run `pricectl train`; the model file is damaged.") from None
     policy.set_training_mode(False)
+    change_cost = None
+    if (run_dir / CHANGE_COSTS).is_file():
+        try:
+            change_cost = np.load(run_dir / CHANGE_COSTS, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read {run_dir / CHANGE_COSTS}: {exc}",
+                             "Re-run `pricectl train`; the run folder is damaged.") from None
     return PricingAgent(policy=policy, config=config, demand=DemandModel.load(run_dir),
-                        run_dir=run_dir)
+                        run_dir=run_dir, change_cost=change_cost)
 
 
 def build_policy(config: dict[str, Any]) -> Any:
@@ -199,7 +210,7 @@ def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
     """
     from pricing_cli.agent.env import load_market, simulate
 
-    market = load_market(processed_dir, split, agent.demand)
+    market = load_market(processed_dir, split, agent.demand, change_cost=agent.change_cost)
     agent.check_compatible(market)
     result = simulate(market, agent.chooser(deterministic))
     return result["levels"], result["prices"]

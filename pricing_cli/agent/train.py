@@ -16,6 +16,7 @@ features are already scaled by the features stage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -76,6 +77,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     from pricing_cli.agent.demand import DemandModel
     from pricing_cli.agent.env import (
         PriceVecEnv,
+        change_costs,
         load_market,
         processed_file,
         product_count,
@@ -83,7 +85,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         read_stats,
         simulate,
     )
-    from pricing_cli.agent.policy import AGENT_JSON, MODEL_ZIP, PricingAgent
+    from pricing_cli.agent.policy import AGENT_JSON, CHANGE_COSTS, MODEL_ZIP, PricingAgent
 
     cfg = settings.train
     started = time.monotonic()
@@ -111,7 +113,11 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 
     # 2. Markets and env.
     train_market = load_market(processed_dir, "train", demand, stats)
-    val_market = load_market(processed_dir, "val", demand, stats)
+    change_cost = None
+    if cfg.price_change_cost > 0:
+        change_cost = change_costs(train_market, cfg.price_change_cost)
+        train_market = dataclasses.replace(train_market, change_cost=change_cost)
+    val_market = load_market(processed_dir, "val", demand, stats, change_cost=change_cost)
     if val_market.n_rows == 0:
         monitor.log("the val split is empty: model selection uses the train split")
         val_market = train_market
@@ -125,7 +131,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         "price_levels": train_market.price_levels,
         "max_daily_change": train_market.max_daily_change, "net_arch": list(cfg.net_arch),
         "embedding_dim": cfg.embedding_dim, "feature_hidden": cfg.feature_hidden,
-        "forecast_prior": cfg.forecast_prior,
+        "forecast_prior": cfg.forecast_prior, "price_change_cost": cfg.price_change_cost,
         "reward_scale": cfg.reward_scale, "episode_length": cfg.episode_length,
         "products": products, "product_id": product,
         "feature_cols": _feature_cols(processed_dir),
@@ -136,7 +142,8 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         model.set_parameters(str(checkpoint), exact_match=True, device=model.device)
         model.num_timesteps = _checkpoint_timesteps(checkpoint)
         monitor.log(f"resuming {run_id} from {checkpoint} at {model.num_timesteps} steps")
-    agent = PricingAgent(policy=model.policy, config=agent_config, demand=demand)
+    agent = PricingAgent(policy=model.policy, config=agent_config, demand=demand,
+                         change_cost=change_cost)
 
     eval_seconds = [0.0]  # time spent in evaluate(), kept apart from the RL steps/s
 
@@ -160,7 +167,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         bc_summary = behaviour_clone(model.policy, train_market, processed_dir, cfg.bc_epochs,
                                      cfg.batch_size, cfg.seed, monitor, products,
                                      teacher=cfg.warm_start, learning_rate=cfg.bc_learning_rate,
-                                     temperature=cfg.bc_temperature)
+                                     temperature=cfg.bc_temperature, demand=demand)
     if checkpoint is None:
         evaluate(0)
     remaining = max(cfg.timesteps - model.num_timesteps, 0)
@@ -187,6 +194,9 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 
     # 5. Write the rest and publish the folder as a whole.
     demand.save(work_dir)
+    if change_cost is not None:
+        with atomic_write(work_dir / CHANGE_COSTS) as handle:
+            np.save(handle, change_cost, allow_pickle=False)
     write_json(work_dir / AGENT_JSON, {**agent_config, "timesteps": model.num_timesteps,
                                        "seed": cfg.seed})
     with atomic_write(work_dir / "config.yaml", "w") as handle:
@@ -367,7 +377,8 @@ def make_training_callback(monitor: RunMonitor, **kwargs: Any) -> Any:
 def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: int,
                     batch_size: int, seed: int, monitor: RunMonitor,
                     products: list[int] | None = None, *, teacher: str = "bc",
-                    learning_rate: float = 1e-3, temperature: float = 0.01) -> dict[str, Any]:
+                    learning_rate: float = 1e-3, temperature: float = 0.01,
+                    demand: Any = None) -> dict[str, Any]:
     """Teach the policy's own actor a teacher's pricing before RL.
 
     Teachers:
@@ -378,8 +389,13 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
             targets teach the whole ranking, not just the best level, so when the agent's own
             previous price makes the best level infeasible, its best feasible logit is still
             the most profitable feasible level.
+        planner: the best feasible price path of each train product under the fitted model
+            and the market's change costs (:func:`planner_path`); each row is seen in the
+            planner's own state (its previous price and days held) and labelled with its
+            level. Needs ``demand``. Worth it when changes cost money: greedy then stays
+            put where the planner moves once and holds.
 
-    Observations are the rows as history had them (yesterday's historical price as the
+    Observations (bc, greedy) are the rows as history had them (yesterday's historical price as the
     agent's own last price). Accuracy: the argmax of the logits masked by the processed mask
     against the teacher's best level under the same mask.
 
@@ -391,20 +407,36 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
 
     from pricing_cli.agent.env import processed_file
     from pricing_cli.agent.policy import action_logits
+    from pricing_cli.pricing import feasible_mask
 
     usable = np.ones(market.n_rows, dtype=bool)
     labels: np.ndarray | None = None
-    if teacher == "bc":
+    # The state each row is seen in: history's (yesterday's historical price), or for the
+    # planner the teacher's own path.
+    last_price, held = market.previous_price, market.held_days
+    if teacher == "planner":
+        labels, last_price, held = planner_path(market, processed_dir, demand)
+    elif teacher == "bc":
         with np.load(processed_file(processed_dir, "labels_train.npz"),
                      allow_pickle=False) as z:
             labels = z["price_level"].astype(np.int64)
         usable = labels >= 0
+
+    def allowed_levels(rows: np.ndarray) -> np.ndarray:
+        """(len(rows), K) bool: the levels feasible in the state each row is seen in."""
+        if teacher == "planner":
+            grid = market.grid(rows)
+            return feasible_mask(grid, last_price[rows], market.max_daily_change)[0].astype(bool)
+        return market.processed_masks(rows)
+
     if products is not None:
         usable &= np.isin(market.product_index, products)
     rows = np.nonzero(usable)[0]
     skipped = int(market.n_rows - len(rows))
     if labels is not None:
-        feasible = market.processed_masks(rows)[np.arange(len(rows)), labels[rows]]
+        # A label the row's own mask rules out (history's moves beyond the daily limit; the
+        # planner's first move, planned from an unknown previous price) cannot be taught.
+        feasible = allowed_levels(rows)[np.arange(len(rows)), labels[rows]]
         skipped += int((~feasible).sum())
         rows = rows[feasible]
     if len(rows) == 0:
@@ -423,11 +455,13 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
         for start in range(0, len(order), batch_size):
             # Sorted rows read the memory-mapped features in file order.
             batch = np.sort(order[start:start + batch_size])
-            obs, _ = policy.obs_to_tensor(market.historical_observation(batch))
-            allowed = torch.as_tensor(market.processed_masks(batch), device=policy.device)
+            obs, _ = policy.obs_to_tensor(
+                market.observation(batch, last_price[batch], held[batch]))
+            allowed = torch.as_tensor(allowed_levels(batch), device=policy.device)
             logits = action_logits(policy, obs)
             if labels is None:
-                relative = torch.as_tensor(market.profit_forecast(batch),
+                forecast = market.profit_forecast(batch, last_price[batch])
+                relative = torch.as_tensor(forecast,
                                            dtype=logits.dtype, device=policy.device)
                 soft = torch.softmax((relative - 1.0) / temperature, dim=1)
                 loss = -(soft * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
@@ -451,6 +485,32 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
     monitor.log(f"behaviour cloning ({teacher}): accuracy {summary['accuracy']:.3f} on "
                 f"{len(rows)} rows")
     return summary
+
+
+def planner_path(market: Market, processed_dir: Path, demand: Any
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The planner's levels on the train split, and the state it meets on each row.
+
+    Returns:
+        (levels int64, previous price, days held) per row of ``market`` (the train split);
+        a product's first row starts from its historical previous price, as env episodes do.
+    """
+    from pricing_cli.agent.baselines import load_split_meta, planned_prices
+    from pricing_cli.agent.env import _held_days
+    from pricing_cli.pricing import nearest_level
+
+    meta = load_split_meta(processed_dir, market.split)
+    prices = planned_prices(meta, demand, market.price_levels, market.max_daily_change,
+                            market.change_cost)
+    first = np.zeros(market.n_rows, dtype=bool)
+    first[meta.series_start] = True
+    previous = np.r_[np.nan, prices[:-1]]
+    previous[first] = market.previous_price[first]
+    levels = np.empty(market.n_rows, dtype=np.int64)
+    for start in range(0, market.n_rows, 65_536):
+        rows = np.arange(start, min(start + 65_536, market.n_rows))
+        levels[rows] = nearest_level(market.grid(rows), prices[rows])
+    return levels, previous, _held_days(prices, first)
 
 
 # ----------------------------------------------------------------------------------------------
