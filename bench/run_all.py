@@ -228,6 +228,34 @@ def bench_quality() -> list[dict[str, str]]:
     return rows
 
 
+def bench_change_cost() -> list[dict[str, str]]:
+    """The small market where every price change costs a quarter of a day's best profit."""
+    work = OUT / "small-change-cost"
+    shutil.rmtree(work, ignore_errors=True)
+    m = measure(quote(PRICECTL, "--preset", "small", "--config",
+                      str(ROOT / "configs" / "change-cost.yaml"), "--no-live", "pipeline"), work)
+    report = json.loads((work / "reports" / "evaluation.json").read_text())
+    train_run = sorted((work / "models").glob("*/run.json"))[-1]
+    summary = json.loads(train_run.read_text())["summary"]
+    cmd = f"cd {work} && {m.command}"
+    rows = [row("small preset + configs/change-cost.yaml: whole pipeline, wall",
+                f"{m.wall_s:.0f} s", cmd),
+            row("small + change cost: best model chosen on val at RL step",
+                f"{summary['best_timesteps']:,} of {summary['timesteps']:,} "
+                f"({summary['fps']:,.0f} steps/s)", cmd)]
+    for name in report["policy_order"]:
+        policy = report["policies"][name]
+        true = policy.get("true") or {}
+        rows.append(row(
+            f"small + change cost, test split, {name}: share of oracle profit net of change "
+            "costs (true demand) / uplift vs historical (true) / price changes per "
+            "product-month", f"{true.get('share_of_oracle_pct', float('nan')):.2f}% / "
+            f"{true.get('uplift_pct', float('nan')):+.1f}% / "
+            f"{policy['price_changes_per_product_month']:.2f}", cmd,
+            "> greedy" if name == "agent" else ""))
+    return rows
+
+
 def bench_faults() -> list[dict[str, str]]:
     from bench.kill_test import run_kill_test
 
@@ -291,6 +319,7 @@ SECTIONS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "merge_scaling": bench_merge_scaling,
     "train": bench_train_full,
     "quality": bench_quality,
+    "change_cost": bench_change_cost,
     "env": bench_env,
     "budget": bench_budget,
     "faults": bench_faults,

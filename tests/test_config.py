@@ -168,3 +168,11 @@ def test_every_key_is_documented() -> None:
 def test_presets_load(preset: str) -> None:
     settings = load_settings(preset=preset, environ={})
     assert isinstance(settings, Settings)
+
+
+def test_the_change_cost_example_config_loads() -> None:
+    settings = load_settings(preset="small", config_file=REPO / "configs" / "change-cost.yaml",
+                             environ={})
+    assert (settings.train.price_change_cost, settings.train.warm_start,
+            settings.train.forecast_prior) == (0.25, "planner", 10.0)
+    assert settings.train.timesteps == 200_000  # the preset's keys stay
