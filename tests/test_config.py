@@ -175,4 +175,4 @@ def test_the_change_cost_example_config_loads() -> None:
                              environ={})
     assert (settings.train.price_change_cost, settings.train.warm_start,
             settings.train.forecast_prior) == (0.25, "planner", 10.0)
-    assert settings.train.timesteps == 200_000  # the preset's keys stay
+    assert settings.train.n_envs == 16  # the rest stays the preset's and the defaults
