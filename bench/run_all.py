@@ -253,6 +253,33 @@ def bench_change_cost() -> list[dict[str, str]]:
             f"{true.get('uplift_pct', float('nan')):+.1f}% / "
             f"{policy['price_changes_per_product_month']:.2f}", cmd,
             "> greedy" if name == "agent" else ""))
+    return rows + _change_cost_full()
+
+
+def _change_cost_full() -> list[dict[str, str]]:
+    """The same config on the full preset: 100k RL steps, then evaluate on test."""
+    config = str(ROOT / "configs" / "change-cost.yaml")
+    t = measure(quote(*BASE, "--config", config, "train", "--multi-product", "--timesteps",
+                      "100000", "--run-id", "bench-cc"), FULL,
+                run_json=Path("models/bench-cc/run.json"))
+    e = measure(quote(*BASE, "evaluate", "--model", "models/bench-cc", "--reports-dir",
+                      "reports-bench-cc"), FULL, run_json=Path("reports-bench-cc/run.json"))
+    both = f"cd {FULL} && {t.command} && {e.command}"
+    rows = [{**r, "command": f"cd {FULL} && {t.command}"}
+            for r in measured(t, "full preset + change cost: train 100k steps (planner cloning)",
+                              "<= 2 GB")]
+    report = json.loads((FULL / "reports-bench-cc" / "evaluation.json").read_text())
+    for name in report["policy_order"]:
+        policy = report["policies"][name]
+        true = policy.get("true") or {}
+        rows.append(row(
+            f"full preset + change cost, test split, {name}: share of oracle profit net of "
+            "change costs (true demand) / price changes per product-month",
+            f"{true.get('share_of_oracle_pct', float('nan')):.2f}% / "
+            f"{policy['price_changes_per_product_month']:.2f}", both,
+            "> greedy" if name == "agent" else ""))
+    shutil.rmtree(FULL / "models" / "bench-cc", ignore_errors=True)
+    shutil.rmtree(FULL / "reports-bench-cc", ignore_errors=True)
     return rows
 
 
