@@ -452,6 +452,11 @@ def flag_overrides(flags: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _type_name(annotation: Any) -> str:
+    from typing import Literal, get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        # "Literal" alone says nothing; the user needs the allowed values.
+        return "one of " + ", ".join(repr(value) for value in get_args(annotation))
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 

@@ -97,8 +97,9 @@ def test_wrong_type_names_key_and_expected_type(tmp_path: Path) -> None:
     assert "'lots'" in info.value.message
     assert info.value.hint == "Expected int."
     cfg = write(tmp_path / "bad2.yaml", "merge:\n  strategy: parallel\n")
-    with pytest.raises(ConfigError, match="merge.strategy"):
+    with pytest.raises(ConfigError, match="merge.strategy") as info:
         load_settings(cfg, environ={})
+    assert info.value.hint == "Expected one of 'sequential', 'accumulative'."
 
 
 def test_out_of_range_value_is_rejected() -> None:
