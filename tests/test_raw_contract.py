@@ -167,3 +167,35 @@ def test_catalog_errors_name_the_line(tmp_path):
         f"{path}:5: cannot read unit_cost 'x' as a number; {path}:4: product_id 'A' repeats")
     with pytest.raises(MissingInputError, match="catalog file not found"):
         read_catalog(tmp_path / "nope.csv")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_line_numbers_count_line_breaks_inside_quoted_fields(tmp_path, catalog_ids, suffix):
+    """Descriptions with line breaks (common in shop exports) must not shift the reported line:
+    the bad row below is the 4th record (line 5 by record count) but starts on line 8."""
+    import gzip
+
+    text = ("date,product_id,quantity,unit_price,description\n"
+            "2023-01-01,A,1,2.5,plain\n"
+            '2023-01-02,B,2,3.5,"two\nlines"\n'
+            '2023-01-03,C,1,1.5,"three\nmore\nlines"\n'
+            "2023-01-04,A,x,2.5,bad quantity here\n"
+            "2023-01-05,B,1,3.5,plain\n")
+    path = tmp_path / f"sales{suffix}"
+    if suffix == ".csv.gz":
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    assert text.splitlines()[7].startswith("2023-01-04,A,x")  # line 8, 1-based
+    _, report = read_transaction_file(path, data_settings(max_bad_fraction=0.5), catalog_ids)
+    assert report.examples == (f"{path}:8: cannot read quantity 'x' as an integer",)
+
+
+def test_catalog_line_numbers_count_line_breaks_inside_quoted_fields(tmp_path):
+    path = tmp_path / "catalog.csv"
+    path.write_text("product_id,unit_cost,min_price,max_price,category\n"
+                    'A,1,2,5,"home\nand garden"\nB,1,6,5,toys\n')
+    with pytest.raises(DataError) as caught:
+        read_catalog(path)
+    assert caught.value.message == (
+        f"catalog {path} has invalid rows: {path}:4: min_price 6.0 > max_price 5.0")

@@ -19,7 +19,7 @@ Polars is imported inside the functions: this module sits under the CLI's import
 from __future__ import annotations
 
 import glob
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,6 +143,52 @@ def _file_format(path: Path) -> str | None:
 def _header_line_offset(fmt: str) -> int:
     """Line number of row index 0: 2 in a CSV (the header is line 1), 1 in Parquet."""
     return 2 if fmt == "csv" else 1
+
+
+def physical_lines(path: Path, records: Iterable[int]) -> dict[int, int]:
+    """{data record index: the line of ``path`` it starts on} for a CSV (or CSV.gz).
+
+    Polars numbers records, not lines: after a quoted field holding a line break the two
+    drift apart, and an error message would send the user to the wrong line. Python's csv
+    module splits records the same way and counts physical lines; it reads only up to the
+    last record asked for (error messages name the first few bad rows).
+    """
+    import csv
+    import gzip
+
+    wanted = sorted(set(records))
+    found: dict[int, int] = {}
+    if not wanted:
+        return found
+    opener: Any = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        next(reader, None)  # the header
+        consumed = reader.line_num
+        targets = iter(wanted)
+        target = next(targets)
+        for index, _ in enumerate(reader):
+            if index == target:
+                found[index] = consumed + 1  # the record starts on the line after the last
+                next_target = next(targets, None)
+                if next_target is None:
+                    break
+                target = next_target
+            consumed = reader.line_num
+    return found
+
+
+def _with_physical_lines(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` (with ``_line`` from Polars' record index) with ``_line`` set to the physical
+    line in a CSV; Parquet rows are left as they are."""
+    if not rows or _file_format(path) != "csv":
+        return rows
+    offset = _header_line_offset("csv")
+    try:
+        lines = physical_lines(path, [row["_line"] - offset for row in rows])
+    except (OSError, UnicodeDecodeError, EOFError):
+        return rows  # the record numbers are still a good pointer
+    return [{**row, "_line": lines.get(row["_line"] - offset, row["_line"])} for row in rows]
 
 
 def _read_error(path: Path, exc: BaseException) -> DataError:
@@ -298,19 +344,22 @@ def read_catalog(path: str | Path) -> pl.DataFrame:
     if parsed.height == 0:
         raise DataError(f"catalog {path} has no products", "Add one row per product.")
 
-    problems: list[str] = []
+    problems: list[tuple[dict[str, Any], str]] = []
     for row in parsed.iter_rows(named=True):
         reason = _catalog_row_problem(row)
         if reason:
-            problems.append(f"{path}:{row['_line']}: {reason}")
+            problems.append((row, reason))
         if len(problems) >= 5:
             break
     duplicated = parsed.filter(pl.col("product_id").is_duplicated() & ~pl.col(
         "product_id").is_first_distinct())
     for row in duplicated.head(5 - min(len(problems), 5)).iter_rows(named=True):
-        problems.append(f"{path}:{row['_line']}: product_id {row['product_id']!r} repeats")
+        problems.append((row, f"product_id {row['product_id']!r} repeats"))
     if problems:
-        raise DataError(f"catalog {path} has invalid rows: " + "; ".join(problems),
+        located = _with_physical_lines(path, [row for row, _ in problems])
+        problems_text = [f"{path}:{row['_line']}: {reason}"
+                         for row, (_, reason) in zip(located, problems, strict=True)]
+        raise DataError(f"catalog {path} has invalid rows: " + "; ".join(problems_text),
                         "Fix these rows: every product needs a unique product_id, "
                         "unit_cost >= 0 and 0 < min_price <= max_price.")
     return parsed.select("product_id", "unit_cost", "min_price", "max_price",
@@ -470,9 +519,11 @@ def read_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
     if rows == 0:
         raise DataError(f"{path} has a header but no transactions",
                         "Remove the file or fill it with transactions.")
+    examples_found = _with_physical_lines(
+        path, list(bad.iter_rows(named=True)) if bad is not None else [])
     report = FileReport(path, rows, bad_rows, tuple(
         f"{path}:{row['_line']}: {bad_row_reason(row, data.catalog)}"
-        for row in (bad.iter_rows(named=True) if bad is not None else ())))
+        for row in examples_found))
     sums = sums.filter(~is_bad)
     if report.bad_fraction > data.max_bad_fraction:
         raise DataError(
