@@ -656,3 +656,15 @@ def test_pricectl_evaluate_after_a_real_training_run(tmp_path: Path,
     # the fixture's elasticities are well identified: within 15% on average
     assert vs_truth["mean_abs_relative_error_pct"] < 15
     assert evaluation["demand_model"]["fit"]["rows"] == meta.n_rows
+
+
+def test_tables_say_when_profit_is_net_of_change_costs() -> None:
+    from pricing_cli.agent.report import exempt_footnote
+
+    evaluation = {"policies": {"agent": {}, "oracle": {}}, "price_change_cost": 0.25}
+    assert exempt_footnote(evaluation) == (
+        "* the oracle ignores the daily-change limit and change costs by design (exempt)\n"
+        "profit is net of change costs (0.25 x mean best daily profit per change)")
+    assert exempt_footnote({"policies": {"agent": {}, "oracle": {}}}) == (
+        "* the oracle ignores the daily-change limit by design (exempt)")
+    assert exempt_footnote({"policies": {"agent": {}}, "price_change_cost": 0.0}) is None

@@ -69,9 +69,16 @@ def policy_rows(evaluation: dict[str, Any], compact: bool = False
 
 
 def exempt_footnote(evaluation: dict[str, Any]) -> str | None:
-    if "oracle" not in evaluation["policies"]:
-        return None
-    return "* the oracle ignores the daily-change limit by design (exempt)"
+    """The footnote of the tables: what the oracle is exempt from, and change costs."""
+    cost = float(evaluation.get("price_change_cost") or 0.0)
+    notes = []
+    if "oracle" in evaluation["policies"]:
+        notes.append("* the oracle ignores the daily-change limit"
+                     + (" and change costs" if cost else "") + " by design (exempt)")
+    if cost:
+        notes.append(f"profit is net of change costs ({cost:g} x mean best daily profit per "
+                     "change)")
+    return "\n".join(notes) or None
 
 
 def policy_table(evaluation: dict[str, Any]) -> str:
@@ -213,7 +220,7 @@ def write_report_md(path: Path, evaluation: dict[str, Any], plots: dict[str, str
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     footnote = exempt_footnote(evaluation)
     if footnote:
-        lines += ["", footnote.replace("*", "\\*", 1)]
+        lines += ["", footnote.replace("*", "\\*", 1).replace("\n", "\n\n")]
     titles = {"profit_by_policy": "Profit by policy", "price_paths": "Price paths",
               "uplift_histogram": "Per-product uplift"}
     if plots:
