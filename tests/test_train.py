@@ -62,8 +62,8 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
     run = tmp_path / "models" / "r1"
     assert sorted(p.name for p in run.iterdir()) == [
         "agent.json", "config.yaml", "demand_model.json", "demand_model.npz",
-        "last_checkpoint.zip", "model.zip", "run.json", "tensorboard", "train_summary.json",
-        "training_state.json"]
+        "last_checkpoint.zip", "model.zip", "rl_state.npz", "run.json", "tensorboard",
+        "train_summary.json", "training_state.json"]
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["r1"]  # nothing partial left
     assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
     summary = json.loads((run / "train_summary.json").read_text())
@@ -217,16 +217,23 @@ def test_a_killed_run_leaves_no_run_folder_and_resumes(processed, tmp_path) -> N
     models = tmp_path / "models"
     assert not (models / "k").exists()
     partial = models / ".partial-k"
-    assert json.loads((partial / "training_state.json").read_text())["checkpoint_timesteps"] == 1000
+    assert json.loads((partial / "training_state.json").read_text())["checkpoint_timesteps"] == 1024
     with pytest.raises(ModelError, match="unfinished"):
         train(processed, tmp_path, run_id="k")
     result = train(processed, tmp_path, run_id="k", resume=True)
     assert not partial.exists()
     summary = json.loads((models / "k" / "train_summary.json").read_text())
     assert summary["resumed_from"].endswith("last_checkpoint.zip")
-    # From the checkpoint at 1000: 4 more rollouts of 256 steps.
-    assert summary["timesteps"] == 2024 and result.summary["timesteps"] == 2024
-    assert [e["timesteps"] for e in summary["evaluations"]] == [0, 1000, 2000, 2024]
+    # Checkpoints fall between rollouts of 256 steps: 1024, then 4 more rollouts.
+    assert summary["timesteps"] == 2048 and result.summary["timesteps"] == 2048
+    assert [e["timesteps"] for e in summary["evaluations"]] == [0, 1000, 2000, 2048]
+    # The resumed run is the uninterrupted one, bit for bit: same curve, same weights.
+    train(processed, tmp_path, run_id="whole")
+    whole = json.loads((models / "whole" / "train_summary.json").read_text())
+    assert summary["evaluations"] == whole["evaluations"]
+    for name in ("model.zip", "last_checkpoint.zip"):
+        a, b = (policy_weights(models / run / name) for run in ("k", "whole"))
+        assert all(torch.equal(a[key], b[key]) for key in a)
     # A complete run can be continued for more steps; the folder is replaced as a whole.
     train(processed, tmp_path, run_id="k", resume=True, timesteps=2500)
     assert json.loads((models / "k" / "agent.json").read_text())["timesteps"] >= 2500

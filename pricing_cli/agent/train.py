@@ -50,6 +50,7 @@ PARTIAL_PREFIX = ".partial-"
 CHECKPOINT = "last_checkpoint.zip"
 BEST = "best_model.zip"  # renamed to policy.MODEL_ZIP when the run is published
 STATE_JSON = "training_state.json"
+RL_STATE = "rl_state.npz"  # env episodes and RNG states at the last checkpoint
 SUMMARY_JSON = "train_summary.json"
 
 
@@ -141,7 +142,9 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     if checkpoint is not None:
         model.set_parameters(str(checkpoint), exact_match=True, device=model.device)
         model.num_timesteps = _checkpoint_timesteps(checkpoint)
-        monitor.log(f"resuming {run_id} from {checkpoint} at {model.num_timesteps} steps")
+        exact = _restore_rl_state(model, work_dir / RL_STATE)
+        monitor.log(f"resuming {run_id} from {checkpoint} at {model.num_timesteps} steps"
+                    + ("" if exact else " (no rl_state.npz: the env starts new episodes)"))
     agent = PricingAgent(policy=model.policy, config=agent_config, demand=demand,
                          change_cost=change_cost)
 
@@ -277,9 +280,67 @@ def _save_model(model: Any, path: Path) -> None:
 
 
 def _checkpoint(model: Any, work_dir: Path, state: dict[str, Any]) -> None:
+    """The weights and optimizer (SB3 zip), then what SB3 does not save: the env's episodes
+    and every random generator, so a resumed run is the uninterrupted run, bit for bit."""
     _save_model(model, work_dir / CHECKPOINT)
+    _save_rl_state(model, work_dir / RL_STATE)
     state["checkpoint_timesteps"] = int(model.num_timesteps)
     _save_state(work_dir, state)
+
+
+# EpisodeBatch arrays that make up the env's state between steps.
+_BATCH_ARRAYS = ("row", "end", "last_price", "held", "mask", "episode_return", "episode_profit",
+                 "episode_length")
+
+
+def _save_rl_state(model: Any, path: Path) -> None:
+    """rl_state.npz: arrays only (no pickle). RNG states are integers, kept as JSON text."""
+    import random
+
+    import torch
+
+    env = model.get_env()
+    np_state: Any = np.random.get_state()  # the legacy tuple (kind, keys, pos, gauss...)
+    scalars = {
+        "env_rng": env.rng.bit_generator.state,
+        "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python_rng": random.getstate(),
+        "episode_num": int(model._episode_num), "n_updates": int(model._n_updates),
+        "clipped_actions": int(env.batch.clipped_actions),
+    }
+    arrays = {f"batch_{name}": getattr(env.batch, name) for name in _BATCH_ARRAYS}
+    with atomic_write(path) as handle:
+        np.savez(handle, **arrays, numpy_rng_keys=np_state[1],
+                 torch_rng=torch.get_rng_state().numpy(),
+                 last_episode_starts=np.asarray(model._last_episode_starts, dtype=bool),
+                 scalars=np.array(json.dumps(scalars)))
+
+
+def _restore_rl_state(model: Any, path: Path) -> bool:
+    """Put back what _save_rl_state saved; False if the checkpoint predates rl_state.npz."""
+    import random
+
+    import torch
+
+    if not path.is_file():
+        return False
+    env = model.get_env()
+    with np.load(path, allow_pickle=False) as saved:
+        scalars = json.loads(str(saved["scalars"]))
+        for name in _BATCH_ARRAYS:
+            getattr(env.batch, name)[...] = saved[f"batch_{name}"]
+        kind, pos, has_gauss, gauss = scalars["numpy_rng"]
+        np.random.set_state((kind, saved["numpy_rng_keys"], pos, has_gauss, gauss))
+        torch.set_rng_state(torch.from_numpy(saved["torch_rng"].copy()))
+        model._last_episode_starts = saved["last_episode_starts"].copy()
+    version, internal, gauss_next = scalars["python_rng"]
+    random.setstate((version, tuple(internal), gauss_next))
+    env.rng.bit_generator.state = scalars["env_rng"]
+    env.batch.clipped_actions = scalars["clipped_actions"]
+    model._episode_num, model._n_updates = scalars["episode_num"], scalars["n_updates"]
+    # SB3 then skips its env.reset(): learn() continues from this observation.
+    model._last_obs = env.batch.observe(np.arange(env.num_envs))
+    return True
 
 
 def _checkpoint_timesteps(checkpoint: Path) -> int:
@@ -340,12 +401,17 @@ def make_training_callback(monitor: RunMonitor, **kwargs: Any) -> Any:
             self.monitor.add_bar("timesteps", "RL timesteps", self.total)
             self.monitor.update_bar("timesteps", completed=self.num_timesteps)
 
-        def _on_step(self) -> bool:
+        def _on_rollout_start(self) -> None:
+            # Checkpoints are taken here, between a PPO update and the next rollout: nothing
+            # is half-collected, so --resume continues exactly where the run stopped.
             steps = self.num_timesteps
-            self.monitor.update_bar("timesteps", completed=steps)
             if steps >= self.next_checkpoint:
                 self.on_checkpoint(steps)
                 self.next_checkpoint = (steps // self.checkpoint_every + 1) * self.checkpoint_every
+
+        def _on_step(self) -> bool:
+            steps = self.num_timesteps
+            self.monitor.update_bar("timesteps", completed=steps)
             if steps >= self.next_eval:
                 self.on_evaluate(steps)
                 self.model.policy.set_training_mode(False)
