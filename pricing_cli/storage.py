@@ -77,7 +77,7 @@ def _first_disk_full_error(exc: BaseException) -> DiskFullError | None:
     return None
 
 
-def _sweep_stale_staging(final: Path) -> None:
+def sweep_stale_staging(final: Path) -> None:
     """Remove staging folders of ``final`` left by a killed run (``.tmp-<8 hex>-<name>``,
     ``.tmp-old-<8 hex>-<name>``); only this name's, so other stages' staging is untouched.
 
@@ -162,23 +162,12 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale_staging(final)
+    sweep_stale_staging(final)
     tmp = tmp_path_for(final)
     tmp.mkdir()
     try:
         yield tmp
-        for child in tmp.iterdir():
-            if child.is_file():
-                with open(child, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if final.exists():
-            old = final.with_name(f"{TMP_MARK}old-{uuid.uuid4().hex[:8]}-{final.name}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        replace_dir(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         named = _first_disk_full_error(exc)
@@ -192,6 +181,28 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
         if is_disk_full(exc):
             raise DiskFullError(f"no space left on device while writing {final}") from exc
         raise
+
+
+def replace_dir(src: Path, final: Path) -> None:
+    """Put the complete folder ``src`` at ``final`` (same filesystem), replacing what was there.
+
+    One rename when ``final`` is new. Otherwise ``final`` first becomes
+    ``.tmp-old-<hex>-<name>``: a kill between the two renames leaves it under that name, and
+    the next :func:`sweep_stale_staging` of ``final`` (every staged_dir starts with one) puts
+    it back.
+    """
+    for child in src.iterdir():
+        if child.is_file():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+    if final.exists():
+        old = final.with_name(f"{TMP_MARK}old-{uuid.uuid4().hex[:8]}-{final.name}")
+        os.replace(final, old)
+        os.replace(src, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, final)
+    _fsync_dir(final.parent)
 
 
 def sweep_stale_tmp(folder: str | Path) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -241,6 +242,33 @@ def test_a_killed_run_leaves_no_run_folder_and_resumes(processed, tmp_path) -> N
         train(processed, tmp_path, run_id="k")
     with pytest.raises(ModelError, match="no checkpoint for run 'other'"):
         train(processed, tmp_path, run_id="other", resume=True)
+
+
+def test_a_publish_killed_between_its_renames_loses_no_run(processed, tmp_path,
+                                                          monkeypatch) -> None:
+    from pricing_cli import storage
+
+    models = tmp_path / "models"
+    train(processed, tmp_path, run_id="p", timesteps=512)
+    real_replace = os.replace
+
+    def killed_at_the_second_rename(src, dst):
+        # replace_dir: models/p -> .tmp-old-..-p has happened; .partial-p -> models/p is next.
+        if Path(src).name == ".partial-p" and Path(dst).name == "p":
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    # Continue the complete run for more steps; the kill hits the swap into models/p.
+    monkeypatch.setattr(storage.os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        train(processed, tmp_path, run_id="p", resume=True, timesteps=1024)
+    monkeypatch.setattr(storage.os, "replace", real_replace)
+    left = sorted(path.name for path in models.iterdir())
+    assert left[0].startswith(".partial-p") and left[1].startswith(".tmp-old-") and len(left) == 2
+    # The next resume puts the previous run back, then publishes the finished one over it.
+    train(processed, tmp_path, run_id="p", resume=True, timesteps=1024)
+    assert sorted(path.name for path in models.iterdir()) == ["p"]
+    assert json.loads((models / "p" / "agent.json").read_text())["timesteps"] >= 1024
 
 
 def test_ppo_with_behaviour_cloning_for_one_product(processed, tmp_path) -> None:

@@ -35,7 +35,8 @@ from pricing_cli.storage import (
     atomic_write,
     commit_file,
     disk_full_names,
-    staged_dir,
+    replace_dir,
+    sweep_stale_staging,
     tmp_path_for,
     write_json,
 )
@@ -587,8 +588,16 @@ def _prepare_run_folder(models_dir: Path, run_id: str, resume: bool
                         ) -> tuple[Path, Path, Path | None]:
     """(final folder, work folder, checkpoint to resume from or None)."""
     final_dir, work_dir = models_dir / run_id, models_dir / f"{PARTIAL_PREFIX}{run_id}"
+    if models_dir.is_dir():
+        # A publish killed between its two renames left the previous run as .tmp-old-...
+        sweep_stale_staging(final_dir)
     if resume:
         if (work_dir / CHECKPOINT).is_file():
+            from pricing_cli.agent.policy import MODEL_ZIP
+
+            if (work_dir / MODEL_ZIP).is_file() and not (work_dir / BEST).exists():
+                # Killed while publishing: the best model had already taken its final name.
+                os.replace(work_dir / MODEL_ZIP, work_dir / BEST)
             return final_dir, work_dir, work_dir / CHECKPOINT
         if (final_dir / CHECKPOINT).is_file():
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -612,11 +621,9 @@ def _prepare_run_folder(models_dir: Path, run_id: str, resume: bool
 
 
 def _publish(work_dir: Path, final_dir: Path) -> None:
-    """Move the finished run into ``final_dir`` as a whole (storage.staged_dir)."""
-    with staged_dir(final_dir) as staging:
-        for child in work_dir.iterdir():
-            os.replace(child, staging / child.name)
-    work_dir.rmdir()
+    """The finished work folder becomes ``final_dir`` by renaming it as a whole: a kill leaves
+    either the complete ``.partial-`` folder (resume publishes it) or the published run."""
+    replace_dir(work_dir, final_dir)
 
 
 def _product_index(meta_train: pl.DataFrame, product_id: str, path: Path) -> int:
