@@ -304,3 +304,61 @@ def test_a_full_disk_while_saving_the_model_is_a_disk_full_error(tmp_path, monke
         train_module._save_model(FullDiskModel(), target)
     assert exit_code_for(info.value).code == 8
     assert list(tmp_path.iterdir()) == []  # neither the partial temp file nor a final one
+
+
+def test_kill_9_during_training_then_resume_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """A real SIGKILL (no cleanup runs) right after the first checkpoint; --resume then ends
+    with the same evaluations and weights, bit for bit, as a run that was never stopped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import zipfile
+
+    import torch
+    import yaml
+
+    from tests.agent_fixtures import write_processed
+
+    write_processed(tmp_path / "processed", K=11)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "merge": {"output_dir": str(tmp_path / "processed")},
+        "train": {"models_dir": str(tmp_path / "models"), "n_envs": 4, "net_arch": [16],
+                  "n_steps": 64, "batch_size": 64, "n_epochs": 4, "timesteps": 4096,
+                  "eval_every": 512, "checkpoint_every": 512, "tensorboard": False,
+                  "torch_threads": 1}}))
+    base = [sys.executable, "-c", "from pricing_cli.cli import entry; entry()", "--preset",
+            "tiny", "--config", str(tmp_path / "run.yaml"), "--quiet", "train",
+            "--multi-product"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def run(*args: str) -> None:
+        done = subprocess.run([*base, *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+    run("--run-id", "whole")
+    state = tmp_path / "models" / ".partial-k" / "training_state.json"
+    process = subprocess.Popen([*base, "--run-id", "k"], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["checkpoint_timesteps"] > 0:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before the kill"
+    assert not (tmp_path / "models" / "k").exists()
+    run("--run-id", "k", "--resume")
+
+    def weights(run_id: str, name: str) -> dict[str, torch.Tensor]:
+        with zipfile.ZipFile(tmp_path / "models" / run_id / name) as archive:
+            return torch.load(io.BytesIO(archive.read("policy.pth")), weights_only=True)
+
+    summaries = [json.loads((tmp_path / "models" / r / "train_summary.json").read_text())
+                 for r in ("k", "whole")]
+    assert summaries[0]["evaluations"] == summaries[1]["evaluations"]
+    for name in ("model.zip", "last_checkpoint.zip"):
+        a, b = weights("k", name), weights("whole", name)
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
