@@ -461,6 +461,18 @@ def test_run_evaluate_charges_change_costs_to_every_policy_but_the_oracle(
     assert policies["oracle"]["true"]["profit"] == pytest.approx(
         profit(meta, demand, bl.oracle_prices(meta, truth, bl.ground_truth_index(
             meta, truth.index))))
+    # Per-product uplift (the agent prices like greedy here) is net of change costs too.
+    def net_by_product(prices: np.ndarray) -> np.ndarray:
+        before = np.r_[np.nan, prices[:-1]]
+        before[meta.series_start] = HISTORICAL
+        moved = np.abs(prices / before - 1) > 0.005
+        units = demand.expected_units(meta.product_index, meta.date, prices)
+        return np.bincount(meta.product_index, (prices - meta.unit_cost) * units
+                           - cost[meta.product_index] * moved)
+
+    uplift = (net_by_product(greedy) / net_by_product(meta.price) - 1) * 100
+    assert evaluation["agent_uplift_per_product_pct"]["fitted"]["mean"] == pytest.approx(
+        uplift.mean())
     # The planner optimises the same objective, so it is never below greedy.
     assert policies["planner"]["fitted"]["profit"] >= policies["greedy"]["fitted"]["profit"]
     assert evaluation["price_change_cost"] == 1.0

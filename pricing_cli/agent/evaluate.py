@@ -107,21 +107,28 @@ def profit_metrics(meta: SplitMeta, prices: np.ndarray, units: np.ndarray,
 
 def change_costs_paid(meta: SplitMeta, prices: np.ndarray,
                       change_cost: np.ndarray | None) -> float:
-    """Price-change costs of a price path: every move beyond pricing.CHANGE_TOLERANCE, the one
+    """Price-change costs of a price path, summed (see :func:`change_costs_per_row`)."""
+    return float(np.sum(change_costs_per_row(meta, prices, change_cost)))
+
+
+def change_costs_per_row(meta: SplitMeta, prices: np.ndarray,
+                         change_cost: np.ndarray | None) -> np.ndarray | float:
+    """(n,) the change cost each row pays: every move beyond pricing.CHANGE_TOLERANCE, the one
     onto day one from the last price before the split included (as the env charges it)."""
     if change_cost is None or meta.n_rows == 0:
         return 0.0
     previous = np.roll(prices, 1)
     previous[meta.series_start] = meta.prev_price
-    moved = is_price_change(prices, previous)
-    return float(np.sum(change_cost[meta.product_index] * moved))
+    return change_cost[meta.product_index] * is_price_change(prices, previous)
 
 
-def product_profits(meta: SplitMeta, prices: np.ndarray, units: np.ndarray) -> np.ndarray:
-    """(n_series,) profit of each product over the split."""
+def product_profits(meta: SplitMeta, prices: np.ndarray, units: np.ndarray,
+                    change_cost: np.ndarray | None = None) -> np.ndarray:
+    """(n_series,) profit of each product over the split (net of change costs, if given)."""
     if meta.n_rows == 0:
         return np.zeros(0)
-    return np.add.reduceat((prices - meta.unit_cost) * units, meta.series_start)
+    return np.add.reduceat((prices - meta.unit_cost) * units
+                           - change_costs_per_row(meta, prices, change_cost), meta.series_start)
 
 
 def uplift_pct(profit: float, base_profit: float) -> float | None:
@@ -198,10 +205,11 @@ def distribution_stats(values: np.ndarray) -> dict[str, float | int | None]:
 
 
 def product_uplift_pct(meta: SplitMeta, prices: np.ndarray, base_prices: np.ndarray,
-                       units_fn: UnitsFn) -> np.ndarray:
-    """(n_series,) profit uplift in % of ``prices`` over ``base_prices`` per product (NaN: 0)."""
-    profit = product_profits(meta, prices, units_fn(prices))
-    base = product_profits(meta, base_prices, units_fn(base_prices))
+                       units_fn: UnitsFn, change_cost: np.ndarray | None = None) -> np.ndarray:
+    """(n_series,) profit uplift in % of ``prices`` over ``base_prices`` per product (NaN: 0),
+    both net of change costs if given."""
+    profit = product_profits(meta, prices, units_fn(prices), change_cost)
+    base = product_profits(meta, base_prices, units_fn(base_prices), change_cost)
     uplift = np.full(base.shape, np.nan)
     ok = np.abs(base) >= MIN_BASE_PROFIT
     uplift[ok] = (profit[ok] - base[ok]) / np.abs(base[ok]) * 100.0
@@ -342,8 +350,10 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
 
         true = score_policies(meta, policies, true_units, reference="oracle",
                               change_cost=change_cost)
-        uplift_true = product_uplift_pct(meta, agent_prices, policies["historical"], true_units)
-    uplift_fitted = product_uplift_pct(meta, agent_prices, policies["historical"], fitted_units)
+        uplift_true = product_uplift_pct(meta, agent_prices, policies["historical"], true_units,
+                                         change_cost)
+    uplift_fitted = product_uplift_pct(meta, agent_prices, policies["historical"], fitted_units,
+                                       change_cost)
 
     evaluation = _evaluation_record(settings, run_dir, meta, levels, max_daily_change, policies,
                                     fitted, true, uplift_fitted, uplift_true, truth_note)

@@ -652,14 +652,20 @@ def _later_median_prices(processed_dir: Path, n_products: int) -> np.ndarray:
 
 
 def _historical_profit(market: Market, products: list[int] | None) -> float:
-    """Mean profit per product-day of the historical prices, under the fitted demand."""
+    """Mean profit per product-day of the historical prices, under the fitted demand (net of
+    the market's change costs, as the agent's is)."""
+    from pricing_cli.pricing import is_price_change
+
     rows = np.arange(market.n_rows) if products is None else np.nonzero(
         np.isin(market.product_index, products))[0]
     if len(rows) == 0:
         return 0.0
     price = market.historical_price[rows]
     units = market.expected_units(rows, price)
-    return float(((price - market.unit_cost[rows]) * units).mean())
+    assert market.change_cost is not None
+    paid = (market.change_cost[market.product_index[rows]]
+            * is_price_change(price, market.previous_price[rows]))
+    return float(((price - market.unit_cost[rows]) * units - paid).mean())
 
 
 def _feature_cols(processed_dir: Path) -> list[str] | None:
