@@ -38,6 +38,9 @@ BAD_ROWS = [
     ("bad_number.csv", 7, "cannot read quantity 'two' as an integer"),
     ("bad_price.csv", 4, "unit_price 0 is not a positive number"),
     ("unknown_product.csv", 9, f"product 'ZZZ' is not in the catalog {CATALOG}"),
+    ("bad_year.csv", 4, "date '0023-01-03' is outside 1900-01-01..2199-12-31 (a typo?)"),
+    ("huge_quantity.csv", 4,
+     "quantity 99999999999999 is implausibly large (more than 1,000,000,000,000)"),
 ]
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,11 @@ ISO_TIME_SUFFIX = r"^[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?
 # A whole ISO date or datetime. The layout must be checked, not left to strptime: "%Y-%m-%d"
 # also reads 23-01-01 (the year 23, which would stretch the panel over 2,000 years of empty
 # days), 2023-1-1 and 5-digit years. ASCII digits only ("\d" also matches other scripts).
+# Dates outside these bounds are typos (0023-01-01 is a valid ISO date): one such row would
+# stretch the daily panel and the chronological split over centuries.
+EARLIEST_DATE, LATEST_DATE = date(1900, 1, 1), date(2199, 12, 31)
+# |quantity| above this is a typo, and would let Int64 sums over a file overflow.
+MAX_ABS_QUANTITY = 10**12
 ISO_DATE_TIME = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(?:" + ISO_TIME_SUFFIX[1:-1].replace(
     r"\d", "[0-9]") + ")?$"
 
@@ -430,7 +436,9 @@ def scan_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
     price = pl.col("unit_price")
     bad = (pl.col("date").is_null() | pl.col("product_id").is_null()
            | pl.col("quantity").is_null() | ~(price.is_finite() & (price > 0)).fill_null(False)
-           | ~pl.col("_known"))
+           | ~pl.col("_known")
+           | ~pl.col("date").is_between(EARLIEST_DATE, LATEST_DATE).fill_null(True)
+           | (pl.col("quantity").abs() > MAX_ABS_QUANTITY).fill_null(False))
     return parsed.with_columns(bad.alias("_bad"))
 
 
@@ -474,12 +482,16 @@ def bad_row_reason(row: dict[str, Any], catalog_name: str) -> str:
         return "missing date"
     if row["date"] is None:
         return f"cannot read date {raw['date']!r}"
+    if not EARLIEST_DATE <= row["date"] <= LATEST_DATE:
+        return f"date {raw['date']!r} is outside {EARLIEST_DATE}..{LATEST_DATE} (a typo?)"
     if raw["product_id"] is None:
         return "missing product_id"
     if raw["quantity"] is None:
         return "missing quantity"
     if row["quantity"] is None:
         return f"cannot read quantity {raw['quantity']!r} as an integer"
+    if abs(row["quantity"]) > MAX_ABS_QUANTITY:
+        return f"quantity {raw['quantity']} is implausibly large (more than {MAX_ABS_QUANTITY:,})"
     if raw["unit_price"] is None:
         return "missing unit_price"
     price = row["unit_price"]
