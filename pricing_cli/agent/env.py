@@ -57,6 +57,7 @@ HELD_DAYS_SCALE = 28.0  # days held are reported as min(days, 28) / 28
 # RSS stays bounded (16k rows x 4 KB = 64 MB at the full preset's width) at the cost of minor
 # page faults from the page cache.
 RELEASE_EVERY_ROWS = 16_384
+OBSERVATION_BLOCK = 256  # rows per block when building a batch of observations
 META_COLUMNS = ("product_index", "product_id", "date", "price", "unit_cost", "min_price",
                 "max_price")
 
@@ -268,10 +269,14 @@ class Market:
         self._rows_since_release += len(rows)
         if self._rows_since_release > RELEASE_EVERY_ROWS:
             self.release_pages()
-        # take(out=) gathers straight into the observation, with no temporary (x1.25 faster).
-        np.take(self._rows, rows, axis=0, out=features[:, :width])
-        features[:, width:-N_ENDOGENOUS] = self.profit_forecast(rows, last_price)
-        features[:, -N_ENDOGENOUS:] = self.endogenous(rows, last_price, held)
+        # Blocks of OBSERVATION_BLOCK rows keep each block's temporaries in cache; take(out=)
+        # gathers straight into the observation, with no temporary (x1.25 faster).
+        for start in range(0, len(rows), OBSERVATION_BLOCK):
+            part = slice(start, start + OBSERVATION_BLOCK)
+            block, last = rows[part], last_price[part]
+            np.take(self._rows, block, axis=0, out=features[part, :width])
+            features[part, width:-N_ENDOGENOUS] = self.profit_forecast(block, last)
+            features[part, -N_ENDOGENOUS:] = self.endogenous(block, last, held[part])
         return {"product_id": self.product_index[rows].astype(np.float32)[:, None],
                 "features": features}
 
