@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,33 @@ def measured(m: Measurement, what: str, target: str = "") -> list[dict[str, str]
         rows.append(row(f"{what}: peak memory of the process tree (PSS)",
                         mib(m.peak_tree_bytes), m.command, target))
     return rows
+
+
+def _true(policy: dict[str, Any], key: str) -> float:
+    return float((policy.get("true") or {}).get(key, float("nan")))
+
+
+# The columns a policy row can show: (name in the figure, value from the policy's entry).
+POLICY_COLUMNS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "share": ("share of oracle profit (true demand)",
+              lambda p: f"{_true(p, 'share_of_oracle_pct'):.2f}%"),
+    "share_net": ("share of oracle profit net of change costs (true demand)",
+                  lambda p: f"{_true(p, 'share_of_oracle_pct'):.2f}%"),
+    "uplift": ("uplift vs historical (true)", lambda p: f"{_true(p, 'uplift_pct'):+.1f}%"),
+    "fitted_uplift": ("uplift (fitted model)", lambda p: f"{p['fitted']['uplift_pct']:+.1f}%"),
+    "changes": ("price changes per product-month",
+                lambda p: f"{p['price_changes_per_product_month']:.2f}"),
+}
+
+
+def policy_rows(report: dict[str, Any], what: str, columns: Sequence[str], command: str,
+                targets: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """One row per policy of an evaluation.json: ``<what>, <policy>: <column / column ...>``."""
+    names = " / ".join(POLICY_COLUMNS[c][0] for c in columns)
+    return [row(f"{what}, {name}: {names}",
+                " / ".join(POLICY_COLUMNS[c][1](report["policies"][name]) for c in columns),
+                command, (targets or {}).get(name, ""))
+            for name in report["policy_order"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,12 +216,8 @@ def bench_train_full() -> list[dict[str, str]]:
     both = f"{m.command} && {e.command}"  # evaluate needs the model the train run made
     rows += [{**r, "command": both} for r in measured(e, "evaluate (full preset, test split)")]
     report = json.loads((FULL / "reports-bench-full" / "evaluation.json").read_text())
-    for name in report["policy_order"]:
-        true = report["policies"][name].get("true") or {}
-        rows.append(row(f"full preset, test split (agent: 100k RL steps), {name}: share of oracle "
-                        "profit (true demand) / uplift vs historical (true)",
-                        f"{true.get('share_of_oracle_pct', float('nan')):.2f}% / "
-                        f"{true.get('uplift_pct', float('nan')):+.1f}%", both))
+    rows += policy_rows(report, "full preset, test split (agent: 100k RL steps)",
+                        ("share", "uplift"), both)
     shutil.rmtree(FULL / "models" / "bench-full", ignore_errors=True)
     shutil.rmtree(FULL / "reports-bench-full", ignore_errors=True)
     return rows
@@ -207,7 +230,6 @@ def bench_quality() -> list[dict[str, str]]:
     report = json.loads((work / "reports" / "evaluation.json").read_text())
     train_run = sorted((work / "models").glob("*/run.json"))[-1]
     train_record = json.loads(train_run.read_text())
-    policies = report["policies"]
     cmd = f"cd {work} && {m.command}"
     rows = [row("small preset: whole pipeline generate → evaluate, wall", f"{m.wall_s:.0f} s",
                 cmd, "< 10 min"),
@@ -215,17 +237,9 @@ def bench_quality() -> list[dict[str, str]]:
                 f"{train_record['elapsed_s']:.0f} s "
                 f"({train_record['summary']['timesteps']:,} RL steps at "
                 f"{train_record['summary']['fps']:,.0f} steps/s)", cmd)]
-    targets = {"agent": ">= 97% of oracle, >= greedy, >= +10% vs historical"}
-    for name in report["policy_order"]:
-        true = policies[name].get("true") or {}
-        fitted = policies[name]["fitted"]
-        rows.append(row(
-            f"small preset, test split, {name}: share of oracle profit (true demand) / "
-            f"uplift vs historical (true) / uplift (fitted model)",
-            f"{true.get('share_of_oracle_pct', float('nan')):.2f}% / "
-            f"{true.get('uplift_pct', float('nan')):+.1f}% / {fitted['uplift_pct']:+.1f}%",
-            cmd, targets.get(name, "")))
-    return rows
+    return rows + policy_rows(
+        report, "small preset, test split", ("share", "uplift", "fitted_uplift"), cmd,
+        {"agent": ">= 97% of oracle, >= greedy, >= +10% vs historical"})
 
 
 def bench_change_cost() -> list[dict[str, str]]:
@@ -243,16 +257,8 @@ def bench_change_cost() -> list[dict[str, str]]:
             row("small + change cost: best model chosen on val at RL step",
                 f"{summary['best_timesteps']:,} of {summary['timesteps']:,} "
                 f"({summary['fps']:,.0f} steps/s)", cmd)]
-    for name in report["policy_order"]:
-        policy = report["policies"][name]
-        true = policy.get("true") or {}
-        rows.append(row(
-            f"small + change cost, test split, {name}: share of oracle profit net of change "
-            "costs (true demand) / uplift vs historical (true) / price changes per "
-            "product-month", f"{true.get('share_of_oracle_pct', float('nan')):.2f}% / "
-            f"{true.get('uplift_pct', float('nan')):+.1f}% / "
-            f"{policy['price_changes_per_product_month']:.2f}", cmd,
-            "> greedy" if name == "agent" else ""))
+    rows += policy_rows(report, "small + change cost, test split",
+                        ("share_net", "uplift", "changes"), cmd, {"agent": "> greedy"})
     return rows + _change_cost_full()
 
 
@@ -269,15 +275,8 @@ def _change_cost_full() -> list[dict[str, str]]:
             for r in measured(t, "full preset + change cost: train 100k steps (planner cloning)",
                               "<= 2 GB")]
     report = json.loads((FULL / "reports-bench-cc" / "evaluation.json").read_text())
-    for name in report["policy_order"]:
-        policy = report["policies"][name]
-        true = policy.get("true") or {}
-        rows.append(row(
-            f"full preset + change cost, test split, {name}: share of oracle profit net of "
-            "change costs (true demand) / price changes per product-month",
-            f"{true.get('share_of_oracle_pct', float('nan')):.2f}% / "
-            f"{policy['price_changes_per_product_month']:.2f}", both,
-            "> greedy" if name == "agent" else ""))
+    rows += policy_rows(report, "full preset + change cost, test split",
+                        ("share_net", "changes"), both, {"agent": "> greedy"})
     shutil.rmtree(FULL / "models" / "bench-cc", ignore_errors=True)
     shutil.rmtree(FULL / "reports-bench-cc", ignore_errors=True)
     return rows

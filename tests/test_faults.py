@@ -143,15 +143,22 @@ def test_watcher_sees_half_written_files(tmp_path: Path) -> None:
     ]
 
 
+def uninterrupted_batches(capsys: pytest.CaptureFixture[str], inter: Path) -> dict[str, bytes]:
+    """The batches and manifest of a preprocess run that nothing stopped; the folder is then
+    removed so the faulty run starts from scratch."""
+    code, err = pricectl(capsys, *PREPROCESS)
+    assert code == 0, err
+    reference = outputs(inter)
+    shutil.rmtree(inter)
+    return reference
+
+
 def test_disk_full_during_a_batch_keeps_the_complete_batches(
         tiny_features: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     inter = Path("data/intermediate")
-    code, err = pricectl(capsys, *PREPROCESS)
-    assert code == 0, err
-    reference = outputs(inter)
+    reference = uninterrupted_batches(capsys, inter)
     assert len(reference) == 7  # 6 batches + manifest.json
-    shutil.rmtree(inter)
 
     # the disk fills 3,000 bytes into the 4th batch
     monkeypatch.setattr("pricing_cli.storage.open", full_disk_open("batch_0003.npz", 3000),
@@ -187,10 +194,7 @@ def test_disk_full_writing_the_manifest_rebuilds_the_unlisted_batch(
         tiny_features: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     inter = Path("data/intermediate")
-    code, err = pricectl(capsys, *PREPROCESS)
-    assert code == 0, err
-    reference = outputs(inter)
-    shutil.rmtree(inter)
+    reference = uninterrupted_batches(capsys, inter)
 
     # manifest writes: 1 at the start, 2 after batch 0, 3 after batch 1 (fails)
     monkeypatch.setattr("pricing_cli.storage.open", full_disk_open("manifest.json", 100, nth=3),

@@ -280,10 +280,6 @@ class Market:
         return {"product_id": self.product_index[rows].astype(np.float32)[:, None],
                 "features": features}
 
-    def historical_observation(self, rows: np.ndarray) -> Observation:
-        """The observation of rows as history had them (for behaviour cloning)."""
-        return self.observation(rows, self.previous_price[rows], self.held_days[rows])
-
     def episode_starts(self, episode_length: int, products: Sequence[int] | None = None
                        ) -> np.ndarray:
         """Rows where a window of ``episode_length`` days of one product can start (a product

@@ -99,16 +99,10 @@ def profit_metrics(meta: SplitMeta, prices: np.ndarray, units: np.ndarray,
     summed over rows. With ``change_cost`` ((n_products,) money per price change) profit is
     net of the price-change costs the policy paid."""
     revenue = float(np.sum(prices * units))
-    costs = change_costs_paid(meta, prices, change_cost)
+    costs = float(np.sum(change_costs_per_row(meta, prices, change_cost)))
     profit = float(np.sum((prices - meta.unit_cost) * units)) - costs
     return {"profit": profit, "revenue": revenue, "units": float(np.sum(units)),
             "margin": profit / revenue if revenue else 0.0, "change_costs": costs}
-
-
-def change_costs_paid(meta: SplitMeta, prices: np.ndarray,
-                      change_cost: np.ndarray | None) -> float:
-    """Price-change costs of a price path, summed (see :func:`change_costs_per_row`)."""
-    return float(np.sum(change_costs_per_row(meta, prices, change_cost)))
 
 
 def change_costs_per_row(meta: SplitMeta, prices: np.ndarray,

@@ -462,9 +462,9 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
             level. Needs ``demand``. Worth it when changes cost money: greedy then stays
             put where the planner moves once and holds.
 
-    Observations (bc, greedy) are the rows as history had them (yesterday's historical price as the
-    agent's own last price). Accuracy: the argmax of the logits masked by the processed mask
-    against the teacher's best level under the same mask.
+    Observations (bc, greedy) are the rows as history had them (yesterday's historical price
+    as the agent's own last price). Accuracy: the argmax of the logits masked by the row's
+    feasible levels (``allowed_levels``) against the teacher's level under the same mask.
 
     Returns:
         teacher, rows used, rows skipped, final-epoch loss and accuracy.
