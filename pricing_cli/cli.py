@@ -8,7 +8,10 @@ exit codes, through the table in errors.py.
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +20,7 @@ import typer
 
 from pricing_cli import __version__
 from pricing_cli.config import Settings, documented_yaml, load_settings, settings_to_yaml
-from pricing_cli.errors import PricingError, exit_code_for
+from pricing_cli.errors import PricingError, Terminated, classify_os_error, exit_code_for
 from pricing_cli.runinfo import OutputOptions, StageFn, execute_stage
 
 app = typer.Typer(
@@ -295,14 +298,15 @@ def _run_named_stage(name: str, settings: Settings) -> None:
 @app.command()
 def pipeline(
     start: Annotated[str | None, typer.Option(
-        "--from", help="First stage to run (default: generate, or features with --no-generate).")
+        "--from", help="First stage to run (default: features, or generate with --generate).")
     ] = None,
     stop: Annotated[str | None, typer.Option("--to", help="Last stage to run.")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Run every planned stage even if it is up to date.")] = False,
-    with_generate: Annotated[bool, typer.Option(
+    with_generate: Annotated[bool | None, typer.Option(
         "--generate/--no-generate",
-        help="Start with the synthetic market (off for your own data).")] = True,
+        help="Start with generate, a synthetic market (default: pipeline.generate, which only "
+             "the built-in presets turn on; never on for your own data).")] = None,
 ) -> None:
     """Run generate → features → preprocess → validate-batches → merge → train → evaluate.
 
@@ -313,6 +317,8 @@ def pipeline(
     from pricing_cli.runinfo import make_monitor, new_run_dir
 
     settings = _settings()
+    if with_generate is None:
+        with_generate = settings.pipeline.generate
     monitor = make_monitor("pipeline", settings, G.output,
                            new_run_dir(settings, "pipeline") / "memory.jsonl")
 
@@ -373,6 +379,9 @@ def _report(exc: BaseException) -> int:
         sys.stderr.write(f"pricectl: {row.label}: {exc.message}\n")
         if exc.hint:
             sys.stderr.write(f"  hint: {exc.hint}\n")
+    elif isinstance(exc, Terminated):
+        sys.stderr.write("pricectl: terminated (SIGTERM); completed work is kept, partial "
+                         "outputs removed\n")
     elif isinstance(exc, KeyboardInterrupt):
         sys.stderr.write("pricectl: interrupted; completed work is kept, partial outputs removed\n")
     else:
@@ -381,8 +390,37 @@ def _report(exc: BaseException) -> int:
     return row.code
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM ends a run the way Ctrl+C does: the stage's cleanup runs and keeps completed
+    work. Worker processes forked after this was installed just die, as before."""
+    if os.getpid() != _MAIN_PID:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _SIGNALS["terminated"] = True
+    raise Terminated()
+
+
+_MAIN_PID = os.getpid()
+_SIGNALS = {"terminated": False}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return the exit code (the console script calls sys.exit on it)."""
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    _SIGNALS["terminated"] = False
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     from typer._click.exceptions import ClickException  # typer vendors click
 
     try:
@@ -391,18 +429,28 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         code = int(exc.exit_code)
     except typer.Abort:
-        return _report(KeyboardInterrupt())
+        return _report(_interruption())
     except ClickException as exc:
         exc.show()
         return exc.exit_code
     except BrokenPipeError:
         return 0
-    except (PricingError, KeyboardInterrupt) as exc:
+    except PricingError as exc:
         return _report(exc)
+    except KeyboardInterrupt as exc:
+        return _report(_interruption() if not isinstance(exc, Terminated) else exc)
     except Exception as exc:  # noqa: BLE001 - last resort: no bare traceback without --debug
-        return _report(exc)
+        classified = classify_os_error(exc)
+        if classified is not exc:
+            classified.__cause__ = exc  # --debug still shows where it came from
+        return _report(classified)
     # typer turns Ctrl+C into exit code 130 itself; add our one-line explanation.
-    return _report(KeyboardInterrupt()) if code == 130 else code
+    return _report(_interruption()) if code == 130 else code
+
+
+def _interruption() -> KeyboardInterrupt:
+    """What stopped the run, once click has swallowed the exception: SIGTERM or Ctrl+C."""
+    return Terminated() if _SIGNALS["terminated"] else KeyboardInterrupt()
 
 
 def entry() -> None:

@@ -189,8 +189,9 @@ class TrainSettings(Section):
 
     models_dir: str = "models"
     """Run folders models/<run_id>/ are created here."""
-    run_id: str | None = None
-    """Name of the run folder; None means a timestamp."""
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    """Name of the run folder (letters, digits, '.', '_', '-'; it stays inside models_dir);
+    None means a timestamp."""
     algo: Literal["maskable-ppo", "ppo"] = "maskable-ppo"
     """RL algorithm."""
     timesteps: int = Field(50_000, ge=1)
@@ -278,6 +279,15 @@ class EvaluateSettings(Section):
     """Seed of the random-feasible baseline."""
 
 
+class PipelineSettings(Section):
+    """`pricectl pipeline`."""
+
+    generate: bool = False
+    """Start with `generate` (a synthetic market written into generate.output_dir). Off by
+    default so a pipeline over your own data never runs it; the built-in presets and
+    `pipeline --generate` turn it on. generate refuses a folder it did not create anyway."""
+
+
 class MonitorSettings(Section):
     """The live panel and memory sampler shared by every stage."""
 
@@ -312,6 +322,7 @@ class Settings(Section):
     merge: MergeSettings = MergeSettings()
     train: TrainSettings = TrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
+    pipeline: PipelineSettings = PipelineSettings()
     monitor: MonitorSettings = MonitorSettings()
 
     def section_fingerprint(self, section: str) -> str:

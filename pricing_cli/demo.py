@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    command = ["--preset", args.preset, "pipeline", *(["--force"] if args.force else [])]
+    command = ["--preset", args.preset, "pipeline", "--generate",
+               *(["--force"] if args.force else [])]
     print(f"$ pricectl {' '.join(command)}", flush=True)
     code = cli.main(command)
     if code != 0:

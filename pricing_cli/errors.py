@@ -77,6 +77,23 @@ class MissingInputError(PricingError):
     default_hint = "Run the earlier pipeline stage first; see `pricectl --help` for the order."
 
 
+class OutputError(PricingError):
+    """An output folder cannot be written safely: it holds files pricectl did not write, it
+    overlaps an input, or the system refuses the write (permissions, read-only disk)."""
+
+    default_hint = "Choose another output folder (an empty or new one) on a writable disk."
+
+
+class RunLocked(PricingError):
+    """Another pricectl run holds the lock of an input or output folder of this stage."""
+
+    default_hint = "Wait for the other run to finish, or stop it, then re-run."
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled like Ctrl+C (completed work kept, partial outputs removed)."""
+
+
 @dataclass(frozen=True)
 class ExitCode:
     """One row of the exit-code table."""
@@ -96,9 +113,39 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(DiskFullError, 8, "disk full"),
     ExitCode(ModelError, 9, "model error"),
     ExitCode(MissingInputError, 10, "missing input"),
+    ExitCode(OutputError, 11, "output refused"),
+    ExitCode(RunLocked, 12, "locked"),
     ExitCode(PricingError, 1, "error"),
+    ExitCode(Terminated, 143, "terminated"),
     ExitCode(KeyboardInterrupt, 130, "interrupted"),
 )
+
+
+def classify_os_error(exc: BaseException) -> BaseException:
+    """The PricingError for an error the system raised outside the stages' own checks.
+
+    A full disk and a folder pricectl may not write are not bugs: they get their class
+    (and exit code) with the path, whichever library raised them (Polars' writers raise
+    their own types, some without errno, with "os error 28" or "Permission denied" in the
+    text). Anything else is returned unchanged (an internal error).
+    """
+    import errno as errno_codes
+
+    if isinstance(exc, PricingError):
+        return exc
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    where = getattr(exc, "filename", None)
+    path = f" ({where})" if where else ""
+    if code == errno_codes.ENOSPC or "(os error 28)" in text or "No space left" in text:
+        return DiskFullError(f"no space left on device{path}: {text[:300]}")
+    if code in (errno_codes.EACCES, errno_codes.EPERM, errno_codes.EROFS) or (
+            "Permission denied" in text or "(os error 13)" in text
+            or "Read-only file system" in text or "(os error 30)" in text):
+        return OutputError(f"cannot write{path}: {text[:300]}",
+                           "Check the folder's permissions, or choose another output folder "
+                           "on a writable disk; completed work is kept.")
+    return exc
 
 
 def exit_code_for(exc: BaseException) -> ExitCode:

@@ -362,6 +362,26 @@ class RunMonitor:
         elif kind == "metric":
             self.set_metric(event[1], event[2])
 
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Stop *before* a step known to need about ``nbytes`` more (e.g. importing torch:
+        one call the sampler cannot interrupt) if it would pass the budget.
+
+        Raises:
+            MemoryBudgetExceeded: the tree now plus ``nbytes`` passes the budget's safe share.
+        """
+        budget = self.sampler.budget_bytes
+        if budget is None:
+            return
+        self.check_memory()
+        now = read_memory(self.sampler._proc).tree
+        if now + nbytes >= budget * BUDGET_SAFETY:
+            raise MemoryBudgetExceeded(
+                f"{what} needs about {format_bytes(nbytes)} more; the process tree is at "
+                f"{format_bytes(now)} of the {format_bytes(budget)} allowed by --max-memory, so "
+                f"{self.stage} stopped before it",
+                f"Give {self.stage} at least {format_bytes((now + nbytes) / BUDGET_SAFETY)} "
+                "with --max-memory; completed work is kept.")
+
     def check_memory(self) -> None:
         """Raise MemoryBudgetExceeded at a safe point if the budget has been reached."""
         if self.sampler.budget_tripped:

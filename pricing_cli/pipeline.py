@@ -58,6 +58,30 @@ STAGES: tuple[PipelineStage, ...] = (
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
+def stage_folders(name: str, settings: Settings) -> tuple[list[Path], list[Path]]:
+    """(folders the stage writes, folders it reads) for the locks a run holds: one run at a
+    time writes a folder, and nobody writes a folder a running stage reads.
+
+    merge writes its batch folder too (it deletes the batches it merged).
+    """
+    raw = Path(settings.generate.output_dir)
+    features, batches = Path(settings.features.output_dir), Path(settings.preprocess.output_dir)
+    processed, models = Path(settings.merge.output_dir), Path(settings.train.models_dir)
+    reports = Path(settings.evaluate.reports_dir)
+    # Your own raw data is only read; it is locked (shared) only where generate writes it.
+    raw_read = [raw] if raw.resolve() in Path(settings.data.catalog).resolve().parents else []
+    table: dict[str, tuple[list[Path], list[Path]]] = {
+        "generate": ([raw], []),
+        "features": ([features], raw_read),
+        "preprocess": ([batches], [features]),
+        "validate-batches": ([], [batches]),
+        "merge": ([processed, batches], []),
+        "train": ([models], [processed]),
+        "evaluate": ([reports], [processed, models]),
+    }
+    return table.get(name, ([], []))
+
+
 def newest_model_dir(settings: Settings) -> Path | None:
     """models/<run_id> if train.run_id is set, else the newest run folder with a run.json."""
     root = Path(settings.train.models_dir)
@@ -106,7 +130,24 @@ def recorded_key(stage: PipelineStage, settings: Settings) -> str | None:
         record = json.loads((folder / "run.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return record.get("stage_key") if isinstance(record, dict) else None
+    if not isinstance(record, dict) or not outputs_intact(folder, record.get("outputs")):
+        return None
+    return record.get("stage_key")
+
+
+def outputs_intact(folder: Path, outputs: Any) -> bool:
+    """True when every output that run.json recorded is still there with its size: a run
+    stopped half-way, or a file deleted by hand, makes the stage run again."""
+    if not isinstance(outputs, dict):
+        return False
+    for name, size in outputs.items():
+        path = folder / str(name)
+        try:
+            if not path.is_file() or path.stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def plan(settings: Settings, start: str | None, stop: str | None, force: bool,
@@ -135,10 +176,13 @@ def run_pipeline(settings: Settings, run_stage: RunFn, log: Callable[[str], None
     """
     outcome: list[tuple[str, str]] = []
     ran_upstream = False
-    for stage in plan(settings, start, stop, force, with_generate):
+    stages = plan(settings, start, stop, force, with_generate)
+    for stage in stages:
         key_before = stage_key(stage, settings)
         up_to_date = (not force and not ran_upstream and key_before is not None
                       and key_before == recorded_key(stage, settings))
+        if up_to_date and stage.name == "preprocess" and _merge_needs_batches(stages, settings):
+            up_to_date = False  # merge must re-run and its batches were deleted: rebuild them
         if stage.name == "validate-batches":
             # It has no outputs of its own: it runs exactly when the batches are new.
             up_to_date = not ran_upstream and not force
@@ -152,6 +196,24 @@ def run_pipeline(settings: Settings, run_stage: RunFn, log: Callable[[str], None
         record_stage_key(stage, settings)
         outcome.append((stage.name, "ran"))
     return outcome
+
+
+def _merge_needs_batches(stages: list[PipelineStage], settings: Settings) -> bool:
+    """True when merge is planned, is not up to date, and a batch it needs is gone (merge
+    deletes the batches it merged, so a merge re-run needs preprocess again)."""
+    merge = next((s for s in stages if s.name == "merge"), None)
+    if merge is None:
+        return False
+    key = stage_key(merge, settings)
+    if key is not None and key == recorded_key(merge, settings):
+        return False
+    folder = Path(settings.preprocess.output_dir)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        names = [str(b["name"]) for b in manifest["batches"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return not all((folder / Path(name).name).is_file() for name in names)
 
 
 def record_stage_key(stage: PipelineStage, settings: Settings) -> None:

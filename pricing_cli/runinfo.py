@@ -19,7 +19,7 @@ from pricing_cli import __version__
 from pricing_cli.config import Settings, parse_size
 from pricing_cli.errors import PartialFailure
 from pricing_cli.monitor import DisplayMode, RunMonitor, format_bytes
-from pricing_cli.storage import fingerprint_files, write_json
+from pricing_cli.storage import TMP_MARK, fingerprint_files, folder_locks, write_json
 
 
 @dataclass
@@ -43,6 +43,9 @@ class StageResult:
         summary: numbers for the summary table, run.json and --json.
         failures: one line per failed input; non-empty means exit code 'partial failure'.
         notes: extra lines printed under the summary table.
+        outputs: the files that must still be there, unchanged in size, for the stage to be
+            up to date (None: every file under ``output_dir``). preprocess names only its
+            manifest, since merge deletes the batches.
     """
 
     stage: str
@@ -51,6 +54,7 @@ class StageResult:
     summary: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    outputs: Sequence[Path] | None = None
 
 
 StageFn = Callable[[Settings, RunMonitor], StageResult]
@@ -85,6 +89,7 @@ def run_record(stage: str, settings: Settings, result: StageResult, monitor: Run
         "config": settings.to_dict(),
         "config_fingerprint": settings.section_fingerprint(_config_section(stage)),
         "inputs": fingerprint_files(list(result.inputs)) if result.inputs else None,
+        "outputs": output_sizes(result),
         "started": monitor.started_wall.isoformat(),
         "ended": ended.isoformat(),
         "elapsed_s": round(monitor.elapsed, 3),
@@ -92,6 +97,19 @@ def run_record(stage: str, settings: Settings, result: StageResult, monitor: Run
         "summary": result.summary,
         "failures": result.failures,
     }
+
+
+def output_sizes(result: StageResult) -> dict[str, int] | None:
+    """{path relative to output_dir: size} of the stage's outputs, recorded in run.json so the
+    pipeline can tell that they are all still there (see pipeline.recorded_key)."""
+    if result.output_dir is None or not Path(result.output_dir).is_dir():
+        return None
+    root = Path(result.output_dir)
+    paths = (list(result.outputs) if result.outputs is not None
+             else [p for p in root.rglob("*") if p.is_file()])
+    sizes = {str(Path(p).relative_to(root)): Path(p).stat().st_size for p in paths
+             if Path(p).name != "run.json" and not Path(p).name.startswith(TMP_MARK)}
+    return dict(sorted(sizes.items()))
 
 
 def _config_section(stage: str) -> str:
@@ -122,20 +140,24 @@ def execute_stage(stage: str, settings: Settings, options: OutputOptions, fn: St
         PartialFailure: the stage finished but listed failures.
         Whatever ``fn`` raises (a PricingError subclass for user mistakes).
     """
-    run_dir = new_run_dir(settings, stage)
-    if shared is None:
-        monitor = make_monitor(stage, settings, options, run_dir / "memory.jsonl")
-        with monitor:
+    from pricing_cli.pipeline import stage_folders
+
+    outputs, inputs = stage_folders(stage, settings)
+    with folder_locks(outputs, inputs):
+        run_dir = new_run_dir(settings, stage)
+        if shared is None:
+            monitor = make_monitor(stage, settings, options, run_dir / "memory.jsonl")
+            with monitor:
+                result = fn(settings, monitor)
+        else:
+            monitor = shared
+            monitor.begin_stage(stage, run_dir / "memory.jsonl")
             result = fn(settings, monitor)
-    else:
-        monitor = shared
-        monitor.begin_stage(stage, run_dir / "memory.jsonl")
-        result = fn(settings, monitor)
-        monitor.check_memory()
-    record = run_record(stage, settings, result, monitor, datetime.now().astimezone())
-    write_json(run_dir / "run.json", record)
-    if result.output_dir is not None and Path(result.output_dir).is_dir():
-        write_json(Path(result.output_dir) / "run.json", record)
+            monitor.check_memory()
+        record = run_record(stage, settings, result, monitor, datetime.now().astimezone())
+        write_json(run_dir / "run.json", record)
+        if result.output_dir is not None and Path(result.output_dir).is_dir():
+            write_json(Path(result.output_dir) / "run.json", record)
     print_summary(stage, record, result, options, monitor)
     if result.failures:
         raise PartialFailure(f"{stage}: {len(result.failures)} input(s) failed")

@@ -19,9 +19,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from pricing_cli.errors import DiskFullError
+from pricing_cli.errors import DiskFullError, OutputError, RunLocked
 
 TMP_MARK = ".tmp-"
+OWNER_MARKER = ".pricectl-output.json"
+"""Written into every folder pricectl creates, naming the stage (and, for a folder replaced
+as a whole, the files it holds). A folder without it is never replaced or written into."""
+LOCK_SUFFIX = ".pricectl-lock"
+DISK_FULL_BYTES = 1 << 20
+"""Less free space than this after a failed write means the disk was full."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -147,8 +153,187 @@ def write_json(path: str | Path, payload: Any) -> None:
         handle.write("\n")
 
 
+# ---------------------------------------------------------------------------------------------
+# Whose folder is it? pricectl replaces or writes into a folder only if it made that folder.
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((folder / OWNER_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("written_by") != "pricectl":
+        return None
+    return record
+
+
+def _listing(folder: Path) -> list[str]:
+    """Every file under ``folder`` (relative, sorted), leaving out the marker itself."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.name != OWNER_MARKER)
+
+
+def write_owner_marker(folder: Path, stage: str, *, list_files: bool) -> None:
+    """Mark ``folder`` as written by ``stage``; ``list_files`` records its files (for folders
+    replaced as a whole, so a file a user adds later is seen as theirs)."""
+    record: dict[str, Any] = {"written_by": "pricectl", "stage": stage}
+    if list_files:
+        record["files"] = _listing(folder)
+    write_json(folder / OWNER_MARKER, record)
+
+
+def _foreign_files(folder: Path, stage: str) -> list[str] | None:
+    """The files in ``folder`` that ``stage`` did not write (None: the folder is not
+    ``stage``'s at all)."""
+    record = _read_marker(folder)
+    if record is None or record.get("stage") != stage:
+        return None
+    known = record.get("files")
+    if not isinstance(known, list):
+        return []
+    ours = set(known) | {"run.json"}
+    return [name for name in _listing(folder) if name not in ours]
+
+
+def _placeholder(path: Path) -> bool:
+    """An empty ``.gitkeep`` (a repository keeps the folder with it): not anybody's data."""
+    return path.name == ".gitkeep" and path.is_file() and path.stat().st_size == 0
+
+
+def _examples(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_output_dir(folder: str | Path, stage: str,
+                     inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse to write ``stage``'s outputs into ``folder`` unless that is safe.
+
+    Safe means: ``folder`` does not exist, is empty, or was written by this stage (its
+    :data:`OWNER_MARKER`) and holds only the files that stage wrote; and it neither is, holds,
+    nor sits inside any of ``inputs`` (the folders or files the stage reads).
+
+    Raises:
+        OutputError: naming the folder and what would be lost.
+    """
+    folder = Path(folder)
+    target = folder.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source or target in source.parents or (
+                source.is_dir() and source in target.parents):
+            raise OutputError(
+                f"{stage}: the output folder {folder} overlaps its input {given}",
+                "An output folder may not be, contain or sit inside an input; "
+                "choose a separate output folder.")
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise OutputError(f"{stage}: the output {folder} exists and is not a folder",
+                          "Choose a new folder for the outputs.")
+    if not folder.is_dir() or not [p for p in folder.iterdir() if not _placeholder(p)]:
+        return
+    foreign = _foreign_files(folder, stage)
+    if foreign is None:
+        record = _read_marker(folder)
+        owner = f"pricectl {record['stage']}" if record and record.get("stage") else None
+        names = [p.name for p in sorted(folder.iterdir())]
+        raise OutputError(
+            f"{stage}: refusing to write into {folder}: it holds files "
+            + (f"written by {owner}" if owner else "that pricectl did not write")
+            + f" ({_examples(names)})",
+            "pricectl only replaces folders it created (they hold "
+            f"{OWNER_MARKER}); choose an empty or new output folder.")
+    if foreign:
+        raise OutputError(
+            f"{stage}: refusing to replace {folder}: it holds files pricectl did not write "
+            f"({_examples(foreign)})",
+            "Move those files elsewhere, or choose another output folder.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks: one run at a time writes a folder; readers share it.
+
+# Locks this process holds, by lock file: [fd, exclusive, depth]. A pipeline runs its stages
+# in one process, so a stage may ask again for a lock the pipeline (or itself) already holds.
+_HELD: dict[str, list[Any]] = {}
+
+
+def lock_path(folder: str | Path) -> Path:
+    folder = Path(folder).resolve()
+    return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
+
+
+def _acquire(folder: Path, exclusive: bool) -> str | None:
+    import fcntl
+
+    path = lock_path(folder)
+    key = str(path)
+    held = _HELD.get(key)
+    if held is not None and (held[1] or not exclusive):
+        held[2] += 1
+        return key
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = held[0] if held is not None else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if not exclusive:
+            return None  # a read-only input folder: nobody can write it either
+        raise
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        except OSError:
+            other = "?"
+        if held is None:
+            os.close(fd)
+        raise RunLocked(f"another pricectl run (pid {other}) holds {folder}",
+                        f"Wait for it to finish (lock file {path}), or stop it, then re-run."
+                        ) from None
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if held is None:
+        _HELD[key] = [fd, exclusive, 1]
+    else:
+        held[1] = True
+        held[2] += 1
+    return key
+
+
+def _release(key: str) -> None:
+    held = _HELD[key]
+    held[2] -= 1
+    if held[2] == 0:
+        os.close(held[0])  # closing the last descriptor drops the flock
+        del _HELD[key]
+
+
 @contextlib.contextmanager
-def staged_dir(final: str | Path) -> Iterator[Path]:
+def folder_locks(outputs: Sequence[str | Path], inputs: Sequence[str | Path] = ()
+                 ) -> Iterator[None]:
+    """Hold an exclusive lock on each output folder and a shared one on each input folder.
+
+    The lock is a file beside the folder (``.<name>.pricectl-lock``), locked with flock: the
+    kernel drops it when the process dies, even by SIGKILL, so a lock is never stale.
+
+    Raises:
+        RunLocked: another run holds one of them; it names the pid recorded in the lock file.
+    """
+    taken: list[str] = []
+    try:
+        for folder, exclusive in [*((o, True) for o in outputs), *((i, False) for i in inputs)]:
+            key = _acquire(Path(folder), exclusive)
+            if key is not None:
+                taken.append(key)
+        yield
+    finally:
+        for key in reversed(taken):
+            _release(key)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path, owner: str | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces ``final`` as a whole on success.
 
     On any failure (including Ctrl+C) the temporary folder is removed and ``final`` keeps
@@ -163,10 +348,14 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_staging(final)
+    if owner is not None:
+        check_output_dir(final, owner)
     tmp = tmp_path_for(final)
     tmp.mkdir()
     try:
         yield tmp
+        if owner is not None:
+            write_owner_marker(tmp, owner, list_files=True)
         replace_dir(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,9 +367,18 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
             if named is exc:
                 raise
             raise named from exc
-        if is_disk_full(exc):
+        if is_disk_full(exc) or (isinstance(exc, Exception) and _nearly_full(final.parent)):
+            # Some writers fail on a full disk with errors that do not say so (Polars:
+            # "Invalid thrift", OSError without errno); the free space tells.
             raise DiskFullError(f"no space left on device while writing {final}") from exc
         raise
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BYTES
+    except OSError:
+        return False
 
 
 def replace_dir(src: Path, final: Path) -> None:

@@ -21,7 +21,7 @@ from pricing_cli.data import market
 from pricing_cli.errors import BatchError, ModelError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.pricing import feasible_mask, price_grid
-from pricing_cli.storage import write_json
+from pricing_cli.storage import OWNER_MARKER, write_json
 from tests import agent_fixtures
 
 K = 11
@@ -485,7 +485,9 @@ def test_run_evaluate_writes_every_output(tmp_path: Path,
     greedy = bl.greedy_prices(meta, demand, K, MAX_CHANGE)
     stage_with_stand_in_agent(tmp_path, monkeypatch, truth)
     (tmp_path / "reports").mkdir()
-    (tmp_path / "reports" / "stale.txt").write_text("old")
+    (tmp_path / "reports" / "stale.txt").write_text("old")  # a file an earlier evaluate wrote
+    (tmp_path / "reports" / OWNER_MARKER).write_text(json.dumps(
+        {"written_by": "pricectl", "stage": "evaluate", "files": ["stale.txt"]}))
 
     settings = load_settings(preset="tiny", flags={"evaluate.plot_products": 2}, environ={})
     with RunMonitor("evaluate", "quiet") as monitor:
@@ -493,8 +495,8 @@ def test_run_evaluate_writes_every_output(tmp_path: Path,
 
     reports = tmp_path / "reports"
     assert sorted(p.name for p in reports.iterdir()) == [
-        "evaluation.json", "price_paths.png", "profit_by_policy.png", "recommendations.csv",
-        "report.md", "uplift_histogram.png"]  # replaced as a whole: stale.txt is gone
+        OWNER_MARKER, "evaluation.json", "price_paths.png", "profit_by_policy.png",
+        "recommendations.csv", "report.md", "uplift_histogram.png"]  # stale.txt is gone
     for png in reports.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evaluation = json.loads((reports / "evaluation.json").read_text())
@@ -638,8 +640,8 @@ def test_pricectl_evaluate_after_a_real_training_run(tmp_path: Path,
 
     reports = tmp_path / "reports"
     assert sorted(p.name for p in reports.iterdir()) == [
-        "evaluation.json", "price_paths.png", "profit_by_policy.png", "recommendations.csv",
-        "report.md", "run.json", "uplift_histogram.png"]
+        OWNER_MARKER, "evaluation.json", "price_paths.png", "profit_by_policy.png",
+        "recommendations.csv", "report.md", "run.json", "uplift_histogram.png"]
     evaluation = json.loads((reports / "evaluation.json").read_text())
     assert evaluation["run"] == "models/r1" and evaluation["ground_truth"]["used"]
     policies = evaluation["policies"]

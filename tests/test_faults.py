@@ -25,7 +25,7 @@ from bench.kill_test import Watcher, run_kill_test
 from pricing_cli import cli
 from pricing_cli.stages import merge as merge_module
 from pricing_cli.stages.batches import write_batch
-from pricing_cli.storage import staged_dir
+from pricing_cli.storage import LOCK_SUFFIX, OWNER_MARKER, staged_dir
 
 HINT = "  hint: Free disk space and re-run: completed work is kept and will be reused.\n"
 
@@ -61,6 +61,11 @@ def full_disk_open(name_part: str, after_bytes: int, nth: int = 1) -> Callable[.
         return builtins.open(file, mode, *args, **kwargs)
 
     return fake_open
+
+
+def folders(parent: Path) -> list[str]:
+    """What ``parent`` holds, without the runs' lock files beside the folders."""
+    return sorted(n for n in os.listdir(parent) if not n.endswith(LOCK_SUFFIX))
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -158,7 +163,7 @@ def test_disk_full_during_a_batch_keeps_the_complete_batches(
         capsys: pytest.CaptureFixture[str]) -> None:
     inter = Path("data/intermediate")
     reference = uninterrupted_batches(capsys, inter)
-    assert len(reference) == 7  # 6 batches + manifest.json
+    assert len(reference) == 8  # 6 batches + manifest.json + the ownership marker
 
     # the disk fills 3,000 bytes into the 4th batch
     monkeypatch.setattr("pricing_cli.storage.open", full_disk_open("batch_0003.npz", 3000),
@@ -168,8 +173,8 @@ def test_disk_full_during_a_batch_keeps_the_complete_batches(
     assert err == ("pricectl: disk full: no space left on device while writing "
                    "data/intermediate/batch_0003.npz\n" + HINT)
     # no temporary file, no run.json: only the three complete batches and their manifest
-    assert sorted(os.listdir(inter)) == ["batch_0000.npz", "batch_0001.npz", "batch_0002.npz",
-                                         "manifest.json"]
+    assert sorted(os.listdir(inter)) == [OWNER_MARKER, "batch_0000.npz", "batch_0001.npz",
+                                         "batch_0002.npz", "manifest.json"]
     manifest = json.loads((inter / "manifest.json").read_text())
     assert [b["name"] for b in manifest["batches"]] == ["batch_0000.npz", "batch_0001.npz",
                                                         "batch_0002.npz"]
@@ -205,7 +210,8 @@ def test_disk_full_writing_the_manifest_rebuilds_the_unlisted_batch(
                    "data/intermediate/manifest.json\n" + HINT)
     # the previous manifest stays whole and lists only batch 0; batch 1 is complete but
     # unlisted, so it is not trusted and gets rebuilt
-    assert sorted(os.listdir(inter)) == ["batch_0000.npz", "batch_0001.npz", "manifest.json"]
+    assert sorted(os.listdir(inter)) == [OWNER_MARKER, "batch_0000.npz", "batch_0001.npz",
+                                         "manifest.json"]
     manifest = json.loads((inter / "manifest.json").read_text())
     assert [b["name"] for b in manifest["batches"]] == ["batch_0000.npz"]
     monkeypatch.undo()
@@ -238,7 +244,7 @@ def test_disk_full_during_merge_keeps_batches_and_the_previous_output(
     # the previous complete output is untouched, the batches too, no staging folder is left
     assert folder_bytes(data / "processed") == previous
     assert folder_bytes(data / "intermediate") == batches
-    assert sorted(os.listdir(data)) == ["features", "intermediate", "processed", "raw"]
+    assert folders(data) == ["features", "intermediate", "processed", "raw"]
     monkeypatch.undo()
     monkeypatch.chdir(tiny_features)
 
@@ -254,7 +260,7 @@ def test_disk_full_during_merge_keeps_batches_and_the_previous_output(
     assert code == 8
     assert err == ("pricectl: disk full: no space left on device while writing "
                    "data/processed/meta_train.parquet\n" + HINT)
-    assert sorted(os.listdir(data)) == ["features", "intermediate", "raw"]
+    assert folders(data) == ["features", "intermediate", "raw"]
     monkeypatch.undo()
     monkeypatch.chdir(tiny_features)
 

@@ -14,6 +14,7 @@ from pricing_cli.errors import BatchError, PricingError
 from pricing_cli.stages.batches import read_manifest, write_manifest
 from pricing_cli.stages.merge import run_merge
 from pricing_cli.stages.preprocess import SampleParams, build_samples, run_preprocess
+from pricing_cli.storage import OWNER_MARKER
 from tests.test_preprocess import quiet_monitor, tiny_settings, write_feature_files
 
 PROCESSED = Path("data/processed")
@@ -43,7 +44,7 @@ def test_outputs_follow_the_contract_and_match_a_per_file_reference(features_dir
         [f"{kind}_{s}.{ext}" for s in ("train", "val", "test")
          for kind, ext in (("X", "npy"), ("labels", "npz"), ("masks", "npz"),
                            ("meta", "parquet"))]
-        + ["feature_cols.json", "preprocessing_stats.json"])
+        + ["feature_cols.json", "preprocessing_stats.json", OWNER_MARKER])
     settings = tiny_settings()
     params = SampleParams.from_settings(settings, [f"f_{j}" for j in range(5)])
     blocks = [build_samples(features_dir / f"{i:05d}.parquet", params) for i in range(13)]
@@ -117,7 +118,7 @@ def test_batches_are_deleted_after_success_and_kept_on_failure(features_dir: Pat
     result = run_merge(tiny_settings(), quiet_monitor("merge")[0])
     assert result.summary["batches_deleted"] == 3
     # the batch files go; the small manifest stays as the record of what was merged
-    assert sorted(p.name for p in BATCHES.iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in BATCHES.iterdir()) == [OWNER_MARKER, "manifest.json"]
     assert (PROCESSED / "X_train.npy").is_file()
     with pytest.raises(PricingError, match="batch_0000.npz: listed in the manifest but missing"):
         run_merge(tiny_settings(), quiet_monitor("merge")[0])

@@ -20,6 +20,7 @@ from pricing_cli.agent.train import run_train
 from pricing_cli.config import load_settings
 from pricing_cli.errors import ConfigError, MissingInputError, ModelError
 from pricing_cli.monitor import RunMonitor
+from pricing_cli.storage import OWNER_MARKER
 from tests.agent_fixtures import write_processed
 
 K = 11
@@ -62,7 +63,7 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
     assert code == 0
     run = tmp_path / "models" / "r1"
     assert sorted(p.name for p in run.iterdir()) == [
-        "agent.json", "config.yaml", "demand_model.json", "demand_model.npz",
+        OWNER_MARKER, "agent.json", "config.yaml", "demand_model.json", "demand_model.npz",
         "last_checkpoint.zip", "model.zip", "rl_state.npz", "run.json", "tensorboard",
         "train_summary.json", "training_state.json"]
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["r1"]  # nothing partial left
@@ -292,3 +293,72 @@ def test_user_mistakes_name_the_fix(processed, tmp_path) -> None:
         train(processed, tmp_path, product="nope", run_id="x")
     with pytest.raises(MissingInputError, match="preprocessing_stats.json not found"):
         train(tmp_path / "missing", tmp_path, run_id="y")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over(processed, tmp_path) -> None:
+    from pricing_cli.agent.demand import DemandModel
+
+    models = tmp_path / "models"
+    real_fit = DemandModel.fit
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl+C during the demand fit: no checkpoint yet
+
+    DemandModel.fit = stopped  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(processed, tmp_path, run_id="early", timesteps=256)
+    finally:
+        DemandModel.fit = real_fit  # type: ignore[method-assign]
+    assert sorted(p.name for p in models.iterdir()) == [".partial-early"]
+    # before the fix: "pass --resume", then --resume said "no checkpoint"; now both start over
+    result = train(processed, tmp_path, run_id="early", resume=True, timesteps=256)
+    assert "resumed_from" not in result.summary  # started from step 0
+    assert sorted(p.name for p in models.iterdir()) == ["early"]
+    (models / ".partial-again").mkdir()
+    (models / ".partial-again" / OWNER_MARKER).write_text(
+        '{"written_by": "pricectl", "stage": "train"}')
+    train(processed, tmp_path, run_id="again", timesteps=256)
+    assert sorted(p.name for p in models.iterdir()) == ["again", "early"]
+
+
+def test_a_half_written_checkpoint_is_not_published(processed, tmp_path, monkeypatch) -> None:
+    import pricing_cli.agent.train as train_module
+
+    models = tmp_path / "models"
+    real = train_module._checkpoint
+    calls = {"n": 0}
+
+    def killed_mid_save(model, work_dir, state):
+        real(model, work_dir, state)
+        calls["n"] += 1
+        if calls["n"] == 1:  # SIGKILL while SB3 wrote the next checkpoint: its temp file stays
+            (work_dir / ".tmp-0123abcd-last_checkpoint.zip").write_bytes(b"PK half")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_checkpoint", killed_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(processed, tmp_path, run_id="k", timesteps=2048)
+    assert (models / ".partial-k" / ".tmp-0123abcd-last_checkpoint.zip").is_file()
+    monkeypatch.setattr(train_module, "_checkpoint", real)
+    train(processed, tmp_path, run_id="k", resume=True, timesteps=2048)
+    assert not [p.name for p in (models / "k").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_max_memory_stops_train_before_torch_passes_the_budget(processed, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pricing_cli", "--no-live", "--preset", "tiny",
+         "--max-memory", "150MiB", "train", "--multi-product"],
+        cwd=tmp_path, env={**env, "PRICECTL_MERGE__OUTPUT_DIR": str(processed)},
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 7, proc.stderr
+    assert ("pricectl: memory budget: loading torch and stable-baselines3 needs about 200.0 MiB "
+            "more; the process tree is at ") in proc.stderr
+    assert "of the 150.0 MiB allowed by --max-memory, so train stopped before it" in proc.stderr
+    samples = [json.loads(line) for path in (tmp_path / "runs").rglob("memory.jsonl")
+               for line in path.read_text().splitlines()]
+    assert samples and max(s["tree"] for s in samples) < 150 * 2**20

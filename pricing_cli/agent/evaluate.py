@@ -37,7 +37,7 @@ from pricing_cli.errors import ModelError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.pricing import feasible_mask, is_price_change
 from pricing_cli.runinfo import StageResult
-from pricing_cli.storage import staged_dir, write_json
+from pricing_cli.storage import check_output_dir, staged_dir, write_json
 
 # Average Gregorian month, so "per product-month" does not depend on which months the split has.
 DAYS_PER_MONTH = 365.25 / 12
@@ -282,6 +282,8 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     ev = settings.evaluate
     processed_dir = Path(settings.merge.output_dir)
     run_dir = find_run_dir(settings)
+    check_output_dir(ev.reports_dir, "evaluate",
+                     [processed_dir, run_dir, Path(settings.train.models_dir)])
     monitor.log(f"evaluating {run_dir} on the {ev.split} split of {processed_dir}")
     meta = load_split_meta(processed_dir, ev.split)
     stats = read_stats(processed_dir)
@@ -291,6 +293,9 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
 
     truth, truth_index, truth_note = _load_truth(settings, meta, monitor)
 
+    from pricing_cli.agent.policy import TORCH_IMPORT_BYTES
+
+    monitor.reserve(TORCH_IMPORT_BYTES, "loading the agent (torch)")
     from pricing_cli.agent.policy import load_agent, load_demand_model, rollout_prices
 
     demand = load_demand_model(run_dir)
@@ -466,7 +471,7 @@ def _write_reports(reports_dir: Path, meta: SplitMeta, policies: dict[str, np.nd
     """Write every report file into a staged folder that replaces ``reports_dir`` as a whole."""
     from pricing_cli.agent import report
 
-    with staged_dir(reports_dir) as folder:
+    with staged_dir(reports_dir, owner="evaluate") as folder:
         write_json(folder / "evaluation.json", evaluation)
         write_recommendations(folder / "recommendations.csv", meta, policies["agent"])
         plots = {

@@ -21,6 +21,11 @@ import numpy as np
 from pricing_cli.agent.demand import DemandModel
 from pricing_cli.errors import ModelError
 
+TORCH_IMPORT_BYTES = 200 << 20
+"""What importing torch, stable-baselines3 and sb3-contrib adds to RSS (measured: 194 MiB);
+train and evaluate reserve it under --max-memory before the import, which no sampler can
+interrupt."""
+
 if TYPE_CHECKING:
     import torch
 

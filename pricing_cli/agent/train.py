@@ -33,12 +33,15 @@ from pricing_cli.errors import ConfigError, ModelError
 from pricing_cli.runinfo import StageResult
 from pricing_cli.storage import (
     atomic_write,
+    check_output_dir,
     commit_file,
     disk_full_names,
     replace_dir,
     sweep_stale_staging,
+    sweep_stale_tmp,
     tmp_path_for,
     write_json,
+    write_owner_marker,
 )
 
 if TYPE_CHECKING:
@@ -74,6 +77,10 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         ModelError: --resume without a checkpoint, or a run folder that already exists.
     """
     import polars as pl
+
+    from pricing_cli.agent.policy import TORCH_IMPORT_BYTES
+
+    monitor.reserve(TORCH_IMPORT_BYTES, "loading torch and stable-baselines3")
     import torch
 
     from pricing_cli.agent.demand import DemandModel
@@ -586,13 +593,26 @@ def planner_path(market: Market, processed_dir: Path, demand: Any
 
 def _prepare_run_folder(models_dir: Path, run_id: str, resume: bool
                         ) -> tuple[Path, Path, Path | None]:
-    """(final folder, work folder, checkpoint to resume from or None)."""
+    """(final folder, work folder, checkpoint to resume from or None).
+
+    A work folder without a checkpoint (a run stopped before its first one) is removed and
+    the run starts over, with or without --resume.
+    """
     final_dir, work_dir = models_dir / run_id, models_dir / f"{PARTIAL_PREFIX}{run_id}"
     if models_dir.is_dir():
         # A publish killed between its two renames left the previous run as .tmp-old-...
         sweep_stale_staging(final_dir)
+    if final_dir.exists():
+        check_output_dir(final_dir, "train")  # a run folder is replaced only if train made it
+    stopped_early = work_dir.exists() and not (work_dir / CHECKPOINT).is_file()
+    if stopped_early:
+        # Killed before its first checkpoint: nothing to resume, so the run starts over.
+        check_output_dir(work_dir, "train")
+        shutil.rmtree(work_dir)
     if resume:
         if (work_dir / CHECKPOINT).is_file():
+            # A checkpoint killed mid-write left its temporary file; it must not be published.
+            sweep_stale_tmp(work_dir)
             from pricing_cli.agent.policy import MODEL_ZIP
 
             if (work_dir / MODEL_ZIP).is_file() and not (work_dir / BEST).exists():
@@ -600,29 +620,34 @@ def _prepare_run_folder(models_dir: Path, run_id: str, resume: bool
                 os.replace(work_dir / MODEL_ZIP, work_dir / BEST)
             return final_dir, work_dir, work_dir / CHECKPOINT
         if (final_dir / CHECKPOINT).is_file():
-            shutil.rmtree(work_dir, ignore_errors=True)
             shutil.copytree(final_dir, work_dir)
             # The best model so far keeps competing with what the resumed run finds.
             from pricing_cli.agent.policy import MODEL_ZIP
 
             os.replace(work_dir / MODEL_ZIP, work_dir / BEST)
             return final_dir, work_dir, work_dir / CHECKPOINT
-        raise ModelError(f"--resume: no checkpoint for run '{run_id}' in {models_dir}",
-                         "Pass --run-id of an earlier run (see the folders under "
-                         f"{models_dir}), or drop --resume to start a new run.")
-    if final_dir.exists():
+        if not stopped_early:
+            raise ModelError(f"--resume: no checkpoint for run '{run_id}' in {models_dir}",
+                             "Pass --run-id of an earlier run (see the folders under "
+                             f"{models_dir}), or drop --resume to start a new run.")
+        # --resume of a run killed before its first checkpoint: start it from step 0.
+    elif final_dir.exists():
         raise ModelError(f"run folder {final_dir} already exists",
                          "Pass --resume to continue it, or another --run-id.")
-    if work_dir.exists():
+    elif work_dir.exists():
         raise ModelError(f"{work_dir} holds an unfinished (killed) run '{run_id}'",
-                         f"Pass --resume --run-id {run_id} to continue it, or delete the folder.")
+                         f"Pass --resume --run-id {run_id} to continue it.")
     work_dir.mkdir(parents=True)
+    write_owner_marker(work_dir, "train", list_files=False)
     return final_dir, work_dir, None
 
 
 def _publish(work_dir: Path, final_dir: Path) -> None:
     """The finished work folder becomes ``final_dir`` by renaming it as a whole: a kill leaves
     either the complete ``.partial-`` folder (resume publishes it) or the published run."""
+    sweep_stale_tmp(work_dir)  # e.g. a checkpoint's temporary file from a killed save
+    if final_dir.exists():
+        check_output_dir(final_dir, "train")
     replace_dir(work_dir, final_dir)
 
 

@@ -45,10 +45,12 @@ from pricing_cli.monitor import RunMonitor
 from pricing_cli.runinfo import StageResult
 from pricing_cli.storage import (
     atomic_write,
+    check_output_dir,
     staged_dir,
     sweep_stale_tmp,
     tmp_path_for,
     write_json,
+    write_owner_marker,
 )
 
 TRANSACTIONS_DIR = "transactions"
@@ -387,7 +389,11 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
 
     cfg = settings.generate
     out = Path(cfg.output_dir)
+    # A user's own data under the documented data/raw paths must never be replaced by a
+    # synthetic market: only a folder generate made (its marker) is written into.
+    check_output_dir(out, "generate")
     out.mkdir(parents=True, exist_ok=True)
+    write_owner_marker(out, "generate", list_files=False)
     sweep_stale_tmp(out)  # leftovers of a run killed before it could clean up
 
     gt = draw_market(cfg)
@@ -402,7 +408,7 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
     marker = out / INCOMPLETE_MARKER
     swapped = False  # True once the new transactions/ replaced the old
     try:
-        with staged_dir(out / TRANSACTIONS_DIR) as staging:
+        with staged_dir(out / TRANSACTIONS_DIR, owner="generate") as staging:
             written, n_rows, n_returns, gross_units = _write_transactions(
                 staging, out / TRANSACTIONS_DIR, gt, cfg, prices, monitor)
 

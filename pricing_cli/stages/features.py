@@ -30,7 +30,7 @@ from pricing_cli.data.raw_contract import read_catalog, read_daily_sales, transa
 from pricing_cli.errors import ConfigError, DataError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.runinfo import StageResult
-from pricing_cli.storage import staged_dir, write_json
+from pricing_cli.storage import check_output_dir, staged_dir, write_json
 
 if TYPE_CHECKING:
     import polars as pl
@@ -322,6 +322,9 @@ def run_features(settings: Settings, monitor: RunMonitor) -> StageResult:
 
     data, config = settings.data, settings.features
     files = transaction_files(data.transactions)
+    output_dir = Path(config.output_dir)
+    # before any work: a wrong --output-dir must not cost a full read to find out
+    check_output_dir(output_dir, "features", [*files, Path(data.catalog)])
     catalog = read_catalog(data.catalog)
     monitor.log(f"reading {len(files)} transaction file(s) and {catalog.height:,} catalog "
                 f"products")
@@ -351,9 +354,8 @@ def run_features(settings: Settings, monitor: RunMonitor) -> StageResult:
     monitor.log(f"{len(names)} features; {frame.height:,} rows after the warm-up; scalers fit "
                 f"on {frame.filter(pl.col('split') == 'train').height:,} train rows")
 
-    output_dir = Path(config.output_dir)
     manifest = build_manifest(frame, products, bounds, scalers)
-    with staged_dir(output_dir) as staging:
+    with staged_dir(output_dir, owner="features") as staging:
         write_product_files(frame, products, staging, monitor)
         write_json(staging / "scalers.json", scalers)
         write_json(staging / "feature_manifest.json", manifest)

@@ -45,7 +45,7 @@ from pricing_cli.stages.batches import (
     read_member_headers,
     write_npy_member,
 )
-from pricing_cli.storage import disk_full_names, staged_dir, write_json
+from pricing_cli.storage import check_output_dir, disk_full_names, staged_dir, write_json
 
 if TYPE_CHECKING:
     import polars as pl
@@ -359,12 +359,13 @@ def run_merge(settings: Settings, monitor: RunMonitor) -> StageResult:
 
     batch_dir = Path(settings.preprocess.output_dir)
     output_dir = Path(settings.merge.output_dir)
+    check_output_dir(output_dir, "merge", [batch_dir])
     plan = plan_merge(batch_dir)
     monitor.log(f"merging {len(plan.batches)} batches: " + ", ".join(
         f"{s} {n:,}" for s, n in plan.samples.items()) + f" samples × {plan.n_features} features")
     monitor.add_bar("batches", "batches", len(plan.batches))
     strategy = settings.merge.strategy
-    with staged_dir(output_dir) as staging:
+    with staged_dir(output_dir, owner="merge") as staging:
         if strategy == "sequential":
             merge_sequential(plan, staging, monitor)
         else:

@@ -47,6 +47,7 @@ from pricing_cli.pricing import (
 )
 from pricing_cli.stages.batches import (
     FORMAT_VERSION,
+    MANIFEST_NAME,
     MOVE_CLASSES,
     SPLITS,
     BatchRecord,
@@ -57,7 +58,13 @@ from pricing_cli.stages.batches import (
     write_batch,
     write_manifest,
 )
-from pricing_cli.storage import file_fingerprint, sha256_file, sweep_stale_tmp
+from pricing_cli.storage import (
+    check_output_dir,
+    file_fingerprint,
+    sha256_file,
+    sweep_stale_tmp,
+    write_owner_marker,
+)
 
 if TYPE_CHECKING:
     from pricing_cli.config import Settings
@@ -565,7 +572,10 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
     fingerprint = content_fingerprint(settings, fm_sha)
 
     output_dir = Path(cfg.output_dir)
+    # Batches are added and stale ones deleted in place: only in a folder preprocess made.
+    check_output_dir(output_dir, "preprocess", files)
     output_dir.mkdir(parents=True, exist_ok=True)
+    write_owner_marker(output_dir, "preprocess", list_files=False)
     swept = sweep_stale_tmp(output_dir)
     if swept:
         monitor.log(f"removed {swept} temporary file(s) left by an interrupted run")
@@ -683,4 +693,5 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
     }
     failures = [f"{q['file']}: {q['reason']}" for q in quarantined_all]
     return StageResult("preprocess", output_dir, inputs=files, summary=summary,
+                       outputs=[output_dir / MANIFEST_NAME],
                        failures=failures)

@@ -1,0 +1,5 @@
+"""`python -m pricing_cli`: the same as the `pricectl` command."""
+
+from pricing_cli.cli import entry
+
+entry()
