@@ -86,8 +86,8 @@ REACTIVE_PROMO, REACTIVE_MARKUP = 0.20, 0.10
 # Stock-outs: the retailer stocks the day's expected demand at the list price, times a supply
 # factor lognormal(0, STOCK_SUPPLY_SD), plus STOCK_SAFETY_Z * sqrt of it. Calibrated so stock
 # binds on 10-20% of product-days (tiny, small and full presets), most often on promotions.
-STOCK_SAFETY_Z = 1.0
-STOCK_SUPPLY_SD = 0.12
+STOCK_SAFETY_Z = 1.5
+STOCK_SUPPLY_SD = 0.10
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
