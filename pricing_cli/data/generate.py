@@ -277,13 +277,13 @@ def scenario_market(gt: GroundTruth, cfg: GenerateSettings, out: Path
     if sc.reference_prices:
         fields.update(reference_rate=sc.reference_rate, reference_gain=sc.reference_gain,
                       reference_loss=sc.reference_loss, history=prices)
-    gt = replace(gt, scenario=market.Scenario(**fields))
+    scenario = market.Scenario(**fields)
     if sc.stockouts:
-        stock = draw_stock(gt, cfg, list_prices)
-        gt = replace(gt, scenario=replace(
-            gt.scenario, stock=stock,  # type: ignore[arg-type]
-            stock_file=str(out / STOCK_FILE) if sc.stock_file else None))
-    return gt, prices
+        # The retailer plans stock for the market it faces (holidays, shock and form included).
+        stock = draw_stock(replace(gt, scenario=scenario), cfg, list_prices)
+        scenario = replace(scenario, stock=stock,
+                           stock_file=str(out / STOCK_FILE) if sc.stock_file else None)
+    return replace(gt, scenario=scenario), prices
 
 
 def stock_frame(gt: GroundTruth, cfg: GenerateSettings, stock: np.ndarray) -> Any:
@@ -560,7 +560,7 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
             })
             write_table(catalog, staged_files[out / CATALOG_FILE], "csv")
             write_json(staged_files[out / GROUND_TRUTH_FILE], gt.to_dict())
-            if out / STOCK_FILE in staged_files:
+            if stock is not None and out / STOCK_FILE in staged_files:
                 write_table(stock_frame(gt, cfg, stock), staged_files[out / STOCK_FILE], "csv")
             write_json(marker, {"stage": "generate", "note": INCOMPLETE_NOTE})
         swapped = True
@@ -575,7 +575,7 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
     marker.unlink()
 
     files = [*written, *staged_files]
-    summary = {
+    summary: dict[str, Any] = {
         "products": gt.n_products,
         "days": cfg.n_days,
         "transactions": n_rows,
