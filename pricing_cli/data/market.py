@@ -339,9 +339,9 @@ def optimal_price(gt: GroundTruth, product_idx: ArrayLike, dates: ArrayLike) -> 
 
 DEMAND_FORMS = ("loglog", "linear", "logit")
 LINEAR_SLOPE = 0.6
-"""Linear demand's point elasticity at ref_price as a fraction of e_p(t). With e_p(t) <= 4.9
-the choke price ref_price * (1 + 1/(0.6 e)) is at least 1.34 x ref_price, above the list
-price's usual drift, and the optimum (choke + cost) / 2 stays inside [1.05, 3.5] x cost."""
+"""Linear demand's point elasticity at ref_price as a fraction of e_p(t): the choke price
+ref_price * (1 + 1/(0.6 e)) is then at least 1.38 x ref_price on every preset, above the
+historical prices, and the optimum (choke + cost) / 2 within [1.05, 3.5] x cost (docs/market.md)."""
 LOGIT_SHARE = 0.3
 """Logit demand: the purchase probability at ref_price (the curve's slope there gives e_p(t))."""
 _POISSON_EXACT_MAX = 700.0  # exp(-700) is still a normal float; above it use min(mean, stock)
