@@ -155,20 +155,26 @@ def test_holiday_ramp_lifts_elasticity_and_level_as_documented():
 
 def test_stock_capped_oracle_matches_a_grid_search():
     gt, _, cfg = _market("stockouts")
-    sc = gt.scenario
-    day_index = 40
-    # Products whose stock is low against demand at the uncapped optimum, where the cap matters.
-    for idx in range(0, gt.n_products, 4):
-        day = _days(cfg)[day_index]
-        stock = int(sc.stock[idx, day_index])
-        best, best_profit = _grid_best(gt, idx, day, stock)
+    stock = gt.scenario.stock
+    days = _days(cfg)
+    # The product-days where the stock matters most: demand at the uncapped optimum is the
+    # largest multiple of the stock.
+    uncapped = dataclasses.replace(gt, scenario=dataclasses.replace(gt.scenario, stock=None))
+    free = market.optimal_price(uncapped, np.arange(gt.n_products)[:, None], days[None, :])
+    pressure = market.expected_units(uncapped, np.arange(gt.n_products)[:, None], days[None, :],
+                                     free) / np.maximum(stock, 1)
+    picks = np.argsort(pressure, axis=None)[-3:]
+    for idx, day_index in zip(*np.unravel_index(picks, stock.shape), strict=True):
+        day, on_hand = days[day_index], int(stock[idx, day_index])
+        best, best_profit = _grid_best(gt, idx, day, on_hand)
         oracle = market.true_optimum(gt, [idx], [day])[0]
         oracle_profit = (oracle - gt.unit_cost[idx]) * market.true_units(gt, [idx], [day],
                                                                         [oracle])[0]
         assert oracle_profit == pytest.approx(best_profit, rel=1e-6)
         assert abs(oracle - best) < 0.01 * gt.unit_cost[idx]
+        assert oracle > free[idx, day_index]  # scarce stock: sell fewer units at a higher price
         assert market.true_units(gt, [idx], [day], [oracle])[0] == pytest.approx(
-            _capped_mean(market.expected_units(gt, idx, day, oracle), stock)[0], rel=1e-9)
+            _capped_mean(market.expected_units(gt, idx, day, oracle), on_hand)[0], rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
