@@ -18,6 +18,7 @@ Only numpy is imported here, so the module is cheap to import from any stage.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -778,10 +779,32 @@ def _interp_value(value: np.ndarray, lo: np.ndarray, hi: np.ndarray,
 
 REFERENCE_DP_LEVELS = 121
 """Price and reference grid points of the reference-price oracle's DP (between min and max)."""
+_SERIES_PER_BLOCK = 128  # DP arrays are (series, 121, 121): about 15 MB each per block
+_ROWS_PER_BLOCK = 8192  # per-row scans under a stock cap: (rows, 64) arrays of 4 MB
+
+
+def _in_blocks(solve: Any, idx: np.ndarray, dates: np.ndarray, starts: np.ndarray,
+               per_block: int) -> np.ndarray:
+    """``solve(idx, dates)`` on consecutive blocks of ``per_block`` runs (rows split at
+    ``starts``), so memory stays bounded on the full preset."""
+    cuts = [*starts[::per_block].tolist(), idx.size]
+    out = np.empty(idx.size)
+    for lo, hi in itertools.pairwise(cuts):
+        out[lo:hi] = solve(idx[lo:hi], dates[lo:hi])
+    return out
 
 
 def _reference_optimum(gt: GroundTruth, idx: np.ndarray, dates: np.ndarray,
                        levels: int = REFERENCE_DP_LEVELS) -> np.ndarray:
+    """:func:`_reference_block_optimum` on blocks of _SERIES_PER_BLOCK runs."""
+    assert gt.scenario is not None
+    starts = _series_starts(idx, _day_index(gt.scenario, dates))
+    return _in_blocks(lambda i, d: _reference_block_optimum(gt, i, d, levels), idx, dates,
+                      starts, _SERIES_PER_BLOCK)
+
+
+def _reference_block_optimum(gt: GroundTruth, idx: np.ndarray, dates: np.ndarray,
+                             levels: int) -> np.ndarray:
     """The profit-maximizing price path of each product's run of days (reference prices).
 
     Backward induction over (day, reference) on a grid of ``levels`` references and prices in
@@ -847,6 +870,14 @@ def true_optimum(gt: GroundTruth, product_idx: ArrayLike, dates: ArrayLike) -> n
         return _mnl_optimum(gt, idx, days)
     if sc.reference_rate is not None:
         return _reference_optimum(gt, idx, days)
+    return _in_blocks(lambda i, d: _day_optimum(gt, i, d), idx, days,
+                      np.arange(0, idx.size), _ROWS_PER_BLOCK)
+
+
+def _day_optimum(gt: GroundTruth, idx: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """Each row's profit-maximizing price of a memoryless market (given the day's stock)."""
+    sc = gt.scenario
+    assert sc is not None
     cost = gt.unit_cost[idx][:, None]
     stock = None if sc.stock is None else _path_at(sc.stock, idx, _day_index(sc, days),
                                                    "stock")[:, None]
