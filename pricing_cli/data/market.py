@@ -704,10 +704,11 @@ def true_units(gt: GroundTruth, product_idx: ArrayLike, dates: ArrayLike,
     return units
 
 
-def _golden_max(profit: Any, lo: np.ndarray, hi: np.ndarray, n_grid: int = 64,
-                iterations: int = 48) -> np.ndarray:
+def _golden_max(profit: Any, lo: np.ndarray, hi: np.ndarray, n_grid: int = 16,
+                iterations: int = 40) -> np.ndarray:
     """Per row, the x in [lo, hi] maximizing ``profit(x)`` ((rows, k) -> (rows, k)): the best of
-    an n_grid scan, refined by golden section between its neighbours (profit unimodal)."""
+    an n_grid scan, refined by golden section between its neighbours (profit unimodal). The
+    bracket shrinks to 0.618^40 (1e-8) of two grid steps; one new evaluation per iteration."""
     steps = np.linspace(0.0, 1.0, n_grid)
     grid = lo[:, None] + (hi - lo)[:, None] * steps[None, :]
     best = np.argmax(profit(grid), axis=1)
@@ -715,12 +716,20 @@ def _golden_max(profit: Any, lo: np.ndarray, hi: np.ndarray, n_grid: int = 64,
     a = grid[rows, np.maximum(best - 1, 0)]
     b = grid[rows, np.minimum(best + 1, n_grid - 1)]
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    left, right = b - ratio * (b - a), a + ratio * (b - a)
+    values = profit(np.stack([left, right], axis=1))
+    f_left, f_right = values[:, 0], values[:, 1]
     for _ in range(iterations):
-        left, right = b - ratio * (b - a), a + ratio * (b - a)
-        values = profit(np.stack([left, right], axis=1))
-        keep_left = values[:, 0] >= values[:, 1]
-        b = np.where(keep_left, right, b)
-        a = np.where(keep_left, a, left)
+        keep = f_left >= f_right  # the maximum lies in [a, right], else in [left, b]
+        b = np.where(keep, right, b)
+        a = np.where(keep, a, left)
+        # The surviving inner point is reused (the golden ratio puts it where the next inner
+        # point must be); one new evaluation per row.
+        kept_x, kept_f = np.where(keep, left, right), np.where(keep, f_left, f_right)
+        new = np.where(keep, b - ratio * (b - a), a + ratio * (b - a))
+        f_new = profit(new[:, None])[:, 0]
+        left, f_left = np.where(keep, new, kept_x), np.where(keep, f_new, kept_f)
+        right, f_right = np.where(keep, kept_x, new), np.where(keep, kept_f, f_new)
     candidates = np.stack([grid[rows, best], 0.5 * (a + b)], axis=1)
     pick = np.argmax(profit(candidates), axis=1)
     return candidates[rows, pick]
