@@ -321,3 +321,31 @@ def test_pricer_reacts_to_the_demand_shock():
     assert shock[markup].mean() > 0.2 and shock[cut].mean() < -0.1
     # The stored shock is the one the units were drawn with: rounded to 6 decimals.
     np.testing.assert_array_equal(shock, np.round(shock, market.SHOCK_DIGITS))
+
+
+def test_reference_price_oracle_within_a_daily_change_limit_beats_every_feasible_grid_path():
+    limit = 0.15
+    gt, prices, cfg = _market("reference_prices", **{"generate.scenario.reference_rate": 1.0})
+    idx, first, horizon = 2, 100, 6
+    days = _days(cfg)[first:first + horizon]
+    start_ref = prices[idx, first - 1]  # rate 1: the reference is yesterday's price
+    levels = np.linspace(gt.min_price[idx], gt.max_price[idx], 9)  # on the DP's 41 levels
+    paths = np.array(list(itertools.product(levels, repeat=horizon)))
+    with_previous = np.concatenate([np.full((paths.shape[0], 1), prices[idx, first - 1]), paths],
+                                   axis=1)
+    feasible = np.all(np.abs(with_previous[:, 1:] / with_previous[:, :-1] - 1) <= limit + 1e-9,
+                      axis=1)
+    assert 0 < feasible.sum() < paths.shape[0]  # the limit binds
+    best = _path_profit(gt, idx, days, paths[feasible], start_ref).max()
+    # Rate 1 keeps both DPs exact, and the 41 levels are among the 121: a limit can only cost.
+    free = market.true_optimum(gt, np.repeat(idx, horizon), days)
+    unlimited = _path_profit(gt, idx, days, free[None, :], start_ref)[0]
+    oracle = market.true_optimum(gt, np.repeat(idx, horizon), days, max_daily_change=limit)
+    steps = np.abs(np.diff(np.r_[prices[idx, first - 1], oracle]) / np.r_[prices[idx, first - 1],
+                                                                         oracle][:-1])
+    assert np.all(steps <= limit + 1e-9)
+    profit = _path_profit(gt, idx, days, oracle[None, :], start_ref)[0]
+    assert best * (1 - 1e-12) <= profit <= unlimited * (1 + 1e-12)
+    assert np.any(np.abs(np.diff(free) / free[:-1]) > limit)  # the unlimited path breaks it
+    with pytest.raises(ValueError, match="reference-price DP only"):
+        market.true_optimum(_market("linear")[0], [0], [days[0]], max_daily_change=limit)

@@ -788,6 +788,8 @@ def _interp_value(value: np.ndarray, lo: np.ndarray, hi: np.ndarray,
 
 REFERENCE_DP_LEVELS = 121
 """Price and reference grid points of the reference-price oracle's DP (between min and max)."""
+REFERENCE_DP_LIMITED_LEVELS = 41
+"""The same with a daily-change limit, whose state also holds yesterday's price level."""
 _SERIES_PER_BLOCK = 128  # DP arrays are (series, 121, 121): about 15 MB each per block
 _ROWS_PER_BLOCK = 8192  # per-row scans under a stock cap: (rows, 64) arrays of 4 MB
 
@@ -804,25 +806,31 @@ def _in_blocks(solve: Any, idx: np.ndarray, dates: np.ndarray, starts: np.ndarra
 
 
 def _reference_optimum(gt: GroundTruth, idx: np.ndarray, dates: np.ndarray,
-                       levels: int = REFERENCE_DP_LEVELS) -> np.ndarray:
+                       max_daily_change: float | None = None) -> np.ndarray:
     """:func:`_reference_block_optimum` on blocks of _SERIES_PER_BLOCK runs."""
     assert gt.scenario is not None
     starts = _series_starts(idx, _day_index(gt.scenario, dates))
-    return _in_blocks(lambda i, d: _reference_block_optimum(gt, i, d, levels), idx, dates,
-                      starts, _SERIES_PER_BLOCK)
+    levels = REFERENCE_DP_LEVELS if max_daily_change is None else REFERENCE_DP_LIMITED_LEVELS
+    return _in_blocks(lambda i, d: _reference_block_optimum(gt, i, d, levels, max_daily_change),
+                      idx, dates, starts, _SERIES_PER_BLOCK)
 
 
 def _reference_block_optimum(gt: GroundTruth, idx: np.ndarray, dates: np.ndarray,
-                             levels: int) -> np.ndarray:
+                             levels: int, max_daily_change: float | None) -> np.ndarray:
     """The profit-maximizing price path of each product's run of days (reference prices).
 
     Backward induction over (day, reference) on a grid of ``levels`` references and prices in
     [min_price, max_price], the value between grid references interpolated linearly; then a
     forward pass from the true starting reference that picks, each day, the grid price with
-    the best reward + interpolated value of the exact next reference.
+    the best reward + interpolated value of the exact next reference. With
+    ``max_daily_change`` the state also holds yesterday's price level, and only the levels
+    ``pricing.feasible_mask`` allows from it may follow (day one: from the last historical
+    price).
     """
+    from pricing_cli.pricing import feasible_mask
+
     sc = gt.scenario
-    assert sc is not None and sc.reference_rate is not None
+    assert sc is not None and sc.reference_rate is not None and sc.history is not None
     rate = sc.reference_rate
     day = _day_index(sc, dates)
     starts = _series_starts(idx, day)
@@ -832,7 +840,14 @@ def _reference_block_optimum(gt: GroundTruth, idx: np.ndarray, dates: np.ndarray
     lo, hi = gt.min_price[product], gt.max_price[product]
     grid = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, levels)[None, :]
     cost = gt.unit_cost[product]
-    value = np.zeros((horizon + 1, n_series, levels))
+    limited = max_daily_change is not None
+    limit = 0.0 if max_daily_change is None else float(max_daily_change)
+    # value[k, s, j, r]: the best profit from the k-th day on, yesterday at level j (limited
+    # only; else j has one value) and the reference at grid level r.
+    value = np.zeros((horizon + 1, n_series, levels if limited else 1, levels))
+    if limited:
+        move = feasible_mask(np.broadcast_to(grid[:, None, :], (n_series, levels, levels)),
+                             grid, limit)[0].astype(bool)  # [s, from, to]
 
     def reward(series: np.ndarray, k: int, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(reward, next reference) of every grid price against references (s, R)."""
@@ -843,35 +858,67 @@ def _reference_block_optimum(gt: GroundTruth, idx: np.ndarray, dates: np.ndarray
         units = _units_at(gt, idx[rows].reshape(shape), dates[rows].reshape(shape), x, r)
         return (x - cost[series].reshape(shape)) * units, (1.0 - rate) * r + rate * x
 
+    def later(series: np.ndarray, k: int, next_ref: np.ndarray) -> np.ndarray:
+        """Value from day k + 1 on after choosing each grid price (s, R, K)."""
+        ahead = value[k + 1, series]
+        if not limited:
+            return _interp_value(ahead[:, 0], lo[series], hi[series], next_ref)
+        out = np.empty_like(next_ref)
+        for level in range(levels):  # choosing level x makes it tomorrow's previous price
+            out[:, :, level] = _interp_value(ahead[:, level], lo[series], hi[series],
+                                             next_ref[:, :, level])
+        return out
+
     for k in range(horizon - 1, -1, -1):
         series = np.flatnonzero(length > k)
         gain, next_ref = reward(series, k, grid[series])
-        later = _interp_value(value[k + 1, series], lo[series], hi[series], next_ref)
-        value[k, series] = (gain + later).max(axis=2)
+        total = gain + later(series, k, next_ref)  # (s, R, K)
+        if limited:
+            value[k, series] = np.where(move[series][:, :, None, :], total[:, None, :, :],
+                                        -np.inf).max(axis=-1)
+        else:
+            value[k, series, 0] = total.max(axis=2)
     prices = np.empty(idx.size)
     reference = historical_reference(gt)[product, day[starts]]
+    before = day[starts] - 1
+    previous = np.where(before >= 0, sc.history[product, np.maximum(before, 0)], np.nan)
     for k in range(horizon):
         series = np.flatnonzero(length > k)
         gain, next_ref = reward(series, k, reference[series][:, None])
-        later = _interp_value(value[k + 1, series], lo[series], hi[series], next_ref)
-        choice = np.argmax((gain + later)[:, 0, :], axis=1)
+        total = (gain + later(series, k, next_ref))[:, 0, :]
+        if limited:
+            known = np.isfinite(previous[series])
+            allowed = np.ones(total.shape, dtype=bool)
+            if known.any():
+                allowed[known] = feasible_mask(grid[series[known]], previous[series[known]],
+                                               limit)[0].astype(bool)
+            total = np.where(allowed, total, -np.inf)
+        choice = np.argmax(total, axis=1)
         prices[starts[series] + k] = grid[series, choice]
+        previous[series] = grid[series, choice]
         reference[series] = next_ref[np.arange(series.size), 0, choice]
     return prices
 
 
-def true_optimum(gt: GroundTruth, product_idx: ArrayLike, dates: ArrayLike) -> np.ndarray:
+def true_optimum(gt: GroundTruth, product_idx: ArrayLike, dates: ArrayLike,
+                 max_daily_change: float | None = None) -> np.ndarray:
     """The true profit-maximizing price of each row (1-D, ordered by product then date), in
-    [min_price, max_price]: the oracle that evaluate scores every policy against.
+    [min_price, max_price]: the oracle that evaluate scores every policy against (with no
+    daily-change limit: ``max_daily_change`` None).
 
     Memoryless markets: each product-day's optimum (closed form for loglog and linear, a scan
     plus golden section for logit and under a stock cap, given the day's stock). Substitution:
     the joint optimum of each category-day. Reference prices: the DP optimum of each
-    product's run of days (:func:`_reference_optimum`).
+    product's run of days (:func:`_reference_optimum`), optionally within a relative
+    ``max_daily_change`` (reference prices only; ValueError otherwise).
     """
     idx = np.asarray(product_idx, dtype=np.intp).reshape(-1)
     days = np.asarray(dates, dtype="datetime64[D]").reshape(-1)
     sc = gt.scenario
+    if max_daily_change is not None:
+        if sc is None or sc.reference_rate is None:
+            raise ValueError("the daily-change limit is an option of the reference-price DP only")
+        return _reference_optimum(gt, idx, days, max_daily_change)
     if sc is None or (sc.demand_form in ("loglog", "linear") and sc.stock is None
                       and sc.outside_share is None and sc.reference_rate is None):
         return np.asarray(optimal_price(gt, idx, days), dtype=np.float64)
