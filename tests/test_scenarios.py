@@ -17,7 +17,7 @@ import pytest
 
 from pricing_cli.config import load_settings
 from pricing_cli.data import generate, market
-from pricing_cli.errors import ConfigError
+from pricing_cli.errors import ConfigError, DataError
 from pricing_cli.monitor import RunMonitor
 
 SCENARIOS_DIR = Path(__file__).resolve().parents[1] / "configs" / "scenarios"
@@ -349,3 +349,16 @@ def test_reference_price_oracle_within_a_daily_change_limit_beats_every_feasible
     assert np.any(np.abs(np.diff(free) / free[:-1]) > limit)  # the unlimited path breaks it
     with pytest.raises(ValueError, match="reference-price DP only"):
         market.true_optimum(_market("linear")[0], [0], [days[0]], max_daily_change=limit)
+
+
+def test_a_damaged_scenario_section_names_the_file_and_the_fix(tmp_path):
+    gt, _, _ = _market("stockouts")
+    payload = gt.to_dict()
+    payload["scenario"]["stockouts"]["stock"] = payload["scenario"]["stockouts"]["stock"][:-1]
+    path = tmp_path / "ground_truth.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(DataError) as caught:
+        market.load_ground_truth(path)
+    assert str(caught.value).startswith(
+        f"{path}: scenario: stock must be {gt.n_products} rows of one value per day")
+    assert "pricectl generate" in caught.value.hint
