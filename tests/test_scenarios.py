@@ -303,7 +303,7 @@ def test_stock_binds_on_10_to_20_percent_of_days_and_caps_recorded_sales(tmp_pat
     assert at_cap >= result.summary["stockout_days_pct"] / 100  # every capped day sold out
     # More stock-outs on promotion days: the expected chance the draw exceeds the stock.
     gt, prices, cfg = _market("stockouts")
-    _, list_prices = generate._historical_paths(generate.draw_market(cfg), cfg)
+    _, list_prices = generate.historical_price_paths(generate.draw_market(cfg), cfg)
     idx = np.repeat(np.arange(gt.n_products), cfg.n_days)
     dates = np.tile(_days(cfg), gt.n_products)
     demand = market.expected_units(gt, idx, dates, prices.reshape(-1))
@@ -314,7 +314,7 @@ def test_stock_binds_on_10_to_20_percent_of_days_and_caps_recorded_sales(tmp_pat
 
 def test_pricer_reacts_to_the_demand_shock():
     gt, prices, cfg = _market("price_endogeneity")
-    _, list_prices = generate._historical_paths(generate.draw_market(cfg), cfg)
+    _, list_prices = generate.historical_price_paths(generate.draw_market(cfg), cfg)
     shock = gt.scenario.shock
     markup = prices > list_prices
     cut = (prices < list_prices) & (prices > 0)

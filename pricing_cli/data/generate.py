@@ -164,10 +164,10 @@ def historical_prices(gt: GroundTruth, cfg: GenerateSettings) -> np.ndarray:
     history longer than about 1.5 gaps and its elasticity can be identified. Prices are
     clipped to [min_price, max_price].
     """
-    return _historical_paths(gt, cfg)[0]
+    return historical_price_paths(gt, cfg)[0]
 
 
-def _historical_paths(gt: GroundTruth, cfg: GenerateSettings) -> tuple[np.ndarray, np.ndarray]:
+def historical_price_paths(gt: GroundTruth, cfg: GenerateSettings) -> tuple[np.ndarray, np.ndarray]:
     """(prices, list prices), both (n_products, n_days): see :func:`historical_prices`."""
     rng = _rng(cfg.seed, _STREAM_PRICES)
     n = gt.n_products
@@ -238,7 +238,7 @@ def react_to_shock(gt: GroundTruth, cfg: GenerateSettings, prices: np.ndarray,
                    gt.max_price[:, None])
 
 
-def _all_days(gt: GroundTruth, cfg: GenerateSettings) -> tuple[np.ndarray, np.ndarray]:
+def all_product_days(gt: GroundTruth, cfg: GenerateSettings) -> tuple[np.ndarray, np.ndarray]:
     """(product index, date) of every product-day, product-major (the order true_units takes)."""
     days = np.datetime64(cfg.start_date, "D") + np.arange(cfg.n_days)
     return (np.repeat(np.arange(gt.n_products), cfg.n_days), np.tile(days, gt.n_products))
@@ -248,7 +248,7 @@ def draw_stock(gt: GroundTruth, cfg: GenerateSettings, list_prices: np.ndarray) 
     """(n_products, n_days) units on hand: the day's expected demand at the list price times a
     lognormal supply factor, plus STOCK_SAFETY_Z standard deviations, rounded down."""
     rng = _rng(cfg.seed, _STREAM_STOCK)
-    idx, dates = _all_days(gt, cfg)
+    idx, dates = all_product_days(gt, cfg)
     plan = market.true_units(gt, idx, dates, list_prices.reshape(-1)).reshape(list_prices.shape)
     supply = rng.lognormal(0.0, STOCK_SUPPLY_SD, plan.shape)
     return np.floor(np.maximum(plan * supply + STOCK_SAFETY_Z * np.sqrt(plan), 0.0)).astype(
@@ -263,7 +263,7 @@ def scenario_market(gt: GroundTruth, cfg: GenerateSettings, out: Path
     own draws come from separate streams.
     """
     sc = cfg.scenario
-    prices, list_prices = _historical_paths(gt, cfg)
+    prices, list_prices = historical_price_paths(gt, cfg)
     fields: dict[str, Any] = {
         "start_date": cfg.start_date.isoformat(), "demand_form": sc.demand_form,
         "holidays": tuple(market.HolidayWindow(**w.model_dump()) for w in sc.holiday_windows)
@@ -466,7 +466,7 @@ def _write_transactions(staging: Path, final_dir: Path, gt: GroundTruth, cfg: Ge
     appends each day's stocked-out product count to ``stockouts``."""
     demand = stock = None
     if gt.scenario is not None:
-        idx, dates = _all_days(gt, cfg)
+        idx, dates = all_product_days(gt, cfg)
         # Uncapped demand (the stock cap is applied to the draw).
         demand = market.true_units(replace(gt, scenario=replace(gt.scenario, stock=None)),
                                    idx, dates, prices.reshape(-1)).reshape(prices.shape)
