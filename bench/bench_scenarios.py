@@ -2,9 +2,11 @@
 
 For the default market and each ``configs/scenarios/<name>.yaml``, writes a config whose every
 output folder lies in ``bench/out/scenarios/<name>/``, runs ``pricectl --preset small --config
-<it> pipeline`` (generate first) there, and reads ``reports/evaluation.json``: per policy the
-share of the true optimum, the agent's and greedy's true and reported (fitted) uplift over the
-historical prices, and the fitted vs true mean elasticity. The table goes to stdout and to
+<it> pipeline --generate --force`` there (``--generate`` so the market is generated first,
+today and once ``pipeline`` generates only when asked), and reads
+``reports/evaluation.json``: per policy the share of the true optimum, the agent's and
+greedy's true and reported (fitted) uplift over the historical prices, and the fitted vs true
+mean elasticity. The table goes to stdout and to
 ``bench/out/scenarios/scenarios.md``. The test split is the last quarter (91 days), the
 validation split the quarter before it.
 
@@ -77,7 +79,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     config_path.write_text(yaml.safe_dump(
         bench_config(name, work, args.products, args.days, args.timesteps), sort_keys=False))
     command = [sys.executable, "-m", "pricing_cli", "--preset", args.preset, "--config",
-               str(config_path), "--no-live", "pipeline", "--force"]
+               str(config_path), "--no-live", "pipeline", "--generate", "--force"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
     proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
