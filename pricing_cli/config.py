@@ -105,11 +105,11 @@ class ScenarioSettings(Section):
     price_endogeneity: bool = False
     """An unobserved AR(1) log-demand shock that the historical pricer partly sees: it promotes
     when demand is weak and prices up when it is strong."""
-    shock_autocorr: float = Field(0.9, ge=0.0, lt=1.0)
+    shock_autocorr: float = Field(0.7, ge=0.0, lt=1.0)
     """AR(1) coefficient of the demand shock (day to day)."""
-    shock_sd: float = Field(0.3, gt=0.0, le=1.0)
+    shock_sd: float = Field(0.4, gt=0.0, le=1.0)
     """Stationary standard deviation of the log-demand shock."""
-    pricer_signal_corr: float = Field(0.8, ge=0.0, le=1.0)
+    pricer_signal_corr: float = Field(0.9, ge=0.0, le=1.0)
     """Correlation of the pricer's daily signal with the shock (1 = the pricer sees it)."""
     demand_form: Literal["loglog", "linear", "logit"] = "loglog"
     """Shape of the price response: constant elasticity, linear with a choke price, or logit."""
