@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pricing_cli.errors import ConfigError
 
@@ -72,6 +79,87 @@ class DataSettings(Section):
     """How many bad rows to show per file as file:line examples."""
 
 
+class HolidayWindowSettings(Section):
+    """One event window of the holidays scenario."""
+
+    name: str
+    """Label, for the docs and ground_truth.json."""
+    start: str = Field(pattern=r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")
+    """First day, MM-DD."""
+    end: str = Field(pattern=r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")
+    """Last day (inclusive), MM-DD, in the same year as start."""
+    shape: Literal["ramp", "flat"] = "ramp"
+    """ramp: the intensity rises linearly from 0 on start to 1 on end; flat: 1 throughout."""
+    level: float = Field(0.4, ge=-2.0, le=2.0)
+    """Change of log demand at full intensity."""
+    elasticity: float = Field(0.35, ge=-0.5, le=1.0)
+    """Relative change of every elasticity at full intensity."""
+
+
+class ScenarioSettings(Section):
+    """Switches that make a market break the fitted model's assumptions (docs/market.md,
+    "Scenarios"). All off is today's market; they combine, except that substitution takes
+    neither demand_form (it is a logit of its own), stockouts nor reference_prices, and
+    stockouts do not combine with reference_prices."""
+
+    price_endogeneity: bool = False
+    """An unobserved AR(1) log-demand shock that the historical pricer partly sees: it promotes
+    when demand is weak and prices up when it is strong."""
+    shock_autocorr: float = Field(0.7, ge=0.0, lt=1.0)
+    """AR(1) coefficient of the demand shock (day to day)."""
+    shock_sd: float = Field(0.4, gt=0.0, le=1.0)
+    """Stationary standard deviation of the log-demand shock."""
+    pricer_signal_corr: float = Field(0.9, ge=0.0, le=1.0)
+    """Correlation of the pricer's daily signal with the shock (1 = the pricer sees it)."""
+    demand_form: Literal["loglog", "linear", "logit"] = "loglog"
+    """Shape of the price response: constant elasticity, linear with a choke price, or logit."""
+    substitution: bool = False
+    """Products of a category are substitutes: a multinomial logit with an outside option."""
+    outside_share: float = Field(0.5, gt=0.0, lt=1.0)
+    """Substitution: the outside option's share when every product is at its list price."""
+    stockouts: bool = False
+    """Limited daily stock (binds on 10-20% of days, more on promotion days); recorded sales
+    are min(demand, stock)."""
+    stock_file: bool = False
+    """Stockouts: also write stock.csv (date,product_id,on_hand) beside the transactions."""
+    holidays: bool = False
+    """Event windows (holiday_windows) in which demand level and elasticity shift."""
+    holiday_windows: list[HolidayWindowSettings] = [
+        HolidayWindowSettings(name="christmas", start="11-01", end="12-24", shape="ramp",
+                              level=0.4, elasticity=0.35),
+        HolidayWindowSettings(name="black-friday-week", start="11-23", end="11-29",
+                              shape="flat", level=0.3, elasticity=0.1),
+    ]
+    """Holidays: the windows; the default is a Nov-Dec ramp to Christmas plus Black Friday week."""
+    reference_prices: bool = False
+    """Demand depends on the price against a reference (an EWMA of the product's own past
+    prices), with loss aversion."""
+    reference_rate: float = Field(0.1, gt=0.0, le=1.0)
+    """EWMA rate of the reference price (reference += rate * (price - reference) each day)."""
+    reference_gain: float = Field(1.0, ge=0.0)
+    """Log-demand gain per unit of (reference - price) / reference below the reference."""
+    reference_loss: float = Field(2.5, ge=0.0)
+    """Log-demand loss per unit of (price - reference) / reference above it (loss aversion)."""
+
+    @property
+    def active(self) -> bool:
+        """Whether any switch is on (off: the market is byte for byte today's)."""
+        return (self.price_endogeneity or self.demand_form != "loglog" or self.substitution
+                or self.stockouts or self.holidays or self.reference_prices)
+
+    @model_validator(mode="after")
+    def _combinable(self) -> ScenarioSettings:
+        if self.substitution and self.demand_form != "loglog":
+            raise ValueError("substitution is a logit of its own: leave demand_form at loglog")
+        if self.substitution and (self.stockouts or self.reference_prices):
+            raise ValueError("substitution does not combine with stockouts or reference_prices")
+        if self.stockouts and self.reference_prices:
+            raise ValueError("stockouts do not combine with reference_prices")
+        if self.stock_file and not self.stockouts:
+            raise ValueError("stock_file needs stockouts: true")
+        return self
+
+
 class GenerateSettings(Section):
     """The synthetic market written by `pricectl generate`."""
 
@@ -107,6 +195,8 @@ class GenerateSettings(Section):
     """Relative change of every elasticity per unit of the product's seasonal wave."""
     elasticity_weekend: float = Field(-0.08, ge=-0.4, le=0.4)
     """Relative change of every elasticity on Saturdays and Sundays (< 0: less sensitive)."""
+    scenario: ScenarioSettings = ScenarioSettings()
+    """Markets that break the model's assumptions; all off by default."""
 
 
 class FeaturesSettings(Section):
@@ -594,6 +684,10 @@ def documented_yaml(settings: Settings | None = None) -> str:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_jsonable(item) for item in value]
     if isinstance(value, date):
         return value.isoformat()
     return value

@@ -361,16 +361,18 @@ def random_feasible_prices(meta: SplitMeta, K: int, max_daily_change: float,
 
 
 def oracle_prices(meta: SplitMeta, ground_truth: Any, truth_index: np.ndarray) -> np.ndarray:
-    """The true per-day optimum within [min_price, max_price] (continuous, no daily limit).
+    """The true optimum within [min_price, max_price] (continuous, no daily limit):
+    ``market.true_optimum`` (per day; joint per category-day with substitution; a DP over the
+    reference with reference prices; given the day's stock with stock-outs).
 
     Args:
         ground_truth: a loaded ``market.GroundTruth``.
         truth_index: (n,) the ground truth's product index of every row
             (see :func:`ground_truth_index`).
     """
-    from pricing_cli.data.market import optimal_price
+    from pricing_cli.data.market import true_optimum
 
-    prices = np.asarray(optimal_price(ground_truth, truth_index, meta.date), dtype=np.float64)
+    prices = np.asarray(true_optimum(ground_truth, truth_index, meta.date), dtype=np.float64)
     return np.clip(prices, meta.min_price, meta.max_price)
 
 

@@ -341,9 +341,10 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     true: dict[str, dict[str, Any]] | None = None
     uplift_true = None
     if truth is not None:
-        from pricing_cli.data.market import expected_units as true_expected_units
+        from pricing_cli.data.market import true_units as true_expected_units
 
         def true_units(prices: np.ndarray) -> np.ndarray:
+            # Scenario markets: joint per category-day, reference rolled forward, stock-capped.
             return np.asarray(true_expected_units(truth, truth_index, meta.date, prices),
                               dtype=np.float64)
 

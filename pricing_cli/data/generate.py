@@ -31,7 +31,7 @@ from __future__ import annotations
 import gzip
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from pricing_cli.config import GenerateSettings, Settings
+from pricing_cli.data import market
 from pricing_cli.data.market import GroundTruth, expected_units
 from pricing_cli.data.raw_contract import INCOMPLETE_MARKER, INCOMPLETE_NOTE
 from pricing_cli.monitor import RunMonitor
@@ -75,8 +76,20 @@ PROMO_DAYS = (3, 7)
 LIST_CHANGE = (0.90, 1.10)
 RETURN_DELAY_DAYS = (1, 7)
 
-# Purposes of the random streams: each is seeded by (seed, purpose[, day]).
+# Purposes of the random streams: each is seeded by (seed, purpose[, day]). The scenario
+# streams are separate, so a market without a scenario is drawn exactly as before.
 _STREAM_MARKET, _STREAM_PRICES, _STREAM_DAY = 1, 2, 3
+_STREAM_SHOCK, _STREAM_SIGNAL, _STREAM_STOCK = 4, 5, 6
+STOCK_FILE = "stock.csv"
+# Price endogeneity: the pricer's reaction to its signal of the demand shock (in standard
+# deviations): a 20% promotion below -1 (weak demand), 10% up above +1 (strong demand).
+SIGNAL_THRESHOLD = 1.0
+REACTIVE_PROMO, REACTIVE_MARKUP = 0.20, 0.10
+# Stock-outs: the retailer stocks the day's expected demand at the list price, times a supply
+# factor lognormal(0, STOCK_SUPPLY_SD), plus STOCK_SAFETY_Z * sqrt of it. Calibrated so stock
+# binds on 10-20% of product-days (tiny, small and full presets), most often on promotions.
+STOCK_SAFETY_Z = 1.5
+STOCK_SUPPLY_SD = 0.10
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -121,6 +134,8 @@ def draw_market(cfg: GenerateSettings) -> GroundTruth:
     names = [f"C{j + 1:02d}" for j in range(n_cat)]
     settings = cfg.model_dump(mode="json")
     settings.pop("output_dir")  # where files go does not change the market
+    if not cfg.scenario.active:  # today's market keeps today's ground_truth.json, byte for byte
+        settings.pop("scenario")
     return GroundTruth(
         product_ids=product_ids(n),
         category=tuple(names[j] for j in category_of),
@@ -151,9 +166,15 @@ def historical_prices(gt: GroundTruth, cfg: GenerateSettings) -> np.ndarray:
     history longer than about 1.5 gaps and its elasticity can be identified. Prices are
     clipped to [min_price, max_price].
     """
+    return historical_price_paths(gt, cfg)[0]
+
+
+def historical_price_paths(gt: GroundTruth, cfg: GenerateSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(prices, list prices), both (n_products, n_days): see :func:`historical_prices`."""
     rng = _rng(cfg.seed, _STREAM_PRICES)
     n = gt.n_products
     prices = np.empty((n, cfg.n_days), dtype=np.float64)
+    list_prices = np.empty((n, cfg.n_days), dtype=np.float64)
     list_price = gt.ref_price.copy()
     promo_left = np.zeros(n, dtype=np.int64)
     promo_discount = np.zeros(n)
@@ -176,8 +197,107 @@ def historical_prices(gt: GroundTruth, cfg: GenerateSettings) -> np.ndarray:
         price = np.where(promo_left > 0, np.round(list_price * (1.0 - promo_discount), 2),
                          list_price)
         prices[:, day] = np.clip(price, gt.min_price, gt.max_price)
+        list_prices[:, day] = list_price
         promo_left = np.maximum(promo_left - 1, 0)
-    return prices
+    return prices, list_prices
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenarios (docs/market.md, "Scenarios")
+
+
+def demand_shock(cfg: GenerateSettings) -> np.ndarray:
+    """(n_products, n_days) stationary AR(1) log-demand shock, rounded to SHOCK_DIGITS."""
+    sc = cfg.scenario
+    rng = _rng(cfg.seed, _STREAM_SHOCK)
+    noise = rng.standard_normal((cfg.n_products, cfg.n_days))
+    shock = np.empty_like(noise)
+    shock[:, 0] = sc.shock_sd * noise[:, 0]
+    innovation = sc.shock_sd * np.sqrt(1.0 - sc.shock_autocorr**2)
+    for day in range(1, cfg.n_days):
+        shock[:, day] = sc.shock_autocorr * shock[:, day - 1] + innovation * noise[:, day]
+    return np.round(shock, market.SHOCK_DIGITS)
+
+
+def react_to_shock(gt: GroundTruth, cfg: GenerateSettings, prices: np.ndarray,
+                   list_prices: np.ndarray, shock: np.ndarray) -> np.ndarray:
+    """The historical prices of a pricer who partly sees the demand shock.
+
+    Its signal is pricer_signal_corr * shock / shock_sd plus independent noise (unit
+    variance): on a list-price day it promotes (REACTIVE_PROMO off) when the signal is below
+    -SIGNAL_THRESHOLD and prices up (REACTIVE_MARKUP) above +SIGNAL_THRESHOLD.
+    """
+    sc = cfg.scenario
+    rng = _rng(cfg.seed, _STREAM_SIGNAL)
+    w = sc.pricer_signal_corr
+    signal = (w * shock / sc.shock_sd
+              + np.sqrt(1.0 - w**2) * rng.standard_normal(shock.shape))
+    regular = prices == list_prices
+    reacted = np.where(signal < -SIGNAL_THRESHOLD, np.round(prices * (1.0 - REACTIVE_PROMO), 2),
+                       np.where(signal > SIGNAL_THRESHOLD,
+                                np.round(prices * (1.0 + REACTIVE_MARKUP), 2), prices))
+    return np.clip(np.where(regular, reacted, prices), gt.min_price[:, None],
+                   gt.max_price[:, None])
+
+
+def all_product_days(gt: GroundTruth, cfg: GenerateSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(product index, date) of every product-day, product-major (the order true_units takes)."""
+    days = np.datetime64(cfg.start_date, "D") + np.arange(cfg.n_days)
+    return (np.repeat(np.arange(gt.n_products), cfg.n_days), np.tile(days, gt.n_products))
+
+
+def draw_stock(gt: GroundTruth, cfg: GenerateSettings, list_prices: np.ndarray) -> np.ndarray:
+    """(n_products, n_days) units on hand: the day's expected demand at the list price times a
+    lognormal supply factor, plus STOCK_SAFETY_Z standard deviations, rounded down."""
+    rng = _rng(cfg.seed, _STREAM_STOCK)
+    idx, dates = all_product_days(gt, cfg)
+    plan = market.true_units(gt, idx, dates, list_prices.reshape(-1)).reshape(list_prices.shape)
+    supply = rng.lognormal(0.0, STOCK_SUPPLY_SD, plan.shape)
+    return np.floor(np.maximum(plan * supply + STOCK_SAFETY_Z * np.sqrt(plan), 0.0)).astype(
+        np.int64)
+
+
+def scenario_market(gt: GroundTruth, cfg: GenerateSettings, out: Path
+                    ) -> tuple[GroundTruth, np.ndarray]:
+    """The scenario's ground truth and historical prices, from today's market ``gt``.
+
+    The base market and its price history are drawn as without a scenario; the scenario's
+    own draws come from separate streams.
+    """
+    sc = cfg.scenario
+    prices, list_prices = historical_price_paths(gt, cfg)
+    fields: dict[str, Any] = {
+        "start_date": cfg.start_date.isoformat(), "demand_form": sc.demand_form,
+        "holidays": tuple(market.HolidayWindow(**w.model_dump()) for w in sc.holiday_windows)
+        if sc.holidays else ()}
+    if sc.price_endogeneity:
+        shock = demand_shock(cfg)
+        prices = react_to_shock(gt, cfg, prices, list_prices, shock)
+        fields.update(shock=shock, shock_autocorr=sc.shock_autocorr, shock_sd=sc.shock_sd)
+    if sc.substitution:
+        fields["outside_share"] = sc.outside_share
+    if sc.reference_prices:
+        fields.update(reference_rate=sc.reference_rate, reference_gain=sc.reference_gain,
+                      reference_loss=sc.reference_loss, history=prices)
+    scenario = market.Scenario(**fields)
+    if sc.stockouts:
+        # The retailer plans stock for the market it faces (holidays, shock and form included).
+        stock = draw_stock(replace(gt, scenario=scenario), cfg, list_prices)
+        scenario = replace(scenario, stock=stock,
+                           stock_file=str(out / STOCK_FILE) if sc.stock_file else None)
+    return replace(gt, scenario=scenario), prices
+
+
+def stock_frame(gt: GroundTruth, cfg: GenerateSettings, stock: np.ndarray) -> Any:
+    """stock.csv as a DataFrame: date,product_id,on_hand, sorted by date then product."""
+    import polars as pl
+
+    days = np.datetime64(cfg.start_date, "D") + np.arange(cfg.n_days)
+    return pl.DataFrame({
+        "date": pl.Series(np.repeat(days, gt.n_products)).cast(pl.Date),
+        "product_id": pl.Series(list(gt.product_ids) * cfg.n_days, dtype=pl.String),
+        "on_hand": pl.Series(stock.T.reshape(-1).astype(np.int64)),
+    })
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,9 +360,16 @@ def split_units(units: np.ndarray, max_units: int,
     return owner[keep], np.minimum(sizes, left)[keep]
 
 
-def simulate_day(gt: GroundTruth, cfg: GenerateSettings, day: int,
-                 day_prices: np.ndarray) -> tuple[TransactionRows, TransactionRows]:
+def simulate_day(gt: GroundTruth, cfg: GenerateSettings, day: int, day_prices: np.ndarray,
+                 demand: np.ndarray | None = None, stock: np.ndarray | None = None,
+                 stockouts: list[int] | None = None) -> tuple[TransactionRows, TransactionRows]:
     """One day's sales of every product at ``day_prices``, and the returns they cause.
+
+    Args:
+        demand: the day's expected units of every product (a scenario market: computed for
+            the whole history at once); None: ``expected_units`` at ``day_prices``.
+        stock: units on hand of every product (stock-outs): sales are min(draw, stock).
+        stockouts: if given, the number of products whose draw exceeded the stock is appended.
 
     Returns:
         (sales on ``day``, returns dated 1-7 days later, possibly past the history's end).
@@ -250,8 +377,12 @@ def simulate_day(gt: GroundTruth, cfg: GenerateSettings, day: int,
     rng = _rng(cfg.seed, _STREAM_DAY, day)
     n = gt.n_products
     today = np.datetime64(cfg.start_date, "D") + day
-    lam = expected_units(gt, np.arange(n), today, day_prices)
+    lam = expected_units(gt, np.arange(n), today, day_prices) if demand is None else demand
     units = rng.poisson(lam)
+    if stock is not None:
+        if stockouts is not None:
+            stockouts.append(int(np.count_nonzero(units > stock)))
+        units = np.minimum(units, stock)
     product, size = split_units(units, cfg.max_units_per_transaction, rng)
     n_tx = len(product)
     if cfg.n_stores > 0:
@@ -330,10 +461,18 @@ def write_table(frame: Any, path: Path, file_format: str) -> None:
 
 
 def _write_transactions(staging: Path, final_dir: Path, gt: GroundTruth, cfg: GenerateSettings,
-                        prices: np.ndarray, monitor: RunMonitor
+                        prices: np.ndarray, monitor: RunMonitor, stockouts: list[int]
                         ) -> tuple[list[Path], int, int, int]:
     """Simulate the market day by day and write one transaction file per period into
-    ``staging``. Returns (final paths of the files, rows, return rows, gross units sold)."""
+    ``staging``. Returns (final paths of the files, rows, return rows, gross units sold);
+    appends each day's stocked-out product count to ``stockouts``."""
+    demand = stock = None
+    if gt.scenario is not None:
+        idx, dates = all_product_days(gt, cfg)
+        # Uncapped demand (the stock cap is applied to the draw).
+        demand = market.true_units(replace(gt, scenario=replace(gt.scenario, stock=None)),
+                                   idx, dates, prices.reshape(-1)).reshape(prices.shape)
+        stock = gt.scenario.stock
     periods = file_periods(cfg.start_date, cfg.n_days, cfg.file_period)
     monitor.add_bar("files", "transaction files", len(periods))
     started = time.monotonic()
@@ -343,7 +482,9 @@ def _write_transactions(staging: Path, final_dir: Path, gt: GroundTruth, cfg: Ge
     for name, first_day, end_day in periods:
         parts = []
         for day in range(first_day, end_day):
-            sales, returns = simulate_day(gt, cfg, day, prices[:, day])
+            sales, returns = simulate_day(
+                gt, cfg, day, prices[:, day], None if demand is None else demand[:, day],
+                None if stock is None else stock[:, day], stockouts)
             parts.append(sales)
             gross_units += int(sales.quantity.sum())
             pending = TransactionRows.concat(
@@ -397,7 +538,12 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
     sweep_stale_tmp(out)  # leftovers of a run killed before it could clean up
 
     gt = draw_market(cfg)
-    prices = historical_prices(gt, cfg)
+    if cfg.scenario.active:
+        gt, prices = scenario_market(gt, cfg, out)
+    else:
+        prices = historical_prices(gt, cfg)
+    stock = None if gt.scenario is None else gt.scenario.stock
+    stockouts: list[int] = []
 
     # Transactions are staged as a folder; the catalog and ground truth of the same market are
     # staged beside them and renamed into place right after the folder swap. Between that swap
@@ -405,12 +551,14 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
     # raw reader refuses such a folder (a kill there is the only way to see it).
     staged_files = {out / CATALOG_FILE: tmp_path_for(out / CATALOG_FILE),
                     out / GROUND_TRUTH_FILE: tmp_path_for(out / GROUND_TRUTH_FILE)}
+    if stock is not None and cfg.scenario.stock_file:
+        staged_files[out / STOCK_FILE] = tmp_path_for(out / STOCK_FILE)
     marker = out / INCOMPLETE_MARKER
     swapped = False  # True once the new transactions/ replaced the old
     try:
         with staged_dir(out / TRANSACTIONS_DIR, owner="generate") as staging:
             written, n_rows, n_returns, gross_units = _write_transactions(
-                staging, out / TRANSACTIONS_DIR, gt, cfg, prices, monitor)
+                staging, out / TRANSACTIONS_DIR, gt, cfg, prices, monitor, stockouts)
 
             catalog = pl.DataFrame({
                 "product_id": list(gt.product_ids), "unit_cost": gt.unit_cost,
@@ -418,6 +566,8 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
             })
             write_table(catalog, staged_files[out / CATALOG_FILE], "csv")
             write_json(staged_files[out / GROUND_TRUTH_FILE], gt.to_dict())
+            if stock is not None and out / STOCK_FILE in staged_files:
+                write_table(stock_frame(gt, cfg, stock), staged_files[out / STOCK_FILE], "csv")
             write_json(marker, {"stage": "generate", "note": INCOMPLETE_NOTE})
         swapped = True
         for final, staged in staged_files.items():
@@ -430,8 +580,8 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
         raise
     marker.unlink()
 
-    files = [*written, out / CATALOG_FILE, out / GROUND_TRUTH_FILE]
-    summary = {
+    files = [*written, *staged_files]
+    summary: dict[str, Any] = {
         "products": gt.n_products,
         "days": cfg.n_days,
         "transactions": n_rows,
@@ -440,6 +590,9 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
         "files": len(written),
         "bytes": sum(p.stat().st_size for p in files),
     }
+    if stock is not None:
+        # Share of product-days whose demand draw exceeded the stock (sales == on_hand there).
+        summary["stockout_days_pct"] = round(100.0 * sum(stockouts) / stock.size, 2)
     notes = [f"transactions: {out / TRANSACTIONS_DIR}/transactions_*.{cfg.file_format}",
              f"ground truth: {out / GROUND_TRUTH_FILE} (true demand; see docs/market.md)"]
     return StageResult(stage="generate", output_dir=out, summary=summary, notes=notes)
