@@ -298,7 +298,10 @@ class MonitorSettings(Section):
     plain_interval_s: float = Field(5.0, gt=0)
     """Seconds between plain progress lines when not on a TTY."""
     sample_interval_s: float = Field(0.25, gt=0)
-    """Seconds between memory samples."""
+    """Seconds between memory samples (RSS of the tree; the budget is checked on each)."""
+    pss_interval_s: float = Field(1.0, gt=0)
+    """Seconds between PSS readings, which walk every mapping (the costly part of a sample);
+    between them each process's PSS is carried forward by its RSS change."""
     max_memory: str | None = None
     """Memory budget of the process tree, e.g. '1.5GB'; the stage stops cleanly before it."""
     runs_dir: str = "runs"
