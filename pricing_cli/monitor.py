@@ -195,10 +195,10 @@ class _TreeReader:
         self._parent: dict[int, int] = {}
         self._procs: dict[int, psutil.Process] = {}
         self._pss: dict[int, tuple[int, int]] = {}  # pid -> (PSS, RSS at that reading)
-        self.worker_hwm = 0  # largest VmHWM seen of any worker since reset_hwm
+        self.worker_hwm: dict[int, int] = {}  # pid -> VmHWM, every worker since reset_hwm
 
     def reset_hwm(self) -> None:
-        self.worker_hwm = 0
+        self.worker_hwm = {}
 
     def descendants(self) -> list[psutil.Process]:
         pids = set(psutil.pids())
@@ -241,7 +241,8 @@ class _TreeReader:
             pss = _proportional_memory(proc)
             self._pss[proc.pid] = (pss, rss)
             if worker:
-                self.worker_hwm = max(self.worker_hwm, _status_hwm(proc.pid) or 0)
+                hwm = _status_hwm(proc.pid) or 0
+                self.worker_hwm[proc.pid] = max(self.worker_hwm.get(proc.pid, 0), hwm)
             return rss, pss
         pss, rss_then = known
         return rss, max(0, pss + rss - rss_then)
@@ -271,15 +272,19 @@ class KernelPeaks:
     """What the kernel recorded, which no sampling interval can miss.
 
     ``rss``: this process's peak RSS during the stage (VmHWM, reset when the stage starts;
-    else ``ru_maxrss``, which is the whole process lifetime). ``worker``: the largest single
-    worker's peak RSS (``ru_maxrss`` of reaped children, or VmHWM of live ones). The tree
-    bound assumes every worker peaked at once: ``rss + n_workers * worker``.
+    else ``ru_maxrss``, which is the whole process lifetime). ``workers``: the sum of every
+    worker's own peak RSS (VmHWM, read with each PSS reading while it runs), as if all
+    peaked at once. ``worker``: the largest single worker's peak (that, or ``ru_maxrss`` of
+    the reaped children when larger: a worker that grew after its last reading, or lived
+    between two). The tree bound is ``rss + workers + (ru_maxrss excess)``: it cannot be
+    below the true peak of the tree's RSS, which counts shared pages in every process.
     ``cgroup``: the cgroup's own peak, which covers every process in it since it was created
     (or last reset), so it is an upper bound unless the stage ran alone in its cgroup.
     """
 
     rss: int
     rss_source: str
+    workers: int
     worker: int
     tree_bound: int
     cgroup: int | None
@@ -333,10 +338,14 @@ class MemorySampler:
     def kernel_peaks(self) -> KernelPeaks:
         hwm = _status_hwm("self") if self._hwm_resettable else None
         rss, source = (hwm, "VmHWM") if hwm is not None else (_rusage_self(), "ru_maxrss")
-        worker = max(self._reader.worker_hwm, _rusage_children()) if self.peaks.n_workers else 0
+        seen = self._reader.worker_hwm
+        largest_seen = max(seen.values(), default=0)
+        # ru_maxrss of children spans the process lifetime: only a stage with workers uses it
+        reaped = _rusage_children() if self.peaks.n_workers else 0
+        workers = sum(seen.values())
         return KernelPeaks(
-            rss=rss, rss_source=source, worker=worker,
-            tree_bound=rss + self.peaks.n_workers * worker,
+            rss=rss, rss_source=source, workers=workers, worker=max(largest_seen, reaped),
+            tree_bound=rss + workers + max(0, reaped - largest_seen),
             cgroup=_read_int(self._cgroup_file),
             cgroup_file=str(self._cgroup_file) if self._cgroup_file else None)
 
@@ -606,6 +615,7 @@ class RunMonitor:
                 "peak_swap_used_bytes": p.swap_used,
                 "min_available_bytes": p.min_available,
                 "kernel_peak_rss_bytes": k.rss, "kernel_peak_rss_source": k.rss_source,
+                "kernel_peak_workers_bytes": k.workers,
                 "kernel_peak_worker_bytes": k.worker,
                 "kernel_peak_tree_bound_bytes": k.tree_bound,
                 "cgroup_peak_bytes": k.cgroup, "cgroup_peak_file": k.cgroup_file,
