@@ -256,6 +256,29 @@ def test_bad_files_are_reported_with_file_row_and_reason(tmp_path: Path) -> None
     with pytest.raises(DataError, match="00002.parquet: not a readable Parquet file"):
         build_samples(paths[2], params)
 
+    paths[0].unlink()
+    with pytest.raises(DataError, match="00000.parquet: not a readable Parquet file"):
+        build_samples(paths[0], params)
+
+
+def test_a_good_file_is_read_without_a_separate_schema_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # polars given a path opens it twice; the schema read before it made three opens
+    paths = write_feature_files(tmp_path / "f", n_products=1, n_days=9)
+    params = SampleParams(tuple(f"f_{j}" for j in range(5)), 11, 0.25, 3, 0.005,
+                          ("price_level",))
+    expected = pl.read_parquet(paths[0])
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("schema read on the happy path")
+
+    monkeypatch.setattr(pl, "read_parquet_schema", refuse)
+    block = build_samples(paths[0], params)
+    assert block.n == 9
+    np.testing.assert_array_equal(block.meta["price"], expected["price"].to_numpy())
+    np.testing.assert_array_equal(block.features[:, :5],
+                                  expected.select([f"f_{j}" for j in range(5)]).to_numpy())
+
 
 # ----------------------------------------------------------------------------------------------
 # Batching

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -175,19 +176,30 @@ def _read_feature_file(path: Path, params: SampleParams) -> Any:
     """Read one feature file with the contract's column types; DataError on any breach."""
     import polars as pl
 
+    wanted = {**RAW_COLUMNS, **{c: "Float32" for c in params.feature_columns}}
+    # One open and one read (a per-product file is small); polars given the path opens it
+    # twice, and a schema read first made three. The schema is parsed only to explain a failure.
     try:
-        schema = pl.read_parquet_schema(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
+        content = io.BytesIO(path.read_bytes())
+    except OSError as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})",
                         "Re-run `pricectl features` to rewrite it.") from None
-    wanted = {**RAW_COLUMNS, **{c: "Float32" for c in params.feature_columns}}
-    missing = [c for c in wanted if c not in schema]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}",
-                        "The file does not follow the features contract (docs/architecture.md);"
-                        " re-run `pricectl features`.")
     try:
-        frame = pl.read_parquet(path, columns=list(wanted))
+        frame = pl.read_parquet(content, columns=list(wanted))
+    except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
+        try:
+            schema = pl.read_parquet_schema(io.BytesIO(content.getvalue()))
+        except Exception:  # noqa: BLE001
+            raise DataError(f"{path}: not a readable Parquet file ({exc})",
+                            "Re-run `pricectl features` to rewrite it.") from None
+        missing = [c for c in wanted if c not in schema]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}",
+                            "The file does not follow the features contract "
+                            "(docs/architecture.md); re-run `pricectl features`.") from None
+        raise DataError(f"{path}: cannot read the columns with their contract types ({exc})",
+                        "Re-run `pricectl features` to rewrite it.") from None
+    try:
         return frame.select(pl.col(c).cast(getattr(pl, t), strict=True)
                             for c, t in wanted.items())
     except Exception as exc:  # noqa: BLE001 - polars raises several error types here
