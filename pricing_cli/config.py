@@ -147,7 +147,11 @@ class PreprocessSettings(Section):
     output_dir: str = "data/intermediate"
     """batch_NNNN.npz and manifest.json go here."""
     batch_size: int = Field(500, ge=1)
-    """Files per batch; the parent holds one batch at a time."""
+    """Files per batch at most; the parent holds one batch at a time."""
+    batch_max_mb: float = Field(64.0, gt=0)
+    """Estimated sample bytes per batch at most, in MiB (whichever of this and batch_size
+    is reached first closes a batch), so a batch stays this size however long the history;
+    the rule is in docs/batch-format.md."""
     workers: int = Field(0, ge=0)
     """Worker processes; 0 means all cores."""
     price_levels: int = Field(21, ge=2, le=32767)

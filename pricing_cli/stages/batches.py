@@ -39,7 +39,7 @@ from numpy.lib import format as npy_format
 
 from pricing_cli.errors import BatchError, ConfigError, MissingInputError
 from pricing_cli.pricing import MOVE_DOWN, MOVE_HOLD, MOVE_UP
-from pricing_cli.storage import atomic_write, write_json
+from pricing_cli.storage import append_line, atomic_write, write_json
 
 if TYPE_CHECKING:
     from pricing_cli.config import Settings
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.json"
+# One JSON line per batch finished since manifest.json was last written (see read_manifest).
+JOURNAL_NAME = "manifest.journal"
 BATCH_GLOB = "batch_*.npz"
 MOVE_CLASSES = 3
 assert (MOVE_DOWN, MOVE_HOLD, MOVE_UP) == (0, 1, 2), "price_move classes are 0, 1, 2"
@@ -540,12 +542,47 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
                          "Delete it and re-run `pricectl preprocess --no-resume`.") from None
     if not isinstance(manifest, dict):
         raise BatchError(f"{path}: expected a JSON object", "Re-run `pricectl preprocess`.")
+    return _with_journal(Path(folder), manifest)
+
+
+def _with_journal(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` plus the batches recorded in manifest.journal since it was written.
+
+    A journal line replaces a manifest entry of the same name. A torn last line (a kill
+    while appending) is ignored: its batch is simply rebuilt.
+    """
+    import json
+
+    path = folder / JOURNAL_NAME
+    if not path.is_file():
+        return manifest
+    entries = {b.get("name"): b for b in manifest.get("batches", []) if isinstance(b, dict)}
+    with open(path, encoding="utf-8") as journal:
+        for line in journal:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                entries[entry["name"]] = entry
+    manifest["batches"] = [entries[k] for k in sorted(entries, key=str)]
     return manifest
 
 
 def write_manifest(folder: str | Path, manifest: Mapping[str, Any]) -> None:
-    """Write ``folder``/manifest.json atomically."""
+    """Write ``folder``/manifest.json atomically; it then holds the journal's batches too,
+    so the journal is removed."""
     write_json(Path(folder) / MANIFEST_NAME, dict(manifest))
+    (Path(folder) / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+def append_manifest_entry(folder: str | Path, entry: Mapping[str, Any]) -> None:
+    """Record one finished batch by appending a line to manifest.journal (fsynced): the
+    cost per batch stays one line, where rewriting manifest.json grew with every batch."""
+    import json
+
+    append_line(Path(folder) / JOURNAL_NAME, json.dumps(dict(entry), sort_keys=True,
+                                                        default=str))
 
 
 # ----------------------------------------------------------------------------------------------
