@@ -69,10 +69,12 @@ def main() -> None:
         ("preprocess samples/s", f"{pre_summary['samples_per_s']:,}"),
         ("preprocess max RSS (largest process)", mib(pre.max_rss_bytes)),
         ("preprocess peak tree (run.json)", mib(pre.peak_tree_bytes)),
+        ("preprocess kernel peak bound (run.json)", mib(pre.kernel_tree_bound_bytes)),
         ("batches on disk", gib(batch_bytes)),
         (f"merge ({args.strategy}) wall", f"{merge.wall_s:.1f} s"),
         ("merge max RSS", mib(merge.max_rss_bytes)),
         ("merge peak tree (run.json)", mib(merge.peak_tree_bytes)),
+        ("merge kernel peak bound (run.json)", mib(merge.kernel_tree_bound_bytes)),
         ("X_*.npy on disk", gib(x_bytes)),
         ("merge samples", f"{merge_summary['samples']:,}"),
     ]

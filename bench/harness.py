@@ -19,7 +19,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
-PRICECTL = str(ROOT / ".venv" / "bin" / "pricectl")
+# PRICECTL: another launcher, e.g. a script running a worktree's checkout with the main venv.
+PRICECTL = os.environ.get("PRICECTL", str(ROOT / ".venv" / "bin" / "pricectl"))
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 
 
@@ -35,6 +36,13 @@ class Measurement:
     def peak_tree_bytes(self) -> int | None:
         mem = self.run_json.get("memory") or {}
         return mem.get("peak_tree_bytes")
+
+    @property
+    def kernel_tree_bound_bytes(self) -> int | None:
+        """The kernel's figure (VmHWM of the parent + workers x the largest worker's peak):
+        what docs quote, since no sampling interval can miss it."""
+        mem = self.run_json.get("memory") or {}
+        return mem.get("kernel_peak_tree_bound_bytes")
 
 
 def gib(n: float | None) -> str:

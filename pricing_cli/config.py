@@ -237,7 +237,11 @@ class PreprocessSettings(Section):
     output_dir: str = "data/intermediate"
     """batch_NNNN.npz and manifest.json go here."""
     batch_size: int = Field(500, ge=1)
-    """Files per batch; the parent holds one batch at a time."""
+    """Files per batch at most; the parent holds one batch at a time."""
+    batch_max_mb: float = Field(64.0, gt=0)
+    """Estimated sample bytes per batch at most, in MiB (whichever of this and batch_size
+    is reached first closes a batch), so a batch stays this size however long the history;
+    the rule is in docs/batch-format.md."""
     workers: int = Field(0, ge=0)
     """Worker processes; 0 means all cores."""
     price_levels: int = Field(21, ge=2, le=32767)
@@ -388,7 +392,10 @@ class MonitorSettings(Section):
     plain_interval_s: float = Field(5.0, gt=0)
     """Seconds between plain progress lines when not on a TTY."""
     sample_interval_s: float = Field(0.25, gt=0)
-    """Seconds between memory samples."""
+    """Seconds between memory samples (RSS of the tree; the budget is checked on each)."""
+    pss_interval_s: float = Field(1.0, gt=0)
+    """Seconds between PSS readings, which walk every mapping (the costly part of a sample);
+    between them each process's PSS is carried forward by its RSS change."""
     max_memory: str | None = None
     """Memory budget of the process tree, e.g. '1.5GB'; the stage stops cleanly before it."""
     runs_dir: str = "runs"

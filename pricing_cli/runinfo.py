@@ -125,6 +125,7 @@ def make_monitor(stage: str, settings: Settings, options: OutputOptions,
         refresh_per_second=settings.monitor.refresh_per_second,
         plain_interval_s=settings.monitor.plain_interval_s,
         sample_interval_s=settings.monitor.sample_interval_s,
+        pss_interval_s=settings.monitor.pss_interval_s,
         memory_jsonl=memory_jsonl, budget_bytes=budget,
     )
 
@@ -188,7 +189,8 @@ def print_summary(stage: str, record: dict[str, Any], result: StageResult,
         table.add_row(str(key), str(value))
     mem = record["memory"]
     table.add_row("elapsed", f"{record['elapsed_s']:.1f} s")
-    table.add_row("peak memory (tree)", format_bytes(mem["peak_tree_bytes"]))
+    table.add_row("peak memory (tree, sampled)", format_bytes(mem["peak_tree_bytes"]))
+    table.add_row("peak memory (kernel bound)", format_bytes(mem["kernel_peak_tree_bound_bytes"]))
     if result.output_dir is not None:
         table.add_row("outputs", str(result.output_dir))
     monitor.print(table)

@@ -138,6 +138,25 @@ def atomic_write(final: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a journal and fsync it. A kill can tear only this last line, which
+    readers of a journal ignore.
+
+    Raises:
+        DiskFullError: the disk filled up (the line may be torn).
+    """
+    path = Path(path)
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line.rstrip("\n") + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(f"no space left on device while writing {path}") from exc
+        raise
+
+
 def commit_file(tmp: Path, final: Path) -> None:
     """fsync an already-written temporary file and rename it to ``final``."""
     with open(tmp, "rb") as handle:

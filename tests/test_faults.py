@@ -24,7 +24,7 @@ import pytest
 from bench.kill_test import Watcher, run_kill_test
 from pricing_cli import cli
 from pricing_cli.stages import merge as merge_module
-from pricing_cli.stages.batches import write_batch
+from pricing_cli.stages.batches import read_manifest, write_batch
 from pricing_cli.storage import LOCK_SUFFIX, OWNER_MARKER, staged_dir
 
 HINT = "  hint: Free disk space and re-run: completed work is kept and will be reused.\n"
@@ -33,8 +33,8 @@ HINT = "  hint: Free disk space and re-run: completed work is kept and will be r
 class _FullDiskRaw(io.FileIO):
     """A raw file that accepts ``budget`` bytes, then fails every write with ENOSPC."""
 
-    def __init__(self, path: Any, budget: int) -> None:
-        super().__init__(path, "w")
+    def __init__(self, path: Any, budget: int, mode: str = "w") -> None:
+        super().__init__(path, mode)
         self.budget = budget
 
     def write(self, data: Any) -> int:
@@ -47,14 +47,16 @@ class _FullDiskRaw(io.FileIO):
 
 
 def full_disk_open(name_part: str, after_bytes: int, nth: int = 1) -> Callable[..., Any]:
-    """An ``open`` whose ``nth`` write-open of a file named like ``name_part`` fills the disk."""
+    """An ``open`` whose ``nth`` write- or append-open of a file named like ``name_part``
+    fills the disk."""
     calls = {"n": 0}
 
     def fake_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        if "w" in mode and name_part in Path(file).name:
+        if ("w" in mode or "a" in mode) and name_part in Path(file).name:
             calls["n"] += 1
             if calls["n"] == nth:
-                buffered = io.BufferedWriter(_FullDiskRaw(file, after_bytes))
+                raw = _FullDiskRaw(file, after_bytes, "a" if "a" in mode else "w")
+                buffered = io.BufferedWriter(raw)
                 if "b" in mode:
                     return buffered
                 return io.TextIOWrapper(buffered, encoding=kwargs.get("encoding") or "utf-8")
@@ -172,10 +174,12 @@ def test_disk_full_during_a_batch_keeps_the_complete_batches(
     assert code == 8
     assert err == ("pricectl: disk full: no space left on device while writing "
                    "data/intermediate/batch_0003.npz\n" + HINT)
-    # no temporary file, no run.json: only the three complete batches and their manifest
+    # no temporary file, no run.json: only the three complete batches, the manifest and
+    # the journal that lists them
     assert sorted(os.listdir(inter)) == [OWNER_MARKER, "batch_0000.npz", "batch_0001.npz",
-                                         "batch_0002.npz", "manifest.json"]
-    manifest = json.loads((inter / "manifest.json").read_text())
+                                         "batch_0002.npz", "manifest.journal", "manifest.json"]
+    manifest = read_manifest(inter)
+    assert manifest is not None
     assert [b["name"] for b in manifest["batches"]] == ["batch_0000.npz", "batch_0001.npz",
                                                         "batch_0002.npz"]
     assert manifest["n_batches"] == 6
@@ -201,18 +205,19 @@ def test_disk_full_writing_the_manifest_rebuilds_the_unlisted_batch(
     inter = Path("data/intermediate")
     reference = uninterrupted_batches(capsys, inter)
 
-    # manifest writes: 1 at the start, 2 after batch 0, 3 after batch 1 (fails)
-    monkeypatch.setattr("pricing_cli.storage.open", full_disk_open("manifest.json", 100, nth=3),
-                        raising=False)
+    # journal appends: 1 after batch 0, 2 after batch 1 (fills the disk 100 bytes in)
+    monkeypatch.setattr("pricing_cli.storage.open",
+                        full_disk_open("manifest.journal", 100, nth=2), raising=False)
     code, err = pricectl(capsys, *PREPROCESS)
     assert code == 8
     assert err == ("pricectl: disk full: no space left on device while writing "
-                   "data/intermediate/manifest.json\n" + HINT)
-    # the previous manifest stays whole and lists only batch 0; batch 1 is complete but
-    # unlisted, so it is not trusted and gets rebuilt
+                   "data/intermediate/manifest.journal\n" + HINT)
+    # the journal lists only batch 0 (batch 1's line is torn, so ignored); batch 1 is
+    # complete but unlisted, so it is not trusted and gets rebuilt
     assert sorted(os.listdir(inter)) == [OWNER_MARKER, "batch_0000.npz", "batch_0001.npz",
-                                         "manifest.json"]
-    manifest = json.loads((inter / "manifest.json").read_text())
+                                         "manifest.journal", "manifest.json"]
+    manifest = read_manifest(inter)
+    assert manifest is not None
     assert [b["name"] for b in manifest["batches"]] == ["batch_0000.npz"]
     monkeypatch.undo()
     monkeypatch.chdir(tiny_features)

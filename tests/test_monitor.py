@@ -281,3 +281,57 @@ def test_a_budget_makes_the_sampler_fast_enough_to_stop_before_it() -> None:
     assert MemorySampler(0.25).interval_s == 0.25
     assert MemorySampler(0.25, budget_bytes=300 * 2**20).interval_s == 0.05
     assert MemorySampler(0.01, budget_bytes=300 * 2**20).interval_s == 0.01
+
+
+def test_kernel_peak_sees_a_spike_between_samples() -> None:
+    # One sample at start, the next in 60 s: a 256 MiB spike in between is invisible to the
+    # sampler, but not to the kernel's VmHWM (reset when the sampler starts).
+    with RunMonitor("merge", "quiet", sample_interval_s=60) as mon:
+        assert mon.sampler.last is not None
+        base = mon.sampler.last.rss
+        block = np.ones(256 * 2**20 // 8)
+        del block
+        summary = mon.memory_summary()
+    assert summary["peak_rss_bytes"] < base + 64 * 2**20
+    assert summary["kernel_peak_rss_source"] == "VmHWM"
+    assert summary["kernel_peak_rss_bytes"] >= base + 250 * 2**20
+    assert summary["kernel_peak_worker_bytes"] == 0  # no workers: the bound is self alone
+    assert summary["kernel_peak_tree_bound_bytes"] == summary["kernel_peak_rss_bytes"]
+
+
+def test_kernel_bound_counts_a_worker_spike_the_sampler_missed() -> None:
+    # The worker touches 160 MB, frees it, then idles: samples see ~20 MB, VmHWM sees 160 MB.
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import numpy as np, sys, time; a = np.ones(160_000_000 // 8); "
+                              "del a; print('ready', flush=True); time.sleep(10)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        with RunMonitor("preprocess", "quiet", sample_interval_s=60) as mon:
+            summary = mon.memory_summary()
+        assert summary["peak_workers"] >= 1
+        assert summary["peak_workers_bytes"] < 100_000_000
+        assert summary["kernel_peak_worker_bytes"] >= 160_000_000
+        assert summary["kernel_peak_workers_bytes"] >= 160_000_000
+        assert summary["kernel_peak_tree_bound_bytes"] >= (
+            summary["kernel_peak_rss_bytes"] + 160_000_000)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_pss_is_read_once_per_interval_and_rss_carries_the_tree(monkeypatch) -> None:
+    from pricing_cli import monitor
+    from pricing_cli.monitor import MemorySampler
+
+    calls: list[int] = []
+    real = monitor._proportional_memory
+    monkeypatch.setattr(monitor, "_proportional_memory",
+                        lambda proc: calls.append(proc.pid) or real(proc))
+    sampler = MemorySampler(0.01, pss_interval_s=3600)
+    first = sampler.sample()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched, between two RSS-only samples
+    later = [sampler.sample() for _ in range(5)][-1]
+    assert calls == [os.getpid()]  # PSS read once, on the first sample only
+    assert later.tree - first.tree >= 60 * 2**20  # the budget still sees the growth
+    del block

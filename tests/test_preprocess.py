@@ -27,7 +27,9 @@ from pricing_cli.stages.preprocess import (
     build_samples,
     build_samples_with_stats,
     feature_layout,
+    plan_batches,
     run_preprocess,
+    sample_bytes,
 )
 
 START = date(2023, 1, 1)
@@ -256,6 +258,29 @@ def test_bad_files_are_reported_with_file_row_and_reason(tmp_path: Path) -> None
     with pytest.raises(DataError, match="00002.parquet: not a readable Parquet file"):
         build_samples(paths[2], params)
 
+    paths[0].unlink()
+    with pytest.raises(DataError, match="00000.parquet: not a readable Parquet file"):
+        build_samples(paths[0], params)
+
+
+def test_a_good_file_is_read_without_a_separate_schema_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # polars given a path opens it twice; the schema read before it made three opens
+    paths = write_feature_files(tmp_path / "f", n_products=1, n_days=9)
+    params = SampleParams(tuple(f"f_{j}" for j in range(5)), 11, 0.25, 3, 0.005,
+                          ("price_level",))
+    expected = pl.read_parquet(paths[0])
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("schema read on the happy path")
+
+    monkeypatch.setattr(pl, "read_parquet_schema", refuse)
+    block = build_samples(paths[0], params)
+    assert block.n == 9
+    np.testing.assert_array_equal(block.meta["price"], expected["price"].to_numpy())
+    np.testing.assert_array_equal(block.features[:, :5],
+                                  expected.select([f"f_{j}" for j in range(5)]).to_numpy())
+
 
 # ----------------------------------------------------------------------------------------------
 # Batching
@@ -282,6 +307,65 @@ def test_files_are_cut_into_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         str(p.relative_to(tmp_path)) for p in paths]
     assert result.summary["samples"] == sum(12 - i % 4 for i in range(n_files))
     assert result.failures == []
+
+
+def test_plan_batches_cuts_by_files_and_by_bytes_as_documented() -> None:
+    # docs/batch-format.md, "Batch plan": the examples given there
+    assert plan_batches([40] * 7, 5, 140 * 100, 100) == [(0, 3), (3, 6), (6, 7)]
+    assert plan_batches([1] * 7, 3, 10**9, 100) == [(0, 3), (3, 6), (6, 7)]
+    assert plan_batches([10, 500, 10, 10], 10, 100 * 100, 100) == [(0, 1), (1, 2), (2, 4)]
+    assert plan_batches([10, 10], 10, 20 * 100, 100) == [(0, 2)]  # exactly at the cap: fits
+    assert plan_batches([], 5, 100, 1) == []
+    # float32 state, int16 label + K int8 mask per head, 10 meta columns x 8 bytes
+    assert sample_bytes(900, {"price_level": 101, "price_move": 3}) == 3600 + 103 + 5 + 80
+
+
+def test_a_byte_capped_run_splits_files_and_journals_each_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_feature_files(tmp_path / "data" / "features", n_products=6, n_days=12)
+    out = tmp_path / "data" / "intermediate"
+    run_preprocess(tiny_settings(), quiet_monitor()[0])
+    manifest = read_manifest(out)
+    assert manifest is not None
+    per_sample = sample_bytes(manifest["n_features"], manifest["heads"])
+    # rows per file 12, 11, 10, 9, 12, 11; a cap of 25.5 samples takes 12+11 | 10+9 | 12+11
+    cap_mb = 25.5 * per_sample / 2**20
+    settings = tiny_settings(**{"preprocess.batch_max_mb": cap_mb, "preprocess.resume": False})
+    real_write = batches_module.write_batch
+    calls = {"n": 0}
+
+    def crash_on_third(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("pricing_cli.stages.preprocess.write_batch", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_preprocess(settings, quiet_monitor()[0])
+    # manifest.json was written once, before any batch; the two finished ones are journal lines
+    assert json.loads((out / "manifest.json").read_text())["batches"] == []
+    journal = (out / "manifest.journal").read_text().splitlines()
+    assert [json.loads(line)["name"] for line in journal] == ["batch_0000.npz",
+                                                              "batch_0001.npz"]
+    (out / "manifest.journal").write_text("\n".join(journal) + "\n{\"name\": \"batch_00")  # torn
+    interrupted = read_manifest(out)
+    assert interrupted is not None
+    assert [b["name"] for b in interrupted["batches"]] == ["batch_0000.npz", "batch_0001.npz"]
+
+    monkeypatch.setattr("pricing_cli.stages.preprocess.write_batch", real_write)
+    result = run_preprocess(tiny_settings(**{"preprocess.batch_max_mb": cap_mb}),
+                            quiet_monitor()[0])
+    assert result.summary["built"] == ["batch_0002.npz"]
+    assert result.summary["samples"] == 65
+    assert not (out / "manifest.journal").exists()
+    final = read_manifest(out)
+    assert final is not None and final["n_batches"] == 3
+    assert [[f["path"][-13:] for f in b["files"]] for b in final["batches"]] == [
+        ["00000.parquet", "00001.parquet"], ["00002.parquet", "00003.parquet"],
+        ["00004.parquet", "00005.parquet"]]
+    assert [b["n_samples"] for b in final["batches"]] == [23, 19, 23]
 
 
 def test_no_input_files_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -247,7 +247,7 @@ def merge_sequential(plan: MergePlan, staging: Path, monitor: RunMonitor) -> Non
     with ExitStack() as stack:
         def stream(path: Path, dtype: str, shape: tuple[int, ...]) -> NpyStreamWriter:
             handle: IO[bytes] = stack.enter_context(open(path, "wb"))
-            return NpyStreamWriter(handle, dtype, shape, path.name)
+            return NpyStreamWriter(handle, dtype, shape, path.name, digest=False)
 
         x_out = {s: stream(staging / f"X_{s}.npy", "float32", (plan.samples[s],
                                                                plan.n_features))
@@ -281,8 +281,11 @@ def merge_sequential(plan: MergePlan, staging: Path, monitor: RunMonitor) -> Non
             for s in SPLITS:
                 if entry["samples"].get(s):
                     part = parts_dir / f"{s}_{index:05d}.parquet"
+                    # the meta columns only: block.take would copy the feature rows too
+                    rows = split == s
+                    meta = {c: column[rows] for c, column in block.meta.items()}
                     with disk_full_names(staging / f"meta_{s}.parquet"):
-                        meta_frame(block.take(split == s).meta).write_parquet(part)
+                        meta_frame(meta).write_parquet(part)
                     parts[s].append(part)
             done += block.n
             del block
@@ -321,7 +324,8 @@ def merge_accumulative(plan: MergePlan, staging: Path, monitor: RunMonitor) -> N
     for s in SPLITS:
         part = whole.take(whole.meta["split"] == s)
         with open(staging / f"X_{s}.npy", "wb") as handle:
-            writer = NpyStreamWriter(handle, "float32", part.features.shape, f"X_{s}.npy")
+            writer = NpyStreamWriter(handle, "float32", part.features.shape, f"X_{s}.npy",
+                                     digest=False)
             writer.append(part.features)
             writer.close()
         with zipfile.ZipFile(staging / f"labels_{s}.npz", "w") as archive:

@@ -12,9 +12,10 @@ docs/architecture.md) becomes one decision sample per product-day:
 * masks (int8 per head): the feasible levels (``pricing.feasible_mask``) and moves;
 * meta: product_index, product_id, date, split, price, units, costs and bounds.
 
-Files are sorted and cut into batches of ``batch_size`` files. A worker pool (spawn) builds
-one batch; the parent holds only that batch, writes it with ``batches.write_batch`` (atomic),
-records it in ``manifest.json`` and frees it. A re-run reuses every batch whose input files and
+Files are sorted and cut into batches of at most ``batch_size`` files and about
+``batch_max_mb`` of samples (:func:`plan_batches`). A worker pool (spawn) builds one batch;
+the parent holds only that batch, writes it with ``batches.write_batch`` (atomic), records it
+with a line in ``manifest.journal`` and frees it. A re-run reuses every batch whose input files and
 content config are unchanged. A file that breaks the contract is quarantined (recorded with its
 reason) unless ``fail_fast``.
 """
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
 import queue as queue_module
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +54,7 @@ from pricing_cli.stages.batches import (
     SPLITS,
     BatchRecord,
     SampleBlock,
+    append_manifest_entry,
     batch_name,
     head_classes,
     read_manifest,
@@ -97,8 +100,8 @@ RAW_COLUMNS: dict[str, str] = {
 
 # Keys of the preprocess section that change how the work is run, not what a batch holds:
 # they must not invalidate batches (a resume with other --workers reuses everything).
-EXECUTION_ONLY_KEYS = ("workers", "batch_size", "keep_batches", "resume", "fail_fast",
-                       "output_dir", "input_glob", "executor", "ray_address")
+EXECUTION_ONLY_KEYS = ("workers", "batch_size", "batch_max_mb", "keep_batches", "resume",
+                       "fail_fast", "output_dir", "input_glob", "executor", "ray_address")
 
 
 @dataclass(frozen=True)
@@ -175,19 +178,30 @@ def _read_feature_file(path: Path, params: SampleParams) -> Any:
     """Read one feature file with the contract's column types; DataError on any breach."""
     import polars as pl
 
+    wanted = {**RAW_COLUMNS, **{c: "Float32" for c in params.feature_columns}}
+    # One open and one read (a per-product file is small); polars given the path opens it
+    # twice, and a schema read first made three. The schema is parsed only to explain a failure.
     try:
-        schema = pl.read_parquet_schema(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
+        content = io.BytesIO(path.read_bytes())
+    except OSError as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})",
                         "Re-run `pricectl features` to rewrite it.") from None
-    wanted = {**RAW_COLUMNS, **{c: "Float32" for c in params.feature_columns}}
-    missing = [c for c in wanted if c not in schema]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}",
-                        "The file does not follow the features contract (docs/architecture.md);"
-                        " re-run `pricectl features`.")
     try:
-        frame = pl.read_parquet(path, columns=list(wanted))
+        frame = pl.read_parquet(content, columns=list(wanted))
+    except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
+        try:
+            schema = pl.read_parquet_schema(io.BytesIO(content.getvalue()))
+        except Exception:  # noqa: BLE001
+            raise DataError(f"{path}: not a readable Parquet file ({exc})",
+                            "Re-run `pricectl features` to rewrite it.") from None
+        missing = [c for c in wanted if c not in schema]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}",
+                            "The file does not follow the features contract "
+                            "(docs/architecture.md); re-run `pricectl features`.") from None
+        raise DataError(f"{path}: cannot read the columns with their contract types ({exc})",
+                        "Re-run `pricectl features` to rewrite it.") from None
+    try:
         return frame.select(pl.col(c).cast(getattr(pl, t), strict=True)
                             for c, t in wanted.items())
     except Exception as exc:  # noqa: BLE001 - polars raises several error types here
@@ -535,6 +549,61 @@ def content_fingerprint(settings: Settings, feature_manifest_sha: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+# Bytes per sample besides the state and the heads: the ten meta columns at 8 bytes each.
+META_BYTES_PER_SAMPLE = 80
+
+
+def sample_bytes(n_features: int, heads: dict[str, int]) -> int:
+    """Estimated bytes of one decision sample in memory and in a batch: float32 features,
+    per head an int16 label and K int8 mask entries, and the meta columns."""
+    return 4 * n_features + sum(2 + k for k in heads.values()) + META_BYTES_PER_SAMPLE
+
+
+def plan_batches(rows: Sequence[int], max_files: int, max_bytes: int,
+                 bytes_per_sample: int) -> list[tuple[int, int]]:
+    """Cut files (in order, with ``rows`` samples each) into batches ``[start, stop)``.
+
+    A batch takes the next file unless it already holds ``max_files`` files or the file
+    would take its estimated bytes (``rows x bytes_per_sample``, summed) past ``max_bytes``.
+    A batch holds at least one file, so a single file larger than the cap gets a batch of
+    its own.
+    """
+    plan: list[tuple[int, int]] = []
+    start, held = 0, 0
+    for index, n in enumerate(rows):
+        size = int(n) * bytes_per_sample
+        if index > start and (index - start >= max_files or held + size > max_bytes):
+            plan.append((start, index))
+            start, held = index, 0
+        held += size
+    if len(rows) > start:
+        plan.append((start, len(rows)))
+    return plan
+
+
+def file_rows(files: Sequence[Path], feature_manifest: dict[str, Any]) -> list[int]:
+    """Rows of each input file: from feature_manifest.json where it lists the file (no I/O),
+    else from the Parquet footer."""
+    import polars as pl
+
+    listed: dict[str, int] = {}
+    for product in feature_manifest.get("products") or []:
+        try:
+            listed[str(product["file"])] = int(sum(product["rows"].values()))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    rows: list[int] = []
+    for path in files:
+        n = listed.get(path.name)
+        if n is None:
+            try:
+                n = int(pl.scan_parquet(path).select(pl.len()).collect().item())
+            except Exception:  # noqa: BLE001 - the worker reports an unreadable file
+                n = 0
+        rows.append(n)
+    return rows
+
+
 def _reusable(entry: dict[str, Any] | None, files: list[dict[str, Any]], fingerprint: str,
               output_dir: Path) -> bool:
     """A recorded batch can be reused: same inputs (path, size, mtime), same config, on disk."""
@@ -542,6 +611,32 @@ def _reusable(entry: dict[str, Any] | None, files: list[dict[str, Any]], fingerp
         return False
     path = output_dir / entry["name"]
     return path.is_file() and path.stat().st_size == entry.get("bytes")
+
+
+@dataclass
+class _Totals:
+    """Sums over batch entries for the summary, kept instead of the entries themselves."""
+
+    samples: dict[str, int]
+    quarantined: list[dict[str, str]]
+    mask_conflicts: int
+    labels_projected: dict[str, int]
+
+    @classmethod
+    def of(cls, entries: Iterable[dict[str, Any]], heads: dict[str, int]) -> _Totals:
+        totals = cls(dict.fromkeys(SPLITS, 0), [], 0, dict.fromkeys(heads, 0))
+        for entry in entries:
+            totals.add(entry)
+        return totals
+
+    def add(self, entry: dict[str, Any]) -> None:
+        for split in SPLITS:
+            self.samples[split] += entry["samples"][split]
+        self.quarantined.extend(entry["quarantined"])
+        self.mask_conflicts += entry["stats"].get("mask_conflicts", 0)
+        for head in self.labels_projected:
+            self.labels_projected[head] += entry["stats"].get("labels_projected", {}).get(
+                head, 0)
 
 
 def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
@@ -586,14 +681,19 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
         except PricingError as exc:
             monitor.log(f"ignoring unreadable manifest: {exc.message}")
 
-    plan = [files[i:i + cfg.batch_size] for i in range(0, len(files), cfg.batch_size)]
-    fingerprints = [[file_fingerprint(p) for p in chunk] for chunk in plan]
+    # fingerprints are taken per batch when it is checked or built, not kept for every file
+    plan = [files[a:b] for a, b in plan_batches(
+        file_rows(files, feature_manifest), cfg.batch_size, int(cfg.batch_max_mb * 2**20),
+        sample_bytes(len(names), head_k))]
     old_entries = {b["name"]: b for b in (old or {}).get("batches", [])}
+    del old
     entries: dict[str, dict[str, Any]] = {}
-    for i, chunk_fps in enumerate(fingerprints):
+    for i, chunk in enumerate(plan):
         entry = old_entries.get(batch_name(i))
-        if _reusable(entry, chunk_fps, fingerprint, output_dir):
-            entries[batch_name(i)] = entry  # type: ignore[assignment]
+        if entry is not None and _reusable(entry, [file_fingerprint(p) for p in chunk],
+                                           fingerprint, output_dir):
+            entries[batch_name(i)] = entry
+    del old_entries
     planned = {batch_name(i) for i in range(len(plan))}
     for stale in output_dir.glob("batch_*.npz"):
         if stale.name not in planned:
@@ -616,6 +716,7 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
         "input_glob": cfg.input_glob,
         "n_files": len(files),
         "batch_size": cfg.batch_size,
+        "batch_max_mb": cfg.batch_max_mb,
         "n_batches": len(plan),
         "batches": [entries[k] for k in sorted(entries)],
     }
@@ -630,9 +731,13 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
     started = time.monotonic()
     files_done = samples_done = 0
     built: list[str] = []
+    # What the summary needs of the batches built here; their entries go to the journal
+    totals = _Totals.of(entries.values(), head_k)
     with open_executor(cfg, params, workers, monitor) as pool:
         for i in todo:
             monitor.set_metric("working on batch", f"{i + 1}/{len(plan)}")
+            # before reading: a file changed while it is read must not look unchanged later
+            inputs = [file_fingerprint(p) for p in plan[i]]
             blocks: list[SampleBlock] = []
             quarantined: list[dict[str, str]] = []
             conflicts = 0
@@ -658,35 +763,40 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
                 monitor.set_metric("files/s", f"{files_done / elapsed:.1f}")
                 monitor.set_metric("samples/s", f"{samples_done / elapsed:,.0f}")
             record: BatchRecord = write_batch(output_dir / batch_name(i), blocks, names, head_k)
-            entries[batch_name(i)] = {
-                "name": batch_name(i), "files": fingerprints[i], "fingerprint": fingerprint,
+            entry = {
+                "name": batch_name(i), "files": inputs,
+                "fingerprint": fingerprint,
                 "n_samples": record.n_samples, "samples": record.samples,
                 "products": len(blocks), "members": record.members, "bytes": record.bytes,
                 "quarantined": quarantined,
                 "stats": {"mask_conflicts": conflicts, "labels_projected": projected},
             }
             del blocks  # the parent holds one batch at a time
-            manifest["batches"] = [entries[k] for k in sorted(entries)]
-            write_manifest(output_dir, manifest)
+            append_manifest_entry(output_dir, entry)
+            totals.add(entry)
             built.append(batch_name(i))
             monitor.update_bar("batches", advance=1)
             monitor.check_memory()
         workers = pool.workers  # a Ray cluster's window is known once it has started
     monitor.clear_workers()
+    if built:
+        # once, complete: read_manifest folds the journal in, write_manifest removes it
+        final = read_manifest(output_dir)
+        assert final is not None
+        write_manifest(output_dir, final)
+        del final
 
-    all_entries = [entries[k] for k in sorted(entries)]
     elapsed = max(time.monotonic() - started, 1e-9)
-    samples = {s: sum(e["samples"][s] for e in all_entries) for s in SPLITS}
-    quarantined_all = [q for e in all_entries for q in e["quarantined"]]
+    samples = totals.samples
+    quarantined_all = totals.quarantined
     summary = {
         "files": len(files), "files_quarantined": len(quarantined_all),
         "batches": len(plan), "batches_reused": len(plan) - len(built),
         "batches_built": len(built), "built": built,
         "samples": sum(samples.values()), "samples_per_split": samples,
         "n_features": len(names), "price_levels": params.price_levels,
-        "mask_conflicts": sum(e["stats"].get("mask_conflicts", 0) for e in all_entries),
-        "labels_projected": {h: sum(e["stats"].get("labels_projected", {}).get(h, 0)
-                                    for e in all_entries) for h in head_k},
+        "mask_conflicts": totals.mask_conflicts,
+        "labels_projected": totals.labels_projected,
         "workers": workers if built else 0,
         "files_per_s": round(files_done / elapsed, 1),
         "samples_per_s": round(samples_done / elapsed, 1),
