@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import shutil
 import struct
@@ -79,6 +80,11 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 # garble a field that struct cannot unpack.
 _CORRUPT_ZIP = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, RuntimeError,
                 NotImplementedError, struct.error, ValueError, OverflowError)
+# The batch writer stores members uncompressed (ratio 1). A foreign deflated member is allowed
+# up to this ratio: deflate reaches ~1000x only on long runs of one byte, i.e. a zip bomb.
+MAX_COMPRESSION_RATIO = 100
+_FORGED = ("Do not use this file: delete it and re-run `pricectl preprocess` (only this batch "
+           "is rebuilt).")
 # What numpy raises on a garbled .npy header: bad magic or dict (ValueError), text the
 # tokenizer or the literal parser rejects (TokenError, SyntaxError), an unknown dtype.
 _CORRUPT_NPY = (ValueError, SyntaxError, tokenize.TokenError, TypeError, OverflowError)
@@ -348,9 +354,11 @@ def read_member_headers(path: str | Path) -> dict[str, tuple[tuple[int, ...], np
     path = Path(path)
     headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] = {}
     try:
+        file_size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 name = info.filename.removesuffix(".npy")
+                _check_member_sizes(path, info, file_size)
                 with archive.open(info) as member:
                     try:
                         version = npy_format.read_magic(member)
@@ -361,15 +369,55 @@ def read_member_headers(path: str | Path) -> dict[str, tuple[tuple[int, ...], np
                         raise BatchError(
                             f"{path}: member {info.filename!r} is not a .npy array ({exc})"
                         ) from None
+                    header_size = member.tell()
                     if fortran and len(shape) > 1:
                         raise BatchError(f"{path}: member {name!r} is Fortran-ordered; "
                                          "batches hold C-ordered arrays only")
+                    _check_declared_size(path, info, tuple(shape), dtype, header_size)
                     headers[name] = (tuple(shape), dtype)
     except _CORRUPT_ZIP as exc:
         raise BatchError(f"{path}: not a readable .npz (zip) file: {exc}",
                          "The file is truncated or corrupt; delete it and re-run "
                          "`pricectl preprocess` (only this batch is rebuilt).") from None
     return headers
+
+
+def _check_member_sizes(path: Path, info: zipfile.ZipInfo, file_size: int) -> None:
+    """Refuse a member whose zip sizes cannot be honest, before any of it is inflated.
+
+    The batch writer stores members uncompressed, so a deflated member that inflates more than
+    MAX_COMPRESSION_RATIO times is a zip bomb (2.5 MB on disk, gigabytes in memory), and a
+    member can never be longer on disk than the whole file.
+    """
+    if info.compress_size > file_size:
+        raise BatchError(
+            f"{path}: member {info.filename!r} claims {info.compress_size:,} bytes on disk, more "
+            f"than the whole file ({file_size:,} bytes): the zip directory is forged or the "
+            "file is truncated", _FORGED)
+    if (info.compress_type != zipfile.ZIP_STORED
+            and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1)):
+        raise BatchError(
+            f"{path}: member {info.filename!r} inflates from {info.compress_size:,} to "
+            f"{info.file_size:,} bytes (over {MAX_COMPRESSION_RATIO}x): refused as a zip bomb "
+            "before loading; the batch writer stores members uncompressed", _FORGED)
+
+
+def _check_declared_size(path: Path, info: zipfile.ZipInfo, shape: tuple[int, ...],
+                         dtype: np.dtype[Any], header_size: int) -> None:
+    """The member's uncompressed size must be exactly its .npy header plus shape × itemsize.
+
+    np.load allocates what the header announces before it reads a byte of data, so a forged
+    shape (10^12 rows) would ask for terabytes; checked against the zip's declared size it is
+    refused here instead. Object arrays are pickles of any length; they are refused elsewhere.
+    """
+    if dtype.hasobject:
+        return
+    implied = header_size + math.prod(shape) * dtype.itemsize
+    if info.file_size != implied:
+        raise BatchError(
+            f"{path}: member {info.filename!r} holds {info.file_size:,} bytes but its .npy "
+            f"header ({dtype.str} {list(shape)}) implies {implied:,}: the header or the zip "
+            "directory is forged or corrupt", _FORGED)
 
 
 def _refuse_pickled(path: Path, headers: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]]
@@ -537,7 +585,54 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
                          "Delete it and re-run `pricectl preprocess --no-resume`.") from None
     if not isinstance(manifest, dict):
         raise BatchError(f"{path}: expected a JSON object", "Re-run `pricectl preprocess`.")
+    entries = manifest.get("batches", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise BatchError(f"{path}: 'batches' must be a list of batch entries",
+                         "Delete it and re-run `pricectl preprocess --no-resume`.")
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        confined_batch_path(Path(folder), entry.get("name"), f"{path}: batch entry {index}")
+        if entry["name"] in seen:  # merge would read its samples twice
+            raise BatchError(f"{path}: batch entry {index} repeats the name "
+                             f"{entry['name']!r}",
+                             "Delete the manifest and re-run `pricectl preprocess --no-resume`.")
+        seen.add(entry["name"])
     return manifest
+
+
+def confined_batch_path(folder: Path, name: object, where: str) -> Path:
+    """The path of the batch ``name`` listed in ``folder``'s manifest, confined to ``folder``.
+
+    Merge reads every listed batch and then deletes it, so a name such as
+    ``../../victim/x.npz``, an absolute path, or a symlink leading out of the folder would make
+    pricectl read and delete a file it never wrote. A name must be a plain file name (no
+    separator, not ``.`` or ``..``) whose resolved path (symlinks followed) is in ``folder``.
+
+    Raises:
+        BatchError: naming ``where`` (the manifest and the entry), the name and the fix.
+    """
+    fix = ("Batch names in manifest.json are plain file names of files in the same folder "
+           "(batch_0000.npz, ...): restore the manifest, or delete it and re-run "
+           "`pricectl preprocess --no-resume`.")
+    if not isinstance(name, str) or not name:
+        raise BatchError(f"{where} has no file name (name: {str(name)[:200]!r})", fix)
+    shown = name[:200]
+    if (name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or Path(name).is_absolute()):
+        raise BatchError(f"{where} names {shown!r}, which is not a plain file name inside "
+                         f"{folder}; pricectl reads and then deletes listed batches, so it "
+                         "refuses names that could lead outside the batch folder", fix)
+    path = folder / name
+    try:
+        target = str(path.resolve())
+        inside = path.resolve().parent == folder.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        target, inside = "a symlink loop", False
+    if not inside:
+        raise BatchError(f"{where} names {shown!r}, a symlink that leads outside {folder} "
+                         f"(to {target}); pricectl reads and then deletes listed batches, so "
+                         "it refuses files outside the batch folder", fix)
+    return path
 
 
 def write_manifest(folder: str | Path, manifest: Mapping[str, Any]) -> None:

@@ -105,6 +105,12 @@ def plan_merge(batch_dir: Path) -> MergePlan:
         if not path.is_file():
             raise BatchError(f"{path}: listed in the manifest but missing",
                              "Re-run `pricectl preprocess`; it rebuilds missing batches.")
+        size = path.stat().st_size
+        if entry.get("bytes") is not None and entry["bytes"] != size:
+            raise BatchError(f"{path}: the file has {size:,} bytes but the manifest records "
+                             f"{entry['bytes']:,}",
+                             "The file changed after preprocess wrote it; run `pricectl "
+                             "validate-batches` for details, or re-run `pricectl preprocess`.")
         headers = read_member_headers(path)
         n = int(entry["n_samples"])
         for member in member_names(heads):

@@ -1,0 +1,250 @@
+"""Hostile and corrupt batch folders and processed arrays (issue 9, docs/security.md).
+
+Each test builds a small hostile input by hand (a manifest naming files outside its folder, a
+forged .npy header, a zip bomb, a truncated processed array, a forged agent.json) and checks
+the exact error, its exit code through the real entry point, and that nothing outside the
+folder was read or deleted.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pricing_cli import cli
+from pricing_cli.errors import BatchError
+from pricing_cli.stages.batches import load_batch, read_manifest, write_manifest
+from tests.test_preprocess import quiet_monitor, tiny_settings, write_feature_files
+
+BATCHES = Path("data/intermediate")
+FIX = ("  hint: Batch names in manifest.json are plain file names of files in the same folder "
+       "(batch_0000.npz, ...): restore the manifest, or delete it and re-run `pricectl "
+       "preprocess --no-resume`.\n")
+FORGED = ("  hint: Do not use this file: delete it and re-run `pricectl preprocess` (only this "
+          "batch is rebuilt).\n")
+
+
+def pricectl(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = cli.main(["--preset", "tiny", "-q", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def batch_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Six products of 20 days preprocessed in two batches (57 and 56 samples)."""
+    from pricing_cli.stages.preprocess import run_preprocess
+
+    monkeypatch.chdir(tmp_path)
+    write_feature_files(tmp_path / "data" / "features", n_products=6, n_days=20)
+    run_preprocess(tiny_settings(**{"preprocess.batch_size": 3}), quiet_monitor()[0])
+    return BATCHES
+
+
+def rename_entry(folder: Path, index: int, name: str) -> None:
+    manifest = read_manifest(folder)
+    assert manifest is not None
+    manifest["batches"][index]["name"] = name
+    write_manifest(folder, manifest)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Manifest names are confined to the batch folder
+
+
+def test_a_manifest_name_leading_outside_is_refused_and_the_victim_survives(
+        batch_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (batch_dir / "batch_0001.npz").rename(victim / "x.npz")
+    kept = (victim / "x.npz").read_bytes()
+    rename_entry(batch_dir, 1, "../../victim/x.npz")
+    code, err = pricectl(capsys, "merge")
+    assert code == 5
+    assert err == (
+        "pricectl: batch error: data/intermediate/manifest.json: batch entry 1 names "
+        "'../../victim/x.npz', which is not a plain file name inside data/intermediate; "
+        "pricectl reads and then deletes listed batches, so it refuses names that could lead "
+        "outside the batch folder\n" + FIX)
+    assert (victim / "x.npz").read_bytes() == kept
+    assert (batch_dir / "batch_0000.npz").is_file() and not Path("data/processed").exists()
+    code, err = pricectl(capsys, "validate-batches")
+    assert code == 6
+    # the manifest problem, and batch_0000 cannot be verified without a manifest
+    assert err.startswith("pricectl: partial failure: validate-batches: 2 input(s) failed\n")
+
+
+def test_validate_batches_lists_the_escaping_name_as_a_problem(
+        batch_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pricing_cli.stages.batches import run_validate_batches
+
+    rename_entry(batch_dir, 0, str(tmp_path / "elsewhere.npz"))
+    result = run_validate_batches(tiny_settings(), quiet_monitor("validate-batches")[0],
+                                  paths=[])
+    assert result.failures[0] == (
+        f"data/intermediate/manifest.json: data/intermediate/manifest.json: batch entry 0 "
+        f"names '{tmp_path / 'elsewhere.npz'}', which is not a plain file name inside "
+        "data/intermediate; pricectl reads and then deletes listed batches, so it refuses "
+        "names that could lead outside the batch folder. Why it matters: no batch in this "
+        "folder can be verified. Fix: " + FIX.removeprefix("  hint: ").rstrip("\n"))
+    code, _ = pricectl(capsys, "validate-batches")
+    assert code == 6
+
+
+def test_a_symlinked_batch_leading_outside_is_refused(
+        batch_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    victim = tmp_path / "victim.npz"
+    (batch_dir / "batch_0001.npz").rename(victim)
+    kept = victim.read_bytes()
+    (batch_dir / "batch_0001.npz").symlink_to(victim)
+    code, err = pricectl(capsys, "merge")
+    assert code == 5
+    assert err == (
+        "pricectl: batch error: data/intermediate/manifest.json: batch entry 1 names "
+        f"'batch_0001.npz', a symlink that leads outside data/intermediate (to {victim}); "
+        "pricectl reads and then deletes listed batches, so it refuses files outside the "
+        "batch folder\n" + FIX)
+    assert victim.read_bytes() == kept and (batch_dir / "batch_0001.npz").is_symlink()
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "sub\\x.npz", "a/../batch_0000.npz"])
+def test_other_names_that_are_not_plain_file_names_are_refused(batch_dir: Path,
+                                                                name: str) -> None:
+    rename_entry(batch_dir, 0, name)
+    with pytest.raises(BatchError, match="manifest.json: batch entry 0 (names|has no file)"):
+        read_manifest(batch_dir)
+
+
+def test_a_repeated_name_is_refused(batch_dir: Path) -> None:
+    rename_entry(batch_dir, 1, "batch_0000.npz")
+    with pytest.raises(BatchError, match="^data/intermediate/manifest.json: batch entry 1 "
+                                         "repeats the name 'batch_0000.npz'$"):
+        read_manifest(batch_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Forged headers and zip bombs are refused before anything is loaded
+
+
+def forge_rows(npy: bytes, rows: int) -> bytes:
+    """The .npy bytes with the header's first dimension replaced, header length kept."""
+    end = npy.index(b"\n") + 1
+    header = npy[:end].decode("latin1")
+    forged = re.sub(r"'shape': \((\d+)", f"'shape': ({rows}", header)[:-1].rstrip(" ")
+    assert len(forged) < len(header)
+    return (forged.ljust(len(header) - 1) + "\n").encode("latin1") + npy[end:]
+
+
+def read_members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {i.filename: archive.read(i) for i in archive.infolist()}
+
+
+def write_members(path: Path, members: dict[str, bytes], compression: int) -> None:
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def record_forged(folder: Path, name: str, rows: int) -> None:
+    """Make the manifest agree with a batch forged to ``rows`` samples, all of them train."""
+    manifest = read_manifest(folder)
+    assert manifest is not None
+    entry = next(e for e in manifest["batches"] if e["name"] == name)
+    for member, info in entry["members"].items():
+        if info["shape"] and member != "feature_names":
+            info["shape"][0] = rows
+    entry.update(n_samples=rows, samples={"train": rows, "val": 0, "test": 0},
+                 bytes=(folder / name).stat().st_size)
+    write_manifest(folder, manifest)
+
+
+def no_np_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any array is loaded: the checks must come before np.load."""
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("np.load reached")
+    monkeypatch.setattr(np, "load", refuse)
+
+
+def test_a_forged_header_shape_is_refused_before_loading(
+        batch_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = batch_dir / "batch_0000.npz"
+    members = read_members(path)
+    rows = 10**12
+    for name in list(members):
+        if name not in ("format_version.npy", "feature_names.npy"):
+            members[name] = forge_rows(members[name], rows)
+    write_members(path, members, zipfile.ZIP_STORED)
+    record_forged(batch_dir, path.name, rows)
+    code, err = pricectl(capsys, "merge")
+    assert code == 5
+    assert err == (
+        "pricectl: batch error: data/intermediate/batch_0000.npz: member 'features.npy' holds "
+        "20,420 bytes but its .npy header (<f4 [1000000000000, 89]) implies "
+        "356,000,000,000,128: the header or the zip directory is forged or corrupt\n" + FORGED)
+    no_np_load(monkeypatch)
+    with pytest.raises(BatchError, match="member 'features.npy' holds 20,420 bytes"):
+        load_batch(path)
+
+
+def test_a_zip_bomb_is_refused_before_it_is_inflated(
+        batch_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = batch_dir / "batch_0000.npz"
+    rows = 40_000  # features alone inflate to 14 MB from a few kB: deflated zeros
+    members = read_members(path)
+    with zipfile.ZipFile(path) as archive, np.load(path, allow_pickle=False) as npz:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            if name in ("format_version", "feature_names"):
+                continue
+            array = npz[name]
+            buffer = io.BytesIO()
+            np.save(buffer, np.zeros((rows, *array.shape[1:]), array.dtype))
+            members[info.filename] = buffer.getvalue()
+    write_members(path, members, zipfile.ZIP_DEFLATED)
+    record_forged(batch_dir, path.name, rows)
+    compressed = {i.filename: (i.compress_size, i.file_size)
+                  for i in zipfile.ZipFile(path).infolist()}
+    packed, inflated = compressed["features.npy"]
+    assert inflated == 128 + rows * 89 * 4 and inflated > 1000 * packed
+    no_np_load(monkeypatch)
+    code, err = pricectl(capsys, "merge")
+    assert code == 5
+    assert err == (
+        f"pricectl: batch error: data/intermediate/batch_0000.npz: member 'features.npy' "
+        f"inflates from {packed:,} to {inflated:,} bytes (over 100x): refused as a zip bomb "
+        "before loading; the batch writer stores members uncompressed\n" + FORGED)
+
+
+def test_a_member_longer_than_its_file_is_refused(batch_dir: Path) -> None:
+    path = batch_dir / "batch_0000.npz"
+    write_members(path, read_members(path), zipfile.ZIP_STORED)  # plain 32-bit zip sizes
+    data = bytearray(path.read_bytes())
+    # the central directory entry of features.npy: compressed size at +20, uncompressed at +24
+    central = data.rindex(b"PK\x01\x02", 0, data.rindex(b"features.npy"))
+    data[central + 20:central + 28] = (0x7FFF_FFFF).to_bytes(4, "little") * 2
+    path.write_bytes(bytes(data))
+    with pytest.raises(BatchError, match=re.escape(
+            f"{path}: member 'features.npy' claims 2,147,483,647 bytes on disk, more than "
+            f"the whole file ({len(data):,} bytes): the zip directory is forged or the file is "
+            "truncated")):
+        load_batch(path)
+
+
+def test_merge_refuses_a_batch_whose_size_differs_from_the_manifest(
+        batch_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with open(batch_dir / "batch_0001.npz", "ab") as handle:
+        handle.write(b"junk")
+    size = (batch_dir / "batch_0001.npz").stat().st_size
+    code, err = pricectl(capsys, "merge")
+    assert code == 5
+    assert err.startswith(
+        f"pricectl: batch error: data/intermediate/batch_0001.npz: the file has {size:,} bytes "
+        f"but the manifest records {size - 4:,}\n")
