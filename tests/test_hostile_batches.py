@@ -248,3 +248,125 @@ def test_merge_refuses_a_batch_whose_size_differs_from_the_manifest(
     assert err.startswith(
         f"pricectl: batch error: data/intermediate/batch_0001.npz: the file has {size:,} bytes "
         f"but the manifest records {size - 4:,}\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Processed arrays: a truncated or forged file is a BatchError naming it, not a crash
+
+REBUILD = ("  hint: Re-run `pricectl merge` to rebuild the processed folder (re-run `pricectl "
+           "preprocess` first if its batches were deleted).\n")
+TINY_TRAIN = {"n_envs": 2, "net_arch": [8], "n_steps": 16, "batch_size": 16, "n_epochs": 1,
+              "timesteps": 32, "eval_every": 1000, "checkpoint_every": 1000,
+              "tensorboard": False, "torch_threads": 1, "embedding_dim": 4,
+              "feature_hidden": 8}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A processed folder (6 products, K=11) and a tiny trained run: models/r1."""
+    from pricing_cli.agent.train import run_train
+    from pricing_cli.config import load_settings
+    from pricing_cli.monitor import RunMonitor
+    from tests.agent_fixtures import write_processed
+
+    root = tmp_path_factory.mktemp("trained")
+    write_processed(root / "data" / "processed", K=11)
+    settings = load_settings(preset="tiny", environ={}, flags={
+        "merge.output_dir": str(root / "data" / "processed"),
+        "train.models_dir": str(root / "models"), "train.run_id": "r1",
+        **{f"train.{k}": v for k, v in TINY_TRAIN.items()}})
+    with RunMonitor("train", "quiet") as monitor:
+        run_train(settings, monitor)
+    return root
+
+
+@pytest.fixture
+def workspace(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the trained folder to corrupt, as the working directory."""
+    import shutil
+
+    shutil.copytree(trained, tmp_path / "w")
+    monkeypatch.chdir(tmp_path / "w")
+    return tmp_path / "w"
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def test_train_on_a_truncated_x_train_is_a_batch_error(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    x = Path("data/processed/X_train.npy")
+    size = x.stat().st_size
+    truncate(x)
+    code, err = pricectl(capsys, "train", "--multi-product", "--run-id", "r2")
+    assert code == 5
+    rows = 6 * 63  # 70 % of 90 days, 6 products
+    assert err == (
+        f"pricectl: batch error: data/processed/X_train.npy has {size // 2:,} bytes but its "
+        f".npy header (<f4 [{rows}, 20]) implies {size:,}: the file is truncated or corrupt\n"
+        + REBUILD)
+    assert not Path("models/r2").exists()
+
+
+def test_evaluate_on_a_truncated_x_test_is_a_batch_error(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    x = Path("data/processed/X_test.npy")
+    size = x.stat().st_size
+    truncate(x, 0.9)
+    code, err = pricectl(capsys, "evaluate", "--model", "models/r1")
+    assert code == 5
+    assert err == (
+        f"pricectl: batch error: data/processed/X_test.npy has {int(size * 0.9):,} bytes but "
+        f"its .npy header (<f4 [78, 20]) implies {size:,}: the file is truncated or corrupt\n"
+        + REBUILD)
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("masks_test.npz", "data/processed/masks_test.npz: not a readable .npz (zip) file: File is "
+                       "not a zip file"),
+    ("meta_test.parquet", "data/processed/meta_test.parquet: not a readable Parquet file"),
+    ("preprocessing_stats.json", "data/processed/preprocessing_stats.json: not valid JSON"),
+    ("labels_test.npz", None),  # evaluate does not read the labels
+])
+def test_evaluate_on_other_truncated_processed_files(
+        workspace: Path, capsys: pytest.CaptureFixture[str], name: str,
+        message: str | None) -> None:
+    truncate(Path("data/processed") / name)
+    code, err = pricectl(capsys, "evaluate", "--model", "models/r1", "--reports-dir", "out")
+    if message is None:
+        assert code == 0, err
+        return
+    assert code == 5, err
+    assert err.startswith(f"pricectl: batch error: {message}") and err.endswith(REBUILD)
+
+
+def test_a_forged_x_header_is_refused_before_mapping(workspace: Path) -> None:
+    from pricing_cli.stages.merge import read_processed_array
+
+    x = Path("data/processed/X_val.npy")
+    x.write_bytes(forge_rows(x.read_bytes(), 10**12))
+    with pytest.raises(BatchError, match=re.escape(
+            "data/processed/X_val.npy has 6,848 bytes but its .npy header (<f4 "
+            "[1000000000000, 20]) implies 80,000,000,000,128: the file is truncated or "
+            "corrupt")):
+        read_processed_array(x)
+
+
+def test_bc_labels_are_checked_like_the_masks(workspace: Path) -> None:
+    from pricing_cli.stages.merge import read_processed_member
+
+    path = Path("data/processed/labels_train.npz")
+    assert read_processed_member(path, "price_level").shape == (378,)
+    with pytest.raises(BatchError, match=re.escape(
+            "data/processed/labels_train.npz has no member 'price_hold' (it holds "
+            "price_level, price_move)")):
+        read_processed_member(path, "price_hold")
+    members = read_members(path)
+    members["price_level.npy"] = forge_rows(members["price_level.npy"], 10**12)
+    write_members(path, members, zipfile.ZIP_STORED)
+    with pytest.raises(BatchError, match=re.escape(
+            "data/processed/labels_train.npz: member 'price_level.npy' holds 884 bytes but its "
+            ".npy header (<i2 [1000000000000]) implies 2,000,000,000,128")):
+        read_processed_member(path, "price_level")

@@ -360,26 +360,37 @@ def read_member_headers(path: str | Path) -> dict[str, tuple[tuple[int, ...], np
                 name = info.filename.removesuffix(".npy")
                 _check_member_sizes(path, info, file_size)
                 with archive.open(info) as member:
-                    try:
-                        version = npy_format.read_magic(member)
-                        reader = (npy_format.read_array_header_1_0 if version == (1, 0)
-                                  else npy_format.read_array_header_2_0)
-                        shape, fortran, dtype = reader(member)
-                    except _CORRUPT_NPY as exc:
-                        raise BatchError(
-                            f"{path}: member {info.filename!r} is not a .npy array ({exc})"
-                        ) from None
-                    header_size = member.tell()
-                    if fortran and len(shape) > 1:
-                        raise BatchError(f"{path}: member {name!r} is Fortran-ordered; "
-                                         "batches hold C-ordered arrays only")
-                    _check_declared_size(path, info, tuple(shape), dtype, header_size)
-                    headers[name] = (tuple(shape), dtype)
+                    shape, dtype, header_size = read_npy_header(
+                        member, f"{path}: member {info.filename!r}")
+                    _check_declared_size(path, info, shape, dtype, header_size)
+                    headers[name] = (shape, dtype)
     except _CORRUPT_ZIP as exc:
         raise BatchError(f"{path}: not a readable .npz (zip) file: {exc}",
                          "The file is truncated or corrupt; delete it and re-run "
                          "`pricectl preprocess` (only this batch is rebuilt).") from None
     return headers
+
+
+def read_npy_header(handle: IO[bytes], where: str) -> tuple[tuple[int, ...], np.dtype[Any], int]:
+    """Shape, dtype and header length of the .npy stream at the start of ``handle``.
+
+    Args:
+        where: names the file (and member) in errors.
+
+    Raises:
+        BatchError: not a .npy header (garbled, truncated), or a Fortran-ordered array
+            (batches and processed arrays are C-ordered).
+    """
+    try:
+        version = npy_format.read_magic(handle)
+        reader = (npy_format.read_array_header_1_0 if version == (1, 0)
+                  else npy_format.read_array_header_2_0)
+        shape, fortran, dtype = reader(handle)
+    except _CORRUPT_NPY as exc:
+        raise BatchError(f"{where} is not a .npy array ({exc})") from None
+    if fortran and len(shape) > 1:
+        raise BatchError(f"{where} is Fortran-ordered; pricectl writes C-ordered arrays only")
+    return tuple(int(n) for n in shape), dtype, handle.tell()
 
 
 def _check_member_sizes(path: Path, info: zipfile.ZipInfo, file_size: int) -> None:
