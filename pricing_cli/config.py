@@ -224,7 +224,7 @@ class TrainSettings(Section):
     """Parallel environments (vectorized in one numpy step)."""
     episode_length: int = Field(28, ge=1)
     """Days in one episode (a window of one product)."""
-    embedding_dim: int = Field(16, ge=1)
+    embedding_dim: int = Field(16, ge=1, le=4096)
     """Size of the product embedding."""
     net_arch: list[int] = Field([64, 64], max_length=16)
     """Hidden layers of the policy and value networks (each 1..65536 units)."""
@@ -265,7 +265,7 @@ class TrainSettings(Section):
     """Evaluate on val every N steps to select the best model."""
     demand_shrinkage: float = Field(5.0, ge=0)
     """Strength of the pooling of product demand parameters toward their category."""
-    feature_hidden: int = Field(64, ge=1)
+    feature_hidden: int = Field(64, ge=1, le=65536)
     """Width of the extractor's MLP over the state features (beside the product embedding)."""
     price_change_cost: float = Field(0.0, ge=0)
     """What one price change costs (relabelling, shoppers' trust), as a share of the product's

@@ -370,3 +370,72 @@ def test_bc_labels_are_checked_like_the_masks(workspace: Path) -> None:
             "data/processed/labels_train.npz: member 'price_level.npy' holds 884 bytes but its "
             ".npy header (<i2 [1000000000000]) implies 2,000,000,000,128")):
         read_processed_member(path, "price_level")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. agent.json is checked before it sizes anything
+
+RETRAIN = ("  hint: agent.json is written by `pricectl train`: restore the run folder, or train "
+           "again; do not edit it by hand.\n")
+
+
+def edit_agent(**changes: Any) -> None:
+    import json
+
+    path = Path("models/r1/agent.json")
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"n_products": 1e9}, "key 'n_products' is 1000000000.0: expected an integer"),
+    ({"n_products": 10**9}, "key 'n_products' is 1000000000: expected 1 to 100,000,000"),
+    ({"n_products": True}, "key 'n_products' is True: expected an integer"),
+    ({"price_levels": 1}, "key 'price_levels' is 1: expected 2 to 32,767"),
+    ({"embedding_dim": "16"}, "key 'embedding_dim' is '16': expected an integer"),
+    ({"forecast_prior": float("nan")}, "key 'forecast_prior' is nan: expected a finite number"),
+    ({"net_arch": [-1]}, "key 'net_arch' is [-1]: expected a list of at most 16 layer widths, "
+                         "each 1 to 65,536"),
+    ({"algo": "dqn"}, "key 'algo' is 'dqn': expected 'maskable-ppo' or 'ppo'"),
+    ({"n_features": 999}, "key 'n_features' is 999: expected input_dim + price_levels + 3 = 34"),
+])
+def test_a_forged_agent_json_is_a_model_error_naming_the_key(
+        workspace: Path, capsys: pytest.CaptureFixture[str], changes: dict[str, Any],
+        message: str) -> None:
+    edit_agent(**changes)
+    code, err = pricectl(capsys, "evaluate", "--model", "models/r1")
+    assert (code, err) == (9, f"pricectl: model error: models/r1/agent.json: {message}\n"
+                              + RETRAIN)
+
+
+def test_an_architecture_the_weights_do_not_have_is_refused_without_allocating_it(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import resource
+
+    # in range, but 50 million products x 4 floats would be an 800 MB embedding (and 16
+    # layers of 65,536 units 256 GB): refused by comparing shapes on torch's meta device
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    edit_agent(n_products=50_000_000)
+    code, err = pricectl(capsys, "evaluate", "--model", "models/r1")
+    assert code == 9
+    assert err == (
+        "pricectl: model error: models/r1/agent.json does not describe the weights in "
+        "models/r1/model.zip: tensor 'features_extractor.embedding.weight' is [6, 4] in the "
+        "weights but [50000001, 4] from agent.json (n_products 50000000, n_features 34, "
+        "price_levels 11, embedding_dim 4, feature_hidden 8, net_arch [8])\n" + RETRAIN)
+    edit_agent(n_products=6, net_arch=[65536] * 16)
+    code, err = pricectl(capsys, "evaluate", "--model", "models/r1")
+    assert code == 9 and "does not describe the weights" in err
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 300 * 1024
+
+
+def test_an_agent_trained_on_other_data_is_refused_before_it_is_built(
+        workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit_agent(input_dim=21, n_features=35)
+    code, err = pricectl(capsys, "evaluate", "--model", "models/r1")
+    assert (code, err) == (
+        9, "pricectl: model error: models/r1/agent.json: key 'input_dim' is 21, but the "
+           "processed data's preprocessing_stats.json has input_dim 20\n"
+           "  hint: Evaluate with the processed data the model was trained on, or retrain.\n")

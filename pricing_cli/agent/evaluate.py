@@ -294,7 +294,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     from pricing_cli.agent.policy import load_agent, load_demand_model, rollout_prices
 
     demand = load_demand_model(run_dir)
-    agent = load_agent(run_dir)
+    agent = load_agent(run_dir, stats)
     # The agent's objective: greedy and the planner optimise it too, every policy is scored
     # net of it.
     change_cost = agent.change_cost
