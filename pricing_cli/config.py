@@ -97,7 +97,7 @@ class GenerateSettings(Section):
     """Number of product categories."""
     start_date: date = date(2023, 1, 1)
     """First day of history."""
-    n_days: int = Field(365, ge=14)
+    n_days: int = Field(365, ge=14, le=36_600)
     """Days of history."""
     mean_transactions_per_day: float = Field(6.0, gt=0)
     """Average transactions per product-day at list price (sets the sales volume)."""
@@ -130,7 +130,7 @@ class FeaturesSettings(Section):
     """Lags (days) of units and price."""
     windows: list[int] = Field([7, 28], max_length=MAX_LIST_ITEMS)
     """Rolling windows (days) for mean/std of units and price."""
-    reference_window: int = Field(28, ge=2)
+    reference_window: int = Field(28, ge=2, le=3660)
     """Rolling window (days) of the reference price that price_rel_ref is relative to."""
     val_start: date | None = None
     """First day of validation; None means use val_fraction."""
@@ -175,7 +175,7 @@ class PreprocessSettings(Section):
     """K: candidate price levels spanning each product's [min_price, max_price]."""
     max_daily_change: float = Field(0.25, gt=0)
     """Largest allowed relative price change from one day to the next."""
-    history_window: int = Field(7, ge=0)
+    history_window: int = Field(7, ge=0, le=3660)
     """Days of recent units and prices stacked into the state."""
     heads: list[str] = Field(["price_level", "price_move"], max_length=MAX_LIST_ITEMS)
     """Label heads; price_level and price_move are built in."""

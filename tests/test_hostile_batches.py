@@ -75,8 +75,7 @@ def test_a_manifest_name_leading_outside_is_refused_and_the_victim_survives(
     assert (batch_dir / "batch_0000.npz").is_file() and not Path("data/processed").exists()
     code, err = pricectl(capsys, "validate-batches")
     assert code == 6
-    # the manifest problem, and batch_0000 cannot be verified without a manifest
-    assert err.startswith("pricectl: partial failure: validate-batches: 2 input(s) failed\n")
+    assert err.startswith("pricectl: partial failure: validate-batches: 1 input(s) failed\n")
 
 
 def test_validate_batches_lists_the_escaping_name_as_a_problem(
@@ -92,6 +91,8 @@ def test_validate_batches_lists_the_escaping_name_as_a_problem(
         "data/intermediate; pricectl reads and then deletes listed batches, so it refuses "
         "names that could lead outside the batch folder. Why it matters: no batch in this "
         "folder can be verified. Fix: " + FIX.removeprefix("  hint: ").rstrip("\n"))
+    assert len(result.failures) == 1  # the batches are not also "without a manifest"
+    assert result.summary["batches_checked"] == 2 and result.summary["batches_ok"] == 0
     code, _ = pricectl(capsys, "validate-batches")
     assert code == 6
 

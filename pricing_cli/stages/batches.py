@@ -1076,6 +1076,8 @@ def run_validate_batches(settings: Settings, monitor: RunMonitor, *, paths: Sequ
     batch_paths = _resolve_batch_paths(paths, Path(settings.preprocess.output_dir))
     monitor.add_bar("batches", "batches checked", len(batch_paths))
     manifests: dict[Path, dict[str, Any] | None] = {}
+    refused: set[Path] = set()  # folders whose manifest is itself a problem (reported once)
+    unverified = 0
     problems: list[Problem] = []
     converted = 0
     samples = 0
@@ -1089,6 +1091,11 @@ def run_validate_batches(settings: Settings, monitor: RunMonitor, *, paths: Sequ
                 problems.append(Problem(str(folder / MANIFEST_NAME), exc.message,
                                         "no batch in this folder can be verified.", exc.hint))
                 manifests[folder] = None
+                refused.add(folder)
+        if folder in refused:
+            unverified += 1
+            monitor.update_bar("batches", advance=1)
+            continue
         if convert_legacy and is_legacy(path):
             _, names, entry = convert_legacy_batch(path, trust_pickle=trust_pickle)
             updated = manifests[folder] or {"format_version": FORMAT_VERSION, "batches": [],
@@ -1113,8 +1120,9 @@ def run_validate_batches(settings: Settings, monitor: RunMonitor, *, paths: Sequ
         monitor.update_bar("batches", advance=1)
         monitor.check_memory()
     monitor.clear_workers()
-    bad_batches = len({p.batch for p in problems})
-    summary = {"batches_checked": len(batch_paths), "batches_ok": len(batch_paths) - bad_batches,
+    bad_batches = len({p.batch for p in problems if not p.batch.endswith(MANIFEST_NAME)})
+    summary = {"batches_checked": len(batch_paths),
+               "batches_ok": len(batch_paths) - bad_batches - unverified,
                "problems": len(problems), "samples_in_ok_batches": samples,
                "legacy_converted": converted, "deep": "yes" if deep else "no"}
     notes = [] if problems else [f"all {len(batch_paths)} batch(es) passed every check"]
