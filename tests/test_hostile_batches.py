@@ -440,3 +440,20 @@ def test_an_agent_trained_on_other_data_is_refused_before_it_is_built(
         9, "pricectl: model error: models/r1/agent.json: key 'input_dim' is 21, but the "
            "processed data's preprocessing_stats.json has input_dim 20\n"
            "  hint: Evaluate with the processed data the model was trained on, or retrain.\n")
+
+
+def test_a_meta_file_without_a_needed_column_names_it(workspace: Path) -> None:
+    import polars as pl
+
+    from pricing_cli.agent.env import load_market
+    from pricing_cli.agent.policy import load_demand_model
+
+    path = Path("data/processed/meta_val.parquet")
+    pl.read_parquet(path).drop("unit_cost").write_parquet(path)
+    with pytest.raises(BatchError) as caught:
+        load_market("data/processed", "val", load_demand_model("models/r1"))
+    assert caught.value.message == (
+        'data/processed/meta_val.parquet lacks a column pricectl reads (unable to find column '
+        '"unit_cost"; valid columns: ["product_index", "product_id", "date", "split", "price", '
+        '"units", "min_price", "max_price", "ref_price"])')
+    assert caught.value.hint == REBUILD.removeprefix("  hint: ").rstrip("\n")

@@ -435,6 +435,9 @@ def read_processed_meta(path: str | Path, columns: list[str] | None = None) -> p
         if isinstance(exc, PermissionError):
             raise
         first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        if isinstance(exc, pl.exceptions.ColumnNotFoundError):
+            raise BatchError(f"{path} lacks a column pricectl reads ({first_line})",
+                             REBUILD_PROCESSED) from None
         raise BatchError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
                          f"{first_line})", REBUILD_PROCESSED) from None
 
