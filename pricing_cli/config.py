@@ -7,7 +7,9 @@ Precedence, lowest first::
 
 The result is a frozen, typed :class:`Settings`. Unknown keys are rejected with the file they
 came from and the closest valid key; wrong types name the key and the type expected. Only
-``yaml.safe_load`` is used, because configs may come from elsewhere.
+safe YAML loading is used, because configs may come from elsewhere; a config file is capped in
+size (MAX_CONFIG_BYTES) and in the number of values its aliases expand to (MAX_CONFIG_NODES),
+and an error message echoes at most MAX_ECHO characters of a value (docs/security.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import difflib
 import hashlib
 import json
 import os
+import reprlib
 from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
@@ -35,13 +38,22 @@ from pricing_cli.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 ENV_PREFIX = "PRICECTL_"
+# A whole documented config is about 10 KiB and 150 values: these caps leave room for any real
+# config while refusing a 50 MB list or a "billion laughs" alias bomb in milliseconds.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 10_000
+MAX_LIST_ITEMS = 64
+MAX_ECHO = 200
+# Seeds reach np.random.seed (via stable-baselines3), which takes 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
 
 
 class Section(BaseModel):
     """Base of every config section: frozen, and no unknown keys."""
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True
+        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True,
+        allow_inf_nan=False,  # inf or nan in a rate, cost or fraction is always a mistake
     )
 
 
@@ -165,7 +177,7 @@ class GenerateSettings(Section):
 
     output_dir: str = "data/raw"
     """Where transactions/, catalog.csv and ground_truth.json are written."""
-    seed: int = 7
+    seed: int = Field(7, ge=0, le=MAX_SEED)
     """Random seed; the same seed gives byte-identical files."""
     n_products: int = Field(50, ge=1)
     """Number of products in the catalog."""
@@ -173,7 +185,7 @@ class GenerateSettings(Section):
     """Number of product categories."""
     start_date: date = date(2023, 1, 1)
     """First day of history."""
-    n_days: int = Field(365, ge=14)
+    n_days: int = Field(365, ge=14, le=36_600)
     """Days of history."""
     mean_transactions_per_day: float = Field(6.0, gt=0)
     """Average transactions per product-day at list price (sets the sales volume)."""
@@ -204,11 +216,11 @@ class FeaturesSettings(Section):
 
     output_dir: str = "data/features"
     """Per-product Parquet files, scalers.json and feature_manifest.json go here."""
-    lags: list[int] = [1, 7, 14]
+    lags: list[int] = Field([1, 7, 14], max_length=MAX_LIST_ITEMS)
     """Lags (days) of units and price."""
-    windows: list[int] = [7, 28]
+    windows: list[int] = Field([7, 28], max_length=MAX_LIST_ITEMS)
     """Rolling windows (days) for mean/std of units and price."""
-    reference_window: int = Field(28, ge=2)
+    reference_window: int = Field(28, ge=2, le=3660)
     """Rolling window (days) of the reference price that price_rel_ref is relative to."""
     val_start: date | None = None
     """First day of validation; None means use val_fraction."""
@@ -227,6 +239,15 @@ class FeaturesSettings(Section):
         if any(day < smallest for day in value):
             raise ValueError(f"every entry must be >= {smallest} days")
         return sorted(set(value))
+
+
+    @field_validator("lags", "windows")
+    @classmethod
+    def _at_most_ten_years(cls, value: list[int]) -> list[int]:
+        # Longer than any history: every value would be null, and the window would be built.
+        if any(day > 3660 for day in value):
+            raise ValueError("every entry must be at most 3660 days (ten years)")
+        return value
 
 
 class PreprocessSettings(Section):
@@ -248,9 +269,9 @@ class PreprocessSettings(Section):
     """K: candidate price levels spanning each product's [min_price, max_price]."""
     max_daily_change: float = Field(0.25, gt=0)
     """Largest allowed relative price change from one day to the next."""
-    history_window: int = Field(7, ge=0)
+    history_window: int = Field(7, ge=0, le=3660)
     """Days of recent units and prices stacked into the state."""
-    heads: list[str] = ["price_level", "price_move"]
+    heads: list[str] = Field(["price_level", "price_move"], max_length=MAX_LIST_ITEMS)
     """Label heads; price_level and price_move are built in."""
     move_tolerance: float = Field(0.005, ge=0)
     """Relative change below which a price move counts as hold."""
@@ -290,7 +311,7 @@ class TrainSettings(Section):
     """RL algorithm."""
     timesteps: int = Field(50_000, ge=1)
     """Environment steps of RL training."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the env, the policy and the demand fit."""
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     """Torch device."""
@@ -298,10 +319,10 @@ class TrainSettings(Section):
     """Parallel environments (vectorized in one numpy step)."""
     episode_length: int = Field(28, ge=1)
     """Days in one episode (a window of one product)."""
-    embedding_dim: int = Field(16, ge=1)
+    embedding_dim: int = Field(16, ge=1, le=4096)
     """Size of the product embedding."""
-    net_arch: list[int] = [64, 64]
-    """Hidden layers of the policy and value networks."""
+    net_arch: list[int] = Field([64, 64], max_length=16)
+    """Hidden layers of the policy and value networks (each 1..65536 units)."""
     learning_rate: float = Field(3e-4, gt=0)
     """Optimizer learning rate."""
     n_steps: int = Field(256, ge=1)
@@ -339,7 +360,7 @@ class TrainSettings(Section):
     """Evaluate on val every N steps to select the best model."""
     demand_shrinkage: float = Field(5.0, ge=0)
     """Strength of the pooling of product demand parameters toward their category."""
-    feature_hidden: int = Field(64, ge=1)
+    feature_hidden: int = Field(64, ge=1, le=65536)
     """Width of the extractor's MLP over the state features (beside the product embedding)."""
     price_change_cost: float = Field(0.0, ge=0)
     """What one price change costs (relabelling, shoppers' trust), as a share of the product's
@@ -358,6 +379,14 @@ class TrainSettings(Section):
     thread is as fast on an idle machine and several times faster on a busy one (docs/agent.md)."""
 
 
+    @field_validator("net_arch")
+    @classmethod
+    def _layer_widths(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= units <= 65536 for units in value):
+            raise ValueError("every layer must have 1..65536 units")
+        return value
+
+
 class EvaluateSettings(Section):
     """Agent vs baselines vs the true optimum."""
 
@@ -369,7 +398,7 @@ class EvaluateSettings(Section):
     """evaluation.json, recommendations.csv, plots and report.md go here."""
     plot_products: int = Field(4, ge=0)
     """Products whose price paths are plotted."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the random-feasible baseline."""
 
 
@@ -444,13 +473,11 @@ def parse_size(text: str) -> int:
     try:
         value = float(number)
     except ValueError:
-        raise ConfigError(
-            f"cannot read memory size {text!r}", "Use a number with a unit, e.g. 1.5GB or 800MB."
-        ) from None
-    if unit not in _SIZE_UNITS or value <= 0:
-        raise ConfigError(
-            f"cannot read memory size {text!r}", "Use a number with a unit, e.g. 1.5GB or 800MB."
-        )
+        raise ConfigError(f"cannot read memory size {shown(text)}",
+                          "Use a number with a unit, e.g. 1.5GB or 800MB.") from None
+    if unit not in _SIZE_UNITS or not 0 < value < float("inf"):
+        raise ConfigError(f"cannot read memory size {shown(text)}",
+                          "Use a number with a unit, e.g. 1.5GB or 800MB.")
     return int(value * _SIZE_UNITS[unit])
 
 
@@ -472,9 +499,10 @@ def _check_keys(raw: Mapping[str, Any], model: type[BaseModel], source: str, pre
     """Reject unknown keys, naming the source and the closest valid key."""
     fields = model.model_fields
     for key, value in raw.items():
-        where = f"{prefix}{key}"
+        name = str(key) if len(str(key)) <= MAX_ECHO else str(key)[:MAX_ECHO - 3] + "..."
+        where = f"{prefix}{name}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.5)
             suggestion = f"did you mean '{prefix}{close[0]}'?" if close else (
                 "valid keys here: " + ", ".join(sorted(fields)))
             raise ConfigError(
@@ -492,19 +520,117 @@ def _check_keys(raw: Mapping[str, Any], model: type[BaseModel], source: str, pre
             _check_keys(value, annotation, source, f"{where}.")
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read one YAML config file with the safe loader."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}", "Pass an existing file to --config.")
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to MAX_ECHO characters, without ever building the whole repr.
+
+    A config value can be huge (a long list, an alias that expands to millions of items), and
+    an error message must not spend minutes and gigabytes printing it back.
+    """
+    limited = reprlib.Repr()
+    limited.maxlevel, limited.maxlist, limited.maxdict = 3, 12, 12
+    limited.maxstring, limited.maxlong, limited.maxother = MAX_ECHO, 60, MAX_ECHO
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = limited.repr(value)
+    except ValueError:  # an int of more than sys.get_int_max_str_digits() digits
+        text = f"<{type(value).__name__} too long to show>"
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO - 3] + "..."
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """The safe loader without implicit timestamps: dates stay text until the typed Settings
+    parse them, so `val_start: 2023-02-30` is an error naming its key, not a crash inside
+    the YAML reader."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers
+                if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def _expanded_size(root: yaml.Node, budget: int) -> int:
+    """How many values ``root`` stands for once every alias is expanded, counted up to
+    ``budget`` + 1 (aliases share nodes, so each node is sized once: linear time)."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in in_progress:  # an alias to its own ancestor: infinitely deep
+            return budget + 1
+        in_progress.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > budget:
+                break
+        in_progress.discard(key)
+        sizes[key] = min(total, budget + 1)
+        return sizes[key]
+
+    return size(root)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse config text safely and within bounds; ``source`` names it in errors.
+
+    Raises:
+        ConfigError: invalid YAML; aliases expanding to more than MAX_CONFIG_NODES values (a
+            "billion laughs" bomb); a value the YAML reader cannot build (e.g. a 5,000-digit
+            integer, an invalid explicit !!timestamp).
+    """
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
+            raise ConfigError(
+                f"{source} expands to more than {MAX_CONFIG_NODES:,} values through YAML "
+                "anchors and aliases (&name / *name); pricectl refuses it before building it, "
+                "because a few hundred bytes of nested aliases can stand for billions of values",
+                "Write the values out without aliases; a real config holds a few hundred.")
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {exc}",
+        raise ConfigError(f"{source} is not valid YAML{where}: {shown(str(exc))[1:-1]}",
                           "Fix the YAML syntax.") from None
+    except (ValueError, OverflowError) as exc:
+        raise ConfigError(f"{source} holds a value the YAML reader cannot build: "
+                          f"{shown(str(exc))[1:-1]}",
+                          "Check numbers and dates, e.g. 2023-02-28, not 2023-02-30.") from None
+    except RecursionError:
+        raise ConfigError(f"{source} nests lists or mappings too deeply",
+                          "A config is sections of keys: flatten the value.") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML config file with the safe loader, at most MAX_CONFIG_BYTES of it."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", "Pass an existing file to --config.")
+    with path.open("rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES:,} bytes; "
+                          "pricectl does not read it",
+                          "A config holds settings, not data: the documented reference "
+                          "(configs/default.yaml) is about 10 KiB. Check that --config names "
+                          "the right file.")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text", "Save it as UTF-8.") from None
+    loaded = parse_yaml(text, f"config file {path}")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -535,8 +661,10 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         try:
-            value = yaml.safe_load(text) if text != "" else None
-        except yaml.YAMLError:
+            value = parse_yaml(text, f"environment variable {name}") if text != "" else None
+        except ConfigError as exc:
+            if "is not valid YAML" not in exc.message:
+                raise
             value = text
         cursor = nested
         for part in parts[:-1]:
@@ -565,7 +693,13 @@ def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         # "Literal" alone says nothing; the user needs the allowed values.
         return "one of " + ", ".join(repr(value) for value in get_args(annotation))
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    if get_origin(annotation) is not None:  # list[int], date | None: show the whole type
+        text = str(annotation).replace("typing.", "").replace("datetime.", "")
+    else:
+        text = getattr(annotation, "__name__", None) or str(annotation)
+    if text in ("date", "date | None"):
+        return "a real calendar date (YYYY-MM-DD)" + (" or null" if "None" in text else "")
+    return text
 
 
 def _validate(raw: dict[str, Any], sources: str) -> Settings:
@@ -576,10 +710,24 @@ def _validate(raw: dict[str, Any], sources: str) -> Settings:
         key = ".".join(str(p) for p in first["loc"])
         expected = _expected_type(first["loc"])
         got = first.get("input")
+        hint = f"Expected {expected}." if expected else "See configs/default.yaml."
+        if expected and not first["type"].endswith(("_type", "_parsing", "literal_error")):
+            # the right type, out of range: the default is a value known to work
+            hint = (f"Expected {expected}; the default is {shown(_default_of(first['loc']))} "
+                    "(configs/default.yaml).")
         raise ConfigError(
-            f"config key '{key}' has an invalid value {got!r} (from {sources}): {first['msg']}",
-            f"Expected {expected}." if expected else "See configs/default.yaml.",
-        ) from None
+            f"config key '{key}' has an invalid value {shown(got)} (from {sources}): "
+            f"{first['msg']}", hint) from None
+
+
+def _default_of(loc: tuple[Any, ...]) -> Any:
+    """The built-in default of the key at ``loc`` (the deepest section or key it names)."""
+    value: Any = Settings()
+    for part in loc:
+        if not isinstance(value, BaseModel) or part not in type(value).model_fields:
+            break
+        value = getattr(value, part)
+    return _jsonable(value)
 
 
 def _expected_type(loc: tuple[Any, ...]) -> str | None:

@@ -14,7 +14,6 @@ products x days.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +145,8 @@ def load_split_meta(processed_dir: str | Path, split: str) -> SplitMeta:
     """
     import polars as pl
 
+    from pricing_cli.stages.merge import read_processed_member, read_processed_meta
+
     folder = Path(processed_dir)
     meta_path = folder / f"meta_{split}.parquet"
     masks_path = folder / f"masks_{split}.npz"
@@ -153,7 +154,7 @@ def load_split_meta(processed_dir: str | Path, split: str) -> SplitMeta:
         if not path.is_file():
             raise MissingInputError(f"processed split not found: {path}",
                                     "Run `pricectl merge` first (after features and preprocess).")
-    frame = pl.read_parquet(meta_path)
+    frame = read_processed_meta(meta_path)
     missing = {"product_index", "product_id", "date", "price", "units", "unit_cost", "min_price",
                "max_price"} - set(frame.columns)
     if missing:
@@ -162,8 +163,7 @@ def load_split_meta(processed_dir: str | Path, split: str) -> SplitMeta:
     product_index = frame["product_index"].to_numpy().astype(np.int64)
     date = frame["date"].to_numpy().astype("datetime64[D]")
     _check_order(product_index, date, str(meta_path))
-    with np.load(masks_path) as masks:
-        level_mask = masks["price_level"]
+    level_mask = read_processed_member(masks_path, "price_level")
     if level_mask.shape[0] != frame.height:
         raise BatchError(f"{masks_path} has {level_mask.shape[0]} rows but {meta_path} has "
                          f"{frame.height}", "Re-run `pricectl merge` to rebuild the split.")
@@ -183,6 +183,8 @@ def _last_prices_before(folder: Path, split: str, product_ids: np.ndarray) -> np
     """Last price of each product in the split just before ``split``; NaN where unknown."""
     import polars as pl
 
+    from pricing_cli.stages.merge import read_processed_meta
+
     prev = np.full(product_ids.size, np.nan)
     position = SPLIT_ORDER.index(split) if split in SPLIT_ORDER else 0
     if position == 0:
@@ -190,9 +192,8 @@ def _last_prices_before(folder: Path, split: str, product_ids: np.ndarray) -> np
     path = folder / f"meta_{SPLIT_ORDER[position - 1]}.parquet"
     if not path.is_file():
         return prev
-    last = (pl.scan_parquet(path).select("product_id", "date", "price")
-            .group_by("product_id").agg(pl.col("price").sort_by("date").last())
-            .collect(engine="streaming"))
+    last = (read_processed_meta(path, ["product_id", "date", "price"])
+            .group_by("product_id").agg(pl.col("price").sort_by("date").last()))
     lookup = dict(zip(last["product_id"].to_list(), last["price"].to_list(), strict=True))
     for i, pid in enumerate(product_ids):
         value = lookup.get(pid)
@@ -398,7 +399,9 @@ def _check_levels(meta: SplitMeta, K: int) -> None:
 
 def read_stats(processed_dir: str | Path) -> dict[str, Any]:
     """preprocessing_stats.json of the processed folder ({} if absent)."""
+    from pricing_cli.stages.merge import read_processed_stats
+
     path = Path(processed_dir) / "preprocessing_stats.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_processed_stats(path)

@@ -31,7 +31,6 @@ the price moves (``Market.change_cost``, zero by default: train.price_change_cos
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,8 +74,10 @@ def processed_file(processed_dir: Path, name: str) -> Path:
 
 def read_stats(processed_dir: Path) -> dict[str, Any]:
     """preprocessing_stats.json, checked for the keys the agent needs."""
+    from pricing_cli.stages.merge import read_processed_stats
+
     path = processed_file(processed_dir, "preprocessing_stats.json")
-    stats = json.loads(path.read_text(encoding="utf-8"))
+    stats = read_processed_stats(path)
     for key in ("price_levels", "max_daily_change", "input_dim"):
         if key not in stats:
             raise BatchError(f"{path} lacks the key '{key}'", "Re-run `pricectl merge`.")
@@ -88,14 +89,15 @@ def product_count(processed_dir: Path, stats: dict[str, Any]) -> int:
     products = stats.get("products")
     if isinstance(products, int) and not isinstance(products, bool):
         return products
-    import polars as pl
+    from pricing_cli.stages.merge import read_processed_meta
 
     top = -1
     for split in SPLITS:
         path = Path(processed_dir) / f"meta_{split}.parquet"
         if path.is_file():
-            value = pl.scan_parquet(path).select(pl.col("product_index").max()).collect().item()
-            top = max(top, -1 if value is None else int(value))
+            indices = read_processed_meta(path, ["product_index"])["product_index"].to_numpy()
+            if indices.size:
+                top = max(top, int(indices.max()))
     return top + 1
 
 
@@ -329,22 +331,25 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
         MissingInputError: a processed file is missing.
         BatchError: the files disagree (row counts, K) with each other.
     """
-    import polars as pl
+    from pricing_cli.stages.merge import (
+        read_processed_array,
+        read_processed_member,
+        read_processed_meta,
+    )
 
     processed_dir = Path(processed_dir)
     stats = stats if stats is not None else read_stats(processed_dir)
     K = int(stats["price_levels"])
     meta_path = processed_file(processed_dir, f"meta_{split}.parquet")
-    meta = pl.read_parquet(meta_path, columns=list(META_COLUMNS))
+    meta = read_processed_meta(meta_path, list(META_COLUMNS))
     X_path = processed_file(processed_dir, f"X_{split}.npy")
-    features = np.load(X_path, mmap_mode="r")
+    features = read_processed_array(X_path)
     n = meta.height
     if features.ndim != 2 or features.shape[0] != n:
         raise BatchError(f"{X_path} has shape {features.shape} but {meta_path} has {n} rows",
                          "Re-run `pricectl merge` so the processed files agree.")
     masks_path = processed_file(processed_dir, f"masks_{split}.npz")
-    with np.load(masks_path, allow_pickle=False) as archive:
-        masks = archive["price_level"]
+    masks = read_processed_member(masks_path, "price_level")
     if masks.shape != (n, K):
         raise BatchError(f"{masks_path}: price_level masks have shape {masks.shape}, expected "
                          f"({n}, {K}) from {meta_path} and price_levels",
@@ -404,13 +409,13 @@ def _fit_length(values: np.ndarray | None, n: int) -> np.ndarray | None:
 
 def _last_prices_before(processed_dir: Path, split: str) -> dict[int, float]:
     """Each product's last historical price in the splits before ``split``."""
-    import polars as pl
+    from pricing_cli.stages.merge import read_processed_meta
 
     last: dict[int, float] = {}
     for earlier in SPLITS[:SPLITS.index(split)]:
         path = processed_dir / f"meta_{earlier}.parquet"
         if path.is_file():
-            table = (pl.read_parquet(path, columns=["product_index", "price"])
+            table = (read_processed_meta(path, ["product_index", "price"])
                      .group_by("product_index", maintain_order=True).last())
             last.update(zip(table["product_index"].to_list(), table["price"].to_list(),
                             strict=True))

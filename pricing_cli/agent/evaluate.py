@@ -299,7 +299,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     from pricing_cli.agent.policy import load_agent, load_demand_model, rollout_prices
 
     demand = load_demand_model(run_dir)
-    agent = load_agent(run_dir)
+    agent = load_agent(run_dir, stats)
     # The agent's objective: greedy and the planner optimise it too, every policy is scored
     # net of it.
     change_cost = agent.change_cost
@@ -404,10 +404,10 @@ def demand_model_report(demand: Any, meta_path: Path, meta: SplitMeta, truth: An
         error of the fitted elasticity against the true one, their correlation, and the
         median over products of each product's mean relative error.
     """
-    import polars as pl
+    from pricing_cli.stages.merge import read_processed_meta
 
     # Stand-in demand models (tests, custom callers) may only predict units.
-    fit = (demand.fit_report(pl.read_parquet(meta_path)) if hasattr(demand, "fit_report")
+    fit = (demand.fit_report(read_processed_meta(meta_path)) if hasattr(demand, "fit_report")
            else None)
     report: dict[str, Any] = {"fit": fit, "elasticity_vs_truth": None}
     if (truth is None or truth_index is None or meta.n_rows == 0

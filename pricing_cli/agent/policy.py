@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,11 +153,18 @@ def load_demand_model(run_dir: str | Path) -> DemandModel:
     return DemandModel.load(run_dir)
 
 
-def load_agent(run_dir: str | Path) -> PricingAgent:
+def load_agent(run_dir: str | Path, stats: dict[str, Any] | None = None) -> PricingAgent:
     """Rebuild the trained agent of ``models/<run_id>/`` (its best model, ``model.zip``).
 
+    agent.json is checked (types, ranges, consistency with ``stats`` when given) and the
+    architecture it describes is compared with the weights' shapes before any network is
+    allocated, so a forged ``n_products: 1e9`` cannot make pricectl ask for gigabytes.
+
+    Args:
+        stats: preprocessing_stats.json of the data the agent will price (None: not checked).
+
     Raises:
-        ModelError: missing or unreadable files, or weights that do not fit agent.json.
+        ModelError: missing, unreadable or forged files, or weights that do not fit agent.json.
     """
     import torch
 
@@ -166,11 +174,14 @@ def load_agent(run_dir: str | Path) -> PricingAgent:
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {run_dir / AGENT_JSON}: {exc}",
                          "Re-run `pricectl train`; the run folder is incomplete.") from None
-    policy = build_policy(config)
+    config = check_agent_config(config, run_dir / AGENT_JSON, stats)
     try:
         with zipfile.ZipFile(run_dir / MODEL_ZIP) as archive:
+            _check_weights_member(archive.getinfo("policy.pth"), run_dir / MODEL_ZIP)
             state = torch.load(io.BytesIO(archive.read("policy.pth")), map_location="cpu",
                                weights_only=True)
+        _check_architecture(config, state, run_dir)
+        policy = build_policy(config)
         policy.load_state_dict(state)
     except (OSError, KeyError, RuntimeError, zipfile.BadZipFile) as exc:
         raise ModelError(f"cannot load the policy weights in {run_dir / MODEL_ZIP}: {exc}",
@@ -185,6 +196,131 @@ def load_agent(run_dir: str | Path) -> PricingAgent:
                              "Re-run `pricectl train`; the run folder is damaged.") from None
     return PricingAgent(policy=policy, config=config, demand=DemandModel.load(run_dir),
                         run_dir=run_dir, change_cost=change_cost)
+
+
+# What agent.json must hold: key -> (kind, lowest, highest). The bounds are those of the
+# typed Settings (train.*, preprocess.price_levels) widened to what any real market needs;
+# the weights decide the rest (see _check_architecture).
+_AGENT_FIELDS: dict[str, tuple[str, float, float]] = {
+    "n_products": ("int", 1, 100_000_000),
+    "n_features": ("int", 1, 10_000_000),
+    "price_levels": ("int", 2, 32767),
+    "embedding_dim": ("int", 1, 4096),
+    "feature_hidden": ("int", 1, 65536),
+    "forecast_prior": ("number", 0, float("inf")),
+    "max_daily_change": ("number", 0, float("inf")),
+    "input_dim": ("int", 0, 10_000_000),
+}
+_RETRAIN = ("agent.json is written by `pricectl train`: restore the run folder, or train "
+            "again; do not edit it by hand.")
+
+
+def check_agent_config(config: Any, path: Path, stats: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
+    """Check agent.json's keys before they size anything; return it unchanged.
+
+    Args:
+        config: the parsed agent.json.
+        path: its path, named in errors.
+        stats: preprocessing_stats.json of the data to price; its input_dim, price_levels and
+            product count must fit the agent (None: not checked).
+
+    Raises:
+        ModelError: naming the file and the key: a wrong type, a value out of range, keys
+            that disagree with each other, or with ``stats``.
+    """
+    from pricing_cli.agent.env import N_ENDOGENOUS
+
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: expected a JSON object", _RETRAIN)
+
+    def bad(key: str, why: str) -> ModelError:
+        shown = repr(config.get(key))[:200]
+        return ModelError(f"{path}: key '{key}' is {shown}: {why}", _RETRAIN)
+
+    if config.get("algo") not in ("maskable-ppo", "ppo"):
+        raise bad("algo", "expected 'maskable-ppo' or 'ppo'")
+    optional = ("forecast_prior", "max_daily_change", "input_dim")
+    for key, (kind, low, high) in _AGENT_FIELDS.items():
+        if key not in config and key in optional:
+            continue
+        value: Any = config.get(key)
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        is_number = is_int or (isinstance(value, float) and math.isfinite(value))
+        if not (is_int if kind == "int" else is_number):
+            raise bad(key, "expected an integer" if kind == "int" else "expected a finite number")
+        if not low <= value <= high:
+            raise bad(key, f"expected {low:,} to {high:,}" if high < float("inf")
+                      else f"expected at least {low}")
+    arch = config.get("net_arch")
+    if (not isinstance(arch, list) or len(arch) > 16
+            or not all(isinstance(u, int) and not isinstance(u, bool) and 1 <= u <= 65536
+                       for u in arch)):
+        raise bad("net_arch", "expected a list of at most 16 layer widths, each 1 to 65,536")
+    if "input_dim" in config and (config["n_features"] != config["input_dim"]
+                                  + config["price_levels"] + N_ENDOGENOUS):
+        raise bad("n_features", f"expected input_dim + price_levels + {N_ENDOGENOUS} = "
+                  f"{config['input_dim'] + config['price_levels'] + N_ENDOGENOUS}")
+    if stats is not None:
+        for key in ("input_dim", "price_levels"):
+            if key in config and key in stats and stats[key] != config[key]:
+                raise ModelError(
+                    f"{path}: key '{key}' is {config[key]!r}, but the processed data's "
+                    f"preprocessing_stats.json has {key} {str(stats[key])[:50]}",
+                    "Evaluate with the processed data the model was trained on, or retrain.")
+        products = stats.get("products")
+        if isinstance(products, int) and products > config["n_products"]:
+            raise ModelError(
+                f"{path}: key 'n_products' is {config['n_products']}, but the processed data's "
+                f"preprocessing_stats.json has {products} products",
+                "Evaluate with the processed data the model was trained on, or retrain.")
+    return config
+
+
+def _check_weights_member(info: zipfile.ZipInfo, path: Path) -> None:
+    """Refuse a policy.pth whose zip sizes are forged (inflates >100x, or longer than the
+    file): SB3 deflates the weights, which compress by a few percent at most."""
+    size = path.stat().st_size
+    if info.compress_size > size or info.file_size > 100 * max(info.compress_size, 1):
+        raise ModelError(f"{path}: member 'policy.pth' claims {info.file_size:,} bytes from "
+                         f"{info.compress_size:,} compressed in a {size:,}-byte file: refused "
+                         "as forged before inflating it", _RETRAIN)
+
+
+def _check_architecture(config: dict[str, Any], state: Any, run_dir: Path) -> None:
+    """Compare the network agent.json describes with the weights, without allocating it.
+
+    The network is built on torch's "meta" device (shapes only, no memory); every tensor of
+    the weights must have the shape agent.json implies. Only then is the real network built,
+    and its size is what model.zip really holds.
+
+    Raises:
+        ModelError: a missing, extra or differently shaped tensor, naming the first.
+    """
+    import torch
+
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise ModelError(f"{run_dir / MODEL_ZIP}: policy.pth is not a dict of tensors",
+                         _RETRAIN)
+    with torch.device("meta"):
+        skeleton = build_policy(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    for key in sorted(set(expected) | set(found)):
+        if expected.get(key) != found.get(key):
+            raise ModelError(
+                f"{run_dir / AGENT_JSON} does not describe the weights in "
+                f"{run_dir / MODEL_ZIP}: tensor {key!r} is {_shape(found.get(key))} in the "
+                f"weights but {_shape(expected.get(key))} from agent.json (n_products "
+                f"{config['n_products']}, n_features {config['n_features']}, price_levels "
+                f"{config['price_levels']}, embedding_dim {config['embedding_dim']}, "
+                f"feature_hidden {config['feature_hidden']}, net_arch {config['net_arch']})",
+                _RETRAIN)
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "absent" if shape is None else str(list(shape))
 
 
 def build_policy(config: dict[str, Any]) -> Any:

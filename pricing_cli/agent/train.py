@@ -95,6 +95,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         simulate,
     )
     from pricing_cli.agent.policy import AGENT_JSON, CHANGE_COSTS, MODEL_ZIP, PricingAgent
+    from pricing_cli.stages.merge import read_processed_meta
 
     cfg = settings.train
     started = time.monotonic()
@@ -108,12 +109,12 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 
     # 1. Demand model.
     monitor.log(f"fitting the demand model on {meta_train_path}")
-    meta_train = pl.read_parquet(meta_train_path)
+    meta_train = read_processed_meta(meta_train_path)
     n_products = product_count(processed_dir, stats)
     demand = DemandModel.fit(meta_train, settings, n_products=n_products,
                              fallback_reference=_later_median_prices(processed_dir, n_products),
                              monitor=monitor, source=str(meta_train_path))
-    demand_report = demand.fit_report(pl.read_parquet(meta_val_path))
+    demand_report = demand.fit_report(read_processed_meta(meta_val_path))
     monitor.log(f"demand model: {demand.info['newton_iterations']} Newton iterations; val MAE "
                 f"{demand_report.get('mae', float('nan')):.3f} units/day, Poisson deviance "
                 f"{demand_report.get('poisson_deviance', float('nan')):.3f}")
@@ -482,6 +483,7 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
     from pricing_cli.agent.env import processed_file
     from pricing_cli.agent.policy import action_logits
     from pricing_cli.pricing import feasible_mask
+    from pricing_cli.stages.merge import read_processed_member
 
     usable = np.ones(market.n_rows, dtype=bool)
     labels: np.ndarray | None = None
@@ -491,9 +493,8 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
     if teacher == "planner":
         labels, last_price, held = planner_path(market, processed_dir, demand)
     elif teacher == "bc":
-        with np.load(processed_file(processed_dir, "labels_train.npz"),
-                     allow_pickle=False) as z:
-            labels = z["price_level"].astype(np.int64)
+        labels = read_processed_member(processed_file(processed_dir, "labels_train.npz"),
+                                       "price_level").astype(np.int64)
         usable = labels >= 0
 
     def allowed_levels(rows: np.ndarray) -> np.ndarray:
@@ -666,11 +667,13 @@ def _later_median_prices(processed_dir: Path, n_products: int) -> np.ndarray:
     """Median price per product over val and test: the reference of products new after train."""
     import polars as pl
 
+    from pricing_cli.stages.merge import read_processed_meta
+
     out = np.full(n_products, np.nan)
     paths = [processed_dir / f"meta_{s}.parquet" for s in ("val", "test")]
     paths = [p for p in paths if p.is_file()]
     if paths:
-        table = (pl.concat([pl.read_parquet(p, columns=["product_index", "price"]) for p in paths])
+        table = (pl.concat([read_processed_meta(p, ["product_index", "price"]) for p in paths])
                  .group_by("product_index").agg(pl.col("price").median()))
         out[table["product_index"].to_numpy()] = table["price"].to_numpy()
     return out

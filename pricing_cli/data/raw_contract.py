@@ -256,9 +256,20 @@ def _text(name: str, dtype: Any) -> pl.Expr:
 
 
 def _number(name: str, dtype: Any, target: Any) -> pl.Expr:
-    """Column ``name`` as ``target`` (Int64/Float64); null where it cannot be read."""
+    """Column ``name`` as ``target`` (Int64/Float64); null where it cannot be read.
+
+    Typed (Parquet) columns follow the CSV rules: a Boolean is not a number (a cast would
+    read true as 1), and a fractional value is not an integer quantity (a cast would cut 2.5
+    to 2); both give null, so the row is bad with its reason. Integral floats (3.0, as pandas
+    writes an integer column that had a missing value) are read as integers.
+    """
     import polars as pl
 
+    if dtype == pl.Boolean:
+        return pl.lit(None, dtype=target)
+    if target == pl.Int64 and (dtype.is_float() or dtype.is_decimal()):
+        value = pl.col(name).cast(pl.Float64, strict=False)
+        return pl.when(value == value.floor()).then(value.cast(pl.Int64, strict=False))
     # Text is cast as written (no strip): it is the hot path, and exports do not pad numbers.
     return pl.col(name).cast(target, strict=False)
 
@@ -488,6 +499,9 @@ def bad_row_reason(row: dict[str, Any], catalog_name: str) -> str:
         return "missing product_id"
     if raw["quantity"] is None:
         return "missing quantity"
+    for key in ("quantity", "unit_price"):
+        if isinstance(raw[key], bool):  # a Boolean column in a Parquet file
+            return f"{key} {raw[key]} is a boolean (a true/false column), not a number"
     if row["quantity"] is None:
         return f"cannot read quantity {raw['quantity']!r} as an integer"
     if abs(row["quantity"]) > MAX_ABS_QUANTITY:

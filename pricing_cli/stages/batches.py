@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import shutil
 import struct
@@ -81,6 +82,11 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 # garble a field that struct cannot unpack.
 _CORRUPT_ZIP = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, RuntimeError,
                 NotImplementedError, struct.error, ValueError, OverflowError)
+# The batch writer stores members uncompressed (ratio 1). A foreign deflated member is allowed
+# up to this ratio: deflate reaches ~1000x only on long runs of one byte, i.e. a zip bomb.
+MAX_COMPRESSION_RATIO = 100
+_FORGED = ("Do not use this file: delete it and re-run `pricectl preprocess` (only this batch "
+           "is rebuilt).")
 # What numpy raises on a garbled .npy header: bad magic or dict (ValueError), text the
 # tokenizer or the literal parser rejects (TokenError, SyntaxError), an unknown dtype.
 _CORRUPT_NPY = (ValueError, SyntaxError, tokenize.TokenError, TypeError, OverflowError)
@@ -353,28 +359,81 @@ def read_member_headers(path: str | Path) -> dict[str, tuple[tuple[int, ...], np
     path = Path(path)
     headers: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] = {}
     try:
+        file_size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 name = info.filename.removesuffix(".npy")
+                _check_member_sizes(path, info, file_size)
                 with archive.open(info) as member:
-                    try:
-                        version = npy_format.read_magic(member)
-                        reader = (npy_format.read_array_header_1_0 if version == (1, 0)
-                                  else npy_format.read_array_header_2_0)
-                        shape, fortran, dtype = reader(member)
-                    except _CORRUPT_NPY as exc:
-                        raise BatchError(
-                            f"{path}: member {info.filename!r} is not a .npy array ({exc})"
-                        ) from None
-                    if fortran and len(shape) > 1:
-                        raise BatchError(f"{path}: member {name!r} is Fortran-ordered; "
-                                         "batches hold C-ordered arrays only")
-                    headers[name] = (tuple(shape), dtype)
+                    shape, dtype, header_size = read_npy_header(
+                        member, f"{path}: member {info.filename!r}")
+                    _check_declared_size(path, info, shape, dtype, header_size)
+                    headers[name] = (shape, dtype)
     except _CORRUPT_ZIP as exc:
         raise BatchError(f"{path}: not a readable .npz (zip) file: {exc}",
                          "The file is truncated or corrupt; delete it and re-run "
                          "`pricectl preprocess` (only this batch is rebuilt).") from None
     return headers
+
+
+def read_npy_header(handle: IO[bytes], where: str) -> tuple[tuple[int, ...], np.dtype[Any], int]:
+    """Shape, dtype and header length of the .npy stream at the start of ``handle``.
+
+    Args:
+        where: names the file (and member) in errors.
+
+    Raises:
+        BatchError: not a .npy header (garbled, truncated), or a Fortran-ordered array
+            (batches and processed arrays are C-ordered).
+    """
+    try:
+        version = npy_format.read_magic(handle)
+        reader = (npy_format.read_array_header_1_0 if version == (1, 0)
+                  else npy_format.read_array_header_2_0)
+        shape, fortran, dtype = reader(handle)
+    except _CORRUPT_NPY as exc:
+        raise BatchError(f"{where} is not a .npy array ({exc})") from None
+    if fortran and len(shape) > 1:
+        raise BatchError(f"{where} is Fortran-ordered; pricectl writes C-ordered arrays only")
+    return tuple(int(n) for n in shape), dtype, handle.tell()
+
+
+def _check_member_sizes(path: Path, info: zipfile.ZipInfo, file_size: int) -> None:
+    """Refuse a member whose zip sizes cannot be honest, before any of it is inflated.
+
+    The batch writer stores members uncompressed, so a deflated member that inflates more than
+    MAX_COMPRESSION_RATIO times is a zip bomb (2.5 MB on disk, gigabytes in memory), and a
+    member can never be longer on disk than the whole file.
+    """
+    if info.compress_size > file_size:
+        raise BatchError(
+            f"{path}: member {info.filename!r} claims {info.compress_size:,} bytes on disk, more "
+            f"than the whole file ({file_size:,} bytes): the zip directory is forged or the "
+            "file is truncated", _FORGED)
+    if (info.compress_type != zipfile.ZIP_STORED
+            and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1)):
+        raise BatchError(
+            f"{path}: member {info.filename!r} inflates from {info.compress_size:,} to "
+            f"{info.file_size:,} bytes (over {MAX_COMPRESSION_RATIO}x): refused as a zip bomb "
+            "before loading; the batch writer stores members uncompressed", _FORGED)
+
+
+def _check_declared_size(path: Path, info: zipfile.ZipInfo, shape: tuple[int, ...],
+                         dtype: np.dtype[Any], header_size: int) -> None:
+    """The member's uncompressed size must be exactly its .npy header plus shape × itemsize.
+
+    np.load allocates what the header announces before it reads a byte of data, so a forged
+    shape (10^12 rows) would ask for terabytes; checked against the zip's declared size it is
+    refused here instead. Object arrays are pickles of any length; they are refused elsewhere.
+    """
+    if dtype.hasobject:
+        return
+    implied = header_size + math.prod(shape) * dtype.itemsize
+    if info.file_size != implied:
+        raise BatchError(
+            f"{path}: member {info.filename!r} holds {info.file_size:,} bytes but its .npy "
+            f"header ({dtype.str} {list(shape)}) implies {implied:,}: the header or the zip "
+            "directory is forged or corrupt", _FORGED)
 
 
 def _refuse_pickled(path: Path, headers: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]]
@@ -542,7 +601,20 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
                          "Delete it and re-run `pricectl preprocess --no-resume`.") from None
     if not isinstance(manifest, dict):
         raise BatchError(f"{path}: expected a JSON object", "Re-run `pricectl preprocess`.")
-    return _with_journal(Path(folder), manifest)
+    manifest = _with_journal(Path(folder), manifest)
+    entries = manifest.get("batches", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise BatchError(f"{path}: 'batches' must be a list of batch entries",
+                         "Delete it and re-run `pricectl preprocess --no-resume`.")
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        confined_batch_path(Path(folder), entry.get("name"), f"{path}: batch entry {index}")
+        if entry["name"] in seen:  # merge would read its samples twice
+            raise BatchError(f"{path}: batch entry {index} repeats the name "
+                             f"{entry['name']!r}",
+                             "Delete the manifest and re-run `pricectl preprocess --no-resume`.")
+        seen.add(entry["name"])
+    return manifest
 
 
 def _with_journal(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -554,8 +626,8 @@ def _with_journal(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     import json
 
     path = folder / JOURNAL_NAME
-    if not path.is_file():
-        return manifest
+    if not path.is_file() or not isinstance(manifest.get("batches", []), list):
+        return manifest  # a malformed manifest is reported by read_manifest
     entries = {b.get("name"): b for b in manifest.get("batches", []) if isinstance(b, dict)}
     with open(path, encoding="utf-8") as journal:
         for line in journal:
@@ -567,6 +639,41 @@ def _with_journal(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
                 entries[entry["name"]] = entry
     manifest["batches"] = [entries[k] for k in sorted(entries, key=str)]
     return manifest
+
+
+def confined_batch_path(folder: Path, name: object, where: str) -> Path:
+    """The path of the batch ``name`` listed in ``folder``'s manifest, confined to ``folder``.
+
+    Merge reads every listed batch and then deletes it, so a name such as
+    ``../../victim/x.npz``, an absolute path, or a symlink leading out of the folder would make
+    pricectl read and delete a file it never wrote. A name must be a plain file name (no
+    separator, not ``.`` or ``..``) whose resolved path (symlinks followed) is in ``folder``.
+
+    Raises:
+        BatchError: naming ``where`` (the manifest and the entry), the name and the fix.
+    """
+    fix = ("Batch names in manifest.json are plain file names of files in the same folder "
+           "(batch_0000.npz, ...): restore the manifest, or delete it and re-run "
+           "`pricectl preprocess --no-resume`.")
+    if not isinstance(name, str) or not name:
+        raise BatchError(f"{where} has no file name (name: {str(name)[:200]!r})", fix)
+    shown = name[:200]
+    if (name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or Path(name).is_absolute()):
+        raise BatchError(f"{where} names {shown!r}, which is not a plain file name inside "
+                         f"{folder}; pricectl reads and then deletes listed batches, so it "
+                         "refuses names that could lead outside the batch folder", fix)
+    path = folder / name
+    try:
+        target = str(path.resolve())
+        inside = path.resolve().parent == folder.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        target, inside = "a symlink loop", False
+    if not inside:
+        raise BatchError(f"{where} names {shown!r}, a symlink that leads outside {folder} "
+                         f"(to {target}); pricectl reads and then deletes listed batches, so "
+                         "it refuses files outside the batch folder", fix)
+    return path
 
 
 def write_manifest(folder: str | Path, manifest: Mapping[str, Any]) -> None:
@@ -1010,6 +1117,8 @@ def run_validate_batches(settings: Settings, monitor: RunMonitor, *, paths: Sequ
     batch_paths = _resolve_batch_paths(paths, Path(settings.preprocess.output_dir))
     monitor.add_bar("batches", "batches checked", len(batch_paths))
     manifests: dict[Path, dict[str, Any] | None] = {}
+    refused: set[Path] = set()  # folders whose manifest is itself a problem (reported once)
+    unverified = 0
     problems: list[Problem] = []
     converted = 0
     samples = 0
@@ -1023,6 +1132,11 @@ def run_validate_batches(settings: Settings, monitor: RunMonitor, *, paths: Sequ
                 problems.append(Problem(str(folder / MANIFEST_NAME), exc.message,
                                         "no batch in this folder can be verified.", exc.hint))
                 manifests[folder] = None
+                refused.add(folder)
+        if folder in refused:
+            unverified += 1
+            monitor.update_bar("batches", advance=1)
+            continue
         if convert_legacy and is_legacy(path):
             _, names, entry = convert_legacy_batch(path, trust_pickle=trust_pickle)
             updated = manifests[folder] or {"format_version": FORMAT_VERSION, "batches": [],
@@ -1047,8 +1161,9 @@ def run_validate_batches(settings: Settings, monitor: RunMonitor, *, paths: Sequ
         monitor.update_bar("batches", advance=1)
         monitor.check_memory()
     monitor.clear_workers()
-    bad_batches = len({p.batch for p in problems})
-    summary = {"batches_checked": len(batch_paths), "batches_ok": len(batch_paths) - bad_batches,
+    bad_batches = len({p.batch for p in problems if not p.batch.endswith(MANIFEST_NAME)})
+    summary = {"batches_checked": len(batch_paths),
+               "batches_ok": len(batch_paths) - bad_batches - unverified,
                "problems": len(problems), "samples_in_ok_batches": samples,
                "legacy_converted": converted, "deep": "yes" if deep else "no"}
     notes = [] if problems else [f"all {len(batch_paths)} batch(es) passed every check"]

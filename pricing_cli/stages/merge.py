@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import zipfile
 from collections.abc import Mapping
@@ -43,6 +44,7 @@ from pricing_cli.stages.batches import (
     member_names,
     read_manifest,
     read_member_headers,
+    read_npy_header,
     write_npy_member,
 )
 from pricing_cli.storage import check_output_dir, disk_full_names, staged_dir, write_json
@@ -105,6 +107,12 @@ def plan_merge(batch_dir: Path) -> MergePlan:
         if not path.is_file():
             raise BatchError(f"{path}: listed in the manifest but missing",
                              "Re-run `pricectl preprocess`; it rebuilds missing batches.")
+        size = path.stat().st_size
+        if entry.get("bytes") is not None and entry["bytes"] != size:
+            raise BatchError(f"{path}: the file has {size:,} bytes but the manifest records "
+                             f"{entry['bytes']:,}",
+                             "The file changed after preprocess wrote it; run `pricectl "
+                             "validate-batches` for details, or re-run `pricectl preprocess`.")
         headers = read_member_headers(path)
         n = int(entry["n_samples"])
         for member in member_names(heads):
@@ -347,6 +355,111 @@ def delete_batches(plan: MergePlan) -> int:
     for path, _ in plan.batches:
         path.unlink(missing_ok=True)
     return len(plan.batches)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the processed arrays back (train, evaluate, baselines): checked before anything is
+# mapped or loaded, so a truncated or forged file is a BatchError naming it, never a crash.
+
+REBUILD_PROCESSED = ("Re-run `pricectl merge` to rebuild the processed folder (re-run "
+                     "`pricectl preprocess` first if its batches were deleted).")
+
+
+def read_processed_array(path: str | Path) -> np.ndarray:
+    """``X_{split}.npy``, memory-mapped read-only, after checking its header against its size.
+
+    np.load maps what the header announces; a truncated file (or a forged shape) would fail
+    inside numpy or map past the end of the file.
+
+    Raises:
+        BatchError: not a .npy array, an object (pickled) array, or a size other than the
+            header implies; naming the file and saying to re-run merge.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            shape, dtype, header_size = read_npy_header(handle, str(path))
+    except BatchError as exc:
+        raise BatchError(exc.message, REBUILD_PROCESSED) from None
+    if dtype.hasobject:
+        raise BatchError(f"{path} holds pickled Python objects; processed arrays are plain "
+                         "numbers and are never unpickled", REBUILD_PROCESSED)
+    implied = header_size + math.prod(shape) * dtype.itemsize
+    size = path.stat().st_size
+    if size != implied:
+        raise BatchError(f"{path} has {size:,} bytes but its .npy header ({dtype.str} "
+                         f"{list(shape)}) implies {implied:,}: the file is truncated or "
+                         "corrupt", REBUILD_PROCESSED)
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BatchError(f"{path}: cannot map the array ({exc})", REBUILD_PROCESSED) from None
+
+
+def read_processed_member(path: str | Path, member: str) -> np.ndarray:
+    """One array of ``labels_{split}.npz`` / ``masks_{split}.npz`` (a head), checked first.
+
+    The zip's sizes and every member's header are checked as for a batch (no zip bomb, no
+    forged shape) before the member is loaded.
+
+    Raises:
+        BatchError: unreadable, truncated or forged file, or no such member.
+    """
+    path = Path(path)
+    try:
+        headers = read_member_headers(path)
+    except BatchError as exc:
+        raise BatchError(exc.message, REBUILD_PROCESSED) from None
+    if member not in headers:
+        raise BatchError(f"{path} has no member {member!r} (it holds "
+                         f"{', '.join(sorted(headers)) or 'none'})", REBUILD_PROCESSED)
+    if headers[member][1].hasobject:
+        raise BatchError(f"{path}: member {member!r} holds pickled Python objects; processed "
+                         "arrays are plain numbers and are never unpickled", REBUILD_PROCESSED)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return archive[member]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise BatchError(f"{path}: cannot read member {member!r} ({exc})",
+                         REBUILD_PROCESSED) from None
+
+
+def read_processed_meta(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """``meta_{split}.parquet`` (the listed columns, or all).
+
+    Raises:
+        BatchError: the file is not readable Parquet (truncated, corrupt) or lacks a column.
+    """
+    import polars as pl
+
+    path = Path(path)
+    try:
+        return pl.read_parquet(path, columns=columns)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        if isinstance(exc, pl.exceptions.ColumnNotFoundError):
+            raise BatchError(f"{path} lacks a column pricectl reads ({first_line})",
+                             REBUILD_PROCESSED) from None
+        raise BatchError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
+                         f"{first_line})", REBUILD_PROCESSED) from None
+
+
+def read_processed_stats(path: str | Path) -> dict[str, Any]:
+    """``preprocessing_stats.json`` as a JSON object.
+
+    Raises:
+        BatchError: not JSON, or not an object.
+    """
+    path = Path(path)
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BatchError(f"{path}: not valid JSON ({exc})", REBUILD_PROCESSED) from None
+    if not isinstance(stats, dict):
+        raise BatchError(f"{path}: expected a JSON object", REBUILD_PROCESSED)
+    return stats
 
 
 def run_merge(settings: Settings, monitor: RunMonitor) -> StageResult:
