@@ -76,7 +76,6 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         ConfigError: --product names no product with train rows.
         ModelError: --resume without a checkpoint, or a run folder that already exists.
     """
-    import polars as pl
 
     from pricing_cli.agent.policy import TORCH_IMPORT_BYTES
 
