@@ -80,17 +80,21 @@ def test_a_product_without_rows_gets_the_mean_and_the_fallback_reference(market)
     assert model.info["products_without_rows"] == 1
 
 
-def test_category_pooling_pulls_toward_the_category(tmp_path) -> None:
+def test_a_product_with_three_days_gets_its_categorys_curve(tmp_path) -> None:
     write_processed(tmp_path, true_elasticity=[1.8, 1.9, 2.0, 3.0, 3.1, 3.2])
     train = pl.read_parquet(tmp_path / "meta_train.parquet").with_columns(
         category=pl.when(pl.col("product_index") < 3).then(pl.lit("low")).otherwise(pl.lit("high")))
     sparse = train.filter((pl.col("product_index") != 0) | (pl.col("date") < pl.date(2023, 1, 5)))
+    assert sparse.filter(pl.col("product_index") == 0).height == 3
     model = DemandModel.fit(sparse, settings())
-    assert model.categories == ["high", "low"]
-    e0 = model.product_parameters()[0, 3]
-    low_mean = model.mean[3] + model.category_offset[1, 3]
-    assert abs(e0 - low_mean) < 0.1
-    assert abs(e0 - 1.9) < abs(e0 - model.mean[3])  # nearer its category than the overall mean
+    assert model.categories == ["high", "low"] and model.info["categories"] == 2
+    e = model.product_parameters()[:, 3]
+    siblings = e[[1, 2]].mean()  # the common value of its category (truth 1.95)
+    # Within 0.15 of its siblings' elasticity, and at least 0.25 away from the overall mean
+    # (2.34) that it would get without the category.
+    assert abs(e[0] - siblings) < 0.15
+    assert abs(e[0] - model.mean[3]) > 0.25
+    assert abs(e[0] - 1.95) < abs(e[0] - model.mean[3])
 
 
 def test_newton_stops_at_the_penalized_optimum(market) -> None:

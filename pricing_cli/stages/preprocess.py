@@ -164,6 +164,14 @@ def _lagged(series: np.ndarray, window: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(padded, window)[:n, ::-1]
 
 
+def _category(frame: Any) -> np.ndarray:
+    """The product's catalog category per row ("none" where the features file has none), so
+    the demand fit can pool a product toward its category."""
+    if "category" not in frame.columns:
+        return np.full(frame.height, "none")
+    return frame["category"].fill_null("none").to_numpy().astype(str)
+
+
 def _read_feature_file(path: Path, params: SampleParams) -> Any:
     """Read one feature file with the contract's column types; DataError on any breach."""
     import polars as pl
@@ -174,6 +182,8 @@ def _read_feature_file(path: Path, params: SampleParams) -> Any:
         raise DataError(f"{path}: not a readable Parquet file ({exc})",
                         "Re-run `pricectl features` to rewrite it.") from None
     wanted = {**RAW_COLUMNS, **{c: "Float32" for c in params.feature_columns}}
+    if "category" in schema:  # optional: older features files lack it
+        wanted["category"] = "String"
     missing = [c for c in wanted if c not in schema]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}",
@@ -371,7 +381,7 @@ def build_samples_with_stats(path: str | Path, params: SampleParams
         "date": frame["date"].to_numpy().astype("datetime64[D]"),
         "split": frame["split"].to_numpy().astype(str),
         "price": price, "units": units, "unit_cost": cost, "min_price": low,
-        "max_price": high, "ref_price": ref,
+        "max_price": high, "ref_price": ref, "category": _category(frame),
     }
     return SampleBlock(features, labels, masks, meta), stats
 
