@@ -191,8 +191,9 @@ class DemandModel:
         theta = self.product_parameters()[np.asarray(product_index, dtype=np.int64)]
         dow, s_sin, s_cos, weekend = calendar_terms(dates)
         g = self.elasticity_modifiers
-        log_base = theta[:, 0] + self.dow_effect[dow] + theta[:, 1] * s_sin + theta[:, 2] * s_cos
-        elasticity = theta[:, 3] + g[0] * s_sin + g[1] * s_cos + g[2] * weekend
+        log_base = (theta[..., 0] + self.dow_effect[dow] + theta[..., 1] * s_sin
+                    + theta[..., 2] * s_cos)
+        elasticity = theta[..., 3] + g[0] * s_sin + g[1] * s_cos + g[2] * weekend
         return log_base, elasticity
 
     def elasticity(self, product_index: np.ndarray, dates: np.ndarray) -> np.ndarray:
@@ -206,6 +207,12 @@ class DemandModel:
         log_base, elasticity = self.log_base_and_elasticity(product_index, dates)
         log_rel = np.log(np.asarray(prices, dtype=np.float64) / self.reference_price[product_index])
         return np.exp(np.minimum(log_base - elasticity * log_rel, ETA_MAX))
+
+    def units_on_grid(self, product_index: np.ndarray, dates: np.ndarray, grid: np.ndarray
+                      ) -> np.ndarray:
+        """(n, K) float32 expected units at each row's candidate prices; see
+        :func:`units_on_grid`."""
+        return units_on_grid(self, product_index, dates, grid)
 
     def fit_report(self, meta: pl.DataFrame) -> dict[str, Any]:
         """How well the model predicts the daily units of ``meta`` (e.g. the val split).
@@ -266,6 +273,28 @@ class DemandModel:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"cannot read the demand model in {folder}: {exc}",
                              "Re-run `pricectl train` to rebuild the run folder.") from None
+
+
+GRID_CHUNK_ROWS = 32_768  # rows per expected_units call: bounds the float64 temporaries
+
+
+def units_on_grid(model: Any, product_index: np.ndarray, dates: np.ndarray, grid: np.ndarray
+                  ) -> np.ndarray:
+    """(n, K) float32: ``model.expected_units`` of each row at each of its K candidate prices.
+
+    The env's demand table (forecast and reward read it), built through the protocol only, so
+    any model with ``expected_units(product_index, dates, prices)`` broadcasting prices of
+    shape (n, K) against product_index and dates of shape (n, 1) works (a single fit, an
+    ensemble, another demand shape). Rows go in chunks so the float64 temporaries stay small.
+    """
+    product_index = np.asarray(product_index, dtype=np.int64)
+    dates = np.asarray(dates).astype("datetime64[D]")
+    grid = np.asarray(grid, dtype=np.float64)
+    out = np.empty(grid.shape, dtype=np.float32)
+    for start in range(0, len(product_index), GRID_CHUNK_ROWS):
+        part = slice(start, start + GRID_CHUNK_ROWS)
+        out[part] = model.expected_units(product_index[part, None], dates[part, None], grid[part])
+    return out
 
 
 def _median_by_product(product: np.ndarray, price: np.ndarray, n_products: int) -> np.ndarray:
