@@ -244,6 +244,14 @@ class TrainSettings(Section):
     """Evaluate on val every N steps to select the best model."""
     demand_shrinkage: float = Field(5.0, ge=0)
     """Strength of the pooling of product demand parameters toward their category."""
+    demand_forms: list[Literal["loglog", "linear", "logit"]] = ["loglog", "linear", "logit"]
+    """Price-response shapes the demand fit tries for every product: loglog (constant
+    elasticity), linear (with a choke price), logit (units = M·σ(a − b·price/ref)). Each
+    product gets the one with the lowest Poisson deviance on its held-out last train days,
+    pooled toward its category's choice; [loglog] alone: no selection (docs/agent.md)."""
+    demand_holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of each product's last train days held out to choose its demand shape (the
+    shapes are then refitted on all train days). The val and test splits are never used."""
     feature_hidden: int = Field(64, ge=1)
     """Width of the extractor's MLP over the state features (beside the product embedding)."""
     price_change_cost: float = Field(0.0, ge=0)

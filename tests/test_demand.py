@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -11,6 +13,7 @@ from pricing_cli.agent.demand import DemandModel, calendar_terms
 from pricing_cli.config import load_settings
 from pricing_cli.errors import DataError
 from tests.agent_fixtures import TRUE_DOW_EFFECT, write_processed
+from tests.demand_markets import synthetic_meta, true_elasticity
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +24,7 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, pl.DataFrame
             pl.read_parquet(folder / "meta_val.parquet"))
 
 
-def settings(**train: float) -> object:
+def settings(**train: object) -> object:
     return load_settings(preset="tiny", flags={f"train.{k}": v for k, v in train.items()},
                          environ={})
 
@@ -170,3 +173,64 @@ def test_missing_column_names_the_file() -> None:
     meta = pl.DataFrame({"product_index": [0], "date": [None], "price": [1.0]})
     with pytest.raises(DataError, match=r"meta_train.parquet lacks column\(s\) units"):
         DemandModel.fit(meta, settings())
+
+
+# ----------------------------------------------------------------------------------------------
+# Price-response shapes chosen per product on held-out train days
+
+MONDAY = np.datetime64("2023-01-02")
+
+
+@pytest.mark.parametrize(("form", "each_tolerance", "mean_tolerance"),
+                         [("loglog", 0.10, 0.05), ("linear", 0.10, 0.05),
+                          ("logit", 0.20, 0.08)])
+def test_each_shape_is_recovered_from_its_own_data(form, each_tolerance, mean_tolerance) -> None:
+    """12 products x 240 days of one true shape: at least 9 of them choose it, and the
+    elasticity at the median price is within 10% (logit 20%) of the truth for every product,
+    5% (logit 8%) on average."""
+    meta, truth = synthetic_meta(form, seed=1)
+    model = DemandModel.fit(meta, settings())
+    assert model.info["forms"][form] >= 9
+    assert int((model.product_form == dm.FORMS.index(form)).sum()) == model.info["forms"][form]
+    want = true_elasticity(form, model.reference_price / truth["list_price"], truth["slope"])
+    got = model.elasticity(np.arange(12), np.full(12, MONDAY))
+    error = np.abs(got / want - 1.0)
+    assert error.max() < each_tolerance, (got, want)
+    assert error.mean() < mean_tolerance
+    # The held-out days are train's own last 20% (no other split exists here).
+    assert model.info["form_selection"]["holdout_rows"] == 12 * 48
+
+
+def test_a_linear_demand_is_zero_above_its_choke_price() -> None:
+    meta, truth = synthetic_meta("linear", seed=1)
+    model = DemandModel.fit(meta, settings())
+    choke = truth["list_price"] * (1.0 + 1.0 / truth["slope"])
+    far = model.expected_units(np.arange(12), np.full(12, MONDAY), 1.2 * choke)
+    loglog = model.expected_units(np.arange(12), np.full(12, MONDAY), 1.2 * choke, form="loglog")
+    linear = model.product_form == dm.FORMS.index("linear")
+    assert (far[linear] < 1e-3).all() and (loglog[linear] > 1.0).all()
+
+
+def test_only_the_configured_shapes_are_tried() -> None:
+    meta, _ = synthetic_meta("linear", seed=1)
+    only = DemandModel.fit(meta, settings(demand_forms=["loglog"]))
+    assert only.info["forms"] == {"loglog": 12} and "form_selection" not in only.info
+    assert (only.product_form == 0).all()
+
+
+def test_shapes_are_saved_per_product(tmp_path) -> None:
+    meta, _ = synthetic_meta("logit", seed=1)
+    model = DemandModel.fit(meta, settings())
+    model.save(tmp_path)
+    loaded = DemandModel.load(tmp_path)
+    names = json.loads((tmp_path / "demand_model.json").read_text())["product_forms"]
+    assert names == [dm.FORMS[f] for f in model.product_form.tolist()]
+    prices = meta["price"].to_numpy()[::50]
+    args = (meta["product_index"].to_numpy()[::50], meta["date"].to_numpy()[::50], prices)
+    np.testing.assert_array_equal(loaded.expected_units(*args), model.expected_units(*args))
+    # Broadcasting (the env's (n, 1) x (n, K) call) gives the same values as row by row.
+    grid = prices[:, None] * np.array([0.8, 1.0, 1.2])
+    table = model.expected_units(args[0][:, None], args[1][:, None], grid)
+    for j in range(3):
+        np.testing.assert_allclose(table[:, j], model.expected_units(args[0], args[1], grid[:, j]),
+                                   rtol=1e-14)

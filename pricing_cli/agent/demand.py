@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pricing_cli.agent import demand_shapes as shapes_module
+from pricing_cli.agent.demand_shapes import FORMS
 from pricing_cli.errors import DataError, ModelError
 from pricing_cli.storage import atomic_write, write_json
 
@@ -100,6 +102,10 @@ class DemandModel:
     reference_price: np.ndarray
     categories: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # (n_products,) int8 index into demand_shapes.FORMS (None: all loglog, e.g. older files).
+    product_form: np.ndarray | None = None
+    # (n_products, len(FORMS), 3) each shape's parameters (the loglog slot is unused).
+    shape_params: np.ndarray | None = None
 
     @property
     def n_products(self) -> int:
@@ -152,24 +158,43 @@ class DemandModel:
             reference[no_rows] = np.asarray(fallback_reference, dtype=np.float64)[no_rows]
         reference[np.isnan(reference)] = 1.0
         categories, product_category = _product_categories(meta, usable, n_products)
-        neg_x = -np.log(price / reference[product])
-        design = _Design(product=product, product_category=product_category, dow=dow,
-                         z=np.column_stack([np.ones_like(neg_x), s_sin, s_cos, neg_x]),
-                         v=np.column_stack([neg_x * s_sin, neg_x * s_cos, neg_x * weekend]),
-                         units=units)
-        params = _Params.initial(design)
-        solution, solver = _newton(design, params, float(settings.train.demand_shrinkage), monitor)
+        dates = meta["date"].to_numpy().astype("datetime64[D]")[usable]
+        rows = _FitRows(product=product, dates=dates, price=price, units=units)
+        strength = float(settings.train.demand_shrinkage)
+        forms: list[str] = list(dict.fromkeys(settings.train.demand_forms))
+
+        selection: dict[str, Any] = {}
+        if len(forms) > 1:
+            holdout = _last_days(rows.product, rows.dates, n_products,
+                                 float(settings.train.demand_holdout_fraction))
+            trial = _fit_with_shapes(cls, rows.take(~holdout), reference, product_category,
+                                     categories, strength, forms, None, monitor)
+            held = rows.take(holdout)
+            deviance: dict[str, np.ndarray] = {}
+            for form in forms:
+                predicted = trial.expected_units(held.product, held.dates, held.price,
+                                                 form=form)
+                deviance[form] = shapes_module.deviance_by_product(
+                    predicted, held.units, held.product, n_products)
+            held_rows = np.bincount(held.product, minlength=n_products).astype(np.float64)
+            chosen = shapes_module.choose_forms(deviance, held_rows, product_category)
+            selection = {"holdout": (f"last {settings.train.demand_holdout_fraction:.0%} of each "
+                                     "product's train days"),
+                         "holdout_rows": int(holdout.sum()),
+                         "holdout_deviance_per_row": {
+                             f: float(deviance[f].sum() / max(holdout.sum(), 1)) for f in forms}}
+        else:
+            chosen = np.full(n_products, FORMS.index(forms[0]), dtype=np.int8)
+        model = _fit_with_shapes(cls, rows, reference, product_category, categories, strength,
+                                 forms, chosen, monitor)
         info = {"rows": int(len(units)), "rows_dropped": int((~usable).sum()),
                 "negative_unit_rows_clipped": int((raw_units < 0).sum()),
                 "products": n_products, "products_without_rows": int(no_rows.sum()),
-                "categories": len(categories),
-                "shrinkage": float(settings.train.demand_shrinkage), **solver,
+                "categories": len(categories), "shrinkage": strength, **model.info,
+                "forms": {f: int((chosen == FORMS.index(f)).sum()) for f in forms},
+                **({"form_selection": selection} if selection else {}),
                 "seconds": round(time.monotonic() - started, 3)}
-        return cls(mean=solution.core[:4].copy(), category_offset=solution.category,
-                   product_offset=solution.product, product_category=product_category,
-                   dow_effect=np.concatenate([[0.0], solution.core[4:10]]),
-                   elasticity_modifiers=solution.core[10:13].copy(), reference_price=reference,
-                   categories=categories, info=info)
+        return replace(model, info=info)
 
     # -- prediction ----------------------------------------------------------------------------
     def product_parameters(self) -> np.ndarray:
@@ -196,17 +221,54 @@ class DemandModel:
         elasticity = theta[..., 3] + g[0] * s_sin + g[1] * s_cos + g[2] * weekend
         return log_base, elasticity
 
-    def elasticity(self, product_index: np.ndarray, dates: np.ndarray) -> np.ndarray:
-        """Price elasticity (positive: demand falls as price rises) per row."""
-        return self.log_base_and_elasticity(product_index, dates)[1]
+    def _forms_of(self, product_index: np.ndarray, form: str | None) -> np.ndarray:
+        """Shape index of each row (its product's, or ``form`` for every row)."""
+        if form is not None:
+            return np.full(np.shape(product_index), FORMS.index(form), dtype=np.int8)
+        if self.product_form is None:
+            return np.zeros(np.shape(product_index), dtype=np.int8)
+        return self.product_form[product_index]
+
+    def elasticity(self, product_index: np.ndarray, dates: np.ndarray, *,
+                   form: str | None = None) -> np.ndarray:
+        """Price elasticity (positive: demand falls as price rises) per row, at the product's
+        reference price (loglog: the same at every price; it moves with the calendar)."""
+        product_index = np.asarray(product_index, dtype=np.int64)
+        elasticity = self.log_base_and_elasticity(product_index, dates)[1]
+        forms = np.broadcast_to(self._forms_of(product_index, form), elasticity.shape)
+        if (forms > 0).any():
+            elasticity = elasticity.copy()
+            pi = np.broadcast_to(product_index, elasticity.shape)
+            assert self.shape_params is not None
+            for code in np.unique(forms[forms > 0]).tolist():
+                sel = forms == code
+                elasticity[sel] = shapes_module.elasticity_at_reference(
+                    FORMS[code], self.shape_params[pi[sel], code])
+        return elasticity
 
     def expected_units(self, product_index: np.ndarray, dates: np.ndarray,
-                       prices: np.ndarray) -> np.ndarray:
-        """Expected daily units (float64) for each (product, date, price) row."""
+                       prices: np.ndarray, *, form: str | None = None) -> np.ndarray:
+        """Expected daily units (float64) for each (product, date, price) row.
+
+        Arrays broadcast: e.g. product_index and dates of shape (n, 1) with prices (n, K).
+        ``form`` evaluates every row with that shape instead of its product's chosen one.
+        """
         product_index = np.asarray(product_index, dtype=np.int64)
         log_base, elasticity = self.log_base_and_elasticity(product_index, dates)
-        log_rel = np.log(np.asarray(prices, dtype=np.float64) / self.reference_price[product_index])
-        return np.exp(np.minimum(log_base - elasticity * log_rel, ETA_MAX))
+        rel = np.asarray(prices, dtype=np.float64) / self.reference_price[product_index]
+        units = np.exp(np.minimum(log_base - elasticity * np.log(rel), ETA_MAX))
+        forms = np.broadcast_to(self._forms_of(product_index, form), units.shape)
+        if (forms > 0).any():
+            assert self.shape_params is not None
+            pi = np.broadcast_to(product_index, units.shape)
+            base = np.broadcast_to(log_base, units.shape)
+            rel = np.broadcast_to(rel, units.shape)
+            for code in np.unique(forms[forms > 0]).tolist():
+                sel = forms == code
+                multiplier, _ = shapes_module.response(FORMS[code],
+                                                       self.shape_params[pi[sel], code], rel[sel])
+                units[sel] = np.exp(np.minimum(base[sel], ETA_MAX)) * multiplier
+        return units
 
     def units_on_grid(self, product_index: np.ndarray, dates: np.ndarray, grid: np.ndarray
                       ) -> np.ndarray:
@@ -250,12 +312,23 @@ class DemandModel:
         """Write demand_model.npz and demand_model.json into ``folder`` (atomically each)."""
         folder = Path(folder)
         with atomic_write(folder / NPZ_NAME) as handle:
-            np.savez(handle, mean=self.mean, category_offset=self.category_offset,
+            np.savez(handle, allow_pickle=False, mean=self.mean,
+                     category_offset=self.category_offset,
                      product_offset=self.product_offset, product_category=self.product_category,
                      dow_effect=self.dow_effect, elasticity_modifiers=self.elasticity_modifiers,
-                     reference_price=self.reference_price)
+                     reference_price=self.reference_price, **self._shape_arrays())
+        forms = self._shape_arrays()["product_form"]
         write_json(folder / JSON_NAME, {"formula": FORMULA, "parameters": list(PARAMETERS),
+                                        "forms": list(FORMS),
+                                        "product_forms": [FORMS[f] for f in forms.tolist()],
                                         "categories": self.categories, "info": self.info})
+
+    def _shape_arrays(self) -> dict[str, np.ndarray]:
+        n = self.n_products
+        return {"product_form": (self.product_form if self.product_form is not None
+                                 else np.zeros(n, dtype=np.int8)),
+                "shape_params": (self.shape_params if self.shape_params is not None
+                                 else np.zeros((n, len(FORMS), shapes_module.N_SHAPE_PARAMS)))}
 
     @classmethod
     def load(cls, folder: str | Path) -> DemandModel:
@@ -295,6 +368,75 @@ def units_on_grid(model: Any, product_index: np.ndarray, dates: np.ndarray, grid
         part = slice(start, start + GRID_CHUNK_ROWS)
         out[part] = model.expected_units(product_index[part, None], dates[part, None], grid[part])
     return out
+
+
+@dataclass(frozen=True)
+class _FitRows:
+    """The usable train rows: product index, date (datetime64[D]), price, units (>= 0)."""
+
+    product: np.ndarray
+    dates: np.ndarray
+    price: np.ndarray
+    units: np.ndarray
+
+    def take(self, keep: np.ndarray) -> _FitRows:
+        return _FitRows(self.product[keep], self.dates[keep], self.price[keep], self.units[keep])
+
+
+def _last_days(product: np.ndarray, dates: np.ndarray, n_products: int, fraction: float
+               ) -> np.ndarray:
+    """Rows among the last ``fraction`` of each product's days (products with 5 rows or more;
+    fewer cannot spare any)."""
+    order = np.lexsort((dates, product))
+    count = np.bincount(product, minlength=n_products)
+    first = np.concatenate([[0], np.cumsum(count)[:-1]])
+    rank = np.empty(len(product), dtype=np.int64)
+    rank[order] = np.arange(len(product)) - first[product[order]]
+    keep_first = np.ceil((1.0 - fraction) * count[product]).astype(np.int64)
+    return (rank >= keep_first) & (count[product] >= 5)
+
+
+def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarray,
+              strength: float, monitor: RunMonitor | None) -> tuple[_Params, dict[str, Any]]:
+    """The constant-elasticity (loglog) fit of the rows: the calendar level of every shape."""
+    dow, s_sin, s_cos, weekend = calendar_terms(rows.dates)
+    neg_x = -np.log(rows.price / reference[rows.product])
+    design = _Design(product=rows.product, product_category=product_category, dow=dow,
+                     z=np.column_stack([np.ones_like(neg_x), s_sin, s_cos, neg_x]),
+                     v=np.column_stack([neg_x * s_sin, neg_x * s_cos, neg_x * weekend]),
+                     units=rows.units)
+    return _newton(design, _Params.initial(design), strength, monitor)
+
+
+def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarray,
+                     product_category: np.ndarray, categories: list[str], strength: float,
+                     forms: list[str], chosen: np.ndarray | None,
+                     monitor: RunMonitor | None) -> DemandModel:
+    """The base fit, then each other shape in ``forms`` (only those some product chose, when
+    ``chosen`` is given) on the base's calendar level."""
+    base, solver = _fit_base(rows, reference, product_category, strength, monitor)
+    n_products = len(reference)
+    model = cls(mean=base.core[:4].copy(), category_offset=base.category,
+                product_offset=base.product, product_category=product_category,
+                dow_effect=np.concatenate([[0.0], base.core[4:10]]),
+                elasticity_modifiers=base.core[10:13].copy(), reference_price=reference,
+                categories=categories, info=solver)
+    shape_params = np.zeros((n_products, len(FORMS), shapes_module.N_SHAPE_PARAMS))
+    wanted = [f for f in forms if f != "loglog"
+              and (chosen is None or (chosen == FORMS.index(f)).any())]
+    if wanted:
+        log_base = model.log_base_and_elasticity(rows.product, rows.dates)[0]
+        shape_rows = shapes_module.ShapeRows(
+            product=rows.product, r=rows.price / reference[rows.product], log_base=log_base,
+            units=rows.units, product_category=product_category)
+        elasticity = model.product_parameters()[:, 3]
+        for form in wanted:
+            start = shapes_module.initial_params(form, elasticity)
+            shape_params[:, FORMS.index(form)] = shapes_module.fit_shape(
+                form, shape_rows, start, strength)
+    product_form = (chosen if chosen is not None
+                    else np.zeros(n_products, dtype=np.int8)).astype(np.int8)
+    return replace(model, product_form=product_form, shape_params=shape_params)
 
 
 def _median_by_product(product: np.ndarray, price: np.ndarray, n_products: int) -> np.ndarray:

@@ -1,0 +1,82 @@
+"""Small synthetic meta frames (the processed meta contract) with a known demand, for the
+demand-model tests: each price-response shape, categories, events, confounded prices."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+DOW = np.array([0.0, 0.05, 0.0, 0.1, 0.2, 0.35, 0.3])  # Monday first
+LOGIT_MIDDLE = 1.1
+MULTIPLIERS = np.round(np.arange(0.7, 1.301, 0.05), 2)  # of the list price
+
+
+def _sigmoid(t: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-t))
+
+
+def true_response(form: str, r: np.ndarray, slope: np.ndarray) -> np.ndarray:
+    """Units at relative price r (price / list price) as a share of units at the list price.
+
+    loglog: r ** -slope; linear: max(1 - slope (r - 1), 0) (choke at 1 + 1/slope); logit:
+    σ(slope (LOGIT_MIDDLE - r)) / σ(slope (LOGIT_MIDDLE - 1)), the curve's middle a little
+    above the list price (so its S shape shows within the prices charged).
+    """
+    if form == "loglog":
+        return r ** -slope
+    if form == "linear":
+        return np.maximum(1.0 - slope * (r - 1.0), 0.0)
+    if form == "logit":
+        return _sigmoid(slope * (LOGIT_MIDDLE - r)) / _sigmoid(slope * (LOGIT_MIDDLE - 1.0))
+    raise ValueError(form)
+
+
+def true_elasticity(form: str, r: np.ndarray, slope: np.ndarray) -> np.ndarray:
+    """-d log units / d log price of :func:`true_response` at r."""
+    if form == "loglog":
+        return np.asarray(slope, dtype=np.float64) * np.ones_like(r)
+    if form == "linear":
+        return slope * r / (1.0 - slope * (r - 1.0))
+    return slope * r * (1.0 - _sigmoid(slope * (LOGIT_MIDDLE - r)))
+
+
+def synthetic_meta(form: str, *, n_products: int = 12, n_days: int = 240, seed: int = 0,
+                   slope: Any = None, base_units: tuple[float, float] = (30.0, 80.0),
+                   n_categories: int = 3, start: date = date(2023, 1, 2)
+                   ) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """A train-only meta frame: every product's price is its list price times a multiplier in
+    0.7..1.3 redrawn on ~40% of days (exogenous), units ~ Poisson(base * dow * response).
+
+    Returns:
+        (meta with product_index, product_id, date, split, price, units, unit_cost,
+        min_price, max_price, ref_price, category; truth: list_price, slope, base).
+    """
+    rng = np.random.default_rng(seed)
+    list_price = rng.uniform(5.0, 50.0, n_products)
+    default = {"loglog": (1.5, 3.0), "linear": (1.2, 2.2), "logit": (6.0, 9.0)}[form]
+    slope = (rng.uniform(*default, n_products) if slope is None
+             else np.broadcast_to(np.asarray(slope, dtype=np.float64), (n_products,)))
+    base = rng.uniform(*base_units, n_products)
+    dates = np.datetime64(start, "D") + np.arange(n_days)
+    dow = (dates.astype(np.int64) + 3) % 7
+    frames = []
+    for p in range(n_products):
+        level = np.empty(n_days, dtype=np.int64)
+        level[0] = rng.integers(len(MULTIPLIERS))
+        for t in range(1, n_days):
+            level[t] = rng.integers(len(MULTIPLIERS)) if rng.random() < 0.4 else level[t - 1]
+        r = MULTIPLIERS[level]
+        lam = base[p] * np.exp(DOW[dow]) * true_response(form, r, slope[p])
+        price = np.round(list_price[p] * r, 2)
+        frames.append(pl.DataFrame({
+            "product_index": pl.Series([p] * n_days, dtype=pl.Int32),
+            "product_id": [f"P{p:03d}"] * n_days, "date": dates, "split": ["train"] * n_days,
+            "price": price, "units": rng.poisson(lam).astype(np.float64),
+            "unit_cost": [0.5 * list_price[p]] * n_days,
+            "min_price": [0.6 * list_price[p]] * n_days,
+            "max_price": [1.6 * list_price[p]] * n_days,
+            "ref_price": price, "category": [f"c{p % n_categories}"] * n_days}))
+    return pl.concat(frames), {"list_price": list_price, "slope": slope, "base": base}
