@@ -252,6 +252,37 @@ class TrainSettings(Section):
     demand_holdout_fraction: float = Field(0.2, gt=0, lt=1)
     """Share of each product's last train days held out to choose its demand shape (the
     shapes are then refitted on all train days). The val and test splits are never used."""
+    demand_events: dict[str, list[str]] = {"black_friday_week": ["11-22", "11-30"],
+                                           "december_run_up": ["12-01", "12-24"]}
+    """Calendar event windows of the demand model, name: [first MM-DD, last MM-DD]
+    (inclusive, every year; a window may wrap past New Year). Inside each window demand
+    gets its own level shift and (with demand_event_elasticity) its own elasticity shift. {}:
+    no events. The default is the retail Black Friday week and the December run-up."""
+    demand_event_elasticity: bool = True
+    """Let the elasticity shift inside each event window (shoppers compare prices more in
+    sales seasons). Off: events move the level only."""
+    demand_year_harmonics: int = Field(2, ge=0)
+    """Week-of-year effects: yearly sine/cosine pairs of order 2..1+N as common level terms
+    (order 1 is each product's own season). 0: none."""
+    demand_control_lags: int = Field(2, ge=0)
+    """Control function against prices set in response to demand: the last N days' log sales
+    and log relative prices of the product (past only) enter the fit as controls, so a price
+    that followed demand the pricer saw does not bias the elasticity. They are 0 (a typical
+    day) when predicting. 0: off."""
+
+    @field_validator("demand_events")
+    @classmethod
+    def _event_windows(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, window in value.items():
+            if len(window) != 2:
+                raise ValueError(f"event {name!r} needs [first MM-DD, last MM-DD]")
+            for day in window:
+                try:
+                    date.fromisoformat(f"2000-{day}")
+                except ValueError:
+                    raise ValueError(f"event {name!r}: {day!r} is not a MM-DD day, e.g. "
+                                     "11-22") from None
+        return value
     feature_hidden: int = Field(64, ge=1)
     """Width of the extractor's MLP over the state features (beside the product embedding)."""
     price_change_cost: float = Field(0.0, ge=0)

@@ -45,10 +45,19 @@ def true_elasticity(form: str, r: np.ndarray, slope: np.ndarray) -> np.ndarray:
 
 def synthetic_meta(form: str, *, n_products: int = 12, n_days: int = 240, seed: int = 0,
                    slope: Any = None, base_units: tuple[float, float] = (30.0, 80.0),
-                   n_categories: int = 3, start: date = date(2023, 1, 2)
-                   ) -> tuple[pl.DataFrame, dict[str, Any]]:
+                   n_categories: int = 3, start: date = date(2023, 1, 2),
+                   shock_rho: float = 0.0, shock_sd: float = 0.0, price_reaction: float = 0.0,
+                   event: tuple[str, str] | None = None, event_level: float = 0.0,
+                   event_elasticity: float = 0.0) -> tuple[pl.DataFrame, dict[str, Any]]:
     """A train-only meta frame: every product's price is its list price times a multiplier in
     0.7..1.3 redrawn on ~40% of days (exogenous), units ~ Poisson(base * dow * response).
+
+    Confounded prices: with shock_sd > 0 demand carries an unobserved AR(1) shock u (log
+    scale, u_t = shock_rho u_t-1 + N(0, shock_sd)); the pricer saw yesterday's demand and
+    multiplies the price by exp(price_reaction * u_t-1): dearer after strong days.
+
+    An event window (MM-DD, MM-DD; loglog only) adds event_level to log demand and
+    event_elasticity to the elasticity on its days.
 
     Returns:
         (meta with product_index, product_id, date, split, price, units, unit_cost,
@@ -68,8 +77,18 @@ def synthetic_meta(form: str, *, n_products: int = 12, n_days: int = 240, seed: 
         level[0] = rng.integers(len(MULTIPLIERS))
         for t in range(1, n_days):
             level[t] = rng.integers(len(MULTIPLIERS)) if rng.random() < 0.4 else level[t - 1]
-        r = MULTIPLIERS[level]
-        lam = base[p] * np.exp(DOW[dow]) * true_response(form, r, slope[p])
+        shock = np.zeros(n_days)
+        noise = rng.normal(0.0, shock_sd, n_days) if shock_sd > 0 else np.zeros(n_days)
+        for t in range(1, n_days):
+            shock[t] = shock_rho * shock[t - 1] + noise[t]
+        seen = np.concatenate([[0.0], shock[:-1]])
+        r = MULTIPLIERS[level] * np.exp(price_reaction * seen)
+        if event is not None:
+            inside = np.array([event[0] <= str(d)[5:] <= event[1] for d in dates])
+            e_day = slope[p] + event_elasticity * inside
+            lam = base[p] * np.exp(DOW[dow] + shock + event_level * inside) * r ** -e_day
+        else:
+            lam = base[p] * np.exp(DOW[dow] + shock) * true_response(form, r, slope[p])
         price = np.round(list_price[p] * r, 2)
         frames.append(pl.DataFrame({
             "product_index": pl.Series([p] * n_days, dtype=pl.Int32),

@@ -56,6 +56,10 @@ CATEGORY_SHRINK = 0.2
 # effects: a train window shorter than a year cannot tell season from level, so keep them small
 # unless the data insists.
 GLOBAL_RIDGE = 1.0
+# Rounds of the control function (each refits with the lagged surprises of the last fit and
+# the lagged prices; with the prices one round settles: a second moved the tests' confounded
+# elasticity by under 1%).
+CONTROL_ROUNDS = 1
 ETA_MAX = 30.0  # exp overflow guard during line searches
 REQUIRED_COLUMNS = ("product_index", "date", "price", "units")
 YEAR_DAYS = 365.25
@@ -75,6 +79,45 @@ def calendar_terms(dates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     doy = (days - days.astype("datetime64[Y]")).astype(np.int64) + 1
     angle = 2.0 * np.pi * doy / YEAR_DAYS
     return dow, np.sin(angle), np.cos(angle), (dow >= 5).astype(np.float64)
+
+
+def event_indicators(dates: np.ndarray, events: dict[str, list[str]]) -> np.ndarray:
+    """(..., n_events) float64: 1 where the date falls in the event window (MM-DD to MM-DD,
+    inclusive, every year; a window whose first day is after its last wraps past New Year)."""
+    days = np.asarray(dates).astype("datetime64[D]")
+    months = days.astype("datetime64[M]")
+    month_day = ((months.astype(np.int64) % 12 + 1) * 100
+                 + (days - months).astype(np.int64) + 1)
+    columns = []
+    for first, last in events.values():
+        lo, hi = (int(first.replace("-", "")), int(last.replace("-", "")))
+        inside = ((month_day >= lo) & (month_day <= hi) if lo <= hi
+                  else (month_day >= lo) | (month_day <= hi))
+        columns.append(inside.astype(np.float64))
+    return np.stack(columns, axis=-1) if columns else np.zeros((*days.shape, 0))
+
+
+def calendar_level_columns(dates: np.ndarray, calendar: dict[str, Any]) -> np.ndarray:
+    """(..., 2·year_harmonics + n_events) common level terms: yearly sin/cos of order
+    2..1+year_harmonics (week-of-year shape), then the event indicators."""
+    days = np.asarray(dates).astype("datetime64[D]")
+    doy = (days - days.astype("datetime64[Y]")).astype(np.int64) + 1
+    angle = 2.0 * np.pi * doy / YEAR_DAYS
+    columns = []
+    for order in range(2, 2 + int(calendar.get("year_harmonics", 0))):
+        columns += [np.sin(order * angle), np.cos(order * angle)]
+    parts = [np.stack(columns, axis=-1)] if columns else []
+    parts.append(event_indicators(days, calendar.get("events", {})))
+    return np.concatenate(parts, axis=-1)
+
+
+def calendar_spec(settings: Settings) -> dict[str, Any]:
+    """The calendar terms the settings ask for (saved with the model, used to predict)."""
+    train = settings.train
+    return {"year_harmonics": int(train.demand_year_harmonics),
+            "events": {k: list(v) for k, v in train.demand_events.items()},
+            "event_elasticity": bool(train.demand_event_elasticity),
+            "control_lags": int(train.demand_control_lags)}
 
 
 @dataclass(frozen=True)
@@ -106,6 +149,13 @@ class DemandModel:
     product_form: np.ndarray | None = None
     # (n_products, len(FORMS), 3) each shape's parameters (the loglog slot is unused).
     shape_params: np.ndarray | None = None
+    # Calendar beyond weekday and season (calendar_spec) and its fitted effects: common level
+    # terms (calendar_level_columns), elasticity shifts per event, control coefficients
+    # (fitted, not used to predict: the controls are 0 on a typical day).
+    calendar: dict[str, Any] = field(default_factory=dict)
+    level_effects: np.ndarray | None = None
+    event_elasticity: np.ndarray | None = None
+    control_effects: np.ndarray | None = None
 
     @property
     def n_products(self) -> int:
@@ -162,13 +212,17 @@ class DemandModel:
         rows = _FitRows(product=product, dates=dates, price=price, units=units)
         strength = float(settings.train.demand_shrinkage)
         forms: list[str] = list(dict.fromkeys(settings.train.demand_forms))
+        calendar = calendar_spec(settings)
+        span_days = int(np.ptp(dates.astype(np.int64))) + 1 if len(dates) else 0
+        if span_days < 365:  # week-of-year shapes need a whole year of train days
+            calendar["year_harmonics"] = 0
 
         selection: dict[str, Any] = {}
         if len(forms) > 1:
             holdout = _last_days(rows.product, rows.dates, n_products,
                                  float(settings.train.demand_holdout_fraction))
             trial = _fit_with_shapes(cls, rows.take(~holdout), reference, product_category,
-                                     categories, strength, forms, None, monitor)
+                                     categories, strength, forms, None, calendar, monitor)
             held = rows.take(holdout)
             deviance: dict[str, np.ndarray] = {}
             for form in forms:
@@ -186,12 +240,36 @@ class DemandModel:
         else:
             chosen = np.full(n_products, FORMS.index(forms[0]), dtype=np.int8)
         model = _fit_with_shapes(cls, rows, reference, product_category, categories, strength,
-                                 forms, chosen, monitor)
+                                 forms, chosen, calendar, monitor)
+        lags = int(calendar["control_lags"])
+        # The lagged prices beside the surprises absorb the part of a surprise that is the
+        # current fit's own elasticity error (it would otherwise take many rounds to settle).
+        log_rel_price = np.log(rows.price / reference[rows.product])
+        for _ in range(CONTROL_ROUNDS if lags else 0):
+            # The control function: yesterday's (and earlier) demand surprise under the
+            # current fit. A pricer reacting to demand it saw leaves its trace there.
+            surprise = np.log((units + 0.5)
+                              / (model.expected_units(rows.product, rows.dates, rows.price) + 0.5))
+            model = _fit_with_shapes(cls, rows, reference, product_category, categories,
+                                     strength, forms, chosen, calendar, monitor,
+                                     controls=np.column_stack([
+                                         lagged(rows, surprise, lags),
+                                         lagged(rows, log_rel_price, lags)]))
         info = {"rows": int(len(units)), "rows_dropped": int((~usable).sum()),
                 "negative_unit_rows_clipped": int((raw_units < 0).sum()),
                 "products": n_products, "products_without_rows": int(no_rows.sum()),
                 "categories": len(categories), "shrinkage": strength, **model.info,
                 "forms": {f: int((chosen == FORMS.index(f)).sum()) for f in forms},
+                "calendar": {
+                    "year_harmonics": int(calendar["year_harmonics"]),
+                    "event_rows": {name: int(column.sum()) for name, column in zip(
+                        calendar["events"], event_indicators(dates, calendar["events"]).T,
+                        strict=True)},
+                    "event_elasticity": dict(zip(calendar["events"],
+                                                 np.asarray(model.event_elasticity).tolist(),
+                                                 strict=True)),
+                    "control_lags": lags,
+                    "control_effects": np.asarray(model.control_effects).round(4).tolist()},
                 **({"form_selection": selection} if selection else {}),
                 "seconds": round(time.monotonic() - started, 3)}
         return replace(model, info=info)
@@ -219,6 +297,11 @@ class DemandModel:
         log_base = (theta[..., 0] + self.dow_effect[dow] + theta[..., 1] * s_sin
                     + theta[..., 2] * s_cos)
         elasticity = theta[..., 3] + g[0] * s_sin + g[1] * s_cos + g[2] * weekend
+        if self.level_effects is not None and len(self.level_effects):
+            log_base = log_base + calendar_level_columns(dates, self.calendar) @ self.level_effects
+        if self.event_elasticity is not None and len(self.event_elasticity):
+            events = event_indicators(dates, self.calendar["events"])
+            elasticity = elasticity + events @ self.event_elasticity
         return log_base, elasticity
 
     def _forms_of(self, product_index: np.ndarray, form: str | None) -> np.ndarray:
@@ -321,14 +404,22 @@ class DemandModel:
         write_json(folder / JSON_NAME, {"formula": FORMULA, "parameters": list(PARAMETERS),
                                         "forms": list(FORMS),
                                         "product_forms": [FORMS[f] for f in forms.tolist()],
+                                        "calendar": self.calendar,
                                         "categories": self.categories, "info": self.info})
 
     def _shape_arrays(self) -> dict[str, np.ndarray]:
         n = self.n_products
+        empty = np.zeros(0)
         return {"product_form": (self.product_form if self.product_form is not None
                                  else np.zeros(n, dtype=np.int8)),
                 "shape_params": (self.shape_params if self.shape_params is not None
-                                 else np.zeros((n, len(FORMS), shapes_module.N_SHAPE_PARAMS)))}
+                                 else np.zeros((n, len(FORMS), shapes_module.N_SHAPE_PARAMS))),
+                "level_effects": (self.level_effects if self.level_effects is not None
+                                  else empty),
+                "event_elasticity": (self.event_elasticity if self.event_elasticity is not None
+                                     else empty),
+                "control_effects": (self.control_effects if self.control_effects is not None
+                                    else empty)}
 
     @classmethod
     def load(cls, folder: str | Path) -> DemandModel:
@@ -342,7 +433,8 @@ class DemandModel:
             with np.load(folder / NPZ_NAME, allow_pickle=False) as arrays:
                 data = {k: arrays[k] for k in arrays.files}
             meta = json.loads((folder / JSON_NAME).read_text(encoding="utf-8"))
-            return cls(categories=list(meta["categories"]), info=dict(meta["info"]), **data)
+            return cls(categories=list(meta["categories"]), info=dict(meta["info"]),
+                       calendar=dict(meta.get("calendar", {})), **data)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"cannot read the demand model in {folder}: {exc}",
                              "Re-run `pricectl train` to rebuild the run folder.") from None
@@ -396,36 +488,85 @@ def _last_days(product: np.ndarray, dates: np.ndarray, n_products: int, fraction
     return (rank >= keep_first) & (count[product] >= 5)
 
 
+def lagged(rows: _FitRows, series: np.ndarray, lags: int) -> np.ndarray:
+    """(n, lags): the product's ``series`` 1..lags days before each row (past only).
+
+    A row whose day k before is not among ``rows`` (a product's first days, a gap, a resample
+    that dropped it) gets 0: the value of a typical day, as predictions use.
+    """
+    n = len(series)
+    out = np.zeros((n, lags))
+    if lags == 0 or n == 0:
+        return out
+    order = np.lexsort((rows.dates, rows.product))
+    product, day = rows.product[order], rows.dates[order].astype(np.int64)
+    values = series[order]
+    sorted_out = np.zeros_like(out)
+    for k in range(1, lags + 1):
+        ok = (product[k:] == product[:-k]) & (day[k:] - day[:-k] == k)
+        sorted_out[k:, k - 1] = np.where(ok, values[:-k], 0.0)
+    out[order] = sorted_out
+    return out
+
+
 def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarray,
-              strength: float, monitor: RunMonitor | None) -> tuple[_Params, dict[str, Any]]:
-    """The constant-elasticity (loglog) fit of the rows: the calendar level of every shape."""
+              strength: float, calendar: dict[str, Any], controls: np.ndarray | None,
+              monitor: RunMonitor | None) -> tuple[_Params, dict[str, Any], np.ndarray]:
+    """The constant-elasticity (loglog) fit of the rows: the calendar level of every shape.
+
+    Core columns after the 13 base ones: -x · event (elasticity shifts, if
+    calendar["event_elasticity"]), the calendar level columns, the lag controls.
+
+    Returns:
+        (parameters, solver info, each row's control term: its controls times their
+        coefficients).
+    """
     dow, s_sin, s_cos, weekend = calendar_terms(rows.dates)
     neg_x = -np.log(rows.price / reference[rows.product])
+    events = event_indicators(rows.dates, calendar.get("events", {}))
+    shifts = events if calendar.get("event_elasticity") else np.zeros((len(neg_x), 0))
+    controls = controls if controls is not None else np.zeros((len(neg_x), 0))
     design = _Design(product=rows.product, product_category=product_category, dow=dow,
                      z=np.column_stack([np.ones_like(neg_x), s_sin, s_cos, neg_x]),
-                     v=np.column_stack([neg_x * s_sin, neg_x * s_cos, neg_x * weekend]),
+                     v=np.column_stack([neg_x * s_sin, neg_x * s_cos, neg_x * weekend,
+                                        neg_x[:, None] * shifts,
+                                        calendar_level_columns(rows.dates, calendar),
+                                        controls]),
                      units=rows.units)
-    return _newton(design, _Params.initial(design), strength, monitor)
+    params, solver = _newton(design, _Params.initial(design), strength, monitor)
+    n_controls = controls.shape[1]
+    control_term = (controls @ params.core[design.n_core - n_controls:] if n_controls
+                    else np.zeros(len(neg_x)))
+    return params, solver, control_term
 
 
 def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarray,
                      product_category: np.ndarray, categories: list[str], strength: float,
-                     forms: list[str], chosen: np.ndarray | None,
-                     monitor: RunMonitor | None) -> DemandModel:
+                     forms: list[str], chosen: np.ndarray | None, calendar: dict[str, Any],
+                     monitor: RunMonitor | None, controls: np.ndarray | None = None
+                     ) -> DemandModel:
     """The base fit, then each other shape in ``forms`` (only those some product chose, when
-    ``chosen`` is given) on the base's calendar level."""
-    base, solver = _fit_base(rows, reference, product_category, strength, monitor)
+    ``chosen`` is given) on the base's calendar level (controls included)."""
+    base, solver, control_term = _fit_base(rows, reference, product_category, strength,
+                                           calendar, controls, monitor)
     n_products = len(reference)
+    n_events = len(calendar.get("events", {}))
+    n_shifts = n_events if calendar.get("event_elasticity") else 0
+    n_level = 2 * int(calendar.get("year_harmonics", 0)) + n_events
+    extra = base.core[N_BASE_CORE:]
     model = cls(mean=base.core[:4].copy(), category_offset=base.category,
                 product_offset=base.product, product_category=product_category,
                 dow_effect=np.concatenate([[0.0], base.core[4:10]]),
                 elasticity_modifiers=base.core[10:13].copy(), reference_price=reference,
-                categories=categories, info=solver)
+                categories=categories, info=solver, calendar=calendar,
+                event_elasticity=(extra[:n_shifts].copy() if n_shifts else np.zeros(n_events)),
+                level_effects=extra[n_shifts:n_shifts + n_level].copy(),
+                control_effects=extra[n_shifts + n_level:].copy())
     shape_params = np.zeros((n_products, len(FORMS), shapes_module.N_SHAPE_PARAMS))
     wanted = [f for f in forms if f != "loglog"
               and (chosen is None or (chosen == FORMS.index(f)).any())]
     if wanted:
-        log_base = model.log_base_and_elasticity(rows.product, rows.dates)[0]
+        log_base = model.log_base_and_elasticity(rows.product, rows.dates)[0] + control_term
         shape_rows = shapes_module.ShapeRows(
             product=rows.product, r=rows.price / reference[rows.product], log_base=log_base,
             units=rows.units, product_category=product_category)
@@ -476,7 +617,7 @@ def _product_categories(meta: pl.DataFrame, usable: np.ndarray, n_products: int
 # (batched 4x4 solves) and solving a small (13 + 4 categories) Schur complement. Every sum over
 # rows is a bincount by product: memory stays a few arrays of the row count.
 
-N_CORE = 13
+N_BASE_CORE = 13  # means of a, s1, s2, e; dow Tue..Sun; g1, g2, g3 (then the extra columns)
 NEWTON_MAX_ITER = 100
 NEWTON_TOL = 1e-12  # stop when the Newton decrement is this small relative to the objective
 OFFSET_EPS = 1e-6  # keeps the system definite when demand_shrinkage is 0 (mean vs offsets)
@@ -495,6 +636,7 @@ class _Design:
         dow_onehot = (dow[:, None] == np.arange(1, 7)[None, :]).astype(np.float64)
         self.q = np.ascontiguousarray(np.column_stack([z, dow_onehot, v]))
         self.units = units
+        self.n_core = self.q.shape[1]
         self.n_products = len(product_category)
         self.n_categories = int(product_category.max() + 1) if len(product_category) else 0
 
@@ -514,7 +656,7 @@ class _Params:
         own = np.where(counts > 0, np.log(sums / np.maximum(counts, 1) + 0.1), overall)
         product = np.zeros((d.n_products, 4))
         product[:, 0] = np.clip(own - overall, -5.0, 5.0)
-        core = np.zeros(N_CORE)
+        core = np.zeros(d.n_core)
         core[0], core[3] = overall, 1.0
         return cls(core, np.zeros((d.n_categories, 4)), product)
 
@@ -532,14 +674,15 @@ class _Params:
         return np.minimum(eta, ETA_MAX)
 
 
-def _penalty_weights(strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _penalty_weights(strength: float, n_core: int = N_BASE_CORE
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Diagonal penalties (as in ``sum(w * x**2)``) of a product block, a category block and
     the core."""
     product = strength * SHRINK_WEIGHTS + OFFSET_EPS
     category = CATEGORY_SHRINK * strength * SHRINK_WEIGHTS + OFFSET_EPS
-    core = np.zeros(N_CORE)
+    core = np.zeros(n_core)
     core[[1, 2]] = GLOBAL_RIDGE  # season means
-    core[4:] = GLOBAL_RIDGE  # dow effects and elasticity modifiers
+    core[4:] = GLOBAL_RIDGE  # dow effects, elasticity modifiers, calendar and controls
     return product, category, core
 
 
@@ -555,6 +698,7 @@ def _objective(d: _Design, p: _Params, product_w: np.ndarray, category_w: np.nda
 def _newton_direction(d: _Design, p: _Params, product_w: np.ndarray, category_w: np.ndarray,
                       core_w: np.ndarray) -> tuple[_Params, float]:
     """The exact Newton step and the Newton decrement -grad·step."""
+    N_CORE = d.n_core  # noqa: N806 - the size of the core block, as in the comments above
     P, K, G = d.n_products, d.n_categories, N_CORE + 4 * d.n_categories
     lam = np.exp(p.eta(d))
     residual = lam - d.units
@@ -612,7 +756,7 @@ def _newton_direction(d: _Design, p: _Params, product_w: np.ndarray, category_w:
 def _newton(d: _Design, p: _Params, strength: float, monitor: RunMonitor | None
             ) -> tuple[_Params, dict[str, Any]]:
     """Damped Newton (backtracking line search) to the penalized Poisson optimum."""
-    weights = _penalty_weights(strength)
+    weights = _penalty_weights(strength, d.n_core)
     f = _objective(d, p, *weights)
     if monitor is not None:
         monitor.add_bar("demand_fit", "demand fit (Newton iterations)", NEWTON_MAX_ITER)
