@@ -263,12 +263,14 @@ class TrainSettings(Section):
     sales seasons). Off: events move the level only."""
     demand_year_harmonics: int = Field(2, ge=0)
     """Week-of-year effects: yearly sine/cosine pairs of order 2..1+N as common level terms
-    (order 1 is each product's own season). 0: none."""
+    (order 1 is each product's own season). Used only when train spans a year or more
+    (shorter, they would extrapolate). 0: none."""
     demand_control_lags: int = Field(2, ge=0)
-    """Control function against prices set in response to demand: the last N days' log sales
-    and log relative prices of the product (past only) enter the fit as controls, so a price
-    that followed demand the pricer saw does not bias the elasticity. They are 0 (a typical
-    day) when predicting. 0: off."""
+    """Control function against prices set in response to demand: the product's demand
+    surprises (log sales vs a first fit's prediction) and log relative prices of the last N
+    days (past only) enter a second fit as controls, so a price that followed demand the
+    pricer saw does not bias the elasticity. They are 0 (a typical day) when predicting.
+    0: off."""
 
     @field_validator("demand_events")
     @classmethod
