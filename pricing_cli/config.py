@@ -62,6 +62,10 @@ class DataSettings(Section):
     """Catalog file: product_id, unit_cost, min_price, max_price, optional category."""
     ground_truth: str = "data/raw/ground_truth.json"
     """True demand parameters (only for generated markets); ignored if missing."""
+    stock: str | None = None
+    """Optional stock file (CSV/Parquet: date, product_id, on_hand units that day). Days
+    that sold all their stock are censored demand: the demand fit leaves them out. None: no
+    stock data (the fit then down-weights days that look capped; train.demand_detect_capped)."""
     columns: ColumnMap = ColumnMap()
     """Column-name mapping for the transaction files."""
     date_format: str | None = None
@@ -271,6 +275,11 @@ class TrainSettings(Section):
     days (past only) enter a second fit as controls, so a price that followed demand the
     pricer saw does not bias the elasticity. They are 0 (a typical day) when predicting.
     0: off."""
+
+    demand_detect_capped: bool = True
+    """Without stock data for a day, down-weight days whose sales look capped by a stock-out
+    (a pile-up at the product's maximum, a zero right after a run of sales). With data.stock,
+    days that sold all the stock are left out of the fit (their demand was higher)."""
 
     @field_validator("demand_events")
     @classmethod

@@ -48,7 +48,8 @@ def synthetic_meta(form: str, *, n_products: int = 12, n_days: int = 240, seed: 
                    n_categories: int = 3, start: date = date(2023, 1, 2),
                    shock_rho: float = 0.0, shock_sd: float = 0.0, price_reaction: float = 0.0,
                    event: tuple[str, str] | None = None, event_level: float = 0.0,
-                   event_elasticity: float = 0.0) -> tuple[pl.DataFrame, dict[str, Any]]:
+                   event_elasticity: float = 0.0, stock: tuple[float, float] | None = None
+                   ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """A train-only meta frame: every product's price is its list price times a multiplier in
     0.7..1.3 redrawn on ~40% of days (exogenous), units ~ Poisson(base * dow * response).
 
@@ -58,6 +59,10 @@ def synthetic_meta(form: str, *, n_products: int = 12, n_days: int = 240, seed: 
 
     An event window (MM-DD, MM-DD; loglog only) adds event_level to log demand and
     event_elasticity to the elasticity on its days.
+
+    Stock-outs: with ``stock`` = (lo, hi), each day's stock is floor(base * uniform(lo, hi))
+    (lo == hi: the same every day) and the recorded units are min(demand, stock), with the
+    stock in column ``on_hand``. Cheap days sell out more often.
 
     Returns:
         (meta with product_index, product_id, date, split, price, units, unit_cost,
@@ -90,12 +95,19 @@ def synthetic_meta(form: str, *, n_products: int = 12, n_days: int = 240, seed: 
         else:
             lam = base[p] * np.exp(DOW[dow] + shock) * true_response(form, r, slope[p])
         price = np.round(list_price[p] * r, 2)
+        units = rng.poisson(lam).astype(np.float64)
+        on_hand = np.full(n_days, np.nan)
+        if stock is not None:
+            on_hand = np.floor(base[p] * rng.uniform(stock[0], stock[1], n_days))
+            units = np.minimum(units, on_hand)
         frames.append(pl.DataFrame({
             "product_index": pl.Series([p] * n_days, dtype=pl.Int32),
             "product_id": [f"P{p:03d}"] * n_days, "date": dates, "split": ["train"] * n_days,
-            "price": price, "units": rng.poisson(lam).astype(np.float64),
+            "price": price, "units": units, "on_hand": on_hand,
             "unit_cost": [0.5 * list_price[p]] * n_days,
             "min_price": [0.6 * list_price[p]] * n_days,
             "max_price": [1.6 * list_price[p]] * n_days,
             "ref_price": price, "category": [f"c{p % n_categories}"] * n_days}))
-    return pl.concat(frames), {"list_price": list_price, "slope": slope, "base": base}
+    meta = pl.concat(frames)
+    return (meta if stock is not None else meta.drop("on_hand"),
+            {"list_price": list_price, "slope": slope, "base": base})

@@ -295,3 +295,52 @@ def test_controls_change_nothing_much_when_prices_are_exogenous() -> None:
     np.testing.assert_allclose(with_controls.elasticity(products, monday),
                                without.elasticity(products, monday), rtol=0.02)
     assert np.abs(with_controls.control_effects).max() < 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# Sales capped by stock
+
+
+def mean_elasticity_ratio(model: DemandModel, truth: dict) -> float:
+    return float((model.elasticity(np.arange(12), np.full(12, MONDAY)) / truth["slope"]).mean())
+
+
+def test_days_that_sold_out_are_left_out_and_the_elasticity_recovered() -> None:
+    """Stock of 1.6-2.6x the base volume binds on ~17% of days (mostly cheap ones): taken as
+    demand, the elasticity comes out at most 0.87 of the truth; with on_hand within 5%."""
+    meta, truth = synthetic_meta("loglog", seed=4, stock=(1.6, 2.6))
+    sold_out = int((meta["units"] >= meta["on_hand"]).sum())
+    assert 0.1 < sold_out / meta.height < 0.2
+    loglog = {"demand_forms": ["loglog"]}
+    naive = DemandModel.fit(meta.drop("on_hand"), settings(**loglog, demand_detect_capped=False))
+    assert mean_elasticity_ratio(naive, truth) < 0.87
+    censored = DemandModel.fit(meta, settings(**loglog))
+    assert abs(mean_elasticity_ratio(censored, truth) - 1.0) < 0.05
+    assert censored.info["censoring"]["stocked_out_days_left_out"] == sold_out
+    assert censored.info["censoring"]["stock_rows"] == meta.height
+
+
+def test_without_stock_data_a_pile_up_at_the_maximum_is_down_weighted() -> None:
+    """The same stock every day (1.9x the base volume): sales pile up at it. Detected, the
+    fit is within 8% of the truth instead of 0.85 of it, and says how many days it found."""
+    meta, truth = synthetic_meta("loglog", seed=4, stock=(1.9, 1.9))
+    capped = int((meta["units"] >= meta["on_hand"]).sum())
+    meta = meta.drop("on_hand")
+    loglog = {"demand_forms": ["loglog"]}
+    naive = DemandModel.fit(meta, settings(**loglog, demand_detect_capped=False))
+    assert mean_elasticity_ratio(naive, truth) < 0.85
+    assert "detected_capped_days" not in naive.info["censoring"]
+    detected = DemandModel.fit(meta, settings(**loglog))
+    assert abs(mean_elasticity_ratio(detected, truth) - 1.0) < 0.08
+    found = detected.info["censoring"]["detected_capped_days"]
+    assert found["pile_up_at_max"] == capped and found["zero_after_sales"] == 0
+
+
+def test_a_zero_day_after_a_run_of_sales_looks_capped() -> None:
+    product = np.zeros(8, dtype=np.int64)
+    dates = np.datetime64("2023-01-02") + np.arange(8)
+    units = np.array([5.0, 4, 6, 0, 0, 7, 3, 0])
+    weight, info = dm.capped_day_weights(product, dates, units, None, detect=True)
+    # Day 3 follows three selling days; day 4 follows a zero; day 7 follows only two.
+    assert weight.tolist() == [1, 1, 1, dm.CAPPED_WEIGHT, 1, 1, 1, 1]
+    assert info["detected_capped_days"]["zero_after_sales"] == 1

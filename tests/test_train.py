@@ -292,3 +292,32 @@ def test_user_mistakes_name_the_fix(processed, tmp_path) -> None:
         train(processed, tmp_path, product="nope", run_id="x")
     with pytest.raises(MissingInputError, match="preprocessing_stats.json not found"):
         train(tmp_path / "missing", tmp_path, run_id="y")
+
+
+def test_the_stock_file_reaches_the_train_days_with_its_bad_rows_reported(tmp_path) -> None:
+    from datetime import date
+
+    from pricing_cli.agent.train import attach_stock
+
+    meta = pl.DataFrame({"product_id": ["A", "A", "B"],
+                         "date": [date(2023, 1, 1), date(2023, 1, 2), date(2023, 1, 1)],
+                         "units": [3.0, 5.0, 1.0]})
+    stock = tmp_path / "stock.csv"
+    stock.write_text("date,product_id,on_hand\n2023-01-02,A,5\n2023-01-01,B,x\n"
+                     "2023-01-01,A,9\n")
+    settings = load_settings(preset="tiny", environ={},
+                             flags={"data.stock": str(stock), "data.max_bad_fraction": 0.5})
+
+    class Log:
+        lines: list[str] = []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+
+    log = Log()
+    joined = attach_stock(meta, settings, log)  # type: ignore[arg-type]
+    assert joined["on_hand"].to_list() == [9.0, 5.0, None]
+    assert joined.drop("on_hand").equals(meta)
+    assert log.lines == [f"stock: skipped 1 bad row(s): {stock}:3: cannot read on_hand 'x' "
+                         "as a number",
+                         f"stock: on_hand for 2 of 3 train product-days from {stock}"]

@@ -56,6 +56,12 @@ CATEGORY_SHRINK = 0.2
 # effects: a train window shorter than a year cannot tell season from level, so keep them small
 # unless the data insists.
 GLOBAL_RIDGE = 1.0
+# Days that look capped by stock without a stock file (capped_day_weights): their weight,
+# and the rules that find them.
+CAPPED_WEIGHT = 0.02
+PILE_UP_DAYS = 3
+ZERO_AFTER_RUN = 3
+ZERO_AFTER_MEAN = 3.0
 # Rounds of the control function (each refits with the lagged surprises of the last fit and
 # the lagged prices; with the prices one round settles: a second moved the tests' confounded
 # elasticity by under 1%).
@@ -197,10 +203,8 @@ class DemandModel:
             raise DataError(f"{source}: no row has a positive price and finite units",
                             "Check the price and units columns of the processed data.")
         n_products = int(n_products if n_products is not None else product.max() + 1)
-        dow, s_sin, s_cos, weekend = calendar_terms(meta["date"].to_numpy())
         product, price = product[usable], price[usable]
         units = np.maximum(raw_units[usable], 0.0)  # net-return days sold nothing
-        dow, s_sin, s_cos, weekend = dow[usable], s_sin[usable], s_cos[usable], weekend[usable]
 
         reference = _median_by_product(product, price, n_products)
         no_rows = np.isnan(reference)
@@ -209,7 +213,11 @@ class DemandModel:
         reference[np.isnan(reference)] = 1.0
         categories, product_category = _product_categories(meta, usable, n_products)
         dates = meta["date"].to_numpy().astype("datetime64[D]")[usable]
-        rows = _FitRows(product=product, dates=dates, price=price, units=units)
+        on_hand = (meta["on_hand"].cast(float).to_numpy()[usable] if "on_hand" in meta.columns
+                   else None)
+        weight, censoring = capped_day_weights(product, dates, units, on_hand,
+                                               detect=settings.train.demand_detect_capped)
+        rows = _FitRows(product=product, dates=dates, price=price, units=units, weight=weight)
         strength = float(settings.train.demand_shrinkage)
         forms: list[str] = list(dict.fromkeys(settings.train.demand_forms))
         calendar = calendar_spec(settings)
@@ -229,8 +237,8 @@ class DemandModel:
                 predicted = trial.expected_units(held.product, held.dates, held.price,
                                                  form=form)
                 deviance[form] = shapes_module.deviance_by_product(
-                    predicted, held.units, held.product, n_products)
-            held_rows = np.bincount(held.product, minlength=n_products).astype(np.float64)
+                    predicted, held.units, held.product, n_products, held.weight)
+            held_rows = np.bincount(held.product, held.weight, n_products)
             chosen = shapes_module.choose_forms(deviance, held_rows, product_category)
             selection = {"holdout": (f"last {settings.train.demand_holdout_fraction:.0%} of each "
                                      "product's train days"),
@@ -260,6 +268,7 @@ class DemandModel:
                 "products": n_products, "products_without_rows": int(no_rows.sum()),
                 "categories": len(categories), "shrinkage": strength, **model.info,
                 "forms": {f: int((chosen == FORMS.index(f)).sum()) for f in forms},
+                "censoring": censoring,
                 "calendar": {
                     "year_harmonics": int(calendar["year_harmonics"]),
                     "event_rows": {name: int(column.sum()) for name, column in zip(
@@ -470,9 +479,11 @@ class _FitRows:
     dates: np.ndarray
     price: np.ndarray
     units: np.ndarray
+    weight: np.ndarray  # likelihood weight: 1, or less on days whose sales look capped
 
     def take(self, keep: np.ndarray) -> _FitRows:
-        return _FitRows(self.product[keep], self.dates[keep], self.price[keep], self.units[keep])
+        return _FitRows(self.product[keep], self.dates[keep], self.price[keep], self.units[keep],
+                        self.weight[keep])
 
 
 def _last_days(product: np.ndarray, dates: np.ndarray, n_products: int, fraction: float
@@ -486,6 +497,56 @@ def _last_days(product: np.ndarray, dates: np.ndarray, n_products: int, fraction
     rank[order] = np.arange(len(product)) - first[product[order]]
     keep_first = np.ceil((1.0 - fraction) * count[product]).astype(np.int64)
     return (rank >= keep_first) & (count[product] >= 5)
+
+
+def capped_day_weights(product: np.ndarray, dates: np.ndarray, units: np.ndarray,
+                       on_hand: np.ndarray | None, *, detect: bool
+                       ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Likelihood weight of each row: sales capped by stock are not demand.
+
+    With stock (``on_hand``, NaN where unknown), a day that sold all of it is censored:
+    demand was at least the sales, so it is left out (weight 0). Rows without stock, when
+    ``detect``: days that look capped get CAPPED_WEIGHT: a pile-up at the product's maximum
+    (the maximum repeats on PILE_UP_DAYS days or more: a Poisson maximum rarely does) and a
+    zero day right after ZERO_AFTER_RUN days of sales of a product selling ZERO_AFTER_MEAN a
+    day or more (under Poisson, a zero is then a 5% event; after a run it is usually a
+    stock-out).
+
+    Returns:
+        (weight per row, counts for the fit's info).
+    """
+    n = len(units)
+    weight = np.ones(n)
+    stock = np.full(n, np.nan) if on_hand is None else np.asarray(on_hand, dtype=np.float64)
+    known = np.isfinite(stock)
+    stocked_out = known & (units >= np.where(known, stock, np.inf) - 1e-9)
+    weight[stocked_out] = 0.0
+    info: dict[str, Any] = {"stock_rows": int(known.sum()),
+                            "stocked_out_days_left_out": int(stocked_out.sum())}
+    if not detect or n == 0:
+        return weight, info
+    n_products = int(product.max()) + 1
+    top = np.full(n_products, -np.inf)
+    np.maximum.at(top, product, units)
+    at_top = (units == top[product]) & (units > 0)
+    repeats = np.bincount(product, at_top.astype(np.float64), n_products)
+    pile_up = at_top & (repeats[product] >= PILE_UP_DAYS) & ~known
+    order = np.lexsort((dates, product))
+    p, day, sold = product[order], dates[order].astype(np.int64), units[order] > 0
+    run = np.ones(n, dtype=bool)
+    for k in range(1, ZERO_AFTER_RUN + 1):
+        previous = np.zeros(n, dtype=bool)
+        previous[k:] = (p[k:] == p[:-k]) & (day[k:] - day[:-k] == k) & sold[:-k]
+        run &= previous
+    mean = np.bincount(product, units, n_products) / np.maximum(np.bincount(product), 1)
+    zero_after = np.zeros(n, dtype=bool)
+    zero_after[order] = ~sold & run & (mean[p] >= ZERO_AFTER_MEAN)
+    zero_after &= ~known
+    weight[pile_up | zero_after] = np.minimum(weight[pile_up | zero_after], CAPPED_WEIGHT)
+    info["detected_capped_days"] = {"pile_up_at_max": int(pile_up.sum()),
+                                    "zero_after_sales": int(zero_after.sum()),
+                                    "weight": CAPPED_WEIGHT}
+    return weight, info
 
 
 def lagged(rows: _FitRows, series: np.ndarray, lags: int) -> np.ndarray:
@@ -532,7 +593,7 @@ def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarra
                                         neg_x[:, None] * shifts,
                                         calendar_level_columns(rows.dates, calendar),
                                         controls]),
-                     units=rows.units)
+                     units=rows.units, weight=rows.weight)
     params, solver = _newton(design, _Params.initial(design), strength, monitor)
     n_controls = controls.shape[1]
     control_term = (controls @ params.core[design.n_core - n_controls:] if n_controls
@@ -569,7 +630,7 @@ def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarr
         log_base = model.log_base_and_elasticity(rows.product, rows.dates)[0] + control_term
         shape_rows = shapes_module.ShapeRows(
             product=rows.product, r=rows.price / reference[rows.product], log_base=log_base,
-            units=rows.units, product_category=product_category)
+            units=rows.units, product_category=product_category, weight=rows.weight)
         elasticity = model.product_parameters()[:, 3]
         for form in wanted:
             start = shapes_module.initial_params(form, elasticity)
@@ -625,17 +686,21 @@ OFFSET_EPS = 1e-6  # keeps the system definite when demand_shrinkage is 0 (mean 
 
 class _Design:
     """The rows of the fit. ``q`` = [z (1, sin, cos, -log rel price), dow one-hot Tue..Sun,
-    v (-log rel price times sin, cos, weekend)], so log λ = (core + offsets) · q."""
+    v (-log rel price times sin, cos, weekend, then the extra columns)], so log λ = (core +
+    offsets) · q. ``weight`` scales each row's likelihood (capped days count less)."""
 
     def __init__(self, *, product: np.ndarray, product_category: np.ndarray, dow: np.ndarray,
-                 z: np.ndarray, v: np.ndarray, units: np.ndarray) -> None:
+                 z: np.ndarray, v: np.ndarray, units: np.ndarray,
+                 weight: np.ndarray | None = None) -> None:
         self.product = product
         self.dow = dow
         self.product_category = product_category
         self.category = product_category[product]
         dow_onehot = (dow[:, None] == np.arange(1, 7)[None, :]).astype(np.float64)
         self.q = np.ascontiguousarray(np.column_stack([z, dow_onehot, v]))
+        self.weight = np.ones(len(units)) if weight is None else weight
         self.units = units
+        self.weighted_units = self.weight * units
         self.n_core = self.q.shape[1]
         self.n_products = len(product_category)
         self.n_categories = int(product_category.max() + 1) if len(product_category) else 0
@@ -690,7 +755,7 @@ def _objective(d: _Design, p: _Params, product_w: np.ndarray, category_w: np.nda
                core_w: np.ndarray) -> float:
     """The penalized Poisson negative log-likelihood (constant terms dropped)."""
     eta = p.eta(d)
-    nll = float((np.exp(eta) - d.units * eta).sum())
+    nll = float((d.weight * np.exp(eta) - d.weighted_units * eta).sum())
     return nll + float((product_w * p.product**2).sum() + (category_w * p.category**2).sum()
                        + (core_w * p.core**2).sum())
 
@@ -700,8 +765,8 @@ def _newton_direction(d: _Design, p: _Params, product_w: np.ndarray, category_w:
     """The exact Newton step and the Newton decrement -grad·step."""
     N_CORE = d.n_core  # noqa: N806 - the size of the core block, as in the comments above
     P, K, G = d.n_products, d.n_categories, N_CORE + 4 * d.n_categories
-    lam = np.exp(p.eta(d))
-    residual = lam - d.units
+    lam = d.weight * np.exp(p.eta(d))  # weighted Poisson: weights scale rate and units alike
+    residual = lam - d.weighted_units
     z = d.q[:, :4]
     # Per product: E_p = sum lam z q^T (4 x 13); its first 4 columns are M_p = sum lam z z^T.
     E = np.zeros((P, 4, N_CORE))
