@@ -276,6 +276,11 @@ class TrainSettings(Section):
     pricer saw does not bias the elasticity. They are 0 (a typical day) when predicting.
     0: off."""
 
+    demand_cross_price: bool = True
+    """Cross-price effect: the category's price index (the mean log price of the product's
+    category siblings that day relative to their reference prices) enters the fit with its
+    own coefficient (> 0: substitutes). Predictions take siblings at their reference prices
+    unless given the index. Needs the catalog's category."""
     demand_detect_capped: bool = True
     """Without stock data for a day, down-weight days whose sales look capped by a stock-out
     (a pile-up at the product's maximum, a zero right after a run of sales). With data.stock,

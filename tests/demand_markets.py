@@ -111,3 +111,36 @@ def synthetic_meta(form: str, *, n_products: int = 12, n_days: int = 240, seed: 
     meta = pl.concat(frames)
     return (meta if stock is not None else meta.drop("on_hand"),
             {"list_price": list_price, "slope": slope, "base": base})
+
+
+def substitutes_meta(cross_price: float, *, n_categories: int = 3, per_category: int = 4,
+                     n_days: int = 240, seed: int = 5, elasticity: float = 2.5
+                     ) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Categories of substitutes: log units = log base + dow - elasticity log r_p +
+    cross_price * (mean log r of the category's other products that day), r = price / list
+    price in 0.7..1.3, each product's multiplier redrawn on ~40% of days independently."""
+    rng = np.random.default_rng(seed)
+    n = n_categories * per_category
+    list_price = rng.uniform(5.0, 50.0, n)
+    base = rng.uniform(30.0, 80.0, n)
+    dates = np.datetime64("2023-01-02", "D") + np.arange(n_days)
+    dow = (dates.astype(np.int64) + 3) % 7
+    level = np.empty((n, n_days), dtype=np.int64)
+    level[:, 0] = rng.integers(len(MULTIPLIERS), size=n)
+    for t in range(1, n_days):
+        redraw = rng.random(n) < 0.4
+        level[:, t] = np.where(redraw, rng.integers(len(MULTIPLIERS), size=n), level[:, t - 1])
+    log_r = np.log(MULTIPLIERS[level])
+    category = np.arange(n) // per_category
+    frames = []
+    for p in range(n):
+        siblings = (category == category[p]) & (np.arange(n) != p)
+        index = log_r[siblings].mean(axis=0)
+        lam = base[p] * np.exp(DOW[dow] - elasticity * log_r[p] + cross_price * index)
+        price = np.round(list_price[p] * np.exp(log_r[p]), 2)
+        frames.append(pl.DataFrame({
+            "product_index": pl.Series([p] * n_days, dtype=pl.Int32),
+            "product_id": [f"P{p:03d}"] * n_days, "date": dates, "split": ["train"] * n_days,
+            "price": price, "units": rng.poisson(lam).astype(np.float64),
+            "category": [f"c{category[p]}"] * n_days}))
+    return pl.concat(frames), {"list_price": list_price, "base": base}

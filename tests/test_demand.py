@@ -14,7 +14,7 @@ from pricing_cli.agent.demand import DemandModel, calendar_terms
 from pricing_cli.config import load_settings
 from pricing_cli.errors import DataError
 from tests.agent_fixtures import TRUE_DOW_EFFECT, write_processed
-from tests.demand_markets import synthetic_meta, true_elasticity
+from tests.demand_markets import substitutes_meta, synthetic_meta, true_elasticity
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,11 @@ def settings(**train: object) -> object:
                          environ={})
 
 
-# The 13-parameter core alone: one shape, no events, no week-of-year terms, no controls.
+# The 13-parameter core alone: one shape, no events, no week-of-year terms, no controls, no
+# cross-price term, every day at full weight.
 BASE_ONLY: dict[str, object] = {"demand_forms": ["loglog"], "demand_events": {},
-                                "demand_year_harmonics": 0, "demand_control_lags": 0}
+                                "demand_year_harmonics": 0, "demand_control_lags": 0,
+                                "demand_cross_price": False, "demand_detect_capped": False}
 
 
 def mean_elasticity_by_product(model: DemandModel, meta: pl.DataFrame) -> np.ndarray:
@@ -344,3 +346,37 @@ def test_a_zero_day_after_a_run_of_sales_looks_capped() -> None:
     # Day 3 follows three selling days; day 4 follows a zero; day 7 follows only two.
     assert weight.tolist() == [1, 1, 1, dm.CAPPED_WEIGHT, 1, 1, 1, 1]
     assert info["detected_capped_days"]["zero_after_sales"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-price: the category's price index
+
+
+def test_the_cross_price_effect_of_substitutes_is_recovered() -> None:
+    """3 categories of 4 substitutes: a sibling's price 10% up raises demand by the cross
+    effect 1.0 / 3 siblings. The fit finds the coefficient within 0.15, keeps the own
+    elasticity (2.5) within 5%, and a price index passed in moves the prediction."""
+    meta, _ = substitutes_meta(1.0)
+    model = DemandModel.fit(meta, settings(demand_forms=["loglog"]))
+    assert model.cross_price == pytest.approx(1.0, abs=0.15)
+    np.testing.assert_allclose(model.elasticity(np.arange(12), np.full(12, MONDAY)), 2.5,
+                               rtol=0.05)
+    price = model.reference_price[:1]
+    at_reference = model.expected_units(np.zeros(1), np.full(1, MONDAY), price)
+    dearer_siblings = model.expected_units(np.zeros(1), np.full(1, MONDAY), price,
+                                           category_index=np.full(1, 0.1))
+    assert dearer_siblings[0] / at_reference[0] == pytest.approx(np.exp(0.1 * model.cross_price))
+    # Independent products: the coefficient shrinks to nothing.
+    alone = DemandModel.fit(substitutes_meta(0.0)[0], settings(demand_forms=["loglog"]))
+    assert abs(alone.cross_price) < 0.1
+    off = DemandModel.fit(meta, settings(demand_forms=["loglog"], demand_cross_price=False))
+    assert off.cross_price is None and off.info["calendar"]["cross_price"] is None
+
+
+def test_category_price_index_by_hand() -> None:
+    product = np.array([0, 1, 2, 0, 1, 3])
+    dates = np.array(["2023-01-02"] * 3 + ["2023-01-03"] * 3, dtype="datetime64[D]")
+    log_rel = np.array([0.1, 0.2, 0.6, -0.1, 0.3, 0.5])
+    # Products 0-2 in category 0, product 3 without a category.
+    index = dm.category_price_index(product, dates, log_rel, np.array([0, 0, 0, -1]))
+    np.testing.assert_allclose(index, [0.4, 0.35, 0.15, 0.3, -0.1, 0.0])

@@ -123,7 +123,8 @@ def calendar_spec(settings: Settings) -> dict[str, Any]:
     return {"year_harmonics": int(train.demand_year_harmonics),
             "events": {k: list(v) for k, v in train.demand_events.items()},
             "event_elasticity": bool(train.demand_event_elasticity),
-            "control_lags": int(train.demand_control_lags)}
+            "control_lags": int(train.demand_control_lags),
+            "cross_price": bool(train.demand_cross_price)}
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,9 @@ class DemandModel:
     level_effects: np.ndarray | None = None
     event_elasticity: np.ndarray | None = None
     control_effects: np.ndarray | None = None
+    # Coefficient of the category price index (category_price_index): > 0 when siblings are
+    # substitutes (their higher prices raise this product's demand). None or 0: no effect.
+    cross_price: float | None = None
 
     @property
     def n_products(self) -> int:
@@ -278,6 +282,7 @@ class DemandModel:
                                                  np.asarray(model.event_elasticity).tolist(),
                                                  strict=True)),
                     "control_lags": lags,
+                    "cross_price": model.cross_price,
                     "control_effects": np.asarray(model.control_effects).round(4).tolist()},
                 **({"form_selection": selection} if selection else {}),
                 "seconds": round(time.monotonic() - started, 3)}
@@ -339,14 +344,20 @@ class DemandModel:
         return elasticity
 
     def expected_units(self, product_index: np.ndarray, dates: np.ndarray,
-                       prices: np.ndarray, *, form: str | None = None) -> np.ndarray:
+                       prices: np.ndarray, *, form: str | None = None,
+                       category_index: np.ndarray | None = None) -> np.ndarray:
         """Expected daily units (float64) for each (product, date, price) row.
 
         Arrays broadcast: e.g. product_index and dates of shape (n, 1) with prices (n, K).
         ``form`` evaluates every row with that shape instead of its product's chosen one.
+        ``category_index``: the category's price index of each row (see
+        :func:`category_price_index`; 0, the default, is siblings at their reference prices),
+        for pricing a category jointly.
         """
         product_index = np.asarray(product_index, dtype=np.int64)
         log_base, elasticity = self.log_base_and_elasticity(product_index, dates)
+        if category_index is not None and self.cross_price:
+            log_base = log_base + self.cross_price * np.asarray(category_index, dtype=np.float64)
         rel = np.asarray(prices, dtype=np.float64) / self.reference_price[product_index]
         units = np.exp(np.minimum(log_base - elasticity * np.log(rel), ETA_MAX))
         forms = np.broadcast_to(self._forms_of(product_index, form), units.shape)
@@ -428,7 +439,9 @@ class DemandModel:
                 "event_elasticity": (self.event_elasticity if self.event_elasticity is not None
                                      else empty),
                 "control_effects": (self.control_effects if self.control_effects is not None
-                                    else empty)}
+                                    else empty),
+                "cross_price": np.array([self.cross_price if self.cross_price is not None
+                                         else np.nan])}
 
     @classmethod
     def load(cls, folder: str | Path) -> DemandModel:
@@ -440,7 +453,10 @@ class DemandModel:
         folder = Path(folder)
         try:
             with np.load(folder / NPZ_NAME, allow_pickle=False) as arrays:
-                data = {k: arrays[k] for k in arrays.files}
+                data: dict[str, Any] = {k: arrays[k] for k in arrays.files}
+            if "cross_price" in data:
+                value = float(data["cross_price"][0])
+                data["cross_price"] = None if np.isnan(value) else value
             meta = json.loads((folder / JSON_NAME).read_text(encoding="utf-8"))
             return cls(categories=list(meta["categories"]), info=dict(meta["info"]),
                        calendar=dict(meta.get("calendar", {})), **data)
@@ -549,6 +565,32 @@ def capped_day_weights(product: np.ndarray, dates: np.ndarray, units: np.ndarray
     return weight, info
 
 
+def category_price_index(product: np.ndarray, dates: np.ndarray, log_rel_price: np.ndarray,
+                         product_category: np.ndarray) -> np.ndarray:
+    """Each row's category price index: the mean log(price / reference) of the other
+    products of its category priced that day (0 without a category or a sibling that day).
+
+    Args:
+        product, dates, log_rel_price: per row (log_rel_price = log(price / ref_p)).
+        product_category: (n_products,) category index, -1 for none.
+    """
+    category = product_category[product]
+    has = category >= 0
+    out = np.zeros(len(product))
+    if not has.any():
+        return out
+    day = dates.astype("datetime64[D]").astype(np.int64)
+    day = day - day.min()
+    key = category[has] * (int(day.max()) + 1) + day[has]
+    _, group = np.unique(key, return_inverse=True)
+    total = np.bincount(group, log_rel_price[has])
+    count = np.bincount(group)
+    siblings = count[group] - 1
+    out[has] = np.where(siblings > 0, (total[group] - log_rel_price[has])
+                        / np.maximum(siblings, 1), 0.0)
+    return out
+
+
 def lagged(rows: _FitRows, series: np.ndarray, lags: int) -> np.ndarray:
     """(n, lags): the product's ``series`` 1..lags days before each row (past only).
 
@@ -587,12 +629,14 @@ def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarra
     events = event_indicators(rows.dates, calendar.get("events", {}))
     shifts = events if calendar.get("event_elasticity") else np.zeros((len(neg_x), 0))
     controls = controls if controls is not None else np.zeros((len(neg_x), 0))
+    cross = (category_price_index(rows.product, rows.dates, -neg_x, product_category)[:, None]
+             if calendar.get("cross_price") else np.zeros((len(neg_x), 0)))
     design = _Design(product=rows.product, product_category=product_category, dow=dow,
                      z=np.column_stack([np.ones_like(neg_x), s_sin, s_cos, neg_x]),
                      v=np.column_stack([neg_x * s_sin, neg_x * s_cos, neg_x * weekend,
                                         neg_x[:, None] * shifts,
                                         calendar_level_columns(rows.dates, calendar),
-                                        controls]),
+                                        cross, controls]),
                      units=rows.units, weight=rows.weight)
     params, solver = _newton(design, _Params.initial(design), strength, monitor)
     n_controls = controls.shape[1]
@@ -614,6 +658,7 @@ def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarr
     n_events = len(calendar.get("events", {}))
     n_shifts = n_events if calendar.get("event_elasticity") else 0
     n_level = 2 * int(calendar.get("year_harmonics", 0)) + n_events
+    n_cross = 1 if calendar.get("cross_price") else 0
     extra = base.core[N_BASE_CORE:]
     model = cls(mean=base.core[:4].copy(), category_offset=base.category,
                 product_offset=base.product, product_category=product_category,
@@ -622,7 +667,8 @@ def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarr
                 categories=categories, info=solver, calendar=calendar,
                 event_elasticity=(extra[:n_shifts].copy() if n_shifts else np.zeros(n_events)),
                 level_effects=extra[n_shifts:n_shifts + n_level].copy(),
-                control_effects=extra[n_shifts + n_level:].copy())
+                cross_price=(float(extra[n_shifts + n_level]) if n_cross else None),
+                control_effects=extra[n_shifts + n_level + n_cross:].copy())
     shape_params = np.zeros((n_products, len(FORMS), shapes_module.N_SHAPE_PARAMS))
     wanted = [f for f in forms if f != "loglog"
               and (chosen is None or (chosen == FORMS.index(f)).any())]
