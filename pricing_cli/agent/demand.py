@@ -252,7 +252,8 @@ class DemandModel:
         else:
             chosen = np.full(n_products, FORMS.index(forms[0]), dtype=np.int8)
         model = _fit_with_shapes(cls, rows, reference, product_category, categories, strength,
-                                 forms, chosen, calendar, monitor)
+                                 forms, chosen, calendar, monitor,
+                                 warm=trial if selection else None)
         lags = int(calendar["control_lags"])
         # The lagged prices beside the surprises absorb the part of a surprise that is the
         # current fit's own elasticity error (it would otherwise take many rounds to settle).
@@ -263,7 +264,7 @@ class DemandModel:
             surprise = np.log((units + 0.5)
                               / (model.expected_units(rows.product, rows.dates, rows.price) + 0.5))
             model = _fit_with_shapes(cls, rows, reference, product_category, categories,
-                                     strength, forms, chosen, calendar, monitor,
+                                     strength, forms, chosen, calendar, monitor, warm=model,
                                      controls=np.column_stack([
                                          lagged(rows, surprise, lags),
                                          lagged(rows, log_rel_price, lags)]))
@@ -317,6 +318,19 @@ class DemandModel:
             events = event_indicators(dates, self.calendar["events"])
             elasticity = elasticity + events @ self.event_elasticity
         return log_base, elasticity
+
+    def core_vector(self) -> np.ndarray:
+        """The fit's common parameters in the Newton core's order (means, dow Tue..Sun, g,
+        event elasticity shifts, calendar level terms, cross-price, controls)."""
+        n_shifts = len(self.calendar.get("events", {})) if self.calendar.get(
+            "event_elasticity") else 0
+        parts = [self.mean, self.dow_effect[1:], self.elasticity_modifiers,
+                 np.asarray(self.event_elasticity if self.event_elasticity is not None
+                            else [])[:n_shifts],
+                 np.asarray(self.level_effects if self.level_effects is not None else []),
+                 np.asarray([self.cross_price] if self.cross_price is not None else []),
+                 np.asarray(self.control_effects if self.control_effects is not None else [])]
+        return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
 
     def _forms_of(self, product_index: np.ndarray, form: str | None) -> np.ndarray:
         """Shape index of each row (its product's, or ``form`` for every row)."""
@@ -614,7 +628,8 @@ def lagged(rows: _FitRows, series: np.ndarray, lags: int) -> np.ndarray:
 
 def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarray,
               strength: float, calendar: dict[str, Any], controls: np.ndarray | None,
-              monitor: RunMonitor | None) -> tuple[_Params, dict[str, Any], np.ndarray]:
+              monitor: RunMonitor | None, warm: DemandModel | None = None
+              ) -> tuple[_Params, dict[str, Any], np.ndarray]:
     """The constant-elasticity (loglog) fit of the rows: the calendar level of every shape.
 
     Core columns after the 13 base ones: -x · event (elasticity shifts, if
@@ -638,7 +653,12 @@ def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarra
                                         calendar_level_columns(rows.dates, calendar),
                                         cross, controls]),
                      units=rows.units, weight=rows.weight)
-    params, solver = _newton(design, _Params.initial(design), strength, monitor)
+    start = _Params.initial(design)
+    if warm is not None:  # a fit of nearly the same rows: Newton starts next to its optimum
+        core = warm.core_vector()[:design.n_core]
+        start = _Params(np.concatenate([core, np.zeros(design.n_core - len(core))]),
+                        warm.category_offset.copy(), warm.product_offset.copy())
+    params, solver = _newton(design, start, strength, monitor)
     n_controls = controls.shape[1]
     control_term = (controls @ params.core[design.n_core - n_controls:] if n_controls
                     else np.zeros(len(neg_x)))
@@ -648,12 +668,13 @@ def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarra
 def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarray,
                      product_category: np.ndarray, categories: list[str], strength: float,
                      forms: list[str], chosen: np.ndarray | None, calendar: dict[str, Any],
-                     monitor: RunMonitor | None, controls: np.ndarray | None = None
-                     ) -> DemandModel:
+                     monitor: RunMonitor | None, controls: np.ndarray | None = None,
+                     warm: DemandModel | None = None) -> DemandModel:
     """The base fit, then each other shape in ``forms`` (only those some product chose, when
-    ``chosen`` is given) on the base's calendar level (controls included)."""
+    ``chosen`` is given) on the base's calendar level (controls included). ``warm``: a fit of
+    nearly the same rows to start from."""
     base, solver, control_term = _fit_base(rows, reference, product_category, strength,
-                                           calendar, controls, monitor)
+                                           calendar, controls, monitor, warm)
     n_products = len(reference)
     n_events = len(calendar.get("events", {}))
     n_shifts = n_events if calendar.get("event_elasticity") else 0
@@ -680,6 +701,9 @@ def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarr
         elasticity = model.product_parameters()[:, 3]
         for form in wanted:
             start = shapes_module.initial_params(form, elasticity)
+            if warm is not None and warm.shape_params is not None \
+                    and warm.shape_params[:, FORMS.index(form)].any():
+                start = warm.shape_params[:, FORMS.index(form)].copy()
             shape_params[:, FORMS.index(form)] = shapes_module.fit_shape(
                 form, shape_rows, start, strength)
     product_form = (chosen if chosen is not None
@@ -833,10 +857,8 @@ def _newton_direction(d: _Design, p: _Params, product_w: np.ndarray, category_w:
     H[:N_CORE, :N_CORE] = (d.q * lam[:, None]).T @ d.q + 2.0 * np.diag(core_w)
     grad = np.zeros(G)
     grad[:N_CORE] = d.q.T @ residual + 2.0 * core_w * p.core
-    B = np.zeros((P, 4, G))
-    B[:, :, :N_CORE] = E
+    cat = d.product_category[has] if K else np.zeros(0, dtype=np.int64)
     if K:
-        cat = d.product_category[has]
         E_cat = np.zeros((K, 4, N_CORE))
         np.add.at(E_cat, cat, E[has])
         g_cat = np.zeros((K, 4))
@@ -847,18 +869,39 @@ def _newton_direction(d: _Design, p: _Params, product_w: np.ndarray, category_w:
             H[block, :N_CORE] = E_cat[k]
             H[:N_CORE, block] = E_cat[k].T
             grad[block] = g_cat[k] + 2.0 * category_w * p.category[k]
-        cols = N_CORE + 4 * cat[:, None] + np.arange(4)[None, :]
-        B[has[:, None, None], np.arange(4)[None, :, None], cols[:, None, :]] = M[has]
     grad_product = grad_product + 2.0 * product_w * p.product
 
-    # Eliminate the product blocks: A_p d_p + B_p d_g = -g_p.
+    # Eliminate the product blocks: A_p d_p + B_p d_g = -g_p, where B_p = [E_p, M_p in its
+    # category's 4 columns, 0 elsewhere]. Only those blocks are formed (A, M symmetric):
+    # the Schur complement H - sum_p B_p^T A_p^-1 B_p has core x core, core x own category and
+    # category x category parts only.
     A = M + 2.0 * np.diag(product_w)[None, :, :]
-    A_inv_B = np.linalg.solve(A, B)
+    A_inv_E = np.linalg.solve(A, E)
     A_inv_g = np.linalg.solve(A, grad_product[:, :, None])[:, :, 0]
-    B_flat = B.reshape(P * 4, G)
-    schur = H - B_flat.T @ A_inv_B.reshape(P * 4, G)
-    step_global = np.linalg.solve(schur, -grad + B_flat.T @ A_inv_g.reshape(P * 4))
-    step_product = -A_inv_g - A_inv_B @ step_global
+    E_flat = E.reshape(P * 4, N_CORE)
+    schur = H
+    schur[:N_CORE, :N_CORE] -= E_flat.T @ A_inv_E.reshape(P * 4, N_CORE)
+    rhs = -grad
+    rhs[:N_CORE] += E_flat.T @ A_inv_g.reshape(P * 4)
+    if K:
+        A_inv_M = A_inv_E[has, :, :4]  # A^-1 M_p: M_p is E_p's first 4 columns
+        core_cat = np.zeros((K, N_CORE, 4))
+        np.add.at(core_cat, cat, np.einsum("pin,pij->pnj", A_inv_E[has], M[has]))
+        cat_cat = np.zeros((K, 4, 4))
+        np.add.at(cat_cat, cat, np.einsum("pin,pij->pnj", A_inv_M, M[has]))
+        rhs_cat = np.zeros((K, 4))
+        np.add.at(rhs_cat, cat, np.einsum("pij,pj->pi", M[has], A_inv_g[has]))
+        for k in range(K):
+            block = slice(N_CORE + 4 * k, N_CORE + 4 * k + 4)
+            schur[:N_CORE, block] -= core_cat[k]
+            schur[block, :N_CORE] -= core_cat[k].T
+            schur[block, block] -= cat_cat[k]
+            rhs[block] += rhs_cat[k]
+    step_global = np.linalg.solve(schur, rhs)
+    step_product = -A_inv_g - A_inv_E @ step_global[:N_CORE]
+    if K:
+        step_cat = step_global[N_CORE:].reshape(K, 4)
+        step_product[has] -= np.einsum("pij,pj->pi", A_inv_M, step_cat[cat])
     step = _Params(step_global[:N_CORE], step_global[N_CORE:].reshape(K, 4), step_product)
     decrement = -float(grad @ step_global + (grad_product * step_product).sum())
     return step, decrement

@@ -25,6 +25,7 @@ import numpy as np
 FORMS = ("loglog", "linear", "logit")
 N_SHAPE_PARAMS = 3  # widest parameter vector (logit: m, a, b); linear uses the first two
 FISHER_ITERATIONS = 40
+STEP_TOL = 1e-6  # largest parameter move at which a fit counts as converged
 MIN_RATE = 1e-12  # a Poisson mean of 0 would make a sold unit infinitely unlikely
 # The linear shape's floor (share of the level): beyond the choke price demand is zero, but a
 # Poisson likelihood needs a positive mean where a unit was sold.
@@ -192,8 +193,8 @@ def fit_shape(form: str, rows: ShapeRows, start: np.ndarray, strength: float) ->
         keep = ~worse
         theta[keep] = candidate[keep]
         f[keep] = f_new[keep]
-        if np.abs(t[:, None] * step).max(initial=0.0) < 1e-9:
-            break
+        if np.abs(t[:, None] * step).max(initial=0.0) < STEP_TOL and iteration % 5 == 4:
+            break  # converged under the latest group means
     prior = _group_means(theta, has_rows, rows.product_category)
     theta[~has_rows] = prior[~has_rows]
     return theta
