@@ -81,6 +81,10 @@ class DataSettings(Section):
     """Catalog file: product_id, unit_cost, min_price, max_price, optional category."""
     ground_truth: str = "data/raw/ground_truth.json"
     """True demand parameters (only for generated markets); ignored if missing."""
+    stock: str | None = None
+    """Optional stock file (CSV/Parquet: date, product_id, on_hand units that day). Days
+    that sold all their stock are censored demand: the demand fit leaves them out. None: no
+    stock data (the fit then down-weights days that look capped; train.demand_detect_capped)."""
     columns: ColumnMap = ColumnMap()
     """Column-name mapping for the transaction files."""
     date_format: str | None = None
@@ -360,6 +364,57 @@ class TrainSettings(Section):
     """Evaluate on val every N steps to select the best model."""
     demand_shrinkage: float = Field(5.0, ge=0)
     """Strength of the pooling of product demand parameters toward their category."""
+    demand_forms: list[Literal["loglog", "linear", "logit"]] = ["loglog", "linear", "logit"]
+    """Price-response shapes the demand fit tries for every product: loglog (constant
+    elasticity), linear (with a choke price), logit (units = M·σ(a − b·price/ref)). Each
+    product gets the one with the lowest Poisson deviance on its held-out last train days,
+    pooled toward its category's choice; [loglog] alone: no selection (docs/agent.md)."""
+    demand_holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of each product's last train days held out to choose its demand shape (the
+    shapes are then refitted on all train days). The val and test splits are never used."""
+    demand_events: dict[str, list[str]] = {"black_friday_week": ["11-22", "11-30"],
+                                           "december_run_up": ["12-01", "12-24"]}
+    """Calendar event windows of the demand model, name: [first MM-DD, last MM-DD]
+    (inclusive, every year; a window may wrap past New Year). Inside each window demand
+    gets its own level shift and (with demand_event_elasticity) its own elasticity shift. {}:
+    no events. The default is the retail Black Friday week and the December run-up."""
+    demand_event_elasticity: bool = True
+    """Let the elasticity shift inside each event window (shoppers compare prices more in
+    sales seasons). Off: events move the level only."""
+    demand_year_harmonics: int = Field(2, ge=0)
+    """Week-of-year effects: yearly sine/cosine pairs of order 2..1+N as common level terms
+    (order 1 is each product's own season). Used only when train spans a year or more
+    (shorter, they would extrapolate). 0: none."""
+    demand_control_lags: int = Field(2, ge=0)
+    """Control function against prices set in response to demand: the product's demand
+    surprises (log sales vs a first fit's prediction) and log relative prices of the last N
+    days (past only) enter a second fit as controls, so a price that followed demand the
+    pricer saw does not bias the elasticity. They are 0 (a typical day) when predicting.
+    0: off."""
+
+    demand_cross_price: bool = True
+    """Cross-price effect: the category's price index (the mean log price of the product's
+    category siblings that day relative to their reference prices) enters the fit with its
+    own coefficient (> 0: substitutes). Predictions take siblings at their reference prices
+    unless given the index. Needs the catalog's category."""
+    demand_detect_capped: bool = True
+    """Without stock data for a day, down-weight days whose sales look capped by a stock-out
+    (a pile-up at the product's maximum, a zero right after a run of sales). With data.stock,
+    days that sold all the stock are left out of the fit (their demand was higher)."""
+
+    @field_validator("demand_events")
+    @classmethod
+    def _event_windows(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, window in value.items():
+            if len(window) != 2:
+                raise ValueError(f"event {name!r} needs [first MM-DD, last MM-DD]")
+            for day in window:
+                try:
+                    date.fromisoformat(f"2000-{day}")
+                except ValueError:
+                    raise ValueError(f"event {name!r}: {day!r} is not a MM-DD day, e.g. "
+                                     "11-22") from None
+        return value
     feature_hidden: int = Field(64, ge=1, le=65536)
     """Width of the extractor's MLP over the state features (beside the product embedding)."""
     price_change_cost: float = Field(0.0, ge=0)

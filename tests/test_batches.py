@@ -48,7 +48,8 @@ def small_block(n: int = 6, n_features: int = 4, product: int = 0, seed: int = 0
               "split": np.array(["train"] * (n - 2) + ["val", "test"]),
               "price": rng.uniform(5, 10, n), "units": rng.uniform(0, 4, n),
               "unit_cost": np.full(n, 3.0), "min_price": np.full(n, 4.0),
-              "max_price": np.full(n, 12.0), "ref_price": rng.uniform(5, 10, n)},
+              "max_price": np.full(n, 12.0), "ref_price": rng.uniform(5, 10, n),
+              "category": np.array([f"cat{product % 2}"] * n)},
     )
 
 
@@ -309,7 +310,8 @@ def write_legacy_batch(path: Path, block: SampleBlock, names: list[str]) -> None
         labels[i] = {h: int(block.labels[h][i]) for h in block.labels}
         masks[i] = {h: block.masks[h][i].tolist() for h in block.masks}
     frame = np.empty((), dtype=object)
-    frame[()] = pd.DataFrame({c: block.meta[c] for c in block.meta})
+    # The old system had no category column.
+    frame[()] = pd.DataFrame({c: block.meta[c] for c in block.meta if c != "category"})
     np.savez(path, strategic_features=features, labels=labels, masks=masks, df=frame)
 
 
@@ -341,6 +343,8 @@ def test_legacy_batch_is_refused_then_converted_with_trust(tmp_path: Path,
     assert result.failures == [] and result.summary["legacy_converted"] == 1
     converted, names = load_batch(path)
     assert names == ["a", "b", "c", "d"]
+    assert converted.meta["category"].tolist() == ["none"] * 9
+    original.meta["category"] = converted.meta["category"]
     assert_blocks_equal(converted, original)
     assert (folder / "batch_0000.npz.legacy").read_bytes() == legacy_bytes
     again = run_validate_batches(tiny_settings(), quiet_monitor()[0], paths=[folder])

@@ -69,13 +69,20 @@ def test_outputs_follow_the_contract_and_match_a_per_file_reference(features_dir
             "product_index": pl.Int32, "product_id": pl.String, "date": pl.Date,
             "split": pl.String, "price": pl.Float64, "units": pl.Float64,
             "unit_cost": pl.Float64, "min_price": pl.Float64, "max_price": pl.Float64,
-            "ref_price": pl.Float64}
+            "ref_price": pl.Float64, "category": pl.String}
         assert meta["split"].unique().to_list() == [split]
         assert meta.sort(["product_index", "date"]).equals(meta)  # contract order
         source = pl.concat([pl.read_parquet(features_dir / f"{i:05d}.parquet")
                             for i in range(13)]).filter(pl.col("split") == split)
         assert meta["price"].to_list() == source["price"].to_list()
         assert meta["product_id"].to_list() == source["product_id"].to_list()
+        assert meta["category"].to_list() == source["category"].to_list()
+    # The catalog category reaches the demand fit (it pools toward cat0, cat1, cat2).
+    from pricing_cli.agent.demand import DemandModel
+
+    fitted = DemandModel.fit(pl.read_parquet(PROCESSED / "meta_train.parquet"), settings)
+    assert fitted.categories == ["cat0", "cat1", "cat2"] and fitted.info["categories"] == 3
+    assert fitted.product_category.tolist() == [i % 3 for i in range(13)]
     names = json.loads(outputs["feature_cols.json"])
     assert len(names) == 5 + 8 * 7 + 2 * 11 + 6 and names[:2] == ["f_0", "f_1"]
     stats = json.loads(outputs["preprocessing_stats.json"])

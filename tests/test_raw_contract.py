@@ -13,6 +13,7 @@ from pricing_cli.config import load_settings
 from pricing_cli.data.raw_contract import (
     read_catalog,
     read_daily_sales,
+    read_stock,
     read_transaction_file,
     transaction_files,
 )
@@ -202,3 +203,52 @@ def test_catalog_line_numbers_count_line_breaks_inside_quoted_fields(tmp_path):
         read_catalog(path)
     assert caught.value.message == (
         f"catalog {path} has invalid rows: {path}:4: min_price 6.0 > max_price 5.0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stock file (data.stock)
+
+STOCK_ROWS = [
+    "date,product_id,on_hand",
+    "2023-01-01,A,12",
+    "2023-01-02,A,0",
+    "2023-01-01,B,7.5",
+]
+
+
+@pytest.mark.parametrize(("bad_line", "reason"), [
+    ("2023-01-03,A,many", "cannot read on_hand 'many' as a number"),
+    ("2023-01-03,A,-2", "on_hand -2 is not a count >= 0"),
+    ("2023-02-30,B,4", "cannot read date '2023-02-30'"),
+    ("2023-01-03,,4", "missing product_id"),
+    ("2023-01-01,A,3", "product 'A' on 2023-01-01 repeats an earlier row"),
+])
+def test_a_bad_stock_row_is_skipped_and_reported_with_its_line(tmp_path, bad_line, reason):
+    path = tmp_path / "stock.csv"
+    path.write_text("\n".join([*STOCK_ROWS[:3], bad_line, STOCK_ROWS[3]]) + "\n")
+    stock, report = read_stock(path, data_settings(max_bad_fraction=0.25))
+    assert report.rows == 4 and report.bad_rows == 1
+    assert report.examples == (f"{path}:4: {reason}",)
+    assert stock.rows() == [("A", date(2023, 1, 1), 12.0), ("A", date(2023, 1, 2), 0.0),
+                            ("B", date(2023, 1, 1), 7.5)]
+    # Above data.max_bad_fraction the file is an error that names the row and the fix.
+    with pytest.raises(DataError, match=r"1 of 4 rows \(25.00%\) are bad, more than "
+                                        r"data.max_bad_fraction = 1.00%; first: .*:4: ") as err:
+        read_stock(path, data_settings())
+    assert "data.max_bad_fraction" in err.value.hint
+
+
+def test_stock_file_problems_are_clear_errors(tmp_path):
+    with pytest.raises(MissingInputError, match="stock file not found"):
+        read_stock(tmp_path / "none.csv", data_settings())
+    path = tmp_path / "stock.csv"
+    path.write_text("date,product_id,units\n2023-01-01,A,3\n")
+    with pytest.raises(DataError, match="has no column 'on_hand'"):
+        read_stock(path, data_settings())
+    path.write_text("date,product_id,on_hand\n")
+    with pytest.raises(DataError, match="has a header but no rows"):
+        read_stock(path, data_settings())
+    parquet = tmp_path / "stock.parquet"
+    pl.DataFrame({"date": [date(2023, 1, 1)], "product_id": ["A"], "on_hand": [3]}
+                 ).write_parquet(parquet)
+    assert read_stock(parquet, data_settings())[0].rows() == [("A", date(2023, 1, 1), 3.0)]

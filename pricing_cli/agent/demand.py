@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pricing_cli.agent import demand_shapes as shapes_module
+from pricing_cli.agent.demand_shapes import FORMS
 from pricing_cli.errors import DataError, ModelError
 from pricing_cli.storage import atomic_write, write_json
 
@@ -54,6 +56,16 @@ CATEGORY_SHRINK = 0.2
 # effects: a train window shorter than a year cannot tell season from level, so keep them small
 # unless the data insists.
 GLOBAL_RIDGE = 1.0
+# Days that look capped by stock without a stock file (capped_day_weights): their weight,
+# and the rules that find them.
+CAPPED_WEIGHT = 0.02
+PILE_UP_DAYS = 3
+ZERO_AFTER_RUN = 3
+ZERO_AFTER_MEAN = 3.0
+# Rounds of the control function (each refits with the lagged surprises of the last fit and
+# the lagged prices; with the prices one round settles: a second moved the tests' confounded
+# elasticity by under 1%).
+CONTROL_ROUNDS = 1
 ETA_MAX = 30.0  # exp overflow guard during line searches
 REQUIRED_COLUMNS = ("product_index", "date", "price", "units")
 YEAR_DAYS = 365.25
@@ -73,6 +85,46 @@ def calendar_terms(dates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     doy = (days - days.astype("datetime64[Y]")).astype(np.int64) + 1
     angle = 2.0 * np.pi * doy / YEAR_DAYS
     return dow, np.sin(angle), np.cos(angle), (dow >= 5).astype(np.float64)
+
+
+def event_indicators(dates: np.ndarray, events: dict[str, list[str]]) -> np.ndarray:
+    """(..., n_events) float64: 1 where the date falls in the event window (MM-DD to MM-DD,
+    inclusive, every year; a window whose first day is after its last wraps past New Year)."""
+    days = np.asarray(dates).astype("datetime64[D]")
+    months = days.astype("datetime64[M]")
+    month_day = ((months.astype(np.int64) % 12 + 1) * 100
+                 + (days - months).astype(np.int64) + 1)
+    columns = []
+    for first, last in events.values():
+        lo, hi = (int(first.replace("-", "")), int(last.replace("-", "")))
+        inside = ((month_day >= lo) & (month_day <= hi) if lo <= hi
+                  else (month_day >= lo) | (month_day <= hi))
+        columns.append(inside.astype(np.float64))
+    return np.stack(columns, axis=-1) if columns else np.zeros((*days.shape, 0))
+
+
+def calendar_level_columns(dates: np.ndarray, calendar: dict[str, Any]) -> np.ndarray:
+    """(..., 2·year_harmonics + n_events) common level terms: yearly sin/cos of order
+    2..1+year_harmonics (week-of-year shape), then the event indicators."""
+    days = np.asarray(dates).astype("datetime64[D]")
+    doy = (days - days.astype("datetime64[Y]")).astype(np.int64) + 1
+    angle = 2.0 * np.pi * doy / YEAR_DAYS
+    columns = []
+    for order in range(2, 2 + int(calendar.get("year_harmonics", 0))):
+        columns += [np.sin(order * angle), np.cos(order * angle)]
+    parts = [np.stack(columns, axis=-1)] if columns else []
+    parts.append(event_indicators(days, calendar.get("events", {})))
+    return np.concatenate(parts, axis=-1)
+
+
+def calendar_spec(settings: Settings) -> dict[str, Any]:
+    """The calendar terms the settings ask for (saved with the model, used to predict)."""
+    train = settings.train
+    return {"year_harmonics": int(train.demand_year_harmonics),
+            "events": {k: list(v) for k, v in train.demand_events.items()},
+            "event_elasticity": bool(train.demand_event_elasticity),
+            "control_lags": int(train.demand_control_lags),
+            "cross_price": bool(train.demand_cross_price)}
 
 
 @dataclass(frozen=True)
@@ -100,6 +152,20 @@ class DemandModel:
     reference_price: np.ndarray
     categories: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # (n_products,) int8 index into demand_shapes.FORMS (None: all loglog, e.g. older files).
+    product_form: np.ndarray | None = None
+    # (n_products, len(FORMS), 3) each shape's parameters (the loglog slot is unused).
+    shape_params: np.ndarray | None = None
+    # Calendar beyond weekday and season (calendar_spec) and its fitted effects: common level
+    # terms (calendar_level_columns), elasticity shifts per event, control coefficients
+    # (fitted, not used to predict: the controls are 0 on a typical day).
+    calendar: dict[str, Any] = field(default_factory=dict)
+    level_effects: np.ndarray | None = None
+    event_elasticity: np.ndarray | None = None
+    control_effects: np.ndarray | None = None
+    # Coefficient of the category price index (category_price_index): > 0 when siblings are
+    # substitutes (their higher prices raise this product's demand). None or 0: no effect.
+    cross_price: float | None = None
 
     @property
     def n_products(self) -> int:
@@ -141,10 +207,8 @@ class DemandModel:
             raise DataError(f"{source}: no row has a positive price and finite units",
                             "Check the price and units columns of the processed data.")
         n_products = int(n_products if n_products is not None else product.max() + 1)
-        dow, s_sin, s_cos, weekend = calendar_terms(meta["date"].to_numpy())
         product, price = product[usable], price[usable]
         units = np.maximum(raw_units[usable], 0.0)  # net-return days sold nothing
-        dow, s_sin, s_cos, weekend = dow[usable], s_sin[usable], s_cos[usable], weekend[usable]
 
         reference = _median_by_product(product, price, n_products)
         no_rows = np.isnan(reference)
@@ -152,24 +216,78 @@ class DemandModel:
             reference[no_rows] = np.asarray(fallback_reference, dtype=np.float64)[no_rows]
         reference[np.isnan(reference)] = 1.0
         categories, product_category = _product_categories(meta, usable, n_products)
-        neg_x = -np.log(price / reference[product])
-        design = _Design(product=product, product_category=product_category, dow=dow,
-                         z=np.column_stack([np.ones_like(neg_x), s_sin, s_cos, neg_x]),
-                         v=np.column_stack([neg_x * s_sin, neg_x * s_cos, neg_x * weekend]),
-                         units=units)
-        params = _Params.initial(design)
-        solution, solver = _newton(design, params, float(settings.train.demand_shrinkage), monitor)
+        dates = meta["date"].to_numpy().astype("datetime64[D]")[usable]
+        on_hand = (meta["on_hand"].cast(float).to_numpy()[usable] if "on_hand" in meta.columns
+                   else None)
+        weight, censoring = capped_day_weights(product, dates, units, on_hand,
+                                               detect=settings.train.demand_detect_capped)
+        rows = _FitRows(product=product, dates=dates, price=price, units=units, weight=weight)
+        strength = float(settings.train.demand_shrinkage)
+        forms: list[str] = list(dict.fromkeys(settings.train.demand_forms))
+        calendar = calendar_spec(settings)
+        span_days = int(np.ptp(dates.astype(np.int64))) + 1 if len(dates) else 0
+        if span_days < 365:  # week-of-year shapes need a whole year of train days
+            calendar["year_harmonics"] = 0
+
+        selection: dict[str, Any] = {}
+        if len(forms) > 1:
+            holdout = _last_days(rows.product, rows.dates, n_products,
+                                 float(settings.train.demand_holdout_fraction))
+            trial = _fit_with_shapes(cls, rows.take(~holdout), reference, product_category,
+                                     categories, strength, forms, None, calendar, monitor)
+            held = rows.take(holdout)
+            deviance: dict[str, np.ndarray] = {}
+            for form in forms:
+                predicted = trial.expected_units(held.product, held.dates, held.price,
+                                                 form=form)
+                deviance[form] = shapes_module.deviance_by_product(
+                    predicted, held.units, held.product, n_products, held.weight)
+            held_rows = np.bincount(held.product, held.weight, n_products)
+            chosen = shapes_module.choose_forms(deviance, held_rows, product_category)
+            selection = {"holdout": (f"last {settings.train.demand_holdout_fraction:.0%} of each "
+                                     "product's train days"),
+                         "holdout_rows": int(holdout.sum()),
+                         "holdout_deviance_per_row": {
+                             f: float(deviance[f].sum() / max(holdout.sum(), 1)) for f in forms}}
+        else:
+            chosen = np.full(n_products, FORMS.index(forms[0]), dtype=np.int8)
+        model = _fit_with_shapes(cls, rows, reference, product_category, categories, strength,
+                                 forms, chosen, calendar, monitor,
+                                 warm=trial if selection else None)
+        lags = int(calendar["control_lags"])
+        # The lagged prices beside the surprises absorb the part of a surprise that is the
+        # current fit's own elasticity error (it would otherwise take many rounds to settle).
+        log_rel_price = np.log(rows.price / reference[rows.product])
+        for _ in range(CONTROL_ROUNDS if lags else 0):
+            # The control function: yesterday's (and earlier) demand surprise under the
+            # current fit. A pricer reacting to demand it saw leaves its trace there.
+            surprise = np.log((units + 0.5)
+                              / (model.expected_units(rows.product, rows.dates, rows.price) + 0.5))
+            model = _fit_with_shapes(cls, rows, reference, product_category, categories,
+                                     strength, forms, chosen, calendar, monitor, warm=model,
+                                     controls=np.column_stack([
+                                         lagged(rows, surprise, lags),
+                                         lagged(rows, log_rel_price, lags)]))
         info = {"rows": int(len(units)), "rows_dropped": int((~usable).sum()),
                 "negative_unit_rows_clipped": int((raw_units < 0).sum()),
                 "products": n_products, "products_without_rows": int(no_rows.sum()),
-                "categories": len(categories),
-                "shrinkage": float(settings.train.demand_shrinkage), **solver,
+                "categories": len(categories), "shrinkage": strength, **model.info,
+                "forms": {f: int((chosen == FORMS.index(f)).sum()) for f in forms},
+                "censoring": censoring,
+                "calendar": {
+                    "year_harmonics": int(calendar["year_harmonics"]),
+                    "event_rows": {name: int(column.sum()) for name, column in zip(
+                        calendar["events"], event_indicators(dates, calendar["events"]).T,
+                        strict=True)},
+                    "event_elasticity": dict(zip(calendar["events"],
+                                                 np.asarray(model.event_elasticity).tolist(),
+                                                 strict=True)),
+                    "control_lags": lags,
+                    "cross_price": model.cross_price,
+                    "control_effects": np.asarray(model.control_effects).round(4).tolist()},
+                **({"form_selection": selection} if selection else {}),
                 "seconds": round(time.monotonic() - started, 3)}
-        return cls(mean=solution.core[:4].copy(), category_offset=solution.category,
-                   product_offset=solution.product, product_category=product_category,
-                   dow_effect=np.concatenate([[0.0], solution.core[4:10]]),
-                   elasticity_modifiers=solution.core[10:13].copy(), reference_price=reference,
-                   categories=categories, info=info)
+        return replace(model, info=info)
 
     # -- prediction ----------------------------------------------------------------------------
     def product_parameters(self) -> np.ndarray:
@@ -191,21 +309,89 @@ class DemandModel:
         theta = self.product_parameters()[np.asarray(product_index, dtype=np.int64)]
         dow, s_sin, s_cos, weekend = calendar_terms(dates)
         g = self.elasticity_modifiers
-        log_base = theta[:, 0] + self.dow_effect[dow] + theta[:, 1] * s_sin + theta[:, 2] * s_cos
-        elasticity = theta[:, 3] + g[0] * s_sin + g[1] * s_cos + g[2] * weekend
+        log_base = (theta[..., 0] + self.dow_effect[dow] + theta[..., 1] * s_sin
+                    + theta[..., 2] * s_cos)
+        elasticity = theta[..., 3] + g[0] * s_sin + g[1] * s_cos + g[2] * weekend
+        if self.level_effects is not None and len(self.level_effects):
+            log_base = log_base + calendar_level_columns(dates, self.calendar) @ self.level_effects
+        if self.event_elasticity is not None and len(self.event_elasticity):
+            events = event_indicators(dates, self.calendar["events"])
+            elasticity = elasticity + events @ self.event_elasticity
         return log_base, elasticity
 
-    def elasticity(self, product_index: np.ndarray, dates: np.ndarray) -> np.ndarray:
-        """Price elasticity (positive: demand falls as price rises) per row."""
-        return self.log_base_and_elasticity(product_index, dates)[1]
+    def core_vector(self) -> np.ndarray:
+        """The fit's common parameters in the Newton core's order (means, dow Tue..Sun, g,
+        event elasticity shifts, calendar level terms, cross-price, controls)."""
+        n_shifts = len(self.calendar.get("events", {})) if self.calendar.get(
+            "event_elasticity") else 0
+        parts = [self.mean, self.dow_effect[1:], self.elasticity_modifiers,
+                 np.asarray(self.event_elasticity if self.event_elasticity is not None
+                            else [])[:n_shifts],
+                 np.asarray(self.level_effects if self.level_effects is not None else []),
+                 np.asarray([self.cross_price] if self.cross_price is not None else []),
+                 np.asarray(self.control_effects if self.control_effects is not None else [])]
+        return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
+
+    def _forms_of(self, product_index: np.ndarray, form: str | None) -> np.ndarray:
+        """Shape index of each row (its product's, or ``form`` for every row)."""
+        if form is not None:
+            return np.full(np.shape(product_index), FORMS.index(form), dtype=np.int8)
+        if self.product_form is None:
+            return np.zeros(np.shape(product_index), dtype=np.int8)
+        return self.product_form[product_index]
+
+    def elasticity(self, product_index: np.ndarray, dates: np.ndarray, *,
+                   form: str | None = None) -> np.ndarray:
+        """Price elasticity (positive: demand falls as price rises) per row, at the product's
+        reference price (loglog: the same at every price; it moves with the calendar)."""
+        product_index = np.asarray(product_index, dtype=np.int64)
+        elasticity = self.log_base_and_elasticity(product_index, dates)[1]
+        forms = np.broadcast_to(self._forms_of(product_index, form), elasticity.shape)
+        if (forms > 0).any():
+            elasticity = elasticity.copy()
+            pi = np.broadcast_to(product_index, elasticity.shape)
+            assert self.shape_params is not None
+            for code in np.unique(forms[forms > 0]).tolist():
+                sel = forms == code
+                elasticity[sel] = shapes_module.elasticity_at_reference(
+                    FORMS[code], self.shape_params[pi[sel], code])
+        return elasticity
 
     def expected_units(self, product_index: np.ndarray, dates: np.ndarray,
-                       prices: np.ndarray) -> np.ndarray:
-        """Expected daily units (float64) for each (product, date, price) row."""
+                       prices: np.ndarray, *, form: str | None = None,
+                       category_index: np.ndarray | None = None) -> np.ndarray:
+        """Expected daily units (float64) for each (product, date, price) row.
+
+        Arrays broadcast: e.g. product_index and dates of shape (n, 1) with prices (n, K).
+        ``form`` evaluates every row with that shape instead of its product's chosen one.
+        ``category_index``: the category's price index of each row (see
+        :func:`category_price_index`; 0, the default, is siblings at their reference prices),
+        for pricing a category jointly.
+        """
         product_index = np.asarray(product_index, dtype=np.int64)
         log_base, elasticity = self.log_base_and_elasticity(product_index, dates)
-        log_rel = np.log(np.asarray(prices, dtype=np.float64) / self.reference_price[product_index])
-        return np.exp(np.minimum(log_base - elasticity * log_rel, ETA_MAX))
+        if category_index is not None and self.cross_price:
+            log_base = log_base + self.cross_price * np.asarray(category_index, dtype=np.float64)
+        rel = np.asarray(prices, dtype=np.float64) / self.reference_price[product_index]
+        units = np.exp(np.minimum(log_base - elasticity * np.log(rel), ETA_MAX))
+        forms = np.broadcast_to(self._forms_of(product_index, form), units.shape)
+        if (forms > 0).any():
+            assert self.shape_params is not None
+            pi = np.broadcast_to(product_index, units.shape)
+            base = np.broadcast_to(log_base, units.shape)
+            rel = np.broadcast_to(rel, units.shape)
+            for code in np.unique(forms[forms > 0]).tolist():
+                sel = forms == code
+                multiplier, _ = shapes_module.response(FORMS[code],
+                                                       self.shape_params[pi[sel], code], rel[sel])
+                units[sel] = np.exp(np.minimum(base[sel], ETA_MAX)) * multiplier
+        return units
+
+    def units_on_grid(self, product_index: np.ndarray, dates: np.ndarray, grid: np.ndarray
+                      ) -> np.ndarray:
+        """(n, K) float32 expected units at each row's candidate prices; see
+        :func:`units_on_grid`."""
+        return units_on_grid(self, product_index, dates, grid)
 
     def fit_report(self, meta: pl.DataFrame) -> dict[str, Any]:
         """How well the model predicts the daily units of ``meta`` (e.g. the val split).
@@ -243,12 +429,33 @@ class DemandModel:
         """Write demand_model.npz and demand_model.json into ``folder`` (atomically each)."""
         folder = Path(folder)
         with atomic_write(folder / NPZ_NAME) as handle:
-            np.savez(handle, mean=self.mean, category_offset=self.category_offset,
+            np.savez(handle, allow_pickle=False, mean=self.mean,
+                     category_offset=self.category_offset,
                      product_offset=self.product_offset, product_category=self.product_category,
                      dow_effect=self.dow_effect, elasticity_modifiers=self.elasticity_modifiers,
-                     reference_price=self.reference_price)
+                     reference_price=self.reference_price, **self._shape_arrays())
+        forms = self._shape_arrays()["product_form"]
         write_json(folder / JSON_NAME, {"formula": FORMULA, "parameters": list(PARAMETERS),
+                                        "forms": list(FORMS),
+                                        "product_forms": [FORMS[f] for f in forms.tolist()],
+                                        "calendar": self.calendar,
                                         "categories": self.categories, "info": self.info})
+
+    def _shape_arrays(self) -> dict[str, np.ndarray]:
+        n = self.n_products
+        empty = np.zeros(0)
+        return {"product_form": (self.product_form if self.product_form is not None
+                                 else np.zeros(n, dtype=np.int8)),
+                "shape_params": (self.shape_params if self.shape_params is not None
+                                 else np.zeros((n, len(FORMS), shapes_module.N_SHAPE_PARAMS))),
+                "level_effects": (self.level_effects if self.level_effects is not None
+                                  else empty),
+                "event_elasticity": (self.event_elasticity if self.event_elasticity is not None
+                                     else empty),
+                "control_effects": (self.control_effects if self.control_effects is not None
+                                    else empty),
+                "cross_price": np.array([self.cross_price if self.cross_price is not None
+                                         else np.nan])}
 
     @classmethod
     def load(cls, folder: str | Path) -> DemandModel:
@@ -260,12 +467,248 @@ class DemandModel:
         folder = Path(folder)
         try:
             with np.load(folder / NPZ_NAME, allow_pickle=False) as arrays:
-                data = {k: arrays[k] for k in arrays.files}
+                data: dict[str, Any] = {k: arrays[k] for k in arrays.files}
+            if "cross_price" in data:
+                value = float(data["cross_price"][0])
+                data["cross_price"] = None if np.isnan(value) else value
             meta = json.loads((folder / JSON_NAME).read_text(encoding="utf-8"))
-            return cls(categories=list(meta["categories"]), info=dict(meta["info"]), **data)
+            return cls(categories=list(meta["categories"]), info=dict(meta["info"]),
+                       calendar=dict(meta.get("calendar", {})), **data)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"cannot read the demand model in {folder}: {exc}",
                              "Re-run `pricectl train` to rebuild the run folder.") from None
+
+
+GRID_CHUNK_ROWS = 32_768  # rows per expected_units call: bounds the float64 temporaries
+
+
+def units_on_grid(model: Any, product_index: np.ndarray, dates: np.ndarray, grid: np.ndarray
+                  ) -> np.ndarray:
+    """(n, K) float32: ``model.expected_units`` of each row at each of its K candidate prices.
+
+    The env's demand table (forecast and reward read it), built through the protocol only, so
+    any model with ``expected_units(product_index, dates, prices)`` broadcasting prices of
+    shape (n, K) against product_index and dates of shape (n, 1) works (a single fit, an
+    ensemble, another demand shape). Rows go in chunks so the float64 temporaries stay small.
+    """
+    product_index = np.asarray(product_index, dtype=np.int64)
+    dates = np.asarray(dates).astype("datetime64[D]")
+    grid = np.asarray(grid, dtype=np.float64)
+    out = np.empty(grid.shape, dtype=np.float32)
+    for start in range(0, len(product_index), GRID_CHUNK_ROWS):
+        part = slice(start, start + GRID_CHUNK_ROWS)
+        out[part] = model.expected_units(product_index[part, None], dates[part, None], grid[part])
+    return out
+
+
+@dataclass(frozen=True)
+class _FitRows:
+    """The usable train rows: product index, date (datetime64[D]), price, units (>= 0)."""
+
+    product: np.ndarray
+    dates: np.ndarray
+    price: np.ndarray
+    units: np.ndarray
+    weight: np.ndarray  # likelihood weight: 1, or less on days whose sales look capped
+
+    def take(self, keep: np.ndarray) -> _FitRows:
+        return _FitRows(self.product[keep], self.dates[keep], self.price[keep], self.units[keep],
+                        self.weight[keep])
+
+
+def _last_days(product: np.ndarray, dates: np.ndarray, n_products: int, fraction: float
+               ) -> np.ndarray:
+    """Rows among the last ``fraction`` of each product's days (products with 5 rows or more;
+    fewer cannot spare any)."""
+    order = np.lexsort((dates, product))
+    count = np.bincount(product, minlength=n_products)
+    first = np.concatenate([[0], np.cumsum(count)[:-1]])
+    rank = np.empty(len(product), dtype=np.int64)
+    rank[order] = np.arange(len(product)) - first[product[order]]
+    keep_first = np.ceil((1.0 - fraction) * count[product]).astype(np.int64)
+    return (rank >= keep_first) & (count[product] >= 5)
+
+
+def capped_day_weights(product: np.ndarray, dates: np.ndarray, units: np.ndarray,
+                       on_hand: np.ndarray | None, *, detect: bool
+                       ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Likelihood weight of each row: sales capped by stock are not demand.
+
+    With stock (``on_hand``, NaN where unknown), a day that sold all of it is censored:
+    demand was at least the sales, so it is left out (weight 0). Rows without stock, when
+    ``detect``: days that look capped get CAPPED_WEIGHT: a pile-up at the product's maximum
+    (the maximum repeats on PILE_UP_DAYS days or more: a Poisson maximum rarely does) and a
+    zero day right after ZERO_AFTER_RUN days of sales of a product selling ZERO_AFTER_MEAN a
+    day or more (under Poisson, a zero is then a 5% event; after a run it is usually a
+    stock-out).
+
+    Returns:
+        (weight per row, counts for the fit's info).
+    """
+    n = len(units)
+    weight = np.ones(n)
+    stock = np.full(n, np.nan) if on_hand is None else np.asarray(on_hand, dtype=np.float64)
+    known = np.isfinite(stock)
+    stocked_out = known & (units >= np.where(known, stock, np.inf) - 1e-9)
+    weight[stocked_out] = 0.0
+    info: dict[str, Any] = {"stock_rows": int(known.sum()),
+                            "stocked_out_days_left_out": int(stocked_out.sum())}
+    if not detect or n == 0:
+        return weight, info
+    n_products = int(product.max()) + 1
+    top = np.full(n_products, -np.inf)
+    np.maximum.at(top, product, units)
+    at_top = (units == top[product]) & (units > 0)
+    repeats = np.bincount(product, at_top.astype(np.float64), n_products)
+    pile_up = at_top & (repeats[product] >= PILE_UP_DAYS) & ~known
+    order = np.lexsort((dates, product))
+    p, day, sold = product[order], dates[order].astype(np.int64), units[order] > 0
+    run = np.ones(n, dtype=bool)
+    for k in range(1, ZERO_AFTER_RUN + 1):
+        previous = np.zeros(n, dtype=bool)
+        previous[k:] = (p[k:] == p[:-k]) & (day[k:] - day[:-k] == k) & sold[:-k]
+        run &= previous
+    mean = np.bincount(product, units, n_products) / np.maximum(np.bincount(product), 1)
+    zero_after = np.zeros(n, dtype=bool)
+    zero_after[order] = ~sold & run & (mean[p] >= ZERO_AFTER_MEAN)
+    zero_after &= ~known
+    weight[pile_up | zero_after] = np.minimum(weight[pile_up | zero_after], CAPPED_WEIGHT)
+    info["detected_capped_days"] = {"pile_up_at_max": int(pile_up.sum()),
+                                    "zero_after_sales": int(zero_after.sum()),
+                                    "weight": CAPPED_WEIGHT}
+    return weight, info
+
+
+def category_price_index(product: np.ndarray, dates: np.ndarray, log_rel_price: np.ndarray,
+                         product_category: np.ndarray) -> np.ndarray:
+    """Each row's category price index: the mean log(price / reference) of the other
+    products of its category priced that day (0 without a category or a sibling that day).
+
+    Args:
+        product, dates, log_rel_price: per row (log_rel_price = log(price / ref_p)).
+        product_category: (n_products,) category index, -1 for none.
+    """
+    category = product_category[product]
+    has = category >= 0
+    out = np.zeros(len(product))
+    if not has.any():
+        return out
+    day = dates.astype("datetime64[D]").astype(np.int64)
+    day = day - day.min()
+    key = category[has] * (int(day.max()) + 1) + day[has]
+    _, group = np.unique(key, return_inverse=True)
+    total = np.bincount(group, log_rel_price[has])
+    count = np.bincount(group)
+    siblings = count[group] - 1
+    out[has] = np.where(siblings > 0, (total[group] - log_rel_price[has])
+                        / np.maximum(siblings, 1), 0.0)
+    return out
+
+
+def lagged(rows: _FitRows, series: np.ndarray, lags: int) -> np.ndarray:
+    """(n, lags): the product's ``series`` 1..lags days before each row (past only).
+
+    A row whose day k before is not among ``rows`` (a product's first days, a gap, a resample
+    that dropped it) gets 0: the value of a typical day, as predictions use.
+    """
+    n = len(series)
+    out = np.zeros((n, lags))
+    if lags == 0 or n == 0:
+        return out
+    order = np.lexsort((rows.dates, rows.product))
+    product, day = rows.product[order], rows.dates[order].astype(np.int64)
+    values = series[order]
+    sorted_out = np.zeros_like(out)
+    for k in range(1, lags + 1):
+        ok = (product[k:] == product[:-k]) & (day[k:] - day[:-k] == k)
+        sorted_out[k:, k - 1] = np.where(ok, values[:-k], 0.0)
+    out[order] = sorted_out
+    return out
+
+
+def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarray,
+              strength: float, calendar: dict[str, Any], controls: np.ndarray | None,
+              monitor: RunMonitor | None, warm: DemandModel | None = None
+              ) -> tuple[_Params, dict[str, Any], np.ndarray]:
+    """The constant-elasticity (loglog) fit of the rows: the calendar level of every shape.
+
+    Core columns after the 13 base ones: -x · event (elasticity shifts, if
+    calendar["event_elasticity"]), the calendar level columns, the lag controls.
+
+    Returns:
+        (parameters, solver info, each row's control term: its controls times their
+        coefficients).
+    """
+    dow, s_sin, s_cos, weekend = calendar_terms(rows.dates)
+    neg_x = -np.log(rows.price / reference[rows.product])
+    events = event_indicators(rows.dates, calendar.get("events", {}))
+    shifts = events if calendar.get("event_elasticity") else np.zeros((len(neg_x), 0))
+    controls = controls if controls is not None else np.zeros((len(neg_x), 0))
+    cross = (category_price_index(rows.product, rows.dates, -neg_x, product_category)[:, None]
+             if calendar.get("cross_price") else np.zeros((len(neg_x), 0)))
+    design = _Design(product=rows.product, product_category=product_category, dow=dow,
+                     z=np.column_stack([np.ones_like(neg_x), s_sin, s_cos, neg_x]),
+                     v=np.column_stack([neg_x * s_sin, neg_x * s_cos, neg_x * weekend,
+                                        neg_x[:, None] * shifts,
+                                        calendar_level_columns(rows.dates, calendar),
+                                        cross, controls]),
+                     units=rows.units, weight=rows.weight)
+    start = _Params.initial(design)
+    if warm is not None:  # a fit of nearly the same rows: Newton starts next to its optimum
+        core = warm.core_vector()[:design.n_core]
+        start = _Params(np.concatenate([core, np.zeros(design.n_core - len(core))]),
+                        warm.category_offset.copy(), warm.product_offset.copy())
+    params, solver = _newton(design, start, strength, monitor)
+    n_controls = controls.shape[1]
+    control_term = (controls @ params.core[design.n_core - n_controls:] if n_controls
+                    else np.zeros(len(neg_x)))
+    return params, solver, control_term
+
+
+def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarray,
+                     product_category: np.ndarray, categories: list[str], strength: float,
+                     forms: list[str], chosen: np.ndarray | None, calendar: dict[str, Any],
+                     monitor: RunMonitor | None, controls: np.ndarray | None = None,
+                     warm: DemandModel | None = None) -> DemandModel:
+    """The base fit, then each other shape in ``forms`` (only those some product chose, when
+    ``chosen`` is given) on the base's calendar level (controls included). ``warm``: a fit of
+    nearly the same rows to start from."""
+    base, solver, control_term = _fit_base(rows, reference, product_category, strength,
+                                           calendar, controls, monitor, warm)
+    n_products = len(reference)
+    n_events = len(calendar.get("events", {}))
+    n_shifts = n_events if calendar.get("event_elasticity") else 0
+    n_level = 2 * int(calendar.get("year_harmonics", 0)) + n_events
+    n_cross = 1 if calendar.get("cross_price") else 0
+    extra = base.core[N_BASE_CORE:]
+    model = cls(mean=base.core[:4].copy(), category_offset=base.category,
+                product_offset=base.product, product_category=product_category,
+                dow_effect=np.concatenate([[0.0], base.core[4:10]]),
+                elasticity_modifiers=base.core[10:13].copy(), reference_price=reference,
+                categories=categories, info=solver, calendar=calendar,
+                event_elasticity=(extra[:n_shifts].copy() if n_shifts else np.zeros(n_events)),
+                level_effects=extra[n_shifts:n_shifts + n_level].copy(),
+                cross_price=(float(extra[n_shifts + n_level]) if n_cross else None),
+                control_effects=extra[n_shifts + n_level + n_cross:].copy())
+    shape_params = np.zeros((n_products, len(FORMS), shapes_module.N_SHAPE_PARAMS))
+    wanted = [f for f in forms if f != "loglog"
+              and (chosen is None or (chosen == FORMS.index(f)).any())]
+    if wanted:
+        log_base = model.log_base_and_elasticity(rows.product, rows.dates)[0] + control_term
+        shape_rows = shapes_module.ShapeRows(
+            product=rows.product, r=rows.price / reference[rows.product], log_base=log_base,
+            units=rows.units, product_category=product_category, weight=rows.weight)
+        elasticity = model.product_parameters()[:, 3]
+        for form in wanted:
+            start = shapes_module.initial_params(form, elasticity)
+            if warm is not None and warm.shape_params is not None \
+                    and warm.shape_params[:, FORMS.index(form)].any():
+                start = warm.shape_params[:, FORMS.index(form)].copy()
+            shape_params[:, FORMS.index(form)] = shapes_module.fit_shape(
+                form, shape_rows, start, strength)
+    product_form = (chosen if chosen is not None
+                    else np.zeros(n_products, dtype=np.int8)).astype(np.int8)
+    return replace(model, product_form=product_form, shape_params=shape_params)
 
 
 def _median_by_product(product: np.ndarray, price: np.ndarray, n_products: int) -> np.ndarray:
@@ -305,7 +748,7 @@ def _product_categories(meta: pl.DataFrame, usable: np.ndarray, n_products: int
 # (batched 4x4 solves) and solving a small (13 + 4 categories) Schur complement. Every sum over
 # rows is a bincount by product: memory stays a few arrays of the row count.
 
-N_CORE = 13
+N_BASE_CORE = 13  # means of a, s1, s2, e; dow Tue..Sun; g1, g2, g3 (then the extra columns)
 NEWTON_MAX_ITER = 100
 NEWTON_TOL = 1e-12  # stop when the Newton decrement is this small relative to the objective
 OFFSET_EPS = 1e-6  # keeps the system definite when demand_shrinkage is 0 (mean vs offsets)
@@ -313,17 +756,22 @@ OFFSET_EPS = 1e-6  # keeps the system definite when demand_shrinkage is 0 (mean 
 
 class _Design:
     """The rows of the fit. ``q`` = [z (1, sin, cos, -log rel price), dow one-hot Tue..Sun,
-    v (-log rel price times sin, cos, weekend)], so log λ = (core + offsets) · q."""
+    v (-log rel price times sin, cos, weekend, then the extra columns)], so log λ = (core +
+    offsets) · q. ``weight`` scales each row's likelihood (capped days count less)."""
 
     def __init__(self, *, product: np.ndarray, product_category: np.ndarray, dow: np.ndarray,
-                 z: np.ndarray, v: np.ndarray, units: np.ndarray) -> None:
+                 z: np.ndarray, v: np.ndarray, units: np.ndarray,
+                 weight: np.ndarray | None = None) -> None:
         self.product = product
         self.dow = dow
         self.product_category = product_category
         self.category = product_category[product]
         dow_onehot = (dow[:, None] == np.arange(1, 7)[None, :]).astype(np.float64)
         self.q = np.ascontiguousarray(np.column_stack([z, dow_onehot, v]))
+        self.weight = np.ones(len(units)) if weight is None else weight
         self.units = units
+        self.weighted_units = self.weight * units
+        self.n_core = self.q.shape[1]
         self.n_products = len(product_category)
         self.n_categories = int(product_category.max() + 1) if len(product_category) else 0
 
@@ -343,7 +791,7 @@ class _Params:
         own = np.where(counts > 0, np.log(sums / np.maximum(counts, 1) + 0.1), overall)
         product = np.zeros((d.n_products, 4))
         product[:, 0] = np.clip(own - overall, -5.0, 5.0)
-        core = np.zeros(N_CORE)
+        core = np.zeros(d.n_core)
         core[0], core[3] = overall, 1.0
         return cls(core, np.zeros((d.n_categories, 4)), product)
 
@@ -361,14 +809,15 @@ class _Params:
         return np.minimum(eta, ETA_MAX)
 
 
-def _penalty_weights(strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _penalty_weights(strength: float, n_core: int = N_BASE_CORE
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Diagonal penalties (as in ``sum(w * x**2)``) of a product block, a category block and
     the core."""
     product = strength * SHRINK_WEIGHTS + OFFSET_EPS
     category = CATEGORY_SHRINK * strength * SHRINK_WEIGHTS + OFFSET_EPS
-    core = np.zeros(N_CORE)
+    core = np.zeros(n_core)
     core[[1, 2]] = GLOBAL_RIDGE  # season means
-    core[4:] = GLOBAL_RIDGE  # dow effects and elasticity modifiers
+    core[4:] = GLOBAL_RIDGE  # dow effects, elasticity modifiers, calendar and controls
     return product, category, core
 
 
@@ -376,7 +825,7 @@ def _objective(d: _Design, p: _Params, product_w: np.ndarray, category_w: np.nda
                core_w: np.ndarray) -> float:
     """The penalized Poisson negative log-likelihood (constant terms dropped)."""
     eta = p.eta(d)
-    nll = float((np.exp(eta) - d.units * eta).sum())
+    nll = float((d.weight * np.exp(eta) - d.weighted_units * eta).sum())
     return nll + float((product_w * p.product**2).sum() + (category_w * p.category**2).sum()
                        + (core_w * p.core**2).sum())
 
@@ -384,9 +833,10 @@ def _objective(d: _Design, p: _Params, product_w: np.ndarray, category_w: np.nda
 def _newton_direction(d: _Design, p: _Params, product_w: np.ndarray, category_w: np.ndarray,
                       core_w: np.ndarray) -> tuple[_Params, float]:
     """The exact Newton step and the Newton decrement -grad·step."""
+    N_CORE = d.n_core  # noqa: N806 - the size of the core block, as in the comments above
     P, K, G = d.n_products, d.n_categories, N_CORE + 4 * d.n_categories
-    lam = np.exp(p.eta(d))
-    residual = lam - d.units
+    lam = d.weight * np.exp(p.eta(d))  # weighted Poisson: weights scale rate and units alike
+    residual = lam - d.weighted_units
     z = d.q[:, :4]
     # Per product: E_p = sum lam z q^T (4 x 13); its first 4 columns are M_p = sum lam z z^T.
     E = np.zeros((P, 4, N_CORE))
@@ -407,10 +857,8 @@ def _newton_direction(d: _Design, p: _Params, product_w: np.ndarray, category_w:
     H[:N_CORE, :N_CORE] = (d.q * lam[:, None]).T @ d.q + 2.0 * np.diag(core_w)
     grad = np.zeros(G)
     grad[:N_CORE] = d.q.T @ residual + 2.0 * core_w * p.core
-    B = np.zeros((P, 4, G))
-    B[:, :, :N_CORE] = E
+    cat = d.product_category[has] if K else np.zeros(0, dtype=np.int64)
     if K:
-        cat = d.product_category[has]
         E_cat = np.zeros((K, 4, N_CORE))
         np.add.at(E_cat, cat, E[has])
         g_cat = np.zeros((K, 4))
@@ -421,18 +869,39 @@ def _newton_direction(d: _Design, p: _Params, product_w: np.ndarray, category_w:
             H[block, :N_CORE] = E_cat[k]
             H[:N_CORE, block] = E_cat[k].T
             grad[block] = g_cat[k] + 2.0 * category_w * p.category[k]
-        cols = N_CORE + 4 * cat[:, None] + np.arange(4)[None, :]
-        B[has[:, None, None], np.arange(4)[None, :, None], cols[:, None, :]] = M[has]
     grad_product = grad_product + 2.0 * product_w * p.product
 
-    # Eliminate the product blocks: A_p d_p + B_p d_g = -g_p.
+    # Eliminate the product blocks: A_p d_p + B_p d_g = -g_p, where B_p = [E_p, M_p in its
+    # category's 4 columns, 0 elsewhere]. Only those blocks are formed (A, M symmetric):
+    # the Schur complement H - sum_p B_p^T A_p^-1 B_p has core x core, core x own category and
+    # category x category parts only.
     A = M + 2.0 * np.diag(product_w)[None, :, :]
-    A_inv_B = np.linalg.solve(A, B)
+    A_inv_E = np.linalg.solve(A, E)
     A_inv_g = np.linalg.solve(A, grad_product[:, :, None])[:, :, 0]
-    B_flat = B.reshape(P * 4, G)
-    schur = H - B_flat.T @ A_inv_B.reshape(P * 4, G)
-    step_global = np.linalg.solve(schur, -grad + B_flat.T @ A_inv_g.reshape(P * 4))
-    step_product = -A_inv_g - A_inv_B @ step_global
+    E_flat = E.reshape(P * 4, N_CORE)
+    schur = H
+    schur[:N_CORE, :N_CORE] -= E_flat.T @ A_inv_E.reshape(P * 4, N_CORE)
+    rhs = -grad
+    rhs[:N_CORE] += E_flat.T @ A_inv_g.reshape(P * 4)
+    if K:
+        A_inv_M = A_inv_E[has, :, :4]  # A^-1 M_p: M_p is E_p's first 4 columns
+        core_cat = np.zeros((K, N_CORE, 4))
+        np.add.at(core_cat, cat, np.einsum("pin,pij->pnj", A_inv_E[has], M[has]))
+        cat_cat = np.zeros((K, 4, 4))
+        np.add.at(cat_cat, cat, np.einsum("pin,pij->pnj", A_inv_M, M[has]))
+        rhs_cat = np.zeros((K, 4))
+        np.add.at(rhs_cat, cat, np.einsum("pij,pj->pi", M[has], A_inv_g[has]))
+        for k in range(K):
+            block = slice(N_CORE + 4 * k, N_CORE + 4 * k + 4)
+            schur[:N_CORE, block] -= core_cat[k]
+            schur[block, :N_CORE] -= core_cat[k].T
+            schur[block, block] -= cat_cat[k]
+            rhs[block] += rhs_cat[k]
+    step_global = np.linalg.solve(schur, rhs)
+    step_product = -A_inv_g - A_inv_E @ step_global[:N_CORE]
+    if K:
+        step_cat = step_global[N_CORE:].reshape(K, 4)
+        step_product[has] -= np.einsum("pij,pj->pi", A_inv_M, step_cat[cat])
     step = _Params(step_global[:N_CORE], step_global[N_CORE:].reshape(K, 4), step_product)
     decrement = -float(grad @ step_global + (grad_product * step_product).sum())
     return step, decrement
@@ -441,7 +910,7 @@ def _newton_direction(d: _Design, p: _Params, product_w: np.ndarray, category_w:
 def _newton(d: _Design, p: _Params, strength: float, monitor: RunMonitor | None
             ) -> tuple[_Params, dict[str, Any]]:
     """Damped Newton (backtracking line search) to the penalized Poisson optimum."""
-    weights = _penalty_weights(strength)
+    weights = _penalty_weights(strength, d.n_core)
     f = _objective(d, p, *weights)
     if monitor is not None:
         monitor.add_bar("demand_fit", "demand fit (Newton iterations)", NEWTON_MAX_ITER)

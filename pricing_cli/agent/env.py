@@ -2,8 +2,10 @@
 
 A :class:`Market` is one split of ``data/processed`` made ready for simulation: the feature
 matrix stays memory-mapped (``np.load(mmap_mode="r")``, one page cache shared by every reader),
-and small per-row arrays (cost, bounds, historical prices, the demand model's per-row level and
-elasticity, bit-packed processed masks) live in memory.
+and small per-row arrays (cost, bounds, historical prices, bit-packed processed masks) live in
+memory, with the demand table: the demand model's expected units at each of the row's K
+candidate prices, (n, K) float32, computed once by ``demand.units_on_grid`` through the model's
+``expected_units`` (so any demand shape or an ensemble works; the env holds no demand formula).
 
 :class:`EpisodeBatch` holds the state of many episodes at once and steps them in one numpy
 operation; :class:`PriceEnv` (gymnasium, one episode) and :class:`PriceVecEnv` (SB3 VecEnv,
@@ -42,8 +44,9 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv
 
+from pricing_cli.agent.demand import units_on_grid
 from pricing_cli.errors import BatchError, MissingInputError
-from pricing_cli.pricing import CHANGE_TOLERANCE, feasible_mask, is_price_change
+from pricing_cli.pricing import CHANGE_TOLERANCE, feasible_mask, is_price_change, price_grid
 
 if TYPE_CHECKING:
     from pricing_cli.agent.demand import DemandModel
@@ -58,7 +61,7 @@ HELD_DAYS_SCALE = 28.0  # days held are reported as min(days, 28) / 28
 RELEASE_EVERY_ROWS = 16_384
 OBSERVATION_BLOCK = 256  # rows per block when building a batch of observations
 META_COLUMNS = ("product_index", "product_id", "date", "price", "unit_cost", "min_price",
-                "max_price")
+                "max_price", "ref_price")
 
 Observation = dict[str, np.ndarray]
 
@@ -133,9 +136,8 @@ class Market:
     previous_price: np.ndarray  # historical price the day before each row
     held_days: np.ndarray  # days the previous price had been held, before each row
     mask_bits: np.ndarray  # (n, ceil(K/8)) processed price_level masks, bit-packed
-    log_base: np.ndarray  # demand model, per row
-    elasticity: np.ndarray
-    reference: np.ndarray
+    units_table: np.ndarray  # (n, K) float32 expected units at each candidate level
+    reference: np.ndarray  # reference price of the endogenous features
     product_end: np.ndarray  # (n,) first row after this row's product
     product_ids: dict[int, str]
     n_products: int
@@ -144,6 +146,8 @@ class Market:
     # (n_products,) money lost per price change (train.price_change_cost x the product's
     # profit scale); zeros: changes are free.
     change_cost: np.ndarray | None = None
+    # The model behind units_table, asked only for prices off the grid (e.g. history's).
+    demand: Any = None
 
     def __post_init__(self) -> None:
         if self.change_cost is None:
@@ -154,13 +158,10 @@ class Market:
         self._rows_since_release = 0
         self._steps = np.linspace(0.0, 1.0, self.price_levels)  # as pricing.price_grid
         self._span = self.max_price - self.min_price
-        # float32 copies for the per-step forecast: exp/log over (n_envs, K) in float32 take
-        # less than half the time of float64, and the forecast is a float32 feature anyway.
+        # float32 copies for the per-step forecast (a float32 feature anyway).
         f32 = np.float32
-        self._forecast_terms = (
-            self.log_base.astype(f32), self.elasticity.astype(f32),
-            np.log(self.reference).astype(f32), self.min_price.astype(f32),
-            self._span.astype(f32), self.unit_cost.astype(f32), self._steps.astype(f32))
+        self._forecast_terms = (self.min_price.astype(f32), self._span.astype(f32),
+                                self.unit_cost.astype(f32), self._steps.astype(f32))
         self._change_cost32 = np.asarray(self.change_cost, dtype=f32)
         self._charges_changes = bool(np.any(self._change_cost32 > 0))
 
@@ -185,10 +186,27 @@ class Market:
         return np.unpackbits(self.mask_bits[rows], axis=1, count=self.price_levels).astype(bool)
 
     def expected_units(self, rows: np.ndarray, prices: np.ndarray) -> np.ndarray:
-        """The demand model's expected units of these rows at these prices."""
-        return np.exp(np.minimum(
-            self.log_base[rows] - self.elasticity[rows] * np.log(prices / self.reference[rows]),
-            30.0))
+        """The demand model's expected units (float64) of these rows at these prices: read
+        from the demand table where the price is a grid level, asked of the model otherwise.
+
+        Raises:
+            ValueError: a price is off the grid and the market holds no demand model.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        prices = np.asarray(prices, dtype=np.float64)
+        span = np.where(self._span[rows] > 0, self._span[rows], 1.0)
+        levels = np.clip(np.rint((prices - self.min_price[rows]) / span
+                                 * (self.price_levels - 1)), 0, self.price_levels - 1)
+        levels = levels.astype(np.int64)
+        units = self.units_table[rows, levels].astype(np.float64)
+        off_grid = self.prices(rows, levels) != prices
+        if off_grid.any():
+            if self.demand is None:
+                raise ValueError("prices off the grid need the market's demand model")
+            units[off_grid] = self.demand.expected_units(
+                self.product_index[rows[off_grid]], self.dates[rows[off_grid]],
+                prices[off_grid])
+        return units
 
     def release_pages(self) -> None:
         """Drop the feature matrix's pages from this process's resident set.
@@ -223,11 +241,7 @@ class Market:
 
     def level_profit(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), K): the demand model's expected profit at every candidate level."""
-        grid = self.grid(rows)
-        # Broadcast the per-row terms over the K levels (no per-level gathers).
-        log_units = (self.log_base[rows, None]
-                     - self.elasticity[rows, None] * np.log(grid / self.reference[rows, None]))
-        return (grid - self.unit_cost[rows, None]) * np.exp(np.minimum(log_units, 30.0))
+        return (self.grid(rows) - self.unit_cost[rows, None]) * self.units_table[rows]
 
     def profit_forecast(self, rows: np.ndarray, last_price: np.ndarray | None = None
                         ) -> np.ndarray:
@@ -236,14 +250,12 @@ class Market:
         scale. With a price-change cost and ``last_price`` given, every level that would
         change the price carries the cost: the forecast is today's profit net of it.
 
-        The same model as :meth:`level_profit`, in float32 (relative error ~1e-6: only exact
-        ties between levels can order differently); this runs on every env step.
+        The same demand table as :meth:`level_profit`, in float32 (relative error ~1e-6: only
+        exact ties between levels can order differently); this runs on every env step.
         """
-        log_base, elasticity, log_ref, lo, span, cost, steps = self._forecast_terms
+        lo, span, cost, steps = self._forecast_terms
         grid = lo[rows, None] + span[rows, None] * steps
-        log_units = log_base[rows, None] - elasticity[rows, None] * (np.log(grid)
-                                                                      - log_ref[rows, None])
-        profit = (grid - cost[rows, None]) * np.exp(np.minimum(log_units, np.float32(30.0)))
+        profit = (grid - cost[rows, None]) * self.units_table[rows]
         best = np.maximum(profit.max(axis=1, keepdims=True), np.float32(1e-9))
         if last_price is not None and self._charges_changes:
             change_cost = self._change_cost32[self.product_index[rows]]
@@ -322,7 +334,10 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
     Args:
         processed_dir: the merge output folder (data/processed).
         split: train, val or test.
-        demand: the fitted demand model (per-row level and elasticity are precomputed).
+        demand: the fitted demand model, or anything with ``expected_units`` (its expected
+            units on every row's price grid are computed once, ``demand.units_on_grid``); its
+            ``reference_price`` (if it has one) is the endogenous features' reference,
+            otherwise the meta ``ref_price``.
         stats: preprocessing_stats.json content (read if None).
         change_cost: (n_products,) money per price change (None: free; see
             :func:`change_costs`).
@@ -368,23 +383,27 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
     held = _held_days(price, first)
     starts = np.r_[first_rows, n]
     product_end = np.repeat(starts[1:], np.diff(starts))
-    log_base, elasticity = demand.log_base_and_elasticity(product, meta["date"].to_numpy())
+    dates = meta["date"].to_numpy().astype("datetime64[D]")
+    min_price = meta["min_price"].to_numpy().astype(np.float64)
+    max_price = meta["max_price"].to_numpy().astype(np.float64)
+    units_table = units_on_grid(demand, product, dates, price_grid(min_price, max_price, K))
+    model_reference = getattr(demand, "reference_price", None)
+    reference = (np.asarray(model_reference, dtype=np.float64)[product]
+                 if model_reference is not None else meta["ref_price"].to_numpy())
     ids = meta.select("product_index", "product_id").unique(subset="product_index")
     n_products = max(product_count(processed_dir, stats), demand.n_products)
     return Market(
         split=split, features=features, product_index=product,
-        dates=meta["date"].to_numpy().astype("datetime64[D]"),
-        unit_cost=meta["unit_cost"].to_numpy().astype(np.float64),
-        min_price=meta["min_price"].to_numpy().astype(np.float64),
-        max_price=meta["max_price"].to_numpy().astype(np.float64),
+        dates=dates, unit_cost=meta["unit_cost"].to_numpy().astype(np.float64),
+        min_price=min_price, max_price=max_price,
         historical_price=price, previous_price=previous, held_days=held, mask_bits=mask_bits,
-        log_base=log_base, elasticity=elasticity, reference=demand.reference_price[product],
+        units_table=units_table, reference=reference,
         product_end=product_end,
         product_ids=dict(zip(ids["product_index"].to_list(), ids["product_id"].to_list(),
                              strict=True)),
         n_products=n_products, price_levels=K,
         max_daily_change=float(stats["max_daily_change"]),
-        change_cost=_fit_length(change_cost, n_products))
+        change_cost=_fit_length(change_cost, n_products), demand=demand)
 
 
 def change_costs(market: Market, share: float) -> np.ndarray:
@@ -498,7 +517,7 @@ class EpisodeBatch:
         self.clipped_actions += int(clipped.sum())
         grid = m.grid(rows)
         prices = grid[np.arange(len(rows)), levels]
-        units = m.expected_units(rows, prices)
+        units = m.units_table[rows, levels].astype(np.float64)
         if self.sample_demand:
             units = (rng if rng is not None else np.random.default_rng()).poisson(units)
             units = units.astype(np.float64)

@@ -108,7 +108,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 
     # 1. Demand model.
     monitor.log(f"fitting the demand model on {meta_train_path}")
-    meta_train = read_processed_meta(meta_train_path)
+    meta_train = attach_stock(read_processed_meta(meta_train_path), settings, monitor)
     n_products = product_count(processed_dir, stats)
     demand = DemandModel.fit(meta_train, settings, n_products=n_products,
                              fallback_reference=_later_median_prices(processed_dir, n_products),
@@ -660,6 +660,22 @@ def _product_index(meta_train: pl.DataFrame, product_id: str, path: Path) -> int
         raise ConfigError(f"--product {product_id!r} has no rows in {path}",
                           f"Pass a product_id with train history, e.g. {examples}.")
     return int(found[0])
+
+
+def attach_stock(meta: pl.DataFrame, settings: Settings, monitor: RunMonitor) -> pl.DataFrame:
+    """The train meta with column ``on_hand`` from data.stock (null where the file has no
+    row for a product-day); unchanged without a stock file."""
+    if settings.data.stock is None:
+        return meta
+    from pricing_cli.data.raw_contract import read_stock
+
+    stock, report = read_stock(settings.data.stock, settings.data)
+    if report.bad_rows:
+        monitor.log(f"stock: skipped {report.bad_rows} bad row(s): " + "; ".join(report.examples))
+    joined = meta.join(stock, on=["product_id", "date"], how="left", maintain_order="left")
+    monitor.log(f"stock: on_hand for {joined['on_hand'].is_not_null().sum():,} of "
+                f"{joined.height:,} train product-days from {settings.data.stock}")
+    return joined
 
 
 def _later_median_prices(processed_dir: Path, n_products: int) -> np.ndarray:

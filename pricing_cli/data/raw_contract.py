@@ -613,3 +613,102 @@ def read_daily_sales(data: DataSettings, catalog: pl.DataFrame, files: Sequence[
         "n_transactions",
     ).sort("product_id", "date")
     return DailySales(panel, reports)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stock (optional): on-hand units per product-day, so the demand fit knows sold-out days
+
+STOCK_COLUMNS = ("date", "product_id", "on_hand")
+
+
+def read_stock(path: str | Path, data: DataSettings) -> tuple[pl.DataFrame, FileReport]:
+    """Read the stock file (``data.stock``): one row per product-day with the units on hand
+    that day (what could be sold; a day that sold all of it is censored demand).
+
+    Bad rows (unreadable or missing date, empty product_id, on_hand missing, not a number or
+    negative, a repeated product-day) are skipped and reported as ``file:line: reason``,
+    like bad transaction rows.
+
+    Args:
+        path: CSV (optionally .gz) or Parquet with date, product_id, on_hand.
+        data: uses date_format, max_bad_fraction, bad_row_examples.
+
+    Returns:
+        (``product_id`` String, ``date`` Date, ``on_hand`` Float64, sorted by product_id and
+        date; the file's report).
+
+    Raises:
+        MissingInputError: the file does not exist.
+        DataError: not CSV/Parquet, unreadable, a column missing, no rows, or more bad rows
+            than data.max_bad_fraction.
+    """
+    import polars as pl
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"stock file not found: {path}",
+                                "Fix data.stock, or set it to null to fit without stock.")
+    fmt = _file_format(path)
+    if fmt is None:
+        raise DataError(f"stock file {path} is not a CSV, CSV.gz or Parquet file",
+                        "Point data.stock at a file with date, product_id, on_hand.")
+    schema = _schema(path)
+    _require_columns(path, list(schema), STOCK_COLUMNS,
+                     "The stock file needs the columns date, product_id, on_hand; see "
+                     "docs/data-format.md.")
+    try:
+        parsed = _scan(path, "_row").select(
+            (pl.col("_row").cast(pl.Int64) + _header_line_offset(fmt)).alias("_line"),
+            _date("date", schema["date"], data.date_format).alias("date"),
+            _text("product_id", schema["product_id"]).alias("product_id"),
+            _number("on_hand", schema["on_hand"], pl.Float64).alias("on_hand"),
+            *[_text(c, schema[c]).alias(f"_raw_{c}") for c in STOCK_COLUMNS],
+        ).collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise _read_error(path, exc) from None
+    if parsed.height == 0:
+        raise DataError(f"stock file {path} has a header but no rows",
+                        "Remove data.stock or fill the file with date, product_id, on_hand.")
+    in_range = pl.col("date").is_between(EARLIEST_DATE, LATEST_DATE)
+    parsed = parsed.with_columns(
+        _bad=(pl.col("date").is_null() | ~in_range | pl.col("product_id").is_null()
+              | pl.col("on_hand").is_null() | ~pl.col("on_hand").is_finite()
+              | (pl.col("on_hand") < 0)
+              | pl.struct("product_id", "date").is_duplicated()
+              & ~pl.struct("product_id", "date").is_first_distinct()).fill_null(True))
+    bad = parsed.filter(pl.col("_bad"))
+    examples = _with_physical_lines(path, list(bad.head(data.bad_row_examples)
+                                               .iter_rows(named=True)))
+    report = FileReport(path, parsed.height, bad.height, tuple(
+        f"{path}:{row['_line']}: {_stock_row_problem(row)}" for row in examples))
+    if report.bad_fraction > data.max_bad_fraction:
+        raise DataError(
+            f"{path}: {bad.height:,} of {parsed.height:,} rows ({report.bad_fraction:.2%}) are "
+            f"bad, more than data.max_bad_fraction = {data.max_bad_fraction:.2%}; first: "
+            + "; ".join(report.examples),
+            "Fix those rows (see docs/data-format.md, \"Stock\"), or raise "
+            "data.max_bad_fraction to skip them.")
+    stock = (parsed.filter(~pl.col("_bad")).select("product_id", "date", "on_hand")
+             .sort("product_id", "date"))
+    return stock, report
+
+
+def _stock_row_problem(row: dict[str, Any]) -> str:
+    """Why one stock row is bad, in words."""
+    if all(row[f"_raw_{c}"] is None for c in STOCK_COLUMNS):
+        return "empty line"
+    if row["_raw_date"] is None:
+        return "missing date"
+    if row["date"] is None:
+        return f"cannot read date {row['_raw_date']!r}"
+    if not EARLIEST_DATE <= row["date"] <= LATEST_DATE:
+        return f"date {row['_raw_date']!r} is outside {EARLIEST_DATE}..{LATEST_DATE} (a typo?)"
+    if row["product_id"] is None:
+        return "missing product_id"
+    if row["_raw_on_hand"] is None:
+        return "missing on_hand"
+    if row["on_hand"] is None or row["on_hand"] != row["on_hand"]:
+        return f"cannot read on_hand {row['_raw_on_hand']!r} as a number"
+    if row["on_hand"] < 0 or row["on_hand"] == float("inf"):
+        return f"on_hand {row['_raw_on_hand']} is not a count >= 0"
+    return f"product {row['product_id']!r} on {row['date']} repeats an earlier row"

@@ -69,7 +69,10 @@ META_DTYPES: dict[str, str] = {
     "min_price": "float64",
     "max_price": "float64",
     "ref_price": "float64",
+    "category": "U",
 }
+# Meta columns the old system's batches may lack, and the value they get when converted.
+LEGACY_DEFAULTS = {"category": "none"}
 # Members of the old system's batches (pickled): see docs/batch-format.md, "Legacy layout".
 LEGACY_MEMBERS = ("strategic_features", "labels", "masks", "df")
 
@@ -796,7 +799,7 @@ def validate_batch(path: str | Path, manifest: Mapping[str, Any] | None) -> list
             add(f"member {member!r} has dtype {dtype}, expected {wanted}",
                 "merge writes fixed dtypes and training reads them; a different dtype means "
                 "the file was not written by the batch writer.")
-    for member in ["feature_names", "meta_product_id", "meta_split"]:
+    for member in ["feature_names", *(f"meta_{c}" for c, k in META_DTYPES.items() if k == "U")]:
         if headers[member][1].kind != "U":
             add(f"member {member!r} has dtype {headers[member][1]}, expected fixed-width "
                 "unicode (<U..)", "string members are stored as fixed-width unicode.")
@@ -1035,6 +1038,9 @@ def convert_legacy_batch(path: str | Path, *, trust_pickle: bool) -> tuple[Sampl
     masks = {h: np.array([list(r[h]) for r in mask_rows], dtype=np.int64) for h in heads}
     meta: dict[str, np.ndarray] = {}
     for column, kind in META_DTYPES.items():
+        if column not in frame.columns and column in LEGACY_DEFAULTS:
+            meta[column] = np.full(len(frame), LEGACY_DEFAULTS[column])
+            continue
         if column not in frame.columns:
             raise BatchError(f"{path}: legacy DataFrame lacks meta column {column!r}")
         values = frame[column].to_numpy()

@@ -154,7 +154,7 @@ def plan_merge(batch_dir: Path) -> MergePlan:
 META_SCHEMA = {"product_index": "Int32", "product_id": "String", "date": "Date",
                "split": "String", "price": "Float64", "units": "Float64",
                "unit_cost": "Float64", "min_price": "Float64", "max_price": "Float64",
-               "ref_price": "Float64"}
+               "ref_price": "Float64", "category": "String"}
 
 
 def meta_frame(meta: Mapping[str, np.ndarray]) -> pl.DataFrame:

@@ -174,6 +174,14 @@ def _lagged(series: np.ndarray, window: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(padded, window)[:n, ::-1]
 
 
+def _category(frame: Any) -> np.ndarray:
+    """The product's catalog category per row ("none" where the features file has none), so
+    the demand fit can pool a product toward its category."""
+    if "category" not in frame.columns:
+        return np.full(frame.height, "none")
+    return frame["category"].fill_null("none").to_numpy().astype(str)
+
+
 def _read_feature_file(path: Path, params: SampleParams) -> Any:
     """Read one feature file with the contract's column types; DataError on any breach."""
     import polars as pl
@@ -187,7 +195,17 @@ def _read_feature_file(path: Path, params: SampleParams) -> Any:
         raise DataError(f"{path}: not a readable Parquet file ({exc})",
                         "Re-run `pricectl features` to rewrite it.") from None
     try:
-        frame = pl.read_parquet(content, columns=list(wanted))
+        # every column: the optional category (older files lack it) needs no schema read
+        frame = pl.read_parquet(content)
+        missing = [c for c in wanted if c not in frame.columns]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}",
+                            "The file does not follow the features contract "
+                            "(docs/architecture.md); re-run `pricectl features`.")
+        if "category" in frame.columns:
+            wanted["category"] = "String"
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
         try:
             schema = pl.read_parquet_schema(io.BytesIO(content.getvalue()))
@@ -392,7 +410,7 @@ def build_samples_with_stats(path: str | Path, params: SampleParams
         "date": frame["date"].to_numpy().astype("datetime64[D]"),
         "split": frame["split"].to_numpy().astype(str),
         "price": price, "units": units, "unit_cost": cost, "min_price": low,
-        "max_price": high, "ref_price": ref,
+        "max_price": high, "ref_price": ref, "category": _category(frame),
     }
     return SampleBlock(features, labels, masks, meta), stats
 
