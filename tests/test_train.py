@@ -25,7 +25,11 @@ from tests.agent_fixtures import write_processed
 K = 11
 SMALL = {"train.n_envs": 4, "train.net_arch": [16], "train.n_steps": 64, "train.batch_size": 64,
          "train.n_epochs": 4, "train.timesteps": 2000, "train.eval_every": 1000,
-         "train.checkpoint_every": 1000, "train.tensorboard": False, "train.torch_threads": 1}
+         "train.checkpoint_every": 1000, "train.tensorboard": False, "train.torch_threads": 1,
+         # The point fit: these tests compare the env with evaluate's baselines exactly, and the
+         # env takes a constant-elasticity view of an ensemble quantile (until it reads units
+         # on the grid). The CLI test below trains with the default ensemble.
+         "train.ensemble_size": 0}
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +59,22 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
 
     monkeypatch.chdir(tmp_path)
     config = {"merge": {"output_dir": str(processed)},
-              "train": {k.split(".")[1]: v for k, v in SMALL.items()} | {"tensorboard": True}}
+              "train": {k.split(".")[1]: v for k, v in SMALL.items()}
+              | {"tensorboard": True, "ensemble_size": 8}}
     Path("run.yaml").write_text(yaml.safe_dump(config))
     code = main(["--preset", "tiny", "--config", "run.yaml", "--quiet", "train",
                  "--multi-product", "--run-id", "r1", "--seed", "3"])
     assert code == 0
     run = tmp_path / "models" / "r1"
     assert sorted(p.name for p in run.iterdir()) == [
-        "agent.json", "config.yaml", "demand_model.json", "demand_model.npz",
+        "agent.json", "config.yaml", "demand_model.json", "demand_model.npz", "ensemble",
         "last_checkpoint.zip", "model.zip", "rl_state.npz", "run.json", "tensorboard",
         "train_summary.json", "training_state.json"]
+    # The default ensemble: 8 bootstrap refits, each a demand model of its own (npz + json).
+    assert sorted(p.name for p in (run / "ensemble").iterdir()) == [
+        "ensemble.json", *(f"member_{i:02d}" for i in range(8))]
+    assert sorted(p.name for p in (run / "ensemble" / "member_07").iterdir()) == [
+        "demand_model.json", "demand_model.npz"]
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["r1"]  # nothing partial left
     assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
     summary = json.loads((run / "train_summary.json").read_text())
@@ -87,7 +97,9 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
         assert masks["price_level"][first][np.arange(first.sum()), levels[first]].all()
     later = np.nonzero(~first)[0]
     assert np.abs(prices[later] / prices[later - 1] - 1).max() <= 0.25 + 1e-9
-    assert load_demand_model(run).info == agent.demand.info
+    # The agent chooses on the ensemble's 0.25 quantile; its point fit is the run's model.
+    assert agent.demand.quantile == 0.25 and agent.demand.ensemble.size == 8
+    assert load_demand_model(run).info == agent.demand.point.info
 
 
 def test_the_same_seed_gives_the_same_learning_curve(processed, tmp_path) -> None:

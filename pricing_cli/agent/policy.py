@@ -82,7 +82,8 @@ class PricingAgent:
     Attributes:
         policy: the SB3 actor-critic policy (torch module, eval mode).
         config: agent.json (algo, n_products, n_features, price_levels, ...).
-        demand: the demand model fitted with it.
+        demand: what it chooses prices on: the demand model fitted with it, or the ensemble's
+            ``decision_quantile`` of it (:func:`ensemble.decision_demand`).
         run_dir: where it was loaded from (None while training).
         change_cost: (n_products,) money per price change it was trained with (None: free);
             part of its state (the forecast features are net of it).
@@ -90,7 +91,7 @@ class PricingAgent:
 
     policy: Any
     config: dict[str, Any]
-    demand: DemandModel
+    demand: Any
     run_dir: Path | None = None
     change_cost: np.ndarray | None = None
 
@@ -178,7 +179,11 @@ def load_agent(run_dir: str | Path) -> PricingAgent:
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot read {run_dir / CHANGE_COSTS}: {exc}",
                              "Re-run `pricectl train`; the run folder is damaged.") from None
-    return PricingAgent(policy=policy, config=config, demand=DemandModel.load(run_dir),
+    from pricing_cli.agent.ensemble import DemandEnsemble, decision_demand
+
+    demand = decision_demand(DemandModel.load(run_dir), DemandEnsemble.load(run_dir),
+                             config.get("decision_quantile"))
+    return PricingAgent(policy=policy, config=config, demand=demand,
                         run_dir=run_dir, change_cost=change_cost)
 
 
