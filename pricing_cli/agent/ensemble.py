@@ -194,8 +194,12 @@ class QuantileDemand:
     def units_on_grid(self, product_index: np.ndarray, dates: np.ndarray,
                       grid: np.ndarray) -> np.ndarray:
         """(n, K) the quantile of units at every level of each row's grid."""
-        index = np.asarray(product_index)[:, None]
-        return self.expected_units(index, np.asarray(dates)[:, None], grid)
+        grid = np.asarray(grid, dtype=np.float64)
+        levels = grid.shape[1]
+        # Flat rows: the members need not broadcast (n, 1) indices against (n, K) prices.
+        units = self.expected_units(np.repeat(np.asarray(product_index), levels),
+                                    np.repeat(np.asarray(dates), levels), grid.ravel())
+        return units.reshape(grid.shape)
 
     def elasticity(self, product_index: np.ndarray, dates: np.ndarray) -> np.ndarray:
         return self.ensemble.elasticity(product_index, dates)
