@@ -69,7 +69,7 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
     assert sorted(p.name for p in run.iterdir()) == [
         "agent.json", "config.yaml", "demand_model.json", "demand_model.npz", "ensemble",
         "last_checkpoint.zip", "model.zip", "rl_state.npz", "run.json", "tensorboard",
-        "train_summary.json", "training_state.json"]
+        "train_summary.json", "training_state.json", "trust_region.npz"]
     # The default ensemble: 8 bootstrap refits, each a demand model of its own (npz + json).
     assert sorted(p.name for p in (run / "ensemble").iterdir()) == [
         "ensemble.json", *(f"member_{i:02d}" for i in range(8))]
@@ -100,6 +100,18 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
     # The agent chooses on the ensemble's 0.25 quantile; its point fit is the run's model.
     assert agent.demand.quantile == 0.25 and agent.demand.ensemble.size == 8
     assert load_demand_model(run).info == agent.demand.point.info
+    # The default trust region: the sold range of train + val, 10% wider on each side; every
+    # recommended price stays in it (or is a counted fallback, none here).
+    sold = pl.concat([pl.read_parquet(processed / f"meta_{s}.parquet") for s in ("train", "val")])
+    sold = sold.filter(pl.col("units") > 0).group_by("product_index").agg(
+        pl.col("price").min().alias("low"), pl.col("price").max().alias("high")
+    ).sort("product_index")
+    lower, upper = agent.trust_region
+    np.testing.assert_allclose(lower, 0.9 * sold["low"].to_numpy())
+    np.testing.assert_allclose(upper, 1.1 * sold["high"].to_numpy())
+    product = meta["product_index"].to_numpy()
+    assert np.all((prices >= lower[product] - 1e-9) & (prices <= upper[product] + 1e-9))
+    assert summary["trust_region_fallbacks"] == 0
 
 
 def test_the_same_seed_gives_the_same_learning_curve(processed, tmp_path) -> None:

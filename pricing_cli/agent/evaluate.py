@@ -17,6 +17,7 @@ profit_by_policy.png, price_paths.png, uplift_histogram.png and report.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,6 +249,32 @@ def score_policies(meta: SplitMeta, policies: dict[str, np.ndarray], units_fn: U
     return scores
 
 
+def series_bounds(meta: SplitMeta, trust_region: tuple[np.ndarray, np.ndarray]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) of each series from bounds by product index (NaN, no limit, for a
+    product index beyond them)."""
+    index = meta.product_index[meta.series_start]
+    out = []
+    for bound in trust_region:
+        known = index < len(bound)
+        values = np.full(index.size, np.nan)
+        values[known] = np.asarray(bound)[index[known]]
+        out.append(values)
+    return out[0], out[1]
+
+
+def rows_outside_trust_region(meta: SplitMeta, prices: np.ndarray) -> int | None:
+    """Rows priced outside their trust region (None without one). For the grid policies these
+    are the counted fallbacks of ``pricing.restrict_to_trust_region``."""
+    if meta.trust_region is None:
+        return None
+    lower, upper = (bound[meta.series_of_row] for bound in meta.trust_region)
+    slack = PRICE_TOLERANCE * np.maximum(1.0, np.abs(prices))
+    with np.errstate(invalid="ignore"):
+        outside = (prices < lower - slack) | (prices > upper + slack)  # NaN: no limit
+    return int(outside.sum())
+
+
 def uplift_intervals(meta: SplitMeta, policies: dict[str, np.ndarray], ensemble: Any,
                      change_cost: np.ndarray | None, level: float,
                      baseline: str = "historical"
@@ -380,6 +407,10 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     # The baselines choose prices as the agent was trained to: on the ensemble's
     # decision_quantile when the run has one, else on the point fit.
     decision = decision_demand(demand, ensemble, agent.config.get("decision_quantile"))
+    # The baselines keep to the trust region the agent was trained in.
+    trust = getattr(agent, "trust_region", None)
+    if trust is not None:
+        meta = dataclasses.replace(meta, trust_region=series_bounds(meta, trust))
     # The agent's objective: greedy and the planner optimise it too, every policy is scored
     # net of it.
     change_cost = agent.change_cost
@@ -454,6 +485,13 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
                                          truth_note))
     for name, interval in intervals.items():
         evaluation["policies"][name]["uplift_interval"] = interval
+    for name, prices in policies.items():
+        evaluation["policies"][name]["outside_trust_region"] = rows_outside_trust_region(
+            meta, prices)
+    evaluation["trust_region"] = {
+        "margin": agent.config.get("trust_region") if trust is not None else None,
+        "products_limited": 0 if meta.trust_region is None
+        else int(np.isfinite(meta.trust_region[0]).sum())}
     evaluation["agent_uplift_interval_per_product"] = product_intervals
     evaluation["held_out_checks"] = held_out
     evaluation["decisions"] = {

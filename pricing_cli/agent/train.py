@@ -76,6 +76,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     import polars as pl
     import torch
 
+    from pricing_cli.agent.baselines import sold_price_range
     from pricing_cli.agent.demand import DemandModel
     from pricing_cli.agent.ensemble import decision_demand, fit_ensemble
     from pricing_cli.agent.env import (
@@ -88,7 +89,14 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         read_stats,
         simulate,
     )
-    from pricing_cli.agent.policy import AGENT_JSON, CHANGE_COSTS, MODEL_ZIP, PricingAgent
+    from pricing_cli.agent.policy import (
+        AGENT_JSON,
+        CHANGE_COSTS,
+        MODEL_ZIP,
+        PricingAgent,
+        save_trust_region,
+    )
+    from pricing_cli.pricing import trust_region_bounds
 
     cfg = settings.train
     started = time.monotonic()
@@ -125,6 +133,10 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
                     "are chosen on the point fit")
     # What every price is chosen on (env, val selection, teachers): the ensemble's quantile.
     decision = decision_demand(demand, ensemble, cfg.decision_quantile)
+    trust_region = None
+    if cfg.trust_region is not None:
+        trust_region = trust_region_bounds(*sold_price_range(processed_dir, n_products),
+                                           cfg.trust_region)
     del meta_train
 
     # 2. Markets and env.
@@ -134,6 +146,9 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         change_cost = change_costs(train_market, cfg.price_change_cost)
         train_market = dataclasses.replace(train_market, change_cost=change_cost)
     val_market = load_market(processed_dir, "val", decision, stats, change_cost=change_cost)
+    if trust_region is not None:
+        train_market = dataclasses.replace(train_market, trust_region=trust_region)
+        val_market = dataclasses.replace(val_market, trust_region=trust_region)
     if val_market.n_rows == 0:
         monitor.log("the val split is empty: model selection uses the train split")
         val_market = train_market
@@ -164,7 +179,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         monitor.log(f"resuming {run_id} from {checkpoint} at {model.num_timesteps} steps"
                     + ("" if exact else " (no rl_state.npz: the env starts new episodes)"))
     agent = PricingAgent(policy=model.policy, config=agent_config, demand=decision,
-                         change_cost=change_cost)
+                         change_cost=change_cost, trust_region=trust_region)
 
     eval_seconds = [0.0]  # time spent in evaluate(), kept apart from the RL steps/s
 
@@ -217,6 +232,8 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     demand.save(work_dir)
     if ensemble is not None:
         ensemble.save(work_dir)
+    if trust_region is not None:
+        save_trust_region(work_dir, trust_region)
     if change_cost is not None:
         with atomic_write(work_dir / CHANGE_COSTS) as handle:
             np.save(handle, change_cost, allow_pickle=False)
@@ -240,6 +257,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         "val_mean_profit_random_feasible": random_profit["mean_profit"],
         "val_mean_profit_historical": historical_profit,
         "clipped_actions": int(env.batch.clipped_actions),
+        "trust_region_fallbacks": int(env.batch.trust_fallbacks),
         "demand_fit": demand.info, "demand_val": demand_report,
         "ensemble_size": 0 if ensemble is None else ensemble.size,
         "ensemble_seconds": round(ensemble_seconds, 3),
