@@ -109,11 +109,15 @@ def restrict_to_trust_region(mask: np.ndarray, grid: np.ndarray, lower: np.ndarr
     above = np.maximum(grid - hi, 0.0)
     outside = below + above
     inside = outside <= 1e-9 * np.maximum(1.0, np.abs(grid))
-    trusted = feasible & inside
-    fallback = ~trusted.any(axis=-1) & feasible.any(axis=-1)
+    trusted = feasible & np.broadcast_to(inside, feasible.shape)
+    # A 2-D view, so a single (K,) row and a batch take the same path.
+    flat = trusted.reshape(-1, trusted.shape[-1])
+    flat_feasible = feasible.reshape(flat.shape)
+    fallback = ~flat.any(axis=1) & flat_feasible.any(axis=1)
     if fallback.any():
-        distance = np.where(feasible, np.broadcast_to(outside, feasible.shape), np.inf)
-        nearest = distance.argmin(axis=-1)
-        rows = np.nonzero(fallback)
-        trusted[(*rows, nearest[rows])] = True
-    return trusted.astype(np.int8), fallback
+        distance = np.broadcast_to(outside, feasible.shape).reshape(flat.shape)
+        rows = np.nonzero(fallback)[0]
+        nearest = np.where(flat_feasible[rows], distance[rows], np.inf).argmin(axis=1)
+        flat[rows, nearest] = True
+    restricted: np.ndarray = flat.reshape(feasible.shape).astype(np.int8)
+    return restricted, np.asarray(fallback.reshape(feasible.shape[:-1]))
