@@ -679,6 +679,31 @@ def test_pricectl_evaluate_after_a_real_training_run(tmp_path: Path,
     # the fixture's elasticities are well identified: within 15% on average
     assert vs_truth["mean_abs_relative_error_pct"] < 15
     assert evaluation["demand_model"]["fit"]["rows"] == meta.n_rows
+    # The agent's uplift interval, recomputed from the saved ensemble's members by hand.
+    from pricing_cli.agent.ensemble import DemandEnsemble
+
+    members = DemandEnsemble.load(tmp_path / "models" / "r1").members
+    assert len(members) == 8
+
+    def member_profit(member, p: np.ndarray) -> float:
+        return float(((p - meta.unit_cost)
+                      * member.expected_units(meta.product_index, meta.date, p)).sum())
+
+    uplifts = [(member_profit(m, prices) / member_profit(m, meta.price) - 1) * 100
+               for m in members]
+    interval = policies["agent"]["uplift_interval"]
+    assert [interval["low"], interval["median"], interval["high"]] == pytest.approx(
+        list(np.quantile(uplifts, [0.05, 0.5, 0.95])))
+    verdict = evaluation["verdict"]
+    assert list(evaluation)[0] == "verdict"
+    assert verdict["ground_truth"]["interval_covers_true_uplift"] == (
+        interval["low"] <= policies["agent"]["true"]["uplift_pct"] <= interval["high"])
+    assert sum(verdict["products_by_status"].values()) == n_products
+    # The trust region holds for every grid policy (no fallback on this market).
+    for name in ("agent", "static", "greedy", "planner", "random"):
+        assert policies[name]["outside_trust_region"] == 0, name
+    assert evaluation["trust_region"] == {"margin": 0.1, "products_limited": n_products}
+    assert evaluation["decisions"] == {"ensemble_size": 8, "decision_quantile": 0.25}
 
 
 def test_tables_say_when_profit_is_net_of_change_costs() -> None:
