@@ -89,16 +89,17 @@ class DemandEnsemble:
         return len(self.members)
 
     def member_units(self, product_index: np.ndarray, dates: np.ndarray,
-                     prices: np.ndarray) -> np.ndarray:
-        """(B, *shape) each member's expected units for the rows."""
-        return np.stack([np.asarray(m.expected_units(product_index, dates, prices),
+                     prices: np.ndarray, **options: Any) -> np.ndarray:
+        """(B, *shape) each member's expected units for the rows (``options``, e.g. a
+        category price index, go to every member)."""
+        return np.stack([np.asarray(m.expected_units(product_index, dates, prices, **options),
                                     dtype=np.float64) for m in self.members])
 
     def expected_units(self, product_index: np.ndarray, dates: np.ndarray, prices: np.ndarray,
-                       quantile: float | None = None) -> np.ndarray:
+                       quantile: float | None = None, **options: Any) -> np.ndarray:
         """Expected units across members: their mean, or their ``quantile`` (0-1, linear
-        interpolation between members) row by row."""
-        units = self.member_units(product_index, dates, prices)
+        interpolation between members) row by row. Arrays broadcast as the members do."""
+        units = self.member_units(product_index, dates, prices, **options)
         if quantile is None:
             return np.asarray(units.mean(axis=0))
         return np.asarray(np.quantile(units, quantile, axis=0))
@@ -188,8 +189,9 @@ class QuantileDemand:
         self.n_products = point.n_products
 
     def expected_units(self, product_index: np.ndarray, dates: np.ndarray,
-                       prices: np.ndarray) -> np.ndarray:
-        return self.ensemble.expected_units(product_index, dates, prices, self.quantile)
+                       prices: np.ndarray, **options: Any) -> np.ndarray:
+        return self.ensemble.expected_units(product_index, dates, prices, self.quantile,
+                                            **options)
 
     def units_on_grid(self, product_index: np.ndarray, dates: np.ndarray,
                       grid: np.ndarray) -> np.ndarray:
