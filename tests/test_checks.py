@@ -182,7 +182,7 @@ def checked_market(tmp_path: Path, flip_test_response: bool = False,
     policies = {"agent": bl.greedy_prices(meta, decision_demand(point, ensemble, 0.25), 11,
                                           0.25),
                 "historical": meta.price}
-    intervals, per_product = ev.uplift_intervals(meta, policies, ensemble, None, 0.9)
+    intervals, per_product = ev.uplift_intervals(meta, policies, ensemble, point, None, 0.9)
 
     def true_units(prices: np.ndarray) -> np.ndarray:
         return agent_fixtures.true_expected_units(test_truth, meta.product_index, meta.date,
@@ -198,8 +198,8 @@ def test_verdict_is_reliable_with_a_covering_interval_on_a_well_specified_market
         tmp_path: Path) -> None:
     verdict, found = checked_market(tmp_path)
     assert verdict["status"] == "reliable_uplift"
-    assert verdict["message"] == ("reliable: profit uplift vs historical prices +36.0% "
-                                  "(90% interval +33.0% to +38.3%)")
+    assert verdict["message"] == ("reliable: profit uplift vs historical prices +36.3% "
+                                  "(90% interval +34.2% to +39.5%)")
     assert verdict["products_by_status"] == {"reliable_uplift": 6}
     interval = found["interval"]
     assert interval["low"] <= found["true_uplift"] <= interval["high"]  # true: +37.6%
@@ -228,8 +228,8 @@ def test_verdict_is_not_reliable_when_held_out_volume_is_off(tmp_path: Path) -> 
 def test_verdict_calls_from_the_interval() -> None:
     cfg = SETTINGS.evaluate
 
-    def interval(low: float, median: float, high: float) -> dict:
-        return {"low": low, "median": median, "high": high, "level": 0.9, "members": 8}
+    def interval(low: float, point: float, high: float) -> dict:
+        return {"low": low, "point": point, "high": high, "level": 0.9, "members": 8}
 
     assert checks.call([], interval(-3.14, 4.0, 12.4))["message"] == (
         "no reliable uplift: the 90% interval of the profit uplift vs historical prices, "

@@ -692,8 +692,11 @@ def test_pricectl_evaluate_after_a_real_training_run(tmp_path: Path,
     uplifts = [(member_profit(m, prices) / member_profit(m, meta.price) - 1) * 100
                for m in members]
     interval = policies["agent"]["uplift_interval"]
-    assert [interval["low"], interval["median"], interval["high"]] == pytest.approx(
-        list(np.quantile(uplifts, [0.05, 0.5, 0.95])))
+    point = policies["agent"]["fitted"]["uplift_pct"]
+    q_low, q_high = np.quantile(uplifts, [0.05, 0.95])
+    # The basic bootstrap interval: centred on the point fit, mirrored through it.
+    assert [interval["low"], interval["point"], interval["high"]] == pytest.approx(
+        [2 * point - q_high, point, 2 * point - q_low])
     verdict = evaluation["verdict"]
     assert list(evaluation)[0] == "verdict"
     assert verdict["ground_truth"]["interval_covers_true_uplift"] == (

@@ -286,7 +286,7 @@ def call(reasons: list[str], interval: dict[str, Any] | None) -> dict[str, Any]:
                 "message": "no reliable uplift: the run has no demand ensemble to bound the "
                            "uplift (train with train.ensemble_size of 2 or more)",
                 "reasons": []}
-    low, high, point = interval["low"], interval["high"], interval["median"]
+    low, high, point = interval["low"], interval["high"], interval["point"]
     level = f"{interval['level']:.0%} interval"
     if low <= 0 <= high:
         return {"status": "no_reliable_uplift",
