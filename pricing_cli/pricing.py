@@ -1,4 +1,5 @@
-"""The candidate price grid and the feasibility rule, shared by preprocess, env and evaluate.
+"""The candidate price grid, the feasibility rule and the trust region, shared by preprocess,
+env and evaluate.
 
 The grid spans each product's whole [min_price, max_price], not a band around the historical
 price, because historical prices are not optimal and the agent must be able to leave them.
