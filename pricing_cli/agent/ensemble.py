@@ -177,16 +177,20 @@ class QuantileDemand:
     """The ensemble's ``quantile`` of expected units as a demand model (see the module
     docstring): pass it wherever a demand model chooses prices.
 
-    ``point`` (the fit on all rows) supplies what a quantile does not define: the reference
-    prices and the product count the env reads.
+    ``point`` (the fit on all rows) supplies every attribute a quantile does not define (the
+    reference prices and the product count the env reads, its info, ...).
     """
 
     def __init__(self, ensemble: DemandEnsemble, quantile: float, point: Any) -> None:
         self.ensemble = ensemble
         self.quantile = quantile
         self.point = point
-        self.reference_price = point.reference_price
-        self.n_products = point.n_products
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not found on the wrapper itself.
+        if name in ("ensemble", "quantile", "point"):
+            raise AttributeError(name)
+        return getattr(self.point, name)
 
     def expected_units(self, product_index: np.ndarray, dates: np.ndarray,
                        prices: np.ndarray, **options: Any) -> np.ndarray:
