@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -134,6 +135,8 @@ def profits(processed, run_dir):
     """(agent, mean random-feasible, best on grid) mean profit per test product-day."""
     agent = load_agent(run_dir)
     market = load_market(processed, "test", agent.demand)
+    if agent.trust_region is not None:  # as rollout_prices does: the masks it trained with
+        market = dataclasses.replace(market, trust_region=agent.trust_region)
     learned = simulate(market, agent.chooser(True))["mean_profit"]
     random = np.mean([simulate(market, random_feasible_policy(np.random.default_rng(s)))
                       ["mean_profit"] for s in range(5)])
