@@ -432,6 +432,20 @@ class TrainSettings(Section):
     torch_threads: int = Field(1, ge=0)
     """Torch CPU threads; 0 means one per core. 1 by default: the policy net is small, so one
     thread is as fast on an idle machine and several times faster on a busy one (docs/agent.md)."""
+    ensemble_size: int = Field(8, ge=0)
+    """Refits of the demand model on bootstrap resamples of the train split (whole product-weeks
+    drawn with replacement within each product), saved in the run folder; evaluate's uplift
+    interval and the pessimistic decisions come from them. 0 or 1: no ensemble."""
+    ensemble_seed: int = 0
+    """Seed of the bootstrap resamples."""
+    decision_quantile: float | None = Field(0.25, gt=0, lt=1)
+    """Prices are chosen on this quantile of profit across the ensemble (for a price above cost,
+    (price - cost) x this quantile of units): 0.5 the median, lower is more cautious where the
+    members disagree. null: the point fit. Needs ensemble_size of 2 or more."""
+    trust_region: float | None = Field(0.10, ge=0)
+    """A recommended price stays within the product's sold range (min to max price over train
+    and val days with units > 0) widened by this share on each side; every policy's masks
+    enforce it. null: no trust region (the whole [min_price, max_price] grid)."""
 
 
     @field_validator("net_arch")
@@ -455,6 +469,24 @@ class EvaluateSettings(Section):
     """Products whose price paths are plotted."""
     seed: int = Field(0, ge=0, le=MAX_SEED)
     """Seed of the random-feasible baseline."""
+    event_window_days: int = Field(7, ge=1)
+    """Days before and after each held-out price change over which the predicted and actual
+    change in units are compared (each window stops at the neighbouring change)."""
+    min_sign_accuracy: float = Field(0.7, ge=0, le=1)
+    """Least share of held-out price changes whose unit change the model must predict with the
+    right sign; below it the verdict is 'not reliable'."""
+    min_price_changes: int = Field(10, ge=0)
+    """Held-out price changes needed to check the response to price at all; with fewer the
+    verdict is 'not reliable' (nothing backs the model's elasticity out of sample)."""
+    min_product_price_changes: int = Field(5, ge=0)
+    """A product with fewer own held-out price changes is judged on the overall sign check."""
+    max_abs_bias_pct: float = Field(20.0, ge=0)
+    """Largest |total predicted / total actual held-out units - 1| in % before 'not reliable'."""
+    max_wmape_excess: float = Field(2.0, gt=0)
+    """Largest held-out WMAPE as a multiple of its Poisson noise floor (what a perfect model
+    would still show) before 'not reliable'."""
+    interval: float = Field(0.9, gt=0, lt=1)
+    """Coverage of the uplift interval across the demand ensemble."""
 
 
 class PipelineSettings(Section):

@@ -1,4 +1,5 @@
-"""The candidate price grid and the feasibility rule, shared by preprocess, env and evaluate.
+"""The candidate price grid, the feasibility rule and the trust region, shared by preprocess,
+env and evaluate.
 
 The grid spans each product's whole [min_price, max_price], not a band around the historical
 price, because historical prices are not optimal and the agent must be able to leave them.
@@ -70,3 +71,54 @@ def is_price_change(price: np.ndarray | float, previous: np.ndarray | float) -> 
     with np.errstate(invalid="ignore"):
         moved = np.abs(np.asarray(price, dtype=np.float64) / previous - 1.0) > CHANGE_TOLERANCE
     return np.asarray(moved)
+
+
+def trust_region_bounds(min_sold: np.ndarray, max_sold: np.ndarray, margin: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper): the range a product has been sold at, widened by ``margin`` (a share)
+    on each side. NaN (never sold) stays NaN: no limit."""
+    lo = np.asarray(min_sold, dtype=np.float64)
+    hi = np.asarray(max_sold, dtype=np.float64)
+    return lo * (1.0 - margin), hi * (1.0 + margin)
+
+
+def restrict_to_trust_region(mask: np.ndarray, grid: np.ndarray, lower: np.ndarray | float,
+                             upper: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """AND the trust region [lower, upper] into a feasibility mask (from :func:`feasible_mask`).
+
+    Every policy that moves on the grid (agent, greedy, planner, static, random) takes its
+    mask through here, so none can recommend a price the data never backed. A row whose
+    feasible levels all lie outside the region (yesterday's price far from it, or a region
+    between two grid levels) keeps the one feasible level nearest to the region: the policy
+    moves toward it as fast as the daily-change rule allows. Such rows are counted.
+
+    Args:
+        mask: (..., K) feasible levels (0/1 or bool).
+        grid: (..., K) the prices of those levels.
+        lower, upper: per row (shape ``mask.shape[:-1]``) or scalars; NaN means no limit.
+
+    Returns:
+        (mask int8 of mask's shape, fallback bool of shape mask.shape[:-1]).
+    """
+    feasible = np.asarray(mask).astype(bool)
+    lo = np.asarray(lower, dtype=np.float64)[..., None]
+    hi = np.asarray(upper, dtype=np.float64)[..., None]
+    lo = np.where(np.isnan(lo), -np.inf, lo)
+    hi = np.where(np.isnan(hi), np.inf, hi)
+    # Grid prices are computed in floating point: a level on the boundary is inside.
+    below = np.maximum(lo - grid, 0.0)
+    above = np.maximum(grid - hi, 0.0)
+    outside = below + above
+    inside = outside <= 1e-9 * np.maximum(1.0, np.abs(grid))
+    trusted = feasible & np.broadcast_to(inside, feasible.shape)
+    # A 2-D view, so a single (K,) row and a batch take the same path.
+    flat = trusted.reshape(-1, trusted.shape[-1])
+    flat_feasible = feasible.reshape(flat.shape)
+    fallback = ~flat.any(axis=1) & flat_feasible.any(axis=1)
+    if fallback.any():
+        distance = np.broadcast_to(outside, feasible.shape).reshape(flat.shape)
+        rows = np.nonzero(fallback)[0]
+        nearest = np.where(flat_feasible[rows], distance[rows], np.inf).argmin(axis=1)
+        flat[rows, nearest] = True
+    restricted: np.ndarray = flat.reshape(feasible.shape).astype(np.int8)
+    return restricted, np.asarray(fallback.reshape(feasible.shape[:-1]))

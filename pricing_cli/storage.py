@@ -165,10 +165,11 @@ def commit_file(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def write_json(path: str | Path, payload: Any) -> None:
-    """Write JSON atomically (sorted keys, two-space indent, trailing newline)."""
+def write_json(path: str | Path, payload: Any, *, sort_keys: bool = True) -> None:
+    """Write JSON atomically (sorted keys unless ``sort_keys`` is False: then in the payload's
+    own order, e.g. a verdict first; two-space indent, trailing newline)."""
     with atomic_write(path, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+        json.dump(payload, handle, indent=2, sort_keys=sort_keys, default=str)
         handle.write("\n")
 
 

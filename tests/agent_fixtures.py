@@ -51,7 +51,8 @@ def true_expected_units(truth: dict[str, Any], product_index: np.ndarray, dates:
 def write_processed(folder: str | Path, n_products: int = 6, n_days: int = 90, K: int = 11,
                     F: int = 20, seed: int = 0, true_elasticity: Any = None, *,
                     max_daily_change: float = 0.25, base_units: tuple[float, float] = (20.0, 60.0),
-                    start: date = date(2023, 1, 2)) -> dict[str, Any]:
+                    start: date = date(2023, 1, 2),
+                    price_multipliers: np.ndarray | None = None) -> dict[str, Any]:
     """Simulate a small market and write it as ``data/processed`` (docs/architecture.md).
 
     Each product has a list price L in [5, 50], a unit cost of 0.5-0.6 L, a price range
@@ -72,6 +73,8 @@ def write_processed(folder: str | Path, n_products: int = 6, n_days: int = 90, K
         max_daily_change: recorded in the stats and used for the masks.
         base_units: range of expected daily units at list price on a Monday.
         start: first date.
+        price_multipliers: the ladder of historical price / list price (default
+            PRICE_MULTIPLIERS); prices start at its middle rung.
 
     Returns:
         The truth: ``elasticity``, ``log_base``, ``list_price``, ``unit_cost``, ``min_price``,
@@ -83,6 +86,7 @@ def write_processed(folder: str | Path, n_products: int = 6, n_days: int = 90, K
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    ladder = PRICE_MULTIPLIERS if price_multipliers is None else np.asarray(price_multipliers)
     elasticity = (np.linspace(1.8, 3.2, n_products) if true_elasticity is None else
                   np.broadcast_to(np.asarray(true_elasticity, dtype=np.float64), (n_products,)))
     list_price = np.round(rng.uniform(5.0, 50.0, n_products), 2)
@@ -100,10 +104,10 @@ def write_processed(folder: str | Path, n_products: int = 6, n_days: int = 90, K
     columns: dict[str, list[np.ndarray]] = {}
     for p in range(n_products):
         step = np.where(rng.random(n_days) < 0.2, rng.choice([-1, 1], n_days), 0)
-        level = np.clip(3 + np.cumsum(step), 0, len(PRICE_MULTIPLIERS) - 1)
-        price = list_price[p] * PRICE_MULTIPLIERS[level]
+        level = np.clip(len(ladder) // 2 + np.cumsum(step), 0, len(ladder) - 1)
+        price = list_price[p] * ladder[level]
         lam = (np.exp(log_base[p] + TRUE_DOW_EFFECT[dow])
-               * PRICE_MULTIPLIERS[level] ** -elasticity[p])
+               * ladder[level] ** -elasticity[p])
         units = rng.poisson(lam).astype(np.float64)
         prev_price = np.concatenate([[price[0]], price[:-1]])
         prev_units = np.concatenate([[np.exp(log_base[p])], units[:-1]])

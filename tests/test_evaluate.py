@@ -528,11 +528,20 @@ def test_run_evaluate_writes_every_output(tmp_path: Path,
     assert result.summary["agent violations"] == 0
     assert result.summary["agent share of oracle % (true)"] == pytest.approx(
         policies["agent"]["true"]["share_of_oracle_pct"])
-    table = result.notes[0].splitlines()
-    assert table[0].split() == ["policy", "profit", "margin", "uplift", "chg/mo", "viol.", "true",
-                                "profit", "true", "uplift", "of", "oracle"]
+    # The verdict leads: a fixed historical price gives no held-out price change to check.
+    assert result.notes[0].splitlines()[0] == (
+        "VERDICT: not reliable: only 0 held-out price changes, fewer than 10: the response to "
+        "price could not be checked")
+    assert result.summary["verdict"] == result.notes[0].splitlines()[0].removeprefix("VERDICT: ")
+    assert list(result.summary)[0] == "verdict"
+    assert list(evaluation)[0] == "verdict"
+    assert report_md.splitlines()[2] == f"**{result.notes[0].splitlines()[0]}**"
+    table = result.notes[1].splitlines()
+    assert table[0].split() == ["policy", "profit", "uplift", "90%", "int.", "chg/mo", "viol.",
+                                "true", "profit", "true", "uplift", "of", "oracle"]
     assert [line.split()[0] for line in table[2:9]] == evaluation["policy_order"]
     assert table[8].split()[5] == "3*"  # the oracle's exempt violations
+    assert table[2].split()[3] == "n/a"  # a stand-in run folder has no ensemble
     assert max(len(line) for line in table) <= 80
 
 
@@ -580,8 +589,8 @@ def test_run_evaluate_without_matching_ground_truth(tmp_path: Path,
     assert not (tmp_path / "reports" / "price_paths.png").exists()  # plot_products 0
     assert result.notes[-1] == ("true demand not scored: the products of "
                                 "data/raw/ground_truth.json do not match the processed data")
-    assert result.notes[0].splitlines()[0].split() == [
-        "policy", "profit", "margin", "uplift", "chg/mo", "viol."]
+    assert result.notes[1].splitlines()[0].split() == [
+        "policy", "profit", "uplift", "90%", "int.", "chg/mo", "viol."]
 
 
 def test_run_evaluate_rejects_agent_prices_of_another_split(
@@ -659,7 +668,9 @@ def test_pricectl_evaluate_after_a_real_training_run(tmp_path: Path,
                                np.round(prices, 2))
     assert recommendations["product_id"].to_list() == list(meta.product_id)
     # The demand model against the truth, recomputed here from both models directly.
-    fitted_e = agent.demand.elasticity(meta.product_index, meta.date)
+    # (the point fit; the agent itself chooses on the ensemble's decision quantile)
+    fitted_e = policy.load_demand_model(tmp_path / "models" / "r1").elasticity(
+        meta.product_index, meta.date)
     true_e = market.elasticity(ground_truth, ground_truth.product_index(list(meta.product_id)),
                                meta.date)
     vs_truth = evaluation["demand_model"]["elasticity_vs_truth"]
@@ -670,6 +681,34 @@ def test_pricectl_evaluate_after_a_real_training_run(tmp_path: Path,
     # the fixture's elasticities are well identified: within 15% on average
     assert vs_truth["mean_abs_relative_error_pct"] < 15
     assert evaluation["demand_model"]["fit"]["rows"] == meta.n_rows
+    # The agent's uplift interval, recomputed from the saved ensemble's members by hand.
+    from pricing_cli.agent.ensemble import DemandEnsemble
+
+    members = DemandEnsemble.load(tmp_path / "models" / "r1").members
+    assert len(members) == 8
+
+    def member_profit(member, p: np.ndarray) -> float:
+        return float(((p - meta.unit_cost)
+                      * member.expected_units(meta.product_index, meta.date, p)).sum())
+
+    uplifts = [(member_profit(m, prices) / member_profit(m, meta.price) - 1) * 100
+               for m in members]
+    interval = policies["agent"]["uplift_interval"]
+    point = policies["agent"]["fitted"]["uplift_pct"]
+    q_low, q_high = np.quantile(uplifts, [0.05, 0.95])
+    # The basic bootstrap interval: centred on the point fit, mirrored through it.
+    assert [interval["low"], interval["point"], interval["high"]] == pytest.approx(
+        [2 * point - q_high, point, 2 * point - q_low])
+    verdict = evaluation["verdict"]
+    assert list(evaluation)[0] == "verdict"
+    assert verdict["ground_truth"]["interval_covers_true_uplift"] == (
+        interval["low"] <= policies["agent"]["true"]["uplift_pct"] <= interval["high"])
+    assert sum(verdict["products_by_status"].values()) == n_products
+    # The trust region holds for every grid policy (no fallback on this market).
+    for name in ("agent", "static", "greedy", "planner", "random"):
+        assert policies[name]["outside_trust_region"] == 0, name
+    assert evaluation["trust_region"] == {"margin": 0.1, "products_limited": n_products}
+    assert evaluation["decisions"] == {"ensemble_size": 8, "decision_quantile": 0.25}
 
 
 def test_tables_say_when_profit_is_net_of_change_costs() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -26,7 +27,11 @@ from tests.agent_fixtures import write_processed
 K = 11
 SMALL = {"train.n_envs": 4, "train.net_arch": [16], "train.n_steps": 64, "train.batch_size": 64,
          "train.n_epochs": 4, "train.timesteps": 2000, "train.eval_every": 1000,
-         "train.checkpoint_every": 1000, "train.tensorboard": False, "train.torch_threads": 1}
+         "train.checkpoint_every": 1000, "train.tensorboard": False, "train.torch_threads": 1,
+         # The point fit: these tests compare the env with evaluate's baselines exactly, and the
+         # env takes a constant-elasticity view of an ensemble quantile (until it reads units
+         # on the grid). The CLI test below trains with the default ensemble.
+         "train.ensemble_size": 0}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,8 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
 
     monkeypatch.chdir(tmp_path)
     config = {"merge": {"output_dir": str(processed)},
-              "train": {k.split(".")[1]: v for k, v in SMALL.items()} | {"tensorboard": True}}
+              "train": {k.split(".")[1]: v for k, v in SMALL.items()}
+              | {"tensorboard": True, "ensemble_size": 8}}
     Path("run.yaml").write_text(yaml.safe_dump(config))
     code = main(["--preset", "tiny", "--config", "run.yaml", "--quiet", "train",
                  "--multi-product", "--run-id", "r1", "--seed", "3"])
@@ -64,8 +70,14 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
     run = tmp_path / "models" / "r1"
     assert sorted(p.name for p in run.iterdir()) == [
         OWNER_MARKER, "agent.json", "config.yaml", "demand_model.json", "demand_model.npz",
+        "ensemble",
         "last_checkpoint.zip", "model.zip", "rl_state.npz", "run.json", "tensorboard",
-        "train_summary.json", "training_state.json"]
+        "train_summary.json", "training_state.json", "trust_region.npz"]
+    # The default ensemble: 8 bootstrap refits, each a demand model of its own (npz + json).
+    assert sorted(p.name for p in (run / "ensemble").iterdir()) == [
+        "ensemble.json", *(f"member_{i:02d}" for i in range(8))]
+    assert sorted(p.name for p in (run / "ensemble" / "member_07").iterdir()) == [
+        "demand_model.json", "demand_model.npz"]
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["r1"]  # nothing partial left
     assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
     summary = json.loads((run / "train_summary.json").read_text())
@@ -88,7 +100,21 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
         assert masks["price_level"][first][np.arange(first.sum()), levels[first]].all()
     later = np.nonzero(~first)[0]
     assert np.abs(prices[later] / prices[later - 1] - 1).max() <= 0.25 + 1e-9
-    assert load_demand_model(run).info == agent.demand.info
+    # The agent chooses on the ensemble's 0.25 quantile; its point fit is the run's model.
+    assert agent.demand.quantile == 0.25 and agent.demand.ensemble.size == 8
+    assert load_demand_model(run).info == agent.demand.point.info
+    # The default trust region: the sold range of train + val, 10% wider on each side; every
+    # recommended price stays in it (or is a counted fallback, none here).
+    sold = pl.concat([pl.read_parquet(processed / f"meta_{s}.parquet") for s in ("train", "val")])
+    sold = sold.filter(pl.col("units") > 0).group_by("product_index").agg(
+        pl.col("price").min().alias("low"), pl.col("price").max().alias("high")
+    ).sort("product_index")
+    lower, upper = agent.trust_region
+    np.testing.assert_allclose(lower, 0.9 * sold["low"].to_numpy())
+    np.testing.assert_allclose(upper, 1.1 * sold["high"].to_numpy())
+    product = meta["product_index"].to_numpy()
+    assert np.all((prices >= lower[product] - 1e-9) & (prices <= upper[product] + 1e-9))
+    assert summary["trust_region_fallbacks"] == 0
 
 
 def test_the_same_seed_gives_the_same_learning_curve(processed, tmp_path) -> None:
@@ -111,6 +137,8 @@ def profits(processed, run_dir):
     """(agent, mean random-feasible, best on grid) mean profit per test product-day."""
     agent = load_agent(run_dir)
     market = load_market(processed, "test", agent.demand)
+    if agent.trust_region is not None:  # as rollout_prices does: the masks it trained with
+        market = dataclasses.replace(market, trust_region=agent.trust_region)
     learned = simulate(market, agent.chooser(True))["mean_profit"]
     random = np.mean([simulate(market, random_feasible_policy(np.random.default_rng(s)))
                       ["mean_profit"] for s in range(5)])

@@ -2,10 +2,12 @@
 
 Every policy is one price per row of ``meta_{split}.parquet`` (rows ordered by
 ``product_index``, then ``date``), so evaluate scores all of them the same way. The policies
-that move on the price grid (static, greedy, random) obey the agent's rules: a price is one of
-the product's K levels (:func:`pricing.price_grid`) and is feasible from the policy's *own*
-previous price (:func:`pricing.feasible_mask`). Day one of the split is feasible from the last
-historical price before the split (see :meth:`SplitMeta.day_one_mask`).
+that move on the price grid (static, greedy, planner, random) obey the agent's rules: a price is
+one of the product's K levels (:func:`pricing.price_grid`), is feasible from the policy's *own*
+previous price (:func:`pricing.feasible_mask`) and lies in the run's trust region
+(:func:`pricing.restrict_to_trust_region`, when :attr:`SplitMeta.trust_region` is set). Day
+one of the split is feasible from the last historical price before the split (see
+:meth:`SplitMeta.day_one_mask`).
 
 Everything is vectorized across products: the sequential policies loop over days, never over
 products x days.
@@ -22,7 +24,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from pricing_cli.errors import BatchError, MissingInputError
-from pricing_cli.pricing import feasible_mask, is_price_change, price_grid
+from pricing_cli.pricing import (
+    feasible_mask,
+    is_price_change,
+    price_grid,
+    restrict_to_trust_region,
+)
 
 # Splits in chronological order: the split before ``test`` holds the last price before it.
 SPLIT_ORDER = ("train", "val", "test")
@@ -51,6 +58,8 @@ class SplitMeta:
             first row (feasibility from the last historical price before the split).
         prev_price: (n_series,) last historical price before the split, NaN where unknown
             (the train split, or a product whose history starts inside the split).
+        trust_region: (lower, upper), each (n_series,): the prices the grid policies may
+            choose (NaN: no limit); None: the whole grid.
     """
 
     product_index: np.ndarray
@@ -63,6 +72,7 @@ class SplitMeta:
     max_price: np.ndarray
     first_day_mask: np.ndarray
     prev_price: np.ndarray
+    trust_region: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_rows(self) -> int:
@@ -93,6 +103,19 @@ class SplitMeta:
         """(series, rows) of every series that has a ``day``-th row (0 = its first)."""
         series = np.flatnonzero(self.series_length > day)
         return series, self.series_start[series] + day
+
+    def trusted(self, series: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """``mask`` ((len(series), K) or (len(series), K, K) with the target level last)
+        restricted to each series' trust region (unchanged without one)."""
+        if self.trust_region is None:
+            return mask
+        lower, upper = self.trust_region
+        extra = (None,) * (mask.ndim - 2)  # a transition mask has one more axis
+        grid = np.broadcast_to(self.grid[series][(slice(None), *extra, slice(None))],
+                               mask.shape)
+        index = (slice(None), *extra)
+        return restrict_to_trust_region(mask, grid, lower[series][index],
+                                        upper[series][index])[0]
 
     def day_one_mask(self, max_daily_change: float) -> np.ndarray:
         """(n_series, K) levels feasible on each series' first day.
@@ -179,6 +202,29 @@ def load_split_meta(processed_dir: str | Path, split: str) -> SplitMeta:
                      prev_price=_last_prices_before(folder, split, product_id[start]))
 
 
+def sold_price_range(processed_dir: str | Path, n_products: int,
+                     splits: tuple[str, ...] = ("train", "val")) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) price per product_index over the rows of ``splits`` that sold (units > 0);
+    NaN for a product that never sold there. What the trust region is built from."""
+    import polars as pl
+
+    low, high = np.full(n_products, np.nan), np.full(n_products, np.nan)
+    paths = [Path(processed_dir) / f"meta_{s}.parquet" for s in splits]
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
+        return low, high
+    table = (pl.concat([pl.read_parquet(p, columns=["product_index", "price", "units"])
+                        for p in paths])
+             .filter((pl.col("units") > 0) & (pl.col("price") > 0))
+             .group_by("product_index")
+             .agg(pl.col("price").min().alias("low"), pl.col("price").max().alias("high")))
+    index = table["product_index"].to_numpy().astype(np.int64)
+    keep = index < n_products
+    low[index[keep]] = table["low"].to_numpy()[keep]
+    high[index[keep]] = table["high"].to_numpy()[keep]
+    return low, high
+
+
 def _last_prices_before(folder: Path, split: str, product_ids: np.ndarray) -> np.ndarray:
     """Last price of each product in the split just before ``split``; NaN where unknown."""
     import polars as pl
@@ -240,7 +286,8 @@ def static_prices(meta: SplitMeta, demand: DemandLike, K: int,
         units = np.asarray(demand.expected_units(meta.product_index, meta.date, prices),
                            dtype=np.float64)
         total[:, level] = np.add.reduceat((prices - meta.unit_cost) * units, start)
-    total[meta.day_one_mask(max_daily_change) == 0] = -np.inf
+    all_series = np.arange(start.size)
+    total[meta.trusted(all_series, meta.day_one_mask(max_daily_change)) == 0] = -np.inf
     best = total.argmax(axis=1)
     return meta.grid[meta.series_of_row, best[meta.series_of_row]]
 
@@ -267,7 +314,7 @@ def _walk_grid(meta: SplitMeta, K: int, max_daily_change: float,
         else:
             previous = prices[rows - 1]
             mask = feasible_mask(grid, previous, max_daily_change)[0]
-        level = choose(series, rows, mask, previous)
+        level = choose(series, rows, meta.trusted(series, mask), previous)
         prices[rows] = grid[np.arange(series.size), level]
     return prices
 
@@ -328,6 +375,7 @@ def planned_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change
             # allowed[s, j, k]: from level j today to level k tomorrow (pricing.feasible_mask's
             # rule; a level can always be held, so no row is ever all-infeasible).
             allowed = np.abs(g[:, None, :] / g[:, :, None] - 1.0) <= max_daily_change + 1e-9
+            allowed = meta.trusted(series[part], allowed).astype(bool)
             tomorrow = value[rows[part] + 1][:, None, :]
             if change_cost is not None:
                 moves = is_price_change(g[:, None, :], g[:, :, None])

@@ -46,7 +46,13 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from pricing_cli.agent.demand import units_on_grid
 from pricing_cli.errors import BatchError, MissingInputError
-from pricing_cli.pricing import CHANGE_TOLERANCE, feasible_mask, is_price_change, price_grid
+from pricing_cli.pricing import (
+    CHANGE_TOLERANCE,
+    feasible_mask,
+    is_price_change,
+    price_grid,
+    restrict_to_trust_region,
+)
 
 if TYPE_CHECKING:
     from pricing_cli.agent.demand import DemandModel
@@ -148,6 +154,9 @@ class Market:
     change_cost: np.ndarray | None = None
     # The model behind units_table, asked only for prices off the grid (e.g. history's).
     demand: Any = None
+    # (lower, upper) by product index: the trust region every mask is restricted to
+    # (pricing.restrict_to_trust_region; train.trust_region); None: the whole grid.
+    trust_region: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.change_cost is None:
@@ -483,6 +492,19 @@ class EpisodeBatch:
         self.episode_profit = np.zeros(size)
         self.episode_length = np.zeros(size, dtype=np.int64)
         self.clipped_actions = 0
+        self.trust_fallbacks = 0  # masks where no feasible level lay in the trust region
+
+    def _trusted(self, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The feasible ``mask`` of these rows ANDed with the market's trust region."""
+        m = self.market
+        if m.trust_region is None:
+            return mask
+        lower, upper = m.trust_region
+        product = m.product_index[rows]
+        trusted, fallback = restrict_to_trust_region(mask, m.grid(rows), lower[product],
+                                                     upper[product])
+        self.trust_fallbacks += int(fallback.sum())
+        return trusted.astype(bool)
 
     def begin(self, slots: np.ndarray, start_rows: np.ndarray, end_rows: np.ndarray) -> None:
         """Start episodes covering rows [start, end) in these slots, from the historical state."""
@@ -491,7 +513,7 @@ class EpisodeBatch:
         self.end[slots] = end_rows
         self.last_price[slots] = m.previous_price[start_rows]
         self.held[slots] = m.held_days[start_rows]
-        self.mask[slots] = m.processed_masks(start_rows)
+        self.mask[slots] = self._trusted(start_rows, m.processed_masks(start_rows))
         self.episode_return[slots] = 0.0
         self.episode_profit[slots] = 0.0
         self.episode_length[slots] = 0
@@ -536,8 +558,8 @@ class EpisodeBatch:
         done = next_rows >= self.end[slots]
         going = ~done
         if going.any():
-            self.mask[slots[going]] = feasible_mask(m.grid(next_rows[going]), prices[going],
-                                                    m.max_daily_change)[0].astype(bool)
+            self.mask[slots[going]] = self._trusted(next_rows[going], feasible_mask(
+                m.grid(next_rows[going]), prices[going], m.max_daily_change)[0].astype(bool))
         return {"rows": rows, "levels": levels, "prices": prices, "units": units,
                 "profit": profit, "change_cost": change_cost, "reward": reward,
                 "clipped": clipped, "done": done}

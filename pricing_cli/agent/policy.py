@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 AGENT_JSON = "agent.json"
 MODEL_ZIP = "model.zip"
 CHANGE_COSTS = "change_costs.npy"  # (n_products,) money per price change; absent: free
+# lower, upper (n_products,): the trust region of every recommended price; absent: none.
+TRUST_REGION = "trust_region.npz"
 MASKED_ALGOS = ("maskable-ppo",)
 
 
@@ -88,17 +90,21 @@ class PricingAgent:
     Attributes:
         policy: the SB3 actor-critic policy (torch module, eval mode).
         config: agent.json (algo, n_products, n_features, price_levels, ...).
-        demand: the demand model fitted with it.
+        demand: what it chooses prices on: the demand model fitted with it, or the ensemble's
+            ``decision_quantile`` of it (:func:`ensemble.decision_demand`).
         run_dir: where it was loaded from (None while training).
         change_cost: (n_products,) money per price change it was trained with (None: free);
             part of its state (the forecast features are net of it).
+        trust_region: (lower, upper) by product index, the prices it may recommend (NaN: no
+            limit); None: the whole grid.
     """
 
     policy: Any
     config: dict[str, Any]
-    demand: DemandModel
+    demand: Any
     run_dir: Path | None = None
     change_cost: np.ndarray | None = None
+    trust_region: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def uses_masks(self) -> bool:
@@ -194,8 +200,38 @@ def load_agent(run_dir: str | Path, stats: dict[str, Any] | None = None) -> Pric
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot read {run_dir / CHANGE_COSTS}: {exc}",
                              "Re-run `pricectl train`; the run folder is damaged.") from None
-    return PricingAgent(policy=policy, config=config, demand=DemandModel.load(run_dir),
-                        run_dir=run_dir, change_cost=change_cost)
+    from pricing_cli.agent.ensemble import DemandEnsemble, decision_demand
+
+    demand = decision_demand(DemandModel.load(run_dir), DemandEnsemble.load(run_dir),
+                             config.get("decision_quantile"))
+    return PricingAgent(policy=policy, config=config, demand=demand,
+                        run_dir=run_dir, change_cost=change_cost,
+                        trust_region=load_trust_region(run_dir))
+
+
+def save_trust_region(folder: Path, trust_region: tuple[np.ndarray, np.ndarray]) -> None:
+    """trust_region.npz: arrays ``lower`` and ``upper`` by product index."""
+    from pricing_cli.storage import atomic_write
+
+    with atomic_write(folder / TRUST_REGION) as handle:
+        np.savez(handle, lower=trust_region[0], upper=trust_region[1])
+
+
+def load_trust_region(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The run's trust region (None when it was trained without one).
+
+    Raises:
+        ModelError: the file is unreadable.
+    """
+    path = run_dir / TRUST_REGION
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return arrays["lower"], arrays["upper"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}",
+                         "Re-run `pricectl train`; the run folder is damaged.") from None
 
 
 # What agent.json must hold: key -> (kind, lowest, highest). The bounds are those of the
@@ -349,12 +385,29 @@ def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
         MissingInputError: a processed file is missing.
         ModelError: the processed data do not match the agent.
     """
+    import dataclasses
+
     from pricing_cli.agent.env import load_market, simulate
 
     market = load_market(processed_dir, split, agent.demand, change_cost=agent.change_cost)
     agent.check_compatible(market)
+    if agent.trust_region is not None:
+        market = dataclasses.replace(market, trust_region=_by_product(agent.trust_region,
+                                                                      market.n_products))
     result = simulate(market, agent.chooser(deterministic))
     return result["levels"], result["prices"]
+
+
+def _by_product(trust_region: tuple[np.ndarray, np.ndarray], n_products: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The bounds cut or NaN-padded (no limit) to n_products (a later split may know more)."""
+    out = []
+    for bound in trust_region:
+        values = np.full(n_products, np.nan)
+        k = min(n_products, len(bound))
+        values[:k] = bound[:k]
+        out.append(values)
+    return out[0], out[1]
 
 
 def _check_run_dir(run_dir: str | Path) -> Path:

@@ -31,10 +31,41 @@ def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}{suffix}"
 
 
-# Columns of the terminal table: it must fit 80 characters, so revenue and units stay in
-# report.md and evaluation.json.
-COMPACT_COLUMNS = ("policy", "profit", "margin", "uplift", "chg/mo", "viol.", "true profit",
+# Columns of the terminal table: it must fit 80 characters, so revenue, units and margin stay
+# in report.md and evaluation.json.
+COMPACT_COLUMNS = ("policy", "profit", "uplift", "90% int.", "chg/mo", "viol.", "true profit",
                    "true uplift", "of oracle")
+DROPPED_FROM_COMPACT = ("revenue", "units", "margin")
+
+
+def _interval_cell(entry: dict[str, Any] | None) -> str:
+    """'[-3,+12]': the uplift interval in whole %, 'n/a' without one."""
+    if entry is None or entry.get("low") is None:
+        return "n/a"
+    return f"[{entry['low']:+.0f},{entry['high']:+.0f}]"
+
+
+def verdict_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The verdict as the first lines of every output: the call, every failed check, the
+    products by status and, with ground truth, whether the interval covered the truth."""
+    verdict = evaluation["verdict"]
+    lines = [f"VERDICT: {verdict['message']}"]
+    lines += [f"  - {reason}" for reason in verdict["reasons"][1:]]
+    counts = verdict.get("products_by_status") or {}
+    if counts:
+        lines.append("  products: " + ", ".join(f"{n} {status.replace('_', ' ')}"
+                                                 for status, n in sorted(counts.items())))
+    truth = verdict.get("ground_truth")
+    if truth:
+        covered = truth["interval_covers_true_uplift"]
+        share = truth["products_covered_share"]
+        lines.append(
+            f"  ground truth: true uplift {_fmt(truth['true_uplift_pct'], 1, '%')}; interval "
+            + ("covers it" if covered else "n/a" if covered is None else "misses it")
+            + (f" (per product: {share:.0%} covered)" if share is not None else "")
+            + f"; elasticity fitted {_fmt(truth['elasticity_fitted_mean'], 2)} vs true "
+            f"{_fmt(truth['elasticity_true_mean'], 2)}")
+    return lines
 
 
 def policy_rows(evaluation: dict[str, Any], compact: bool = False
@@ -44,8 +75,13 @@ def policy_rows(evaluation: dict[str, Any], compact: bool = False
     The oracle's violation count carries a ``*``: it ignores the daily-change limit by design.
     """
     truth = evaluation["ground_truth"]["used"]
-    header = ["policy", "profit", "revenue", "units", "margin", "uplift", "changes/mo",
-              "violations", "true profit", "true uplift", "% of oracle"]
+    level = "90%"
+    interval = evaluation["policies"][evaluation["policy_order"][0]].get("uplift_interval")
+    if interval:
+        level = f"{interval['level']:.0%}"
+    header = ["policy", "profit", "revenue", "units", "margin", "uplift",
+              f"{level} interval", "changes/mo", "violations", "true profit", "true uplift",
+              "% of oracle"]
     rows = []
     for name in evaluation["policy_order"]:
         entry = evaluation["policies"][name]
@@ -56,12 +92,13 @@ def policy_rows(evaluation: dict[str, Any], compact: bool = False
         rows.append([name, _fmt(fitted["profit"], 0), _fmt(fitted["revenue"], 0),
                      _fmt(fitted["units"], 0), _fmt(fitted["margin"] * 100, 1, "%"),
                      _fmt(fitted["uplift_pct"], 1, "%"),
+                     _interval_cell(entry.get("uplift_interval")),
                      _fmt(entry["price_changes_per_product_month"], 2), violations,
                      _fmt(true.get("profit"), 0), _fmt(true.get("uplift_pct"), 1, "%"),
                      _fmt(true.get("share_of_oracle_pct"), 1, "%")])
     keep = list(range(len(header) if truth else len(header) - 3))
     if compact:
-        keep = [i for i in keep if header[i] not in ("revenue", "units")]
+        keep = [i for i in keep if header[i] not in DROPPED_FROM_COMPACT]
         header = list(COMPACT_COLUMNS[:len(keep)])
     else:
         header = [header[i] for i in keep]
@@ -181,14 +218,52 @@ def plot_uplift_histogram(path: Path, uplift: np.ndarray) -> str | None:
     return path.name
 
 
+def _interval_text(entry: dict[str, Any]) -> str:
+    if entry.get("low") is None:
+        return "no interval"
+    return (f"{entry['level']:.0%} interval {entry['low']:+.1f}% to {entry['high']:+.1f}%")
+
+
+def held_out_lines(evaluation: dict[str, Any]) -> list[str]:
+    """report.md's section on the held-out checks (overall numbers and the decile table)."""
+    checks = evaluation.get("held_out_checks")
+    if not checks:
+        return []
+    fit, changes = checks["fit"]["overall"], checks["price_changes"]["overall"]
+    accuracy = changes["sign_accuracy"]
+    lines = ["", "## Held-out checks of the demand model", "",
+             f"On the {evaluation['split']} split at the prices actually charged:", "",
+             f"- WMAPE of daily units {_fmt(fit['wmape'], 3)} (Poisson noise alone: "
+             f"{_fmt(fit['wmape_noise_floor'], 3)}), bias {_fmt(fit['bias_pct'], 1, '%')} "
+             "(total predicted vs actual units).",
+             f"- {changes['price_changes']} price changes; predicted change in units had the "
+             f"right sign in {_fmt(None if accuracy is None else accuracy * 100, 0, '%')} of "
+             f"the {changes['with_sign']} with a sign, mean absolute error of the log ratio "
+             f"{_fmt(changes['mean_abs_error'], 3)}, response slope (actual on predicted) "
+             f"{_fmt(changes['response_slope'], 2)}; {checks['price_changes']['window_days']} "
+             "days before and after each change.",
+             "", "| decile | rows | mean predicted | mean actual |", "|---|---|---|---|"]
+    lines += [f"| {c['decile']} | {c['rows']} | {c['mean_predicted']:.2f} | "
+              f"{c['mean_actual']:.2f} |" for c in fit["calibration"]]
+    return lines
+
+
 def write_report_md(path: Path, evaluation: dict[str, Any], plots: dict[str, str]) -> None:
     """report.md: a short summary, the policy table and links to the plots."""
     agent = evaluation["policies"]["agent"]
     truth = evaluation["ground_truth"]["used"]
     measure = "true" if truth else "fitted"
     uplift = evaluation["agent_uplift_per_product_pct"][measure]
+    verdict = verdict_lines(evaluation)
     lines = [
         f"# Pricing agent evaluation ({evaluation['split']} split)",
+        "",
+        f"**{verdict[0]}**",
+        "",
+        *[f"- {line.strip().removeprefix('- ')}" for line in verdict[1:]],
+        *([""] if len(verdict) > 1 else []),
+        "Every profit below is predicted by the fitted demand model; the verdict says whether "
+        "its held-out checks back it (see the held-out checks section).",
         "",
         f"Run `{evaluation['run']}`, {evaluation['products']} products, "
         f"{evaluation['product_days']} product-days"
@@ -197,6 +272,8 @@ def write_report_md(path: Path, evaluation: dict[str, Any], plots: dict[str, str
         "",
         f"- Agent profit uplift vs historical prices: "
         f"{_fmt(agent['fitted']['uplift_pct'], 1, '%')} under the fitted demand model"
+        + (f" ({_interval_text(agent['uplift_interval'])} across the demand ensemble)"
+           if agent.get("uplift_interval") else "")
         + (f", {_fmt(agent['true']['uplift_pct'], 1, '%')} under the true demand" if truth
            else "") + ".",
     ]
@@ -221,6 +298,7 @@ def write_report_md(path: Path, evaluation: dict[str, Any], plots: dict[str, str
     footnote = exempt_footnote(evaluation)
     if footnote:
         lines += ["", footnote.replace("*", "\\*", 1).replace("\n", "\n\n")]
+    lines += held_out_lines(evaluation)
     titles = {"profit_by_policy": "Profit by policy", "price_paths": "Price paths",
               "uplift_histogram": "Per-product uplift"}
     if plots:

@@ -82,7 +82,9 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     monitor.reserve(TORCH_IMPORT_BYTES, "loading torch and stable-baselines3")
     import torch
 
+    from pricing_cli.agent.baselines import sold_price_range
     from pricing_cli.agent.demand import DemandModel
+    from pricing_cli.agent.ensemble import decision_demand, fit_ensemble
     from pricing_cli.agent.env import (
         PriceVecEnv,
         change_costs,
@@ -93,7 +95,14 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         read_stats,
         simulate,
     )
-    from pricing_cli.agent.policy import AGENT_JSON, CHANGE_COSTS, MODEL_ZIP, PricingAgent
+    from pricing_cli.agent.policy import (
+        AGENT_JSON,
+        CHANGE_COSTS,
+        MODEL_ZIP,
+        PricingAgent,
+        save_trust_region,
+    )
+    from pricing_cli.pricing import trust_region_bounds
     from pricing_cli.stages.merge import read_processed_meta
 
     cfg = settings.train
@@ -118,15 +127,35 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
                 f"{demand_report.get('mae', float('nan')):.3f} units/day, Poisson deviance "
                 f"{demand_report.get('poisson_deviance', float('nan')):.3f}")
     products = None if product is None else [_product_index(meta_train, product, meta_train_path)]
+    ensemble_started = time.monotonic()
+    ensemble = fit_ensemble(meta_train, settings, n_products=n_products,
+                            fallback_reference=_later_median_prices(processed_dir, n_products),
+                            monitor=monitor, source=str(meta_train_path))
+    ensemble_seconds = time.monotonic() - ensemble_started
+    if ensemble is not None:
+        monitor.log(f"demand ensemble: {ensemble.size} bootstrap refits in "
+                    f"{ensemble_seconds:.1f} s")
+    if cfg.decision_quantile is not None and ensemble is None:
+        monitor.log("train.decision_quantile needs train.ensemble_size of 2 or more: prices "
+                    "are chosen on the point fit")
+    # What every price is chosen on (env, val selection, teachers): the ensemble's quantile.
+    decision = decision_demand(demand, ensemble, cfg.decision_quantile)
+    trust_region = None
+    if cfg.trust_region is not None:
+        trust_region = trust_region_bounds(*sold_price_range(processed_dir, n_products),
+                                           cfg.trust_region)
     del meta_train
 
     # 2. Markets and env.
-    train_market = load_market(processed_dir, "train", demand, stats)
+    train_market = load_market(processed_dir, "train", decision, stats)
     change_cost = None
     if cfg.price_change_cost > 0:
         change_cost = change_costs(train_market, cfg.price_change_cost)
         train_market = dataclasses.replace(train_market, change_cost=change_cost)
-    val_market = load_market(processed_dir, "val", demand, stats, change_cost=change_cost)
+    val_market = load_market(processed_dir, "val", decision, stats, change_cost=change_cost)
+    if trust_region is not None:
+        train_market = dataclasses.replace(train_market, trust_region=trust_region)
+        val_market = dataclasses.replace(val_market, trust_region=trust_region)
     if val_market.n_rows == 0:
         monitor.log("the val split is empty: model selection uses the train split")
         val_market = train_market
@@ -144,6 +173,9 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         "reward_scale": cfg.reward_scale, "episode_length": cfg.episode_length,
         "products": products, "product_id": product,
         "feature_cols": _feature_cols(processed_dir),
+        "ensemble_size": 0 if ensemble is None else ensemble.size,
+        "decision_quantile": None if ensemble is None else cfg.decision_quantile,
+        "trust_region": cfg.trust_region,
     }
     model = _build_model(settings, env, agent_config, work_dir)
     state = _load_state(work_dir) if checkpoint is not None else _fresh_state()
@@ -153,8 +185,8 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         exact = _restore_rl_state(model, work_dir / RL_STATE)
         monitor.log(f"resuming {run_id} from {checkpoint} at {model.num_timesteps} steps"
                     + ("" if exact else " (no rl_state.npz: the env starts new episodes)"))
-    agent = PricingAgent(policy=model.policy, config=agent_config, demand=demand,
-                         change_cost=change_cost)
+    agent = PricingAgent(policy=model.policy, config=agent_config, demand=decision,
+                         change_cost=change_cost, trust_region=trust_region)
 
     eval_seconds = [0.0]  # time spent in evaluate(), kept apart from the RL steps/s
 
@@ -178,7 +210,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         bc_summary = behaviour_clone(model.policy, train_market, processed_dir, cfg.bc_epochs,
                                      cfg.batch_size, cfg.seed, monitor, products,
                                      teacher=cfg.warm_start, learning_rate=cfg.bc_learning_rate,
-                                     temperature=cfg.bc_temperature, demand=demand)
+                                     temperature=cfg.bc_temperature, demand=decision)
     if checkpoint is None:
         evaluate(0)
     remaining = max(cfg.timesteps - model.num_timesteps, 0)
@@ -205,6 +237,10 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 
     # 5. Write the rest and publish the folder as a whole.
     demand.save(work_dir)
+    if ensemble is not None:
+        ensemble.save(work_dir)
+    if trust_region is not None:
+        save_trust_region(work_dir, trust_region)
     if change_cost is not None:
         with atomic_write(work_dir / CHANGE_COSTS) as handle:
             np.save(handle, change_cost, allow_pickle=False)
@@ -228,7 +264,11 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         "val_mean_profit_random_feasible": random_profit["mean_profit"],
         "val_mean_profit_historical": historical_profit,
         "clipped_actions": int(env.batch.clipped_actions),
+        "trust_region_fallbacks": int(env.batch.trust_fallbacks),
         "demand_fit": demand.info, "demand_val": demand_report,
+        "ensemble_size": 0 if ensemble is None else ensemble.size,
+        "ensemble_seconds": round(ensemble_seconds, 3),
+        "decision_quantile": agent_config["decision_quantile"],
         "behaviour_cloning": bc_summary, "evaluations": state["evaluations"],
         "seconds": round(time.monotonic() - started, 3),
     }
