@@ -590,8 +590,12 @@ def _check_keys(raw: Mapping[str, Any], model: type[BaseModel], source: str, pre
         where = f"{prefix}{name}"
         if key not in fields:
             close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.5)
+            names = sorted(fields)
+            # a section can hold dozens of keys; the message stays readable
+            listed = ", ".join(names[:12]) + (f", ... ({len(names)} in all)"
+                                              if len(names) > 12 else "")
             suggestion = f"did you mean '{prefix}{close[0]}'?" if close else (
-                "valid keys here: " + ", ".join(sorted(fields)))
+                "valid keys here: " + listed)
             raise ConfigError(
                 f"unknown config key '{where}' in {source}",
                 f"{suggestion} See configs/default.yaml for every key.",

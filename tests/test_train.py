@@ -150,8 +150,13 @@ def profits(processed, run_dir):
 
 
 def test_rl_alone_beats_random_feasible_prices_on_unseen_days(processed, tmp_path) -> None:
+    # Rewards from the point fit, which profits() scores with (the default trains on the
+    # ensemble's pessimistic quantile, a different objective), and the whole grid open: the
+    # default trust region keeps the agent off the best grid level that this test measures
+    # against (with it: 607 against random 590 and best on grid 634).
     train(processed, tmp_path, run_id="learn", timesteps=4000, learning_rate=1e-3,
-          n_epochs=10, warm_start="none", forecast_prior=0.0)
+          n_epochs=10, warm_start="none", forecast_prior=0.0, ensemble_size=0,
+          trust_region=100.0)
     learned, random, best_on_grid = profits(processed, tmp_path / "models" / "learn")
     # Measured: random 559, best on grid 643, the agent 631. Ask for half the gap.
     assert learned >= random + 0.5 * (best_on_grid - random)
