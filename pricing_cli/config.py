@@ -279,6 +279,83 @@ class EvaluateSettings(Section):
     """Seed of the random-feasible baseline."""
 
 
+class DatePeriod(Section):
+    """An inclusive range of dates."""
+
+    start: date
+    """First day of the period."""
+    end: date
+    """Last day of the period (inclusive)."""
+
+
+class RuleSet(Section):
+    """Merchant guardrails for one product, one category or every product (``rules.default``).
+
+    Every rule is optional (None: not set here). A product's rules are ``rules.default``, then
+    its category's, then its own, each set key overriding the one before.
+    """
+
+    min_margin: float | None = Field(None, ge=0.0, lt=1.0)
+    """Smallest allowed margin (price - unit_cost) / price, e.g. 0.15."""
+    max_change_per_day: float | None = Field(None, gt=0.0)
+    """Largest relative change from yesterday's price; None: preprocess.max_daily_change."""
+    max_change_per_week: float | None = Field(None, gt=0.0)
+    """Largest relative change from the price charged 7 days earlier."""
+    max_changes_per_month: int | None = Field(None, ge=0)
+    """Most price changes in any 30 days (today and the 29 before, history included)."""
+    price_endings: list[float] | None = None
+    """Allowed cents, e.g. [0.99] or [0.49, 0.99]; prices are snapped to the nearest ending."""
+    price_ladder: list[float] | None = None
+    """Allowed prices, e.g. [9.99, 12.49, 14.99]; prices are snapped to the nearest rung."""
+    freeze: bool | None = None
+    """True: never change this price (it is held at the current price)."""
+    freeze_periods: list[DatePeriod] | None = None
+    """Date ranges during which the price is held at the previous day's price."""
+    max_above_competitor: float | None = Field(None, ge=0.0)
+    """Largest relative premium over the competitor's price (rules.competitor_prices)."""
+
+    @field_validator("price_endings")
+    @classmethod
+    def _cents(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(not 0.0 <= v < 1.0 for v in value)):
+            raise ValueError("price_endings are cents in [0, 1), e.g. [0.49, 0.99]")
+        return value
+
+    @field_validator("price_ladder")
+    @classmethod
+    def _rungs(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(v <= 0 for v in value)):
+            raise ValueError("price_ladder needs at least one positive price")
+        return value
+
+
+class RulesSettings(Section):
+    """Merchant guardrails that every recommended price obeys (docs/recommend.md)."""
+
+    default: RuleSet = RuleSet()
+    """Rules for every product."""
+    categories: dict[str, RuleSet] = {}
+    """Rules per catalog category, over rules.default."""
+    products: dict[str, RuleSet] = {}
+    """Rules per product_id, over its category's."""
+    competitor_prices: str | None = None
+    """CSV of competitor prices (product_id, date, price) for max_above_competitor; the latest
+    price on or before a day applies to it."""
+
+
+class RecommendSettings(Section):
+    """`pricectl recommend`: prices for the days after the data ends."""
+
+    horizon: int = Field(14, ge=1, le=366)
+    """Days to price."""
+    start: date | None = None
+    """First day to price; None: the day after the last day of the data."""
+    policy: Literal["agent", "greedy", "planner", "static", "historical"] = "agent"
+    """Which policy sets the prices."""
+    output_dir: str = "recommendations"
+    """Prices go to <output_dir>/<start date>/."""
+
+
 class PipelineSettings(Section):
     """`pricectl pipeline`."""
 
@@ -323,6 +400,8 @@ class Settings(Section):
     train: TrainSettings = TrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    rules: RulesSettings = RulesSettings()
+    recommend: RecommendSettings = RecommendSettings()
     monitor: MonitorSettings = MonitorSettings()
 
     def section_fingerprint(self, section: str) -> str:
