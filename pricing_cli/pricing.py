@@ -251,7 +251,9 @@ def rule_masks(candidates: np.ndarray, unit_cost: np.ndarray, min_price: np.ndar
     """
     prices = np.asarray(candidates, dtype=np.float64)
     col = (slice(None), None)
-    held = ~is_price_change(prices, previous[col])
+    # A freeze or a used-up monthly limit holds yesterday's price exactly (it is always a
+    # candidate), not merely within CHANGE_TOLERANCE: small steps could otherwise drift.
+    held = np.abs(prices - previous[col]) <= RULE_SLACK * np.maximum(np.abs(previous[col]), 1.0)
     masks = {
         "bounds": (prices >= min_price[col] * (1 - RULE_SLACK))
         & (prices <= max_price[col] * (1 + RULE_SLACK)),
@@ -296,15 +298,20 @@ def check_rules_feasible(allowed: np.ndarray, masks: dict[str, np.ndarray], rule
     if empty.size == 0:
         return
     i = int(empty[0])
-    # The rules that refuse some price of this product together leave nothing.
+    defaults = {"max_change_per_day": "preprocess.max_daily_change",
+                "bounds": "the catalog's min_price/max_price"}
     refusing = [name for name in RULE_ORDER if not masks[name][i].all()]
-    keys = [rules.sources[i].get(name, name) for name in refusing]
+    keys = [rules.sources[i].get(name, defaults.get(name, name)) for name in refusing]
+    # The rules whose loosening alone would leave a price: the ones to tell the user about.
+    alone = [key for name, key in zip(refusing, keys, strict=True)
+             if np.logical_and.reduce([masks[o][i] for o in RULE_ORDER if o != name]).any()]
     raise ConfigError(
         f"the rules leave no feasible price for product {rules.product_id[i]!r} on {day}: "
         f"{', '.join(keys)} together refuse every candidate price"
         + (f" ({empty.size} products in all)" if empty.size > 1 else ""),
-        "Loosen one of these rules for this product (e.g. a lower min_margin, a wider "
-        "max_change_per_day, or no freeze), or widen its catalog min_price/max_price.")
+        (f"Loosen {' or '.join(alone)} for this product" if alone else
+         "Loosen some of these rules for this product") + " (every rule is optional; see "
+        "docs/recommend.md), or widen its catalog min_price/max_price.")
 
 
 def binding_rules(masks: dict[str, np.ndarray], unconstrained: np.ndarray,
