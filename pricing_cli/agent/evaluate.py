@@ -7,7 +7,8 @@ market's ground truth is known (generated data), under the true demand as well, 
 oracle that knows it.
 
 Outputs (``evaluate.reports_dir``, replaced as a whole): evaluation.json, recommendations.csv,
-profit_by_policy.png, price_paths.png, uplift_histogram.png and report.md.
+profit_by_policy.png, price_paths.png, uplift_histogram.png, report.md and prices_<policy>.csv
+for every policy (the same columns as recommendations.csv).
 """
 
 from __future__ import annotations
@@ -474,6 +475,9 @@ def _write_reports(reports_dir: Path, meta: SplitMeta, policies: dict[str, np.nd
     with staged_dir(reports_dir, owner="evaluate") as folder:
         write_json(folder / "evaluation.json", evaluation)
         write_recommendations(folder / "recommendations.csv", meta, policies["agent"])
+        # Every policy's prices, so users can compare them row by row.
+        for name, prices in policies.items():
+            write_recommendations(folder / f"prices_{name}.csv", meta, prices)
         plots = {
             "profit_by_policy": report.plot_profit_by_policy(folder / "profit_by_policy.png",
                                                              evaluation),
