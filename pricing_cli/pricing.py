@@ -85,10 +85,12 @@ def is_price_change(price: np.ndarray | float, previous: np.ndarray | float) -> 
 # ----------------------------------------------------------------------------------------------
 # Merchant guardrails (config section ``rules``; docs/recommend.md)
 
-# The order in which rules are named when one binds: the catalog bounds and the daily limit
-# first (they existed before the merchant rules), then the merchant rules.
-RULE_ORDER = ("bounds", "max_change_per_day", "max_change_per_week", "max_changes_per_month",
-              "freeze", "min_margin", "price_endings", "price_ladder", "max_above_competitor")
+# The order in which rules are named when several refuse the same price: the rules that hold
+# the price (they explain the whole day) first, then the bounds and the limits on a move,
+# then the rules on the price itself.
+RULE_ORDER = ("freeze", "max_changes_per_month", "bounds", "max_change_per_day",
+              "max_change_per_week", "min_margin", "price_endings", "price_ladder",
+              "max_above_competitor")
 # Days in the window of max_changes_per_month (today and the 29 before).
 MONTH_DAYS = 30
 WEEK_DAYS = 7

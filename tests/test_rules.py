@@ -121,7 +121,7 @@ def test_rules_leaving_no_price_name_the_product_and_the_rules() -> None:
         rc.walk(horizon(rules), rc.greedy_policy(horizon(rules)))
     assert caught.value.message == (
         "the rules leave no feasible price for product 'B' on 2024-04-01: "
-        "preprocess.max_daily_change, rules.products.B.freeze, rules.products.B.min_margin "
+        "rules.products.B.freeze, preprocess.max_daily_change, rules.products.B.min_margin "
         "together refuse every candidate price")
     # Holding 15.00 (margin 33%) is all the freeze allows; without the margin rule it is fine.
     assert caught.value.hint == (

@@ -57,6 +57,9 @@ SPLITS = ("train", "val", "test")
 # Calendar features moved to the future date; every other feature is carried forward.
 CALENDAR_FEATURES = ("dow_sin", "dow_cos", "doy_sin", "doy_cos", "is_weekend")
 POLICIES = ("agent", "greedy", "planner", "static", "historical")
+# Candidates beyond the K grid levels: the current price moved to an allowed ending, and the
+# current price itself (last, so a frozen price is held exactly).
+EXTRA_CANDIDATES = 2
 PRICES_COLUMNS = ("product_id", "date", "current_price", "recommended_price", "change_pct",
                   "expected_units", "expected_profit", "profit_low", "profit_high",
                   "binding_rule")
@@ -265,7 +268,8 @@ class Horizon:
         state: the products.
         rules: their resolved guardrails.
         days: (H,) open days to price.
-        candidates: (n, C) candidate prices; the last column is the current price.
+        candidates: (n, K + 2) candidate prices: the grid levels, the current price moved to
+            an allowed ending, the current price.
         profit: (H, n, C) expected profit of each candidate on each day (fitted demand).
         units: (H, n, C) expected units.
         change_cost: (n,) money per price change (zeros: free).
@@ -301,7 +305,10 @@ def build_horizon(state: ProductState, rules: ProductRules, days: np.ndarray, de
                   competitor: np.ndarray | None) -> Horizon:
     """Candidate prices and their expected units and profit on every day of the horizon."""
     grid = snap_to_rules(price_grid(state.min_price, state.max_price, levels), rules)
-    candidates = np.column_stack([grid, state.price])
+    # The current price moved to the nearest allowed ending: the smallest step that makes an
+    # off-ending price compliant (the grid may be coarser than a tight daily limit).
+    nearest = snap_to_rules(state.price[:, None], rules)[:, 0]
+    candidates = np.column_stack([grid, nearest, state.price])
     n, width = candidates.shape
     units = np.empty((len(days), n, width))
     for d, day in enumerate(days):
@@ -462,11 +469,13 @@ def historical_policy(horizon: Horizon) -> ChooseFn:
 
 def agent_policy(horizon: Horizon, agent: Any, market: Any) -> ChooseFn:
     """The trained agent on the future rows of ``market`` (one row per product and open day,
-    products in order). It picks grid levels; the current-price column is taken only where the
-    rules leave nothing else (a freeze, the monthly limit reached on day one)."""
+    products in order). It picks grid levels (its action space); the two extra columns (the
+    current price, and it moved to an allowed ending) are taken only where the rules allow no
+    grid level (a freeze, the monthly limit reached on day one, a daily limit finer than the
+    grid): the allowed one nearest to yesterday's price."""
     from pricing_cli.agent.env import clip_to_feasible
 
-    levels = horizon.candidates.shape[1] - 1
+    levels = horizon.candidates.shape[1] - EXTRA_CANDIDATES
     H = len(horizon.days)
 
     def choose(d: int, allowed: np.ndarray, prev_col: np.ndarray, prev: np.ndarray,
@@ -478,7 +487,9 @@ def agent_policy(horizon: Horizon, agent: Any, market: Any) -> ChooseFn:
         mask = np.where(some[:, None], grid_ok, True)
         picked = agent.choose_levels(obs, mask)
         picked, _ = clip_to_feasible(picked, mask)
-        return np.where(some, picked, horizon.hold_column)
+        extra = -np.abs(horizon.candidates[:, levels:] - prev[:, None])
+        fallback = levels + _best(extra, allowed[:, levels:])
+        return np.where(some, picked, fallback)
     return choose
 
 
