@@ -53,6 +53,21 @@ class ColumnMap(Section):
     """Optional store column; None if absent."""
 
 
+class CatalogColumnMap(Section):
+    """Names of the catalog columns in the catalog file (maps an export as it is)."""
+
+    product_id: str = "product_id"
+    """Product identifier (read as a string)."""
+    unit_cost: str = "unit_cost"
+    """Cost of one unit, >= 0."""
+    min_price: str = "min_price"
+    """Lowest allowed price, > 0."""
+    max_price: str = "max_price"
+    """Highest allowed price, >= min_price."""
+    category: str = "category"
+    """Optional category column; absent means no category."""
+
+
 class DataSettings(Section):
     """Where raw data lives and how it is read."""
 
@@ -64,6 +79,13 @@ class DataSettings(Section):
     """True demand parameters (only for generated markets); ignored if missing."""
     columns: ColumnMap = ColumnMap()
     """Column-name mapping for the transaction files."""
+    catalog_columns: CatalogColumnMap = CatalogColumnMap()
+    """Column-name mapping for the catalog file."""
+    closed_weekdays: list[int] = []
+    """Weekdays the store is closed (0 = Monday ... 6 = Sunday): left out of the demand fit
+    and of recommendations. Days on which no product sold anything are found as closed too."""
+    closed_dates: list[date] = []
+    """Dates the store is closed (public holidays): left out like closed_weekdays."""
     date_format: str | None = None
     """strftime format of the date column; None means ISO date or datetime."""
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)

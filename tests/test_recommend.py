@@ -21,19 +21,44 @@ PRICES_COLUMNS = ["product_id", "date", "current_price", "recommended_price", "c
                   "binding_rule"]
 
 
+# The tiny market has 12 products; the catalog given to the pipeline names 9 of them.
+PRICED = [f"P{i:05d}" for i in range(1, 10)]
+BASE = "train:\n  tensorboard: false\n  run_id: r1\ndata:\n  catalog: subset_catalog.csv\n"
+
+
 @pytest.fixture(scope="module")
 def market(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny generated market, processed and trained (one pipeline run for the module)."""
+    """A tiny generated market, processed and trained with a catalog of 9 of its 12 products
+    (one pipeline run for the module)."""
     folder = tmp_path_factory.mktemp("recommend")
-    (folder / "base.yaml").write_text("train:\n  tensorboard: false\n  run_id: r1\n")
+    (folder / "base.yaml").write_text(BASE)
     before = os.getcwd()
     os.chdir(folder)
     try:
+        assert cli.main(["--preset", "tiny", "-q", "generate"]) == 0
+        catalog = pl.read_csv("data/raw/catalog.csv")
+        catalog.filter(pl.col("product_id").is_in(PRICED)).write_csv("subset_catalog.csv")
         assert cli.main(["--preset", "tiny", "--config", "base.yaml", "-q", "pipeline",
-                         "--to", "train"]) == 0
+                         "--from", "features", "--to", "train"]) == 0
     finally:
         os.chdir(before)
     return folder
+
+
+def test_a_subset_catalog_prices_only_its_products(market: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(market)
+    record = json.loads(Path("data/features/run.json").read_text())
+    # the other 3 products' transactions were skipped and counted, not bad rows
+    assert record["summary"]["bad_rows"] == 0
+    transactions = pl.concat([pl.read_csv(p) for p in sorted(Path("data/raw/transactions")
+                                                             .glob("*.csv"))])
+    outside = transactions.filter(~pl.col("product_id").is_in(PRICED)).height
+    assert outside > 0 and record["summary"]["outside_catalog_rows"] == outside
+    assert recommend("--policy", "historical", "--horizon", "2") == 0
+    start = np.datetime64(last_rows()["date"].max(), "D") + 1
+    prices = pl.read_csv(Path("recommendations") / str(start) / "prices.csv")
+    assert sorted(set(prices["product_id"])) == PRICED
 
 
 def last_rows() -> pl.DataFrame:
@@ -86,8 +111,7 @@ def test_agent_obeys_every_rule_and_explain_names_the_binding_rule(
         market: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(market)
     Path("rules.yaml").write_text(
-        "train:\n  tensorboard: false\n  run_id: r1\n"
-        "rules:\n  default:\n    max_change_per_day: 0.15\n    min_margin: 0.2\n"
+        BASE + "rules:\n  default:\n    max_change_per_day: 0.15\n    min_margin: 0.2\n"
         "  categories:\n    C02: {price_endings: [0.49, 0.99]}\n"
         "    C03: {price_endings: [0.49, 0.99]}\n"
         "  products:\n    P00003:\n      freeze: true\n")
@@ -156,8 +180,45 @@ def test_rules_leaving_no_price_fail_naming_the_product(
         market: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(market)
     Path("impossible.yaml").write_text(
-        "rules:\n  products:\n    P00004:\n      min_margin: 0.95\n")
+        BASE + "rules:\n  products:\n    P00004:\n      min_margin: 0.95\n")
     assert recommend("--policy", "greedy", config="impossible.yaml") == 3
     err = capsys.readouterr().err
     assert "the rules leave no feasible price for product 'P00004' on " in err
     assert "hint: Loosen rules.products.P00004.min_margin for this product" in err
+
+
+def test_closed_days_are_found_from_the_data_and_from_config() -> None:
+    from pricing_cli.config import DataSettings
+    from pricing_cli.data.closed_days import find_closed_days
+
+    days = np.datetime64("2024-01-01") + np.arange(35)  # Monday 1 January, 5 weeks
+    dates = np.repeat(days, 2)  # two products
+    units = np.ones(70)
+    sunday = ((days.astype(np.int64) + 3) % 7) == 6
+    units[np.repeat(sunday, 2)] = 0.0  # shut every Sunday
+    units[[4, 5]] = 0.0  # and on 3 January (both products)
+    units[6] = 0.0  # one product sold nothing on 4 January: the store was open
+    closed = find_closed_days(dates, units, DataSettings(
+        closed_weekdays=[5], closed_dates=[np.datetime64("2024-12-25").astype(object)]))
+    assert closed.weekdays == frozenset({5, 6})
+    assert [str(d) for d in closed.dates] == [
+        "2024-01-03", "2024-01-07", "2024-01-14", "2024-01-21", "2024-01-28", "2024-02-04",
+        "2024-12-25"]
+    assert closed.found_in_data == 6
+    assert closed.is_closed(np.array(["2024-01-03", "2024-01-04", "2024-02-10", "2024-02-12"],
+                                     dtype="datetime64[D]")).tolist() == [True, False, True,
+                                                                           False]
+
+
+def test_closed_weekdays_get_no_recommendation(market: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(market)
+    Path("closed.yaml").write_text(BASE + "  closed_weekdays: [5, 6]\n")
+    assert recommend("--policy", "greedy", "--horizon", "14", config="closed.yaml") == 0
+    start = np.datetime64(last_rows()["date"].max(), "D") + 1
+    assert str(start) == "2023-05-01"  # a Monday: the folder is named by the first open day
+    prices = pl.read_csv(Path("recommendations") / str(start) / "prices.csv",
+                         try_parse_dates=True)
+    weekdays = set(prices["date"].dt.weekday().to_list())  # Monday 1
+    assert weekdays == {1, 2, 3, 4, 5}
+    assert prices["date"].n_unique() == 10  # 14 days, 2 weekends

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pricing_cli.config import Settings
+from pricing_cli.config import CatalogColumnMap, Settings
 from pricing_cli.errors import ConfigError, DataError, MissingInputError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.pricing import (
@@ -102,7 +102,8 @@ class ProductState:
                             [self.last_rows[i] for i in rows])
 
 
-def load_state(processed_dir: Path, catalog_path: Path | None) -> ProductState:
+def load_state(processed_dir: Path, catalog_path: Path | None,
+               catalog_columns: CatalogColumnMap | None = None) -> ProductState:
     """Each product's last processed row and its last 30 days of prices.
 
     Raises:
@@ -130,7 +131,7 @@ def load_state(processed_dir: Path, catalog_path: Path | None) -> ProductState:
     rows = np.array([position[int(p)] for p in meta["product_index"].to_numpy()[recent]])
     if rows.size:
         history[rows, MONTH_DAYS - 1 - days_back[recent]] = meta["price"].to_numpy()[recent]
-    categories = _catalog_categories(catalog_path)
+    categories = _catalog_categories(catalog_path, catalog_columns)
     ids = [str(p) for p in last["product_id"].to_list()]
 
     def floats(name: str) -> np.ndarray:
@@ -145,19 +146,18 @@ def load_state(processed_dir: Path, catalog_path: Path | None) -> ProductState:
         last_rows=list(zip(last["split"].to_list(), last["row"].to_list(), strict=True)))
 
 
-def _catalog_categories(path: Path | None) -> dict[str, str]:
+def _catalog_categories(path: Path | None, columns: CatalogColumnMap | None
+                        ) -> dict[str, str]:
     """product_id -> category from the catalog, {} when there is none (rules by category then
     cannot apply, and naming one is an error in :func:`pricing.resolve_rules`)."""
     if path is None or not path.is_file():
         return {}
     from pricing_cli.data.raw_contract import read_catalog
 
-    catalog = read_catalog(path)
-    if "category" not in catalog.columns:
-        return {}
+    catalog = read_catalog(path, columns)
     return {str(p): str(c) for p, c in zip(catalog["product_id"].to_list(),
                                            catalog["category"].to_list(), strict=True)
-            if c is not None}
+            if c is not None and c != "none"}
 
 
 def select_products(state: ProductState, products: str | None) -> ProductState:
@@ -562,9 +562,12 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
         settings = settings.model_copy(update={"evaluate": settings.evaluate.model_copy(
             update={"model": model})})
     run_dir = find_run_dir(settings)
-    state = select_products(load_state(processed_dir, Path(settings.data.catalog)), products)
-    closed = closed_day_rule(settings, processed_dir)
-    days, shut = horizon_dates(state.last_date, rec.start, rec.horizon, closed)
+    state = select_products(load_state(processed_dir, Path(settings.data.catalog),
+                                       settings.data.catalog_columns), products)
+    from pricing_cli.data.closed_days import closed_days_of
+
+    closed = closed_days_of(processed_dir, settings.data)
+    days, shut = horizon_dates(state.last_date, rec.start, rec.horizon, closed.is_closed)
     if days.size == 0:
         raise ConfigError(f"every day of the horizon from {rec.start or state.last_date + 1} is "
                           "a closed day", "Pass a longer --horizon or check data.closed_*.")
@@ -621,20 +624,6 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
               if (processed_dir / f"meta_{s}.parquet").is_file()]
     inputs += sorted(p for p in run_dir.iterdir() if p.is_file())
     return StageResult("recommend", output_dir, inputs=inputs, summary=summary)
-
-
-def closed_day_rule(settings: Settings, processed_dir: Path
-                    ) -> Callable[[np.ndarray], np.ndarray]:
-    """``closed(days) -> bool`` from ``data.closed_weekdays`` / ``data.closed_dates``."""
-    weekdays = set(getattr(settings.data, "closed_weekdays", []) or [])
-    dates = {np.datetime64(d, "D") for d in (getattr(settings.data, "closed_dates", []) or [])}
-
-    def closed(days: np.ndarray) -> np.ndarray:
-        dow = (days.astype(np.int64) + 3) % 7  # Monday 0
-        return np.array([int(w) in weekdays or day in dates for w, day in zip(dow, days,
-                                                                               strict=True)],
-                        dtype=bool)
-    return closed
 
 
 def write_recommendations(output_dir: Path, horizon: Horizon, plan: Plan, reference: Plan,

@@ -109,6 +109,14 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     # 1. Demand model.
     monitor.log(f"fitting the demand model on {meta_train_path}")
     meta_train = pl.read_parquet(meta_train_path)
+    from pricing_cli.data.closed_days import closed_days_of
+
+    closed = closed_days_of(processed_dir, settings.data)
+    shut = closed.is_closed(meta_train["date"].to_numpy())
+    if shut.any():
+        # A day the store was shut says nothing about how price drives demand.
+        monitor.log(f"demand fit: {int(shut.sum()):,} product-days on closed days left out")
+        meta_train = meta_train.filter(pl.Series(~shut))
     n_products = product_count(processed_dir, stats)
     demand = DemandModel.fit(meta_train, settings, n_products=n_products,
                              fallback_reference=_later_median_prices(processed_dir, n_products),
