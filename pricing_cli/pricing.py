@@ -269,9 +269,7 @@ def rule_masks(candidates: np.ndarray, unit_cost: np.ndarray, min_price: np.ndar
     used_up = (limit >= 0) & (changes_in_month >= limit)
     masks["max_changes_per_month"] = held | ~used_up[col]
     masks["freeze"] = held | ~rules.frozen_on(day)[col]
-    with np.errstate(invalid="ignore"):
-        margin_ok = prices - unit_cost[col] >= rules.min_margin[col] * prices - RULE_SLACK
-    masks["min_margin"] = margin_ok | np.isnan(rules.min_margin)[col]
+    masks["min_margin"] = margin_levels(prices, unit_cost, rules.min_margin)
     endings = np.ones(prices.shape, dtype=bool)
     ladder = np.ones(prices.shape, dtype=bool)
     for i in range(prices.shape[0]):
@@ -281,11 +279,46 @@ def rule_masks(candidates: np.ndarray, unit_cost: np.ndarray, min_price: np.ndar
         if rungs is not None:
             ladder[i] = np.abs(prices[i][:, None] - rungs[None, :]).min(axis=1) < 1e-6
     masks["price_endings"], masks["price_ladder"] = endings, ladder
-    cap = (np.full(prices.shape[0], np.nan) if competitor is None
-           else competitor * (1.0 + rules.max_above_competitor))
-    with np.errstate(invalid="ignore"):
-        masks["max_above_competitor"] = (prices <= cap[col] * (1 + RULE_SLACK)) | np.isnan(cap)[col]
+    masks["max_above_competitor"] = competitor_levels(prices, competitor,
+                                                      rules.max_above_competitor)
     return masks
+
+
+def margin_levels(prices: np.ndarray, unit_cost: np.ndarray, min_margin: np.ndarray
+                  ) -> np.ndarray:
+    """(n, C) bool: prices whose margin (price - cost) / price is at least ``min_margin``
+    ((n,), NaN: no rule)."""
+    with np.errstate(invalid="ignore"):
+        ok = prices - unit_cost[:, None] >= min_margin[:, None] * prices - RULE_SLACK
+    return np.asarray(ok | np.isnan(min_margin)[:, None])
+
+
+def competitor_levels(prices: np.ndarray, competitor: np.ndarray | None,
+                      max_above: np.ndarray) -> np.ndarray:
+    """(n, C) bool: prices at most ``max_above`` ((n,), NaN: no rule) over the competitor's
+    price ((n,), NaN or None: unknown, no limit)."""
+    if competitor is None:
+        return np.ones(prices.shape, dtype=bool)
+    cap = competitor * (1.0 + max_above)
+    with np.errstate(invalid="ignore"):
+        return np.asarray((prices <= cap[:, None] * (1 + RULE_SLACK)) | np.isnan(cap)[:, None])
+
+
+def apply_rule_levels(mask: np.ndarray, allowed: np.ndarray | None, grid: np.ndarray,
+                      prev_price: np.ndarray) -> np.ndarray:
+    """The feasible ``mask`` (n, K) ANDed with the levels the merchant rules allow (``allowed``
+    (n, K) bool, None: no rule). Where the two leave nothing (yesterday's price far from what
+    a rule allows), the allowed level nearest to ``prev_price`` is kept: the rule wins over the
+    daily limit, as the catalog bounds do in :func:`feasible_mask`."""
+    if allowed is None:
+        return mask
+    both = np.asarray(mask, dtype=bool) & allowed
+    empty = ~both.any(axis=1)
+    if empty.any():
+        distance = np.where(allowed[empty], np.abs(grid[empty] - prev_price[empty, None]),
+                            np.inf)
+        both[np.flatnonzero(empty), distance.argmin(axis=1)] = True
+    return both.astype(mask.dtype)
 
 
 def combine_rule_masks(masks: dict[str, np.ndarray]) -> np.ndarray:

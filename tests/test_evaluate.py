@@ -435,7 +435,8 @@ def stage_with_stand_in_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                             config={"price_change_cost": 0.0 if change_cost is None else 1.0})
     monkeypatch.setattr(policy, "load_demand_model", lambda run_dir: demand)
     monkeypatch.setattr(policy, "load_agent", lambda run_dir: agent)
-    monkeypatch.setattr(policy, "rollout_prices", lambda agent, folder, split: (None, agent_prices))
+    monkeypatch.setattr(policy, "rollout_prices",
+                        lambda agent, folder, split, settings=None: (None, agent_prices))
 
 
 def test_run_evaluate_charges_change_costs_to_every_policy_but_the_oracle(

@@ -6,6 +6,7 @@ out again here, independently of :func:`pricing.rule_masks`.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import date
 
 import numpy as np
@@ -224,3 +225,56 @@ def test_every_recommended_price_obeys_every_rule(rule_set: RuleSet, policy: str
         assert exc.message.startswith("the rules leave no feasible price for product ")
         return
     obeys_every_rule(h, plan, rule_set, history, competitor)
+
+
+# ----------------------------------------------------------------------------------------------
+# On historical rows: the env and evaluate's baselines obey min_margin and max_above_competitor
+
+
+def test_env_and_baselines_obey_the_margin_and_competitor_rules(tmp_path) -> None:
+    import polars as pl
+
+    from pricing_cli.agent import baselines as bl
+    from pricing_cli.agent.demand import DemandModel
+    from pricing_cli.agent.env import load_market, random_feasible_policy, simulate
+    from pricing_cli.agent.guardrails import market_rule_bits, row_rule_levels
+    from pricing_cli.config import load_settings
+    from tests.agent_fixtures import write_processed
+
+    truth = write_processed(tmp_path / "processed", n_products=4, n_days=60, K=11)
+    meta_rows = pl.read_parquet(tmp_path / "processed" / "meta_test.parquet")
+    # A competitor at 1.2 times the list price L from the first test day; costs are 0.5-0.6 L,
+    # so a 45% margin needs 0.91-1.09 L: the grid (0.6 L to 1.6 L by 0.1 L) keeps 1-3 levels.
+    ids = meta_rows.select("product_index", "product_id").unique().sort("product_index")
+    competitor = pl.DataFrame({"product_id": ids["product_id"], "date": [str(meta_rows["date"].min())] * 4,
+                               "price": 1.2 * truth["max_price"][ids["product_index"]] / 1.6})
+    competitor.write_csv(tmp_path / "competitor.csv")
+    settings = load_settings(environ={}, flags={
+        "data.catalog": str(tmp_path / "none.csv"),
+        "rules.default": {"min_margin": 0.45, "max_above_competitor": 0.0},
+        "rules.competitor_prices": str(tmp_path / "competitor.csv")})
+    cost = dict(zip(ids["product_id"], truth["unit_cost"][ids["product_index"]], strict=True))
+    cap = dict(zip(competitor["product_id"], competitor["price"], strict=True))
+
+    def check(product_id: np.ndarray, prices: np.ndarray) -> None:
+        c = np.array([cost[p] for p in product_id])
+        k = np.array([cap[p] for p in product_id])
+        assert ((prices - c) / prices >= 0.45 - 1e-9).all()
+        assert (prices <= k * (1 + 1e-9)).all()
+
+    meta = bl.load_split_meta(tmp_path / "processed", "test")
+    meta = dataclasses.replace(meta, rule_levels=row_rule_levels(
+        settings, meta.product_id, meta.date, meta.unit_cost, meta.min_price, meta.max_price, 11))
+    # the two rules leave a band of levels: some, never all
+    assert 0 < meta.rule_levels.mean() < 1
+    demand = DemandModel.fit(pl.read_parquet(tmp_path / "processed" / "meta_train.parquet"),
+                             settings)
+    for prices in (bl.greedy_prices(meta, demand, 11, 0.25),
+                   bl.planned_prices(meta, demand, 11, 0.25),
+                   bl.static_prices(meta, demand, 11, 0.25),
+                   bl.random_feasible_prices(meta, 11, 0.25, seed=1)):
+        check(meta.product_id, prices)
+    market = load_market(tmp_path / "processed", "test", demand)
+    market.rule_bits = market_rule_bits(settings, market)
+    out = simulate(market, random_feasible_policy(np.random.default_rng(0)))
+    check(meta.product_id, out["prices"])

@@ -13,6 +13,7 @@ for every policy (the same columns as recommendations.csv).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -289,6 +290,11 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     meta = load_split_meta(processed_dir, ev.split)
     stats = read_stats(processed_dir)
     levels = int(stats.get("price_levels", settings.preprocess.price_levels))
+    from pricing_cli.agent.guardrails import row_rule_levels
+
+    meta = dataclasses.replace(meta, rule_levels=row_rule_levels(
+        settings, meta.product_id, meta.date, meta.unit_cost, meta.min_price, meta.max_price,
+        levels))  # the merchant rules every grid policy obeys
     max_daily_change = float(stats.get("max_daily_change", settings.preprocess.max_daily_change))
     monitor.check_memory()
 
@@ -320,7 +326,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     monitor.add_bar("policies", "policies priced", 1 + len(makers))
 
     monitor.set_metric("policy", "agent")
-    _, agent_prices = rollout_prices(agent, processed_dir, ev.split)
+    _, agent_prices = rollout_prices(agent, processed_dir, ev.split, settings=settings)
     agent_prices = np.asarray(agent_prices, dtype=np.float64)
     if agent_prices.shape != (meta.n_rows,):
         raise ModelError(f"the agent of {run_dir} priced {agent_prices.shape[0]} rows but "

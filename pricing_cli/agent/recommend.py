@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from pricing_cli.config import CatalogColumnMap, Settings
-from pricing_cli.errors import ConfigError, DataError, MissingInputError
+from pricing_cli.errors import ConfigError, MissingInputError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.pricing import (
     MONTH_DAYS,
@@ -131,7 +131,9 @@ def load_state(processed_dir: Path, catalog_path: Path | None,
     rows = np.array([position[int(p)] for p in meta["product_index"].to_numpy()[recent]])
     if rows.size:
         history[rows, MONTH_DAYS - 1 - days_back[recent]] = meta["price"].to_numpy()[recent]
-    categories = _catalog_categories(catalog_path, catalog_columns)
+    from pricing_cli.agent.guardrails import catalog_categories
+
+    categories = catalog_categories(catalog_path, catalog_columns)
     ids = [str(p) for p in last["product_id"].to_list()]
 
     def floats(name: str) -> np.ndarray:
@@ -144,20 +146,6 @@ def load_state(processed_dir: Path, catalog_path: Path | None,
         max_price=floats("max_price"), price=floats("price"), last_date=last_date,
         history=history,
         last_rows=list(zip(last["split"].to_list(), last["row"].to_list(), strict=True)))
-
-
-def _catalog_categories(path: Path | None, columns: CatalogColumnMap | None
-                        ) -> dict[str, str]:
-    """product_id -> category from the catalog, {} when there is none (rules by category then
-    cannot apply, and naming one is an error in :func:`pricing.resolve_rules`)."""
-    if path is None or not path.is_file():
-        return {}
-    from pricing_cli.data.raw_contract import read_catalog
-
-    catalog = read_catalog(path, columns)
-    return {str(p): str(c) for p, c in zip(catalog["product_id"].to_list(),
-                                           catalog["category"].to_list(), strict=True)
-            if c is not None and c != "none"}
 
 
 def select_products(state: ProductState, products: str | None) -> ProductState:
@@ -208,52 +196,6 @@ def horizon_dates(last_date: np.datetime64, start: date | None, horizon: int,
     days = first + np.arange(horizon)
     shut = closed(days) if closed is not None else np.zeros(horizon, dtype=bool)
     return days[~shut], days[shut]
-
-
-def read_competitor_prices(path: Path, product_ids: Sequence[str], days: np.ndarray
-                           ) -> np.ndarray:
-    """(len(days), n) the competitor's price of each product on each day: its latest price on
-    or before that day (NaN: none known).
-
-    Raises:
-        MissingInputError: the file does not exist.
-        DataError: a column is missing or a row cannot be read (named by line).
-    """
-    import polars as pl
-
-    if not path.is_file():
-        raise MissingInputError(f"competitor price file not found: {path}",
-                                "Point rules.competitor_prices at a CSV of product_id,date,price.")
-    try:
-        frame = pl.read_csv(path, schema_overrides={"product_id": pl.String, "date": pl.String,
-                                                    "price": pl.String})
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
-        raise DataError(f"cannot read {path}: {exc}", "Save it as CSV with a header "
-                        "product_id,date,price.") from None
-    missing = {"product_id", "date", "price"} - set(frame.columns)
-    if missing:
-        raise DataError(f"{path} lacks column(s) {sorted(missing)}",
-                        "The competitor file needs the columns product_id,date,price.")
-    parsed = frame.with_columns(pl.col("date").str.to_date(strict=False).alias("_date"),
-                                pl.col("price").cast(pl.Float64, strict=False).alias("_price"))
-    bad = parsed.with_row_index("line").filter(
-        pl.col("_date").is_null() | pl.col("_price").is_null() | (pl.col("_price") <= 0))
-    if bad.height:
-        row = bad.row(0, named=True)
-        raise DataError(f"{path}:{int(row['line']) + 2}: cannot read date {row['date']!r} or "
-                        f"price {row['price']!r} ({bad.height} bad rows)",
-                        "Dates are ISO (2024-05-01) and prices positive numbers.")
-    out = np.full((len(days), len(product_ids)), np.nan)
-    column = {p: i for i, p in enumerate(product_ids)}
-    for pid, group in parsed.sort("_date").group_by("product_id", maintain_order=True):
-        i = column.get(str(pid[0]))
-        if i is None:
-            continue
-        when = group["_date"].to_numpy().astype("datetime64[D]")
-        at = np.searchsorted(when, days, side="right") - 1
-        prices = group["_price"].to_numpy()
-        out[at >= 0, i] = prices[at[at >= 0]]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,6 +519,8 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
                           float(settings.preprocess.max_daily_change))
     competitor = None
     if settings.rules.competitor_prices:
+        from pricing_cli.agent.guardrails import read_competitor_prices
+
         competitor = read_competitor_prices(Path(settings.rules.competitor_prices),
                                             list(state.product_id), days)
     stats_path = processed_dir / "preprocessing_stats.json"

@@ -130,11 +130,15 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 
     # 2. Markets and env.
     train_market = load_market(processed_dir, "train", demand, stats)
+    from pricing_cli.agent.guardrails import market_rule_bits
+
+    train_market.rule_bits = market_rule_bits(settings, train_market)  # merchant rules
     change_cost = None
     if cfg.price_change_cost > 0:
         change_cost = change_costs(train_market, cfg.price_change_cost)
         train_market = dataclasses.replace(train_market, change_cost=change_cost)
     val_market = load_market(processed_dir, "val", demand, stats, change_cost=change_cost)
+    val_market.rule_bits = market_rule_bits(settings, val_market)
     if val_market.n_rows == 0:
         monitor.log("the val split is empty: model selection uses the train split")
         val_market = train_market
