@@ -273,6 +273,34 @@ def evaluate(
     _run("evaluate", settings, run_evaluate)
 
 
+@app.command()
+def recommend(
+    horizon: Annotated[int | None, typer.Option(
+        help="Days to price (default: recommend.horizon, 14).")] = None,
+    start: Annotated[str | None, typer.Option(
+        help="First day to price, YYYY-MM-DD (default: the day after the data ends).")] = None,
+    products: Annotated[str | None, typer.Option(
+        help="Products to price: a file (one product_id per line) or comma-separated ids "
+             "(default: all).")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="Run folder (default: evaluate.model, else the newest).")] = None,
+    policy: Annotated[str | None, typer.Option(
+        help="agent, greedy, planner, static or historical (default: recommend.policy, "
+             "agent).")] = None,
+) -> None:
+    """Prices for the days after the data ends, obeying every merchant rule (`rules`).
+
+    Writes prices.csv, explain.json and summary.md to recommendations/<first day>/.
+    """
+    from pricing_cli.agent.recommend import run_recommend
+
+    settings = _settings(**{"recommend.horizon": horizon, "recommend.start": start,
+                            "recommend.policy": policy})
+    fn = functools.partial(run_recommend, products=products,
+                           model=None if model is None else str(model))
+    _run("recommend", settings, fn)
+
+
 # Where each stage function lives, for `pipeline` (imported only when that stage runs).
 STAGE_FUNCTIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "generate": ("pricing_cli.data.generate", "run_generate", {}),
@@ -284,6 +312,8 @@ STAGE_FUNCTIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "merge": ("pricing_cli.stages.merge", "run_merge", {}),
     "train": ("pricing_cli.agent.train", "run_train", {"product": None, "resume": False}),
     "evaluate": ("pricing_cli.agent.evaluate", "run_evaluate", {}),
+    "recommend": ("pricing_cli.agent.recommend", "run_recommend", {"products": None,
+                                                                   "model": None}),
 }
 
 

@@ -72,6 +72,21 @@ class ColumnMap(Section):
     """Optional store column; None if absent."""
 
 
+class CatalogColumnMap(Section):
+    """Names of the catalog columns in the catalog file (maps an export as it is)."""
+
+    product_id: str = "product_id"
+    """Product identifier (read as a string)."""
+    unit_cost: str = "unit_cost"
+    """Cost of one unit, >= 0."""
+    min_price: str = "min_price"
+    """Lowest allowed price, > 0."""
+    max_price: str = "max_price"
+    """Highest allowed price, >= min_price."""
+    category: str = "category"
+    """Optional category column; absent means no category."""
+
+
 class DataSettings(Section):
     """Where raw data lives and how it is read."""
 
@@ -87,6 +102,13 @@ class DataSettings(Section):
     stock data (the fit then down-weights days that look capped; train.demand_detect_capped)."""
     columns: ColumnMap = ColumnMap()
     """Column-name mapping for the transaction files."""
+    catalog_columns: CatalogColumnMap = CatalogColumnMap()
+    """Column-name mapping for the catalog file."""
+    closed_weekdays: list[int] = []
+    """Weekdays the store is closed (0 = Monday ... 6 = Sunday): left out of the demand fit
+    and of recommendations. Days on which no product sold anything are found as closed too."""
+    closed_dates: list[date] = []
+    """Dates the store is closed (public holidays): left out like closed_weekdays."""
     date_format: str | None = None
     """strftime format of the date column; None means ISO date or datetime."""
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
@@ -489,6 +511,83 @@ class EvaluateSettings(Section):
     """Coverage of the uplift interval across the demand ensemble."""
 
 
+class DatePeriod(Section):
+    """An inclusive range of dates."""
+
+    start: date
+    """First day of the period."""
+    end: date
+    """Last day of the period (inclusive)."""
+
+
+class RuleSet(Section):
+    """Merchant guardrails for one product, one category or every product (``rules.default``).
+
+    Every rule is optional (None: not set here). A product's rules are ``rules.default``, then
+    its category's, then its own, each set key overriding the one before.
+    """
+
+    min_margin: float | None = Field(None, ge=0.0, lt=1.0)
+    """Smallest allowed margin (price - unit_cost) / price, e.g. 0.15."""
+    max_change_per_day: float | None = Field(None, gt=0.0)
+    """Largest relative change from yesterday's price; None: preprocess.max_daily_change."""
+    max_change_per_week: float | None = Field(None, gt=0.0)
+    """Largest relative change from the price charged 7 days earlier."""
+    max_changes_per_month: int | None = Field(None, ge=0)
+    """Most price changes in any 30 days (today and the 29 before, history included)."""
+    price_endings: list[float] | None = None
+    """Allowed cents, e.g. [0.99] or [0.49, 0.99]; prices are snapped to the nearest ending."""
+    price_ladder: list[float] | None = None
+    """Allowed prices, e.g. [9.99, 12.49, 14.99]; prices are snapped to the nearest rung."""
+    freeze: bool | None = None
+    """True: never change this price (it is held at the current price)."""
+    freeze_periods: list[DatePeriod] | None = None
+    """Date ranges during which the price is held at the previous day's price."""
+    max_above_competitor: float | None = Field(None, ge=0.0)
+    """Largest relative premium over the competitor's price (rules.competitor_prices)."""
+
+    @field_validator("price_endings")
+    @classmethod
+    def _cents(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(not 0.0 <= v < 1.0 for v in value)):
+            raise ValueError("price_endings are cents in [0, 1), e.g. [0.49, 0.99]")
+        return value
+
+    @field_validator("price_ladder")
+    @classmethod
+    def _rungs(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(v <= 0 for v in value)):
+            raise ValueError("price_ladder needs at least one positive price")
+        return value
+
+
+class RulesSettings(Section):
+    """Merchant guardrails that every recommended price obeys (docs/recommend.md)."""
+
+    default: RuleSet = RuleSet()
+    """Rules for every product."""
+    categories: dict[str, RuleSet] = {}
+    """Rules per catalog category, over rules.default."""
+    products: dict[str, RuleSet] = {}
+    """Rules per product_id, over its category's."""
+    competitor_prices: str | None = None
+    """CSV of competitor prices (product_id, date, price) for max_above_competitor; the latest
+    price on or before a day applies to it."""
+
+
+class RecommendSettings(Section):
+    """`pricectl recommend`: prices for the days after the data ends."""
+
+    horizon: int = Field(14, ge=1, le=366)
+    """Days to price."""
+    start: date | None = None
+    """First day to price; None: the day after the last day of the data."""
+    policy: Literal["agent", "greedy", "planner", "static", "historical"] = "agent"
+    """Which policy sets the prices."""
+    output_dir: str = "recommendations"
+    """Prices go to <output_dir>/<start date>/."""
+
+
 class PipelineSettings(Section):
     """`pricectl pipeline`."""
 
@@ -536,6 +635,8 @@ class Settings(Section):
     train: TrainSettings = TrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    rules: RulesSettings = RulesSettings()
+    recommend: RecommendSettings = RecommendSettings()
     monitor: MonitorSettings = MonitorSettings()
 
     def section_fingerprint(self, section: str) -> str:

@@ -78,6 +78,7 @@ def stage_folders(name: str, settings: Settings) -> tuple[list[Path], list[Path]
         "merge": ([processed, batches], []),
         "train": ([models], [processed]),
         "evaluate": ([reports], [processed, models]),
+        "recommend": ([Path(settings.recommend.output_dir)], [processed, models]),
     }
     return table.get(name, ([], []))
 

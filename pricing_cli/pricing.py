@@ -7,7 +7,17 @@ price, because historical prices are not optimal and the agent must be able to l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+from pricing_cli.config import RuleSet
+from pricing_cli.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pricing_cli.config import RulesSettings
 
 MOVE_DOWN, MOVE_HOLD, MOVE_UP = 0, 1, 2
 # A relative move below this is the same price held (rounding, not a decision); it decides
@@ -122,3 +132,286 @@ def restrict_to_trust_region(mask: np.ndarray, grid: np.ndarray, lower: np.ndarr
         flat[rows, nearest] = True
     restricted: np.ndarray = flat.reshape(feasible.shape).astype(np.int8)
     return restricted, np.asarray(fallback.reshape(feasible.shape[:-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Merchant guardrails (config section ``rules``; docs/recommend.md)
+
+# The order in which rules are named when several refuse the same price: the rules that hold
+# the price (they explain the whole day) first, then the bounds and the limits on a move,
+# then the rules on the price itself.
+RULE_ORDER = ("freeze", "max_changes_per_month", "bounds", "max_change_per_day",
+              "max_change_per_week", "min_margin", "price_endings", "price_ladder",
+              "max_above_competitor")
+# Days in the window of max_changes_per_month (today and the 29 before).
+MONTH_DAYS = 30
+WEEK_DAYS = 7
+# Slack on price comparisons so a price exactly on a limit is not refused by rounding.
+RULE_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class ProductRules:
+    """The guardrails of n products, resolved from ``rules`` (default < category < product).
+
+    Arrays have shape (n,); a rule that is not set is NaN (floats), -1 (counts), False
+    (freeze) or None (endings, ladders, periods).
+
+    Attributes:
+        product_id: the products, in the order of the arrays.
+        max_change_per_day: always set (``preprocess.max_daily_change`` where no rule sets it).
+        max_change_per_week, min_margin, max_above_competitor: floats.
+        max_changes_per_month: int64.
+        freeze: bool.
+        price_endings: per product, the allowed cents (float array) or None.
+        price_ladder: per product, the allowed prices (sorted float array) or None.
+        freeze_periods: per product, (start, end) datetime64[D] pairs (inclusive) or None.
+        sources: per product, rule name -> the config key that set it (for messages).
+    """
+
+    product_id: tuple[str, ...]
+    max_change_per_day: np.ndarray
+    max_change_per_week: np.ndarray
+    max_changes_per_month: np.ndarray
+    min_margin: np.ndarray
+    max_above_competitor: np.ndarray
+    freeze: np.ndarray
+    price_endings: tuple[np.ndarray | None, ...]
+    price_ladder: tuple[np.ndarray | None, ...]
+    freeze_periods: tuple[tuple[tuple[np.datetime64, np.datetime64], ...] | None, ...]
+    sources: tuple[dict[str, str], ...]
+
+    def subset(self, rows: np.ndarray) -> ProductRules:
+        """The rules of products ``rows`` (indices into the arrays), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+
+        def pick(values: tuple[Any, ...]) -> tuple[Any, ...]:
+            return tuple(values[i] for i in rows)
+
+        return ProductRules(pick(self.product_id), self.max_change_per_day[rows],
+                            self.max_change_per_week[rows], self.max_changes_per_month[rows],
+                            self.min_margin[rows], self.max_above_competitor[rows],
+                            self.freeze[rows], pick(self.price_endings), pick(self.price_ladder),
+                            pick(self.freeze_periods), pick(self.sources))
+
+    def frozen_on(self, day: np.datetime64) -> np.ndarray:
+        """(n,) True where the price may not change on ``day`` (freeze or a freeze period)."""
+        frozen = self.freeze.copy()
+        for i, periods in enumerate(self.freeze_periods):
+            if periods and any(start <= day <= end for start, end in periods):
+                frozen[i] = True
+        return frozen
+
+
+def resolve_rules(rules: RulesSettings, product_ids: Sequence[str],
+                  categories: Sequence[str | None], default_daily_change: float) -> ProductRules:
+    """Each product's guardrails: ``rules.default``, then its category's, then its own.
+
+    Raises:
+        ConfigError: ``rules.products`` or ``rules.categories`` names a product or category
+            that is not in the data.
+    """
+    known_products, known_categories = set(product_ids), {c for c in categories if c}
+    for kind, keys, known in (("products", rules.products, known_products),
+                              ("categories", rules.categories, known_categories)):
+        unknown = sorted(set(keys) - known)
+        if unknown:
+            raise ConfigError(f"rules.{kind} names {', '.join(map(repr, unknown[:5]))}, not "
+                              f"in the priced data",
+                              f"Use {kind[:-1]} names from the catalog, e.g. "
+                              f"{', '.join(sorted(known)[:3]) or '(none)'}.")
+    n = len(product_ids)
+    values: dict[str, list[Any]] = {name: [None] * n for name in RuleSet.model_fields}
+    sources: list[dict[str, str]] = [{} for _ in range(n)]
+    for i, (pid, category) in enumerate(zip(product_ids, categories, strict=True)):
+        layers = [("rules.default", rules.default)]
+        if category and category in rules.categories:
+            layers.append((f"rules.categories.{category}", rules.categories[category]))
+        if pid in rules.products:
+            layers.append((f"rules.products.{pid}", rules.products[pid]))
+        for where, layer in layers:
+            for name in layer.model_fields_set:
+                value = getattr(layer, name)
+                if value is not None:
+                    values[name][i] = value
+                    sources[i][name] = f"{where}.{name}"
+
+    def floats(name: str, fill: float = np.nan) -> np.ndarray:
+        return np.array([fill if v is None else float(v) for v in values[name]])
+
+    return ProductRules(
+        product_id=tuple(str(p) for p in product_ids),
+        max_change_per_day=floats("max_change_per_day", default_daily_change),
+        max_change_per_week=floats("max_change_per_week"),
+        max_changes_per_month=np.array([-1 if v is None else int(v)
+                                        for v in values["max_changes_per_month"]]),
+        min_margin=floats("min_margin"),
+        max_above_competitor=floats("max_above_competitor"),
+        freeze=np.array([bool(v) for v in values["freeze"]]),
+        price_endings=tuple(None if v is None else np.array(sorted(v), dtype=np.float64)
+                            for v in values["price_endings"]),
+        price_ladder=tuple(None if v is None else np.array(sorted(v), dtype=np.float64)
+                           for v in values["price_ladder"]),
+        freeze_periods=tuple(None if v is None else tuple(
+            (np.datetime64(p.start, "D"), np.datetime64(p.end, "D")) for p in v)
+            for v in values["freeze_periods"]),
+        sources=tuple(sources))
+
+
+def snap_to_rules(prices: np.ndarray, rules: ProductRules) -> np.ndarray:
+    """(n, C) ``prices`` moved to the nearest allowed price of each product's price ladder, or
+    else to the nearest price with an allowed ending (.99, .49, ...); other rows unchanged."""
+    out = np.array(prices, dtype=np.float64, copy=True)
+    for i in range(out.shape[0]):
+        ladder, endings = rules.price_ladder[i], rules.price_endings[i]
+        if ladder is not None:
+            out[i] = ladder[np.abs(out[i][:, None] - ladder[None, :]).argmin(axis=1)]
+        elif endings is not None:
+            whole = np.floor(out[i])[:, None] + np.array([-1.0, 0.0])[None, :]
+            options = (whole[:, :, None] + endings[None, None, :]).reshape(out.shape[1], -1)
+            options = np.where(options > 0, options, np.inf)
+            out[i] = options[np.arange(out.shape[1]),
+                             np.abs(options - out[i][:, None]).argmin(axis=1)]
+    return out
+
+
+def _ends_in(prices: np.ndarray, endings: np.ndarray) -> np.ndarray:
+    """True where a price's cents are one of ``endings`` (to the cent)."""
+    cents = np.round(prices * 100.0).astype(np.int64) % 100
+    allowed = np.round(endings * 100.0).astype(np.int64)
+    return np.isin(cents, allowed) & (np.abs(prices * 100.0 - np.round(prices * 100.0)) < 1e-6)
+
+
+def rule_masks(candidates: np.ndarray, unit_cost: np.ndarray, min_price: np.ndarray,
+               max_price: np.ndarray, rules: ProductRules, *, previous: np.ndarray,
+               week_ago: np.ndarray, changes_in_month: np.ndarray, day: np.datetime64,
+               competitor: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Which candidate prices each rule allows today, one (n, C) bool mask per rule.
+
+    Args:
+        candidates: (n, C) prices that may be charged today.
+        unit_cost, min_price, max_price: (n,).
+        rules: the n products' rules (:func:`resolve_rules`).
+        previous: (n,) yesterday's price.
+        week_ago: (n,) the price charged 7 days before today (NaN: unknown, rule skipped).
+        changes_in_month: (n,) price changes on the 29 days before today.
+        day: today.
+        competitor: (n,) the competitor's price today (NaN: unknown, rule skipped).
+
+    Returns:
+        rule name (:data:`RULE_ORDER`) -> mask; a product's feasible prices are the AND of all.
+        The daily, weekly and monthly limits and the freeze are relative to the policy's own
+        previous prices, so the caller keeps that history (recommend, baselines' day loop).
+    """
+    prices = np.asarray(candidates, dtype=np.float64)
+    col = (slice(None), None)
+    # A freeze or a used-up monthly limit holds yesterday's price exactly (it is always a
+    # candidate), not merely within CHANGE_TOLERANCE: small steps could otherwise drift.
+    held = np.abs(prices - previous[col]) <= RULE_SLACK * np.maximum(np.abs(previous[col]), 1.0)
+    masks = {
+        "bounds": (prices >= min_price[col] * (1 - RULE_SLACK))
+        & (prices <= max_price[col] * (1 + RULE_SLACK)),
+        "max_change_per_day": np.abs(prices / previous[col] - 1.0)
+        <= rules.max_change_per_day[col] + RULE_SLACK,
+    }
+    with np.errstate(invalid="ignore"):
+        weekly = np.abs(prices / week_ago[col] - 1.0) <= rules.max_change_per_week[col] + RULE_SLACK
+    masks["max_change_per_week"] = weekly | ~np.isfinite(week_ago * rules.max_change_per_week)[col]
+    limit = rules.max_changes_per_month
+    used_up = (limit >= 0) & (changes_in_month >= limit)
+    masks["max_changes_per_month"] = held | ~used_up[col]
+    masks["freeze"] = held | ~rules.frozen_on(day)[col]
+    masks["min_margin"] = margin_levels(prices, unit_cost, rules.min_margin)
+    endings = np.ones(prices.shape, dtype=bool)
+    ladder = np.ones(prices.shape, dtype=bool)
+    for i in range(prices.shape[0]):
+        cents, rungs = rules.price_endings[i], rules.price_ladder[i]
+        if cents is not None:
+            endings[i] = _ends_in(prices[i], cents)
+        if rungs is not None:
+            ladder[i] = np.abs(prices[i][:, None] - rungs[None, :]).min(axis=1) < 1e-6
+    masks["price_endings"], masks["price_ladder"] = endings, ladder
+    masks["max_above_competitor"] = competitor_levels(prices, competitor,
+                                                      rules.max_above_competitor)
+    return masks
+
+
+def margin_levels(prices: np.ndarray, unit_cost: np.ndarray, min_margin: np.ndarray
+                  ) -> np.ndarray:
+    """(n, C) bool: prices whose margin (price - cost) / price is at least ``min_margin``
+    ((n,), NaN: no rule)."""
+    with np.errstate(invalid="ignore"):
+        ok = prices - unit_cost[:, None] >= min_margin[:, None] * prices - RULE_SLACK
+    return np.asarray(ok | np.isnan(min_margin)[:, None])
+
+
+def competitor_levels(prices: np.ndarray, competitor: np.ndarray | None,
+                      max_above: np.ndarray) -> np.ndarray:
+    """(n, C) bool: prices at most ``max_above`` ((n,), NaN: no rule) over the competitor's
+    price ((n,), NaN or None: unknown, no limit)."""
+    if competitor is None:
+        return np.ones(prices.shape, dtype=bool)
+    cap = competitor * (1.0 + max_above)
+    with np.errstate(invalid="ignore"):
+        return np.asarray((prices <= cap[:, None] * (1 + RULE_SLACK)) | np.isnan(cap)[:, None])
+
+
+def apply_rule_levels(mask: np.ndarray, allowed: np.ndarray | None, grid: np.ndarray,
+                      prev_price: np.ndarray) -> np.ndarray:
+    """The feasible ``mask`` (n, K) ANDed with the levels the merchant rules allow (``allowed``
+    (n, K) bool, None: no rule). Where the two leave nothing (yesterday's price far from what
+    a rule allows), the allowed level nearest to ``prev_price`` is kept: the rule wins over the
+    daily limit, as the catalog bounds do in :func:`feasible_mask`."""
+    if allowed is None:
+        return mask
+    both = np.asarray(mask, dtype=bool) & allowed
+    empty = ~both.any(axis=1)
+    if empty.any():
+        distance = np.where(allowed[empty], np.abs(grid[empty] - prev_price[empty, None]),
+                            np.inf)
+        both[np.flatnonzero(empty), distance.argmin(axis=1)] = True
+    return both.astype(mask.dtype)
+
+
+def combine_rule_masks(masks: dict[str, np.ndarray]) -> np.ndarray:
+    """(n, C) bool: the prices every rule allows."""
+    return np.logical_and.reduce([masks[name] for name in RULE_ORDER])
+
+
+def check_rules_feasible(allowed: np.ndarray, masks: dict[str, np.ndarray], rules: ProductRules,
+                         day: np.datetime64) -> None:
+    """Raise ConfigError naming the first product whose rules leave no price on ``day``."""
+    empty = np.flatnonzero(~allowed.any(axis=1))
+    if empty.size == 0:
+        return
+    i = int(empty[0])
+    defaults = {"max_change_per_day": "preprocess.max_daily_change",
+                "bounds": "the catalog's min_price/max_price"}
+    refusing = [name for name in RULE_ORDER if not masks[name][i].all()]
+    keys = [rules.sources[i].get(name, defaults.get(name, name)) for name in refusing]
+    # The rules whose loosening alone would leave a price: the ones to tell the user about.
+    alone = [key for name, key in zip(refusing, keys, strict=True)
+             if np.logical_and.reduce([masks[o][i] for o in RULE_ORDER if o != name]).any()]
+    raise ConfigError(
+        f"the rules leave no feasible price for product {rules.product_id[i]!r} on {day}: "
+        f"{', '.join(keys)} together refuse every candidate price"
+        + (f" ({empty.size} products in all)" if empty.size > 1 else ""),
+        (f"Loosen {' or '.join(alone)} for this product" if alone else
+         "Loosen some of these rules for this product") + " (every rule is optional; see "
+        "docs/recommend.md), or widen its catalog min_price/max_price.")
+
+
+def binding_rules(masks: dict[str, np.ndarray], unconstrained: np.ndarray,
+                  chosen: np.ndarray) -> np.ndarray:
+    """(n,) the rule that bound each choice: the first of :data:`RULE_ORDER` that refuses the
+    candidate the policy would have picked with no rule at all (``unconstrained``), or
+    ``"none"`` where the policy got that candidate (``chosen == unconstrained``)."""
+    n = unconstrained.shape[0]
+    out = np.full(n, "none", dtype=object)
+    moved = np.flatnonzero(chosen != unconstrained)
+    for i in moved:
+        for name in RULE_ORDER:
+            if not masks[name][i, unconstrained[i]]:
+                out[i] = name
+                break
+    return out

@@ -435,7 +435,8 @@ def stage_with_stand_in_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                             config={"price_change_cost": 0.0 if change_cost is None else 1.0})
     monkeypatch.setattr(policy, "load_demand_model", lambda run_dir: demand)
     monkeypatch.setattr(policy, "load_agent", lambda run_dir, stats=None: agent)
-    monkeypatch.setattr(policy, "rollout_prices", lambda agent, folder, split: (None, agent_prices))
+    monkeypatch.setattr(policy, "rollout_prices",
+                        lambda agent, folder, split, settings=None: (None, agent_prices))
 
 
 def test_run_evaluate_charges_change_costs_to_every_policy_but_the_oracle(
@@ -494,9 +495,17 @@ def test_run_evaluate_writes_every_output(tmp_path: Path,
         result = ev.run_evaluate(settings, monitor)
 
     reports = tmp_path / "reports"
+    every_policy = [f"prices_{name}.csv" for name in (
+        "agent", "greedy", "historical", "oracle", "planner", "random", "static")]
     assert sorted(p.name for p in reports.iterdir()) == [
-        OWNER_MARKER, "evaluation.json", "price_paths.png", "profit_by_policy.png",
+        OWNER_MARKER, "evaluation.json", "price_paths.png", *every_policy, "profit_by_policy.png",
         "recommendations.csv", "report.md", "uplift_histogram.png"]  # stale.txt is gone
+    for name in ("greedy", "static", "historical"):
+        written = pl.read_csv(reports / f"prices_{name}.csv")
+        np.testing.assert_allclose(written["recommended_price"].to_numpy(),
+                                   np.round({"greedy": greedy, "historical": meta.price,
+                                             "static": bl.static_prices(
+                                                 meta, demand, K, MAX_CHANGE)}[name], 2))
     for png in reports.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evaluation = json.loads((reports / "evaluation.json").read_text())
@@ -649,8 +658,11 @@ def test_pricectl_evaluate_after_a_real_training_run(tmp_path: Path,
 
     reports = tmp_path / "reports"
     assert sorted(p.name for p in reports.iterdir()) == [
-        OWNER_MARKER, "evaluation.json", "price_paths.png", "profit_by_policy.png",
-        "recommendations.csv", "report.md", "run.json", "uplift_histogram.png"]
+        OWNER_MARKER, "evaluation.json", "price_paths.png",
+        *[f"prices_{name}.csv" for name in ("agent", "greedy", "historical", "oracle", "planner",
+                                             "random", "static")],
+        "profit_by_policy.png", "recommendations.csv", "report.md", "run.json",
+        "uplift_histogram.png"]
     evaluation = json.loads((reports / "evaluation.json").read_text())
     assert evaluation["run"] == "models/r1" and evaluation["ground_truth"]["used"]
     policies = evaluation["policies"]

@@ -93,7 +93,8 @@ def read_or_error(path: Path, data: DataSettings, ids: pl.Series
         line = example.removeprefix(f"{path}:").split(":", 1)[0]
         first = 1 if path.suffix == ".parquet" else 2  # a CSV's line 1 is its header
         assert line.isdigit() and int(line) >= first, example
-    assert int(sums["n_transactions"].sum() or 0) == report.rows - report.bad_rows
+    assert int(sums["n_transactions"].sum() or 0) == (report.rows - report.bad_rows
+                                                      - report.outside_catalog)
     assert sums["product_id"].is_in(list(CATALOG_IDS)).all()
     assert sums["date"].null_count() == 0
     return sums, report
@@ -127,8 +128,13 @@ BAD_PRICE = st.one_of(GARBAGE, st.sampled_from(["0", "0.0", "-1.5", "-0", "nan",
                                                 "-inf", "1,5", "€3", "1e999"]))
 GOOD_PRODUCT = st.sampled_from(CATALOG_IDS).flatmap(
     lambda pid: st.sampled_from([pid, f" {pid}", f"{pid} "]))
-BAD_PRODUCT = st.one_of(st.sampled_from(["", "   ", "a", "ZZZ", "85048.0", "A B"]),
-                        GARBAGE.filter(lambda s: s.strip() not in CATALOG_IDS))
+# A blank product is a bad row; any other product not in the catalog is skipped and counted
+# apart (kept clear of characters a strip could remove, so the expected count is exact).
+BAD_PRODUCT = st.sampled_from(["", "   "])
+OUTSIDE_PRODUCT = st.one_of(
+    st.sampled_from(["a", "ZZZ", "85048.0", "A B"]),
+    GARBAGE.filter(lambda s: s.strip() == s and s not in CATALOG_IDS
+                   and not any(c.isspace() or ord(c) < 32 for c in s)))
 
 
 @st.composite
@@ -136,11 +142,12 @@ def known_row(draw) -> tuple[list[str], str | None, int]:
     """(fields, the reason it is bad or None, quantity when good)."""
     fields = {"date": draw(GOOD_DATE), "product_id": draw(GOOD_PRODUCT),
               "quantity": str(draw(GOOD_QTY)), "unit_price": draw(GOOD_PRICE)}
-    broken = draw(st.sampled_from([None, None, "date", "product_id", "quantity", "unit_price"]))
+    broken = draw(st.sampled_from([None, None, "date", "product_id", "quantity", "unit_price",
+                                   "outside"]))
     bad_values = {"date": BAD_DATE, "product_id": BAD_PRODUCT, "quantity": BAD_QTY,
-                  "unit_price": BAD_PRICE}
+                  "unit_price": BAD_PRICE, "outside": OUTSIDE_PRODUCT}
     if broken is not None:
-        fields[broken] = draw(bad_values[broken])
+        fields["product_id" if broken == "outside" else broken] = draw(bad_values[broken])
     quantity = int(fields["quantity"]) if broken is None else 0
     return [fields[c] for c in HEADER.split(",")], broken, quantity
 
@@ -162,13 +169,16 @@ def test_rows_with_known_garbage_are_counted_and_reported_exactly(rows, gz, tmp_
     assume(not any("\n" in f or "\r" in f for fields, _, _ in rows for f in fields))
     path = tmp_path / ("t.csv.gz" if gz else "t.csv")
     write_csv(path, [fields for fields, _, _ in rows], gz=gz)
-    bad_lines = [i + 2 for i, (_, broken, _) in enumerate(rows) if broken is not None]
+    bad_lines = [i + 2 for i, (_, broken, _) in enumerate(rows)
+                 if broken is not None and broken != "outside"]
+    outside = sum(broken == "outside" for _, broken, _ in rows)
     good = [(fields, qty) for fields, broken, qty in rows if broken is None]
 
     result = read_or_error(path, reader.lenient, reader.ids)
     assert result is not None  # even when every row is bad: max_bad_fraction = 100%
     sums, report = result
-    assert (report.rows, report.bad_rows) == (len(rows), len(bad_lines))
+    assert (report.rows, report.bad_rows, report.outside_catalog) == (
+        len(rows), len(bad_lines), outside)
     assert [int(e.removeprefix(f"{path}:").split(":", 1)[0]) for e in report.examples] == \
         bad_lines[:5]
     assert int(sums["units"].sum() or 0) == sum(qty for _, qty in good)

@@ -38,11 +38,20 @@ BAD_ROWS = [
     ("bad_date.csv", 5, "cannot read date '2023-13-45'"),
     ("bad_number.csv", 7, "cannot read quantity 'two' as an integer"),
     ("bad_price.csv", 4, "unit_price 0 is not a positive number"),
-    ("unknown_product.csv", 9, f"product 'ZZZ' is not in the catalog {CATALOG}"),
     ("bad_year.csv", 4, "date '0023-01-03' is outside 1900-01-01..2199-12-31 (a typo?)"),
     ("huge_quantity.csv", 4,
      "quantity 99999999999999 is implausibly large (more than 1,000,000,000,000)"),
 ]
+
+
+def test_rows_of_products_outside_the_catalog_are_skipped_and_counted_not_bad(catalog_ids):
+    path = FIXTURES / "unknown_product.csv"
+    # strict: not one bad row is allowed, and the file still reads
+    sums, report = read_transaction_file(path, data_settings(max_bad_fraction=0.0), catalog_ids)
+    assert (report.rows, report.bad_rows, report.outside_catalog) == (10, 0, 1)
+    assert report.note() == (f"{path}: skipped 0 bad row(s) of 10 (0.00%); skipped 1 row(s) of "
+                             "products outside the catalog")
+    assert sums["n_transactions"].sum() == 9 and "ZZZ" not in sums["product_id"].to_list()
 
 
 @pytest.mark.parametrize(("name", "line", "reason"), BAD_ROWS)

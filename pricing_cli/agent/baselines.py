@@ -25,6 +25,7 @@ import numpy as np
 
 from pricing_cli.errors import BatchError, MissingInputError
 from pricing_cli.pricing import (
+    apply_rule_levels,
     feasible_mask,
     is_price_change,
     price_grid,
@@ -60,6 +61,8 @@ class SplitMeta:
             (the train split, or a product whose history starts inside the split).
         trust_region: (lower, upper), each (n_series,): the prices the grid policies may
             choose (NaN: no limit); None: the whole grid.
+        rule_levels: (n, K) bool levels the merchant rules allow on each row
+            (guardrails.row_rule_levels); None: no rule.
     """
 
     product_index: np.ndarray
@@ -73,6 +76,7 @@ class SplitMeta:
     first_day_mask: np.ndarray
     prev_price: np.ndarray
     trust_region: tuple[np.ndarray, np.ndarray] | None = None
+    rule_levels: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -128,7 +132,10 @@ class SplitMeta:
         if known.any():
             mask[known] = feasible_mask(self.grid[known], self.prev_price[known],
                                         max_daily_change)[0]
-        return mask
+        if self.rule_levels is None:
+            return mask
+        previous = np.where(known, self.prev_price, self.price[self.series_start])
+        return apply_rule_levels(mask, self.rule_levels[self.series_start], self.grid, previous)
 
 
 def series_starts(product_index: np.ndarray) -> np.ndarray:
@@ -288,6 +295,8 @@ def static_prices(meta: SplitMeta, demand: DemandLike, K: int,
         total[:, level] = np.add.reduceat((prices - meta.unit_cost) * units, start)
     all_series = np.arange(start.size)
     total[meta.trusted(all_series, meta.day_one_mask(max_daily_change)) == 0] = -np.inf
+    if meta.rule_levels is not None:  # held all split long: allowed on every day
+        total[~np.logical_and.reduceat(meta.rule_levels, start, axis=0)] = -np.inf
     best = total.argmax(axis=1)
     return meta.grid[meta.series_of_row, best[meta.series_of_row]]
 
@@ -314,6 +323,8 @@ def _walk_grid(meta: SplitMeta, K: int, max_daily_change: float,
         else:
             previous = prices[rows - 1]
             mask = feasible_mask(grid, previous, max_daily_change)[0]
+            if meta.rule_levels is not None:
+                mask = apply_rule_levels(mask, meta.rule_levels[rows], grid, previous)
         level = choose(series, rows, meta.trusted(series, mask), previous)
         prices[rows] = grid[np.arange(series.size), level]
     return prices
@@ -375,13 +386,18 @@ def planned_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change
             # allowed[s, j, k]: from level j today to level k tomorrow (pricing.feasible_mask's
             # rule; a level can always be held, so no row is ever all-infeasible).
             allowed = np.abs(g[:, None, :] / g[:, :, None] - 1.0) <= max_daily_change + 1e-9
+            if meta.rule_levels is not None:  # tomorrow's merchant rules
+                allowed &= meta.rule_levels[rows[part] + 1][:, None, :]
             allowed = meta.trusted(series[part], allowed).astype(bool)
             tomorrow = value[rows[part] + 1][:, None, :]
             if change_cost is not None:
                 moves = is_price_change(g[:, None, :], g[:, :, None])
                 cost = change_cost[meta.product_index[rows[part]]]
                 tomorrow = tomorrow - np.where(moves, cost[:, None, None], 0.0)
-            to_go[part] += np.where(allowed, tomorrow, -np.inf).max(axis=2)
+            best = np.where(allowed, tomorrow, -np.inf).max(axis=2)
+            # A level a merchant rule leaves no way out of is a dead end, not -inf: the walk
+            # may still have to take it (apply_rule_levels' nearest allowed level).
+            to_go[part] += np.where(np.isfinite(best), best, -1e18)
         value[rows] = to_go
 
     def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray,

@@ -48,6 +48,7 @@ from pricing_cli.agent.demand import units_on_grid
 from pricing_cli.errors import BatchError, MissingInputError
 from pricing_cli.pricing import (
     CHANGE_TOLERANCE,
+    apply_rule_levels,
     feasible_mask,
     is_price_change,
     price_grid,
@@ -157,6 +158,9 @@ class Market:
     # (lower, upper) by product index: the trust region every mask is restricted to
     # (pricing.restrict_to_trust_region; train.trust_region); None: the whole grid.
     trust_region: tuple[np.ndarray, np.ndarray] | None = None
+    # (n, ceil(K/8)) bit-packed levels the merchant rules allow on each row (guardrails.py:
+    # min_margin, max_above_competitor); None: no rule.
+    rule_bits: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.change_cost is None:
@@ -189,6 +193,12 @@ class Market:
 
     def prices(self, rows: np.ndarray, levels: np.ndarray) -> np.ndarray:
         return self.grid(rows)[np.arange(len(rows)), levels]
+
+    def rule_levels(self, rows: np.ndarray) -> np.ndarray | None:
+        """(len(rows), K) bool: the levels the merchant rules allow (None: no rule)."""
+        if self.rule_bits is None:
+            return None
+        return np.unpackbits(self.rule_bits[rows], axis=1, count=self.price_levels).astype(bool)
 
     def processed_masks(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), K) bool: the processed price_level masks of these rows."""
@@ -513,7 +523,9 @@ class EpisodeBatch:
         self.end[slots] = end_rows
         self.last_price[slots] = m.previous_price[start_rows]
         self.held[slots] = m.held_days[start_rows]
-        self.mask[slots] = self._trusted(start_rows, m.processed_masks(start_rows))
+        self.mask[slots] = self._trusted(start_rows, apply_rule_levels(
+            m.processed_masks(start_rows), m.rule_levels(start_rows), m.grid(start_rows),
+            m.previous_price[start_rows]))
         self.episode_return[slots] = 0.0
         self.episode_profit[slots] = 0.0
         self.episode_length[slots] = 0
@@ -558,8 +570,10 @@ class EpisodeBatch:
         done = next_rows >= self.end[slots]
         going = ~done
         if going.any():
-            self.mask[slots[going]] = self._trusted(next_rows[going], feasible_mask(
-                m.grid(next_rows[going]), prices[going], m.max_daily_change)[0].astype(bool))
+            grid = m.grid(next_rows[going])
+            self.mask[slots[going]] = self._trusted(next_rows[going], apply_rule_levels(
+                feasible_mask(grid, prices[going], m.max_daily_change)[0].astype(bool),
+                m.rule_levels(next_rows[going]), grid, prices[going]))
         return {"rows": rows, "levels": levels, "prices": prices, "units": units,
                 "profit": profit, "change_cost": change_cost, "reward": reward,
                 "clipped": clipped, "done": done}

@@ -12,7 +12,8 @@ each member of the run's demand ensemble (the uplift's interval), and :func:`che
 refuses to claim an uplift the checks or the interval cannot back. The outputs lead with it.
 
 Outputs (``evaluate.reports_dir``, replaced as a whole): evaluation.json, recommendations.csv,
-profit_by_policy.png, price_paths.png, uplift_histogram.png and report.md.
+profit_by_policy.png, price_paths.png, uplift_histogram.png, report.md and prices_<policy>.csv
+for every policy (the same columns as recommendations.csv).
 """
 
 from __future__ import annotations
@@ -405,6 +406,11 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     meta = load_split_meta(processed_dir, ev.split)
     stats = read_stats(processed_dir)
     levels = int(stats.get("price_levels", settings.preprocess.price_levels))
+    from pricing_cli.agent.guardrails import row_rule_levels
+
+    meta = dataclasses.replace(meta, rule_levels=row_rule_levels(
+        settings, meta.product_id, meta.date, meta.unit_cost, meta.min_price, meta.max_price,
+        levels))  # the merchant rules every grid policy obeys
     max_daily_change = float(stats.get("max_daily_change", settings.preprocess.max_daily_change))
     monitor.check_memory()
 
@@ -445,7 +451,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     monitor.add_bar("policies", "policies priced", 1 + len(makers))
 
     monitor.set_metric("policy", "agent")
-    _, agent_prices = rollout_prices(agent, processed_dir, ev.split)
+    _, agent_prices = rollout_prices(agent, processed_dir, ev.split, settings=settings)
     agent_prices = np.asarray(agent_prices, dtype=np.float64)
     if agent_prices.shape != (meta.n_rows,):
         raise ModelError(f"the agent of {run_dir} priced {agent_prices.shape[0]} rows but "
@@ -636,6 +642,9 @@ def _write_reports(reports_dir: Path, meta: SplitMeta, policies: dict[str, np.nd
     with staged_dir(reports_dir, owner="evaluate") as folder:
         write_json(folder / "evaluation.json", evaluation, sort_keys=False)
         write_recommendations(folder / "recommendations.csv", meta, policies["agent"])
+        # Every policy's prices, so users can compare them row by row.
+        for name, prices in policies.items():
+            write_recommendations(folder / f"prices_{name}.csv", meta, prices)
         plots = {
             "profit_by_policy": report.plot_profit_by_policy(folder / "profit_by_policy.png",
                                                              evaluation),

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from pricing_cli.agent.env import Market, Observation
+    from pricing_cli.config import Settings
 
 AGENT_JSON = "agent.json"
 MODEL_ZIP = "model.zip"
@@ -371,7 +372,8 @@ def build_policy(config: dict[str, Any]) -> Any:
 
 
 def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
-                   deterministic: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   deterministic: bool = True, settings: Settings | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """The agent's price for every row of ``meta_{split}.parquet``, in row order.
 
     Each product is simulated day by day over the split: its first day starts from the last
@@ -390,6 +392,10 @@ def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
     from pricing_cli.agent.env import load_market, simulate
 
     market = load_market(processed_dir, split, agent.demand, change_cost=agent.change_cost)
+    if settings is not None:  # the merchant rules that apply to historical rows
+        from pricing_cli.agent.guardrails import market_rule_bits
+
+        market.rule_bits = market_rule_bits(settings, market)
     agent.check_compatible(market)
     if agent.trust_region is not None:
         market = dataclasses.replace(market, trust_region=_by_product(agent.trust_region,

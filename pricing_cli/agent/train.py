@@ -118,6 +118,16 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     # 1. Demand model.
     monitor.log(f"fitting the demand model on {meta_train_path}")
     meta_train = attach_stock(read_processed_meta(meta_train_path), settings, monitor)
+    import polars as pl
+
+    from pricing_cli.data.closed_days import closed_days_of
+
+    closed = closed_days_of(processed_dir, settings.data)
+    shut = closed.is_closed(meta_train["date"].to_numpy())
+    if shut.any():
+        # A day the store was shut says nothing about how price drives demand.
+        monitor.log(f"demand fit: {int(shut.sum()):,} product-days on closed days left out")
+        meta_train = meta_train.filter(pl.Series(~shut))
     n_products = product_count(processed_dir, stats)
     demand = DemandModel.fit(meta_train, settings, n_products=n_products,
                              fallback_reference=_later_median_prices(processed_dir, n_products),
@@ -148,11 +158,15 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 
     # 2. Markets and env.
     train_market = load_market(processed_dir, "train", decision, stats)
+    from pricing_cli.agent.guardrails import market_rule_bits
+
+    train_market.rule_bits = market_rule_bits(settings, train_market)  # merchant rules
     change_cost = None
     if cfg.price_change_cost > 0:
         change_cost = change_costs(train_market, cfg.price_change_cost)
         train_market = dataclasses.replace(train_market, change_cost=change_cost)
     val_market = load_market(processed_dir, "val", decision, stats, change_cost=change_cost)
+    val_market.rule_bits = market_rule_bits(settings, val_market)
     if trust_region is not None:
         train_market = dataclasses.replace(train_market, trust_region=trust_region)
         val_market = dataclasses.replace(val_market, trust_region=trust_region)

@@ -2,8 +2,9 @@
 
 Transactions are read lazily, one file at a time, on Polars' streaming engine. Every column is
 scanned as text and parsed with non-strict casts, so a bad value becomes a null instead of an
-exception; a row whose date, product, quantity or price cannot be read, whose price is not a
-positive number, or whose product is not in the catalog is *bad*. Per file, one streaming pass
+exception; a row whose date, product, quantity or price cannot be read or whose price is not a
+positive number is *bad*; a good row of a product not in the catalog is skipped and counted
+apart (a catalog may name only the products to price). Per file, one streaming pass
 gives the daily partial sums of the good rows per (product_id, date) together with the
 number of rows and of bad rows (bad rows are grouped under a null key); only a file with bad
 rows is read a second time, stopping after its first bad rows, for the report.
@@ -25,7 +26,7 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pricing_cli.config import DataSettings
+from pricing_cli.config import CatalogColumnMap, DataSettings
 from pricing_cli.errors import DataError, MissingInputError
 
 if TYPE_CHECKING:
@@ -75,6 +76,9 @@ class FileReport:
     rows: int
     bad_rows: int
     examples: tuple[str, ...] = ()
+    outside_catalog: int = 0
+    """Good rows of products not in the catalog: skipped and counted, not bad (pricing a
+    subset of the products is a catalog with only those)."""
 
     @property
     def bad_fraction(self) -> float:
@@ -86,6 +90,9 @@ class FileReport:
                 f"({self.bad_fraction:.2%})")
         if self.examples:
             text += "; first: " + "; ".join(self.examples)
+        if self.outside_catalog:
+            text += (f"; skipped {self.outside_catalog:,} row(s) of products outside the "
+                     "catalog")
         return text
 
 
@@ -111,6 +118,10 @@ class DailySales:
     @property
     def bad_rows(self) -> int:
         return sum(r.bad_rows for r in self.reports)
+
+    @property
+    def outside_catalog(self) -> int:
+        return sum(r.outside_catalog for r in self.reports)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,12 +320,14 @@ INCOMPLETE_NOTE = ("`pricectl generate` was interrupted while replacing this mar
                    "transactions, catalog and ground truth may come from different runs")
 
 
-def read_catalog(path: str | Path) -> pl.DataFrame:
+def read_catalog(path: str | Path, columns: CatalogColumnMap | None = None) -> pl.DataFrame:
     """Read and check the catalog (small, so eagerly).
 
     Args:
         path: CSV (optionally .gz) or Parquet with product_id, unit_cost, min_price, max_price
             and optionally category.
+        columns: the names of those columns in the file (``data.catalog_columns``); None:
+            as above.
 
     Returns:
         ``product_id`` String, ``unit_cost``, ``min_price``, ``max_price`` Float64,
@@ -342,18 +355,21 @@ def read_catalog(path: str | Path) -> pl.DataFrame:
         raise DataError(f"catalog {path} is not a CSV, CSV.gz or Parquet file",
                         "Point data.catalog / --catalog at catalog.csv.")
     schema = _schema(path)
-    _require_columns(path, list(schema), CATALOG_COLUMNS,
+    name = {c: c if columns is None else getattr(columns, c)
+            for c in (*CATALOG_COLUMNS, "category")}
+    _require_columns(path, list(schema), [name[c] for c in CATALOG_COLUMNS],
                      "The catalog needs the columns " + ", ".join(CATALOG_COLUMNS)
-                     + " (and optionally category); see docs/data-format.md.")
-    has_category = "category" in schema
+                     + " (and optionally category); map other names under "
+                     "data.catalog_columns; see docs/data-format.md.")
+    has_category = name["category"] in schema
     try:
         parsed = _scan(path, "_row").select(
             (pl.col("_row").cast(pl.Int64) + _header_line_offset(fmt)).alias("_line"),
-            _text("product_id", schema["product_id"]).alias("product_id"),
-            *[_number(c, schema[c], pl.Float64).alias(c)
+            _text(name["product_id"], schema[name["product_id"]]).alias("product_id"),
+            *[_number(name[c], schema[name[c]], pl.Float64).alias(c)
               for c in ("unit_cost", "min_price", "max_price")],
-            *[_text(c, schema[c]).alias(f"_raw_{c}") for c in CATALOG_COLUMNS[1:]],
-            (_text("category", schema["category"]) if has_category
+            *[_text(name[c], schema[name[c]]).alias(f"_raw_{c}") for c in CATALOG_COLUMNS[1:]],
+            (_text(name["category"], schema[name["category"]]) if has_category
              else pl.lit(None, dtype=pl.String)).fill_null("none").alias("category"),
         ).collect()
     except (pl.exceptions.PolarsError, OSError) as exc:
@@ -408,7 +424,7 @@ def scan_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
     Args:
         path: one CSV(.gz) or Parquet file.
         data: the data settings (column map, date format).
-        product_ids: the catalog's product_ids; other products are bad rows.
+        product_ids: the catalog's product_ids; rows of other products are skipped, not bad.
 
     Returns:
         A LazyFrame with ``_line`` Int64 (as in the file), ``product_id`` String, ``date`` Date,
@@ -447,7 +463,6 @@ def scan_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
     price = pl.col("unit_price")
     bad = (pl.col("date").is_null() | pl.col("product_id").is_null()
            | pl.col("quantity").is_null() | ~(price.is_finite() & (price > 0)).fill_null(False)
-           | ~pl.col("_known")
            | ~pl.col("date").is_between(EARLIEST_DATE, LATEST_DATE).fill_null(True)
            | (pl.col("quantity").abs() > MAX_ABS_QUANTITY).fill_null(False))
     return parsed.with_columns(bad.alias("_bad"))
@@ -466,7 +481,9 @@ def file_queries(parsed: pl.LazyFrame, n_examples: int) -> tuple[pl.LazyFrame, p
     """
     import polars as pl
 
-    good = ~pl.col("_bad")
+    # A readable row of a product outside the catalog is skipped, not bad: it is counted in
+    # the null group's outside_catalog.
+    good = ~pl.col("_bad") & pl.col("_known")
     quantity = pl.col("quantity")
     sold = quantity.clip(lower_bound=0)
     daily_sums = parsed.with_columns(
@@ -479,6 +496,7 @@ def file_queries(parsed: pl.LazyFrame, n_examples: int) -> tuple[pl.LazyFrame, p
         (sold * pl.col("unit_price")).sum().alias("sold_revenue"),
         pl.col("unit_price").sum().alias("price_sum"),
         pl.len().cast(pl.Int64).alias("n_transactions"),
+        (~pl.col("_bad") & ~pl.col("_known")).sum().cast(pl.Int64).alias("outside_catalog"),
     )
     examples = parsed.filter(pl.col("_bad")).head(n_examples)
     return daily_sums, examples
@@ -536,7 +554,9 @@ def read_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
         sums = daily_sums.collect(engine="streaming")
         is_bad = pl.col("product_id").is_null()
         rows = int(sums["n_transactions"].sum())
-        bad_rows = int(sums.filter(is_bad)["n_transactions"].sum())
+        skipped = sums.filter(is_bad)
+        outside = int(skipped["outside_catalog"].sum())
+        bad_rows = int(skipped["n_transactions"].sum()) - outside
         # Only files with bad rows are read again, and only up to the last example.
         bad = (examples.collect(engine="streaming") if bad_rows and data.bad_row_examples
                else None)
@@ -549,8 +569,8 @@ def read_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
         path, list(bad.iter_rows(named=True)) if bad is not None else [])
     report = FileReport(path, rows, bad_rows, tuple(
         f"{path}:{row['_line']}: {bad_row_reason(row, data.catalog)}"
-        for row in examples_found))
-    sums = sums.filter(~is_bad)
+        for row in examples_found), outside_catalog=outside)
+    sums = sums.filter(~is_bad).drop("outside_catalog")
     if report.bad_fraction > data.max_bad_fraction:
         raise DataError(
             f"{path}: {bad_rows:,} of {rows:,} rows ({report.bad_fraction:.2%}) are bad, more "

@@ -325,12 +325,13 @@ def run_features(settings: Settings, monitor: RunMonitor) -> StageResult:
     output_dir = Path(config.output_dir)
     # before any work: a wrong --output-dir must not cost a full read to find out
     check_output_dir(output_dir, "features", [*files, Path(data.catalog)])
-    catalog = read_catalog(data.catalog)
+    catalog = read_catalog(data.catalog, data.catalog_columns)
     monitor.log(f"reading {len(files)} transaction file(s) and {catalog.height:,} catalog "
                 f"products")
     sales = read_daily_sales(data, catalog, files, monitor)
     monitor.log(f"read {sales.transaction_rows:,} transaction rows ({sales.bad_rows:,} bad, "
-                f"skipped) into {sales.panel.height:,} product-days with sales")
+                f"skipped; {sales.outside_catalog:,} of products outside the catalog, skipped) "
+                f"into {sales.panel.height:,} product-days with sales")
 
     panel = daily_panel(sales.panel, catalog)
     first_day, last_day = panel.select(pl.col("date").min().alias("first"),
@@ -362,7 +363,8 @@ def run_features(settings: Settings, monitor: RunMonitor) -> StageResult:
     monitor.log(f"wrote {products.height:,} product files to {output_dir}")
 
     empty = [p["product_id"] for p in manifest["products"] if not sum(p["rows"].values())]
-    notes = [report.note() for report in sales.reports if report.bad_rows]
+    notes = [report.note() for report in sales.reports
+             if report.bad_rows or report.outside_catalog]
     if empty:
         notes.append(f"{len(empty)} product(s) have only warm-up days and empty files: "
                      + ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
@@ -373,6 +375,7 @@ def run_features(settings: Settings, monitor: RunMonitor) -> StageResult:
         summary={
             "transaction_rows": sales.transaction_rows,
             "bad_rows": sales.bad_rows,
+            "outside_catalog_rows": sales.outside_catalog,
             "products": products.height,
             "product_days": manifest["rows"],
             "feature_columns": len(scalers),
