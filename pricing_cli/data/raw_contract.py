@@ -502,17 +502,25 @@ def file_queries(parsed: pl.LazyFrame, n_examples: int) -> tuple[pl.LazyFrame, p
     return daily_sums, examples
 
 
+def _date_problem(raw: Any, parsed: Any) -> str | None:
+    """Why a row's date is bad (transactions and stock rows alike), or None."""
+    if raw is None:
+        return "missing date"
+    if parsed is None:
+        return f"cannot read date {raw!r}"
+    if not EARLIEST_DATE <= parsed <= LATEST_DATE:
+        return f"date {raw!r} is outside {EARLIEST_DATE}..{LATEST_DATE} (a typo?)"
+    return None
+
+
 def bad_row_reason(row: dict[str, Any], catalog_name: str) -> str:
     """Why one flagged row is bad, in words, from its parsed and raw values."""
     raw = {key: row[f"_raw_{key}"] for key in REQUIRED_TRANSACTION_COLUMNS}
     if all(value is None for value in raw.values()):
         return "empty line"
-    if raw["date"] is None:
-        return "missing date"
-    if row["date"] is None:
-        return f"cannot read date {raw['date']!r}"
-    if not EARLIEST_DATE <= row["date"] <= LATEST_DATE:
-        return f"date {raw['date']!r} is outside {EARLIEST_DATE}..{LATEST_DATE} (a typo?)"
+    date_problem = _date_problem(raw["date"], row["date"])
+    if date_problem:
+        return date_problem
     if raw["product_id"] is None:
         return "missing product_id"
     if raw["quantity"] is None:
@@ -717,12 +725,9 @@ def _stock_row_problem(row: dict[str, Any]) -> str:
     """Why one stock row is bad, in words."""
     if all(row[f"_raw_{c}"] is None for c in STOCK_COLUMNS):
         return "empty line"
-    if row["_raw_date"] is None:
-        return "missing date"
-    if row["date"] is None:
-        return f"cannot read date {row['_raw_date']!r}"
-    if not EARLIEST_DATE <= row["date"] <= LATEST_DATE:
-        return f"date {row['_raw_date']!r} is outside {EARLIEST_DATE}..{LATEST_DATE} (a typo?)"
+    date_problem = _date_problem(row["_raw_date"], row["date"])
+    if date_problem:
+        return date_problem
     if row["product_id"] is None:
         return "missing product_id"
     if row["_raw_on_hand"] is None:
