@@ -43,7 +43,7 @@ def test_a_yaml_alias_bomb_is_refused_in_milliseconds(
     code, err, seconds = validate(tmp_path, capsys, ALIAS_BOMB)
     assert (code, err) == (3, f"pricectl: config error: config file {tmp_path / 'my.yaml'} "
                               + ALIAS_MESSAGE)
-    assert seconds < 0.5
+    assert seconds < 2.0  # wall clock, on a shared 2-core machine: no blow-up, not a benchmark
 
 
 def test_an_alias_to_its_own_ancestor_is_refused(
@@ -73,7 +73,7 @@ def test_an_oversized_config_file_is_refused_unread(
         "bytes; pricectl does not read it\n"
         "  hint: A config holds settings, not data: the documented reference "
         "(configs/default.yaml) is about 10 KiB. Check that --config names the right file.\n")
-    assert seconds < 0.5
+    assert seconds < 2.0  # wall clock, on a shared 2-core machine: no blow-up, not a benchmark
 
 
 def test_a_long_list_under_a_list_key_is_refused(
@@ -86,7 +86,7 @@ def test_a_long_list_under_a_list_key_is_refused(
         f"[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, ...] (from defaults < {tmp_path / 'my.yaml'}): "
         "List should have at most 64 items after validation, not 5000\n"
         "  hint: Expected list[int]; the default is [1, 7, 14] (configs/default.yaml).\n")
-    assert seconds < 0.5
+    assert seconds < 2.0  # wall clock, on a shared 2-core machine: no blow-up, not a benchmark
 
 
 def test_an_error_message_echoes_at_most_200_characters_of_a_value(
@@ -169,7 +169,7 @@ def test_a_bad_value_is_a_config_error_naming_the_key_and_the_fix(
     f = tmp_path / "my.yaml"
     assert (code, err) == (3, f"pricectl: config error: {message.format(f=f)}\n"
                               f"  hint: {hint}\n")
-    assert seconds < 0.5
+    assert seconds < 2.0  # wall clock, on a shared 2-core machine: no blow-up, not a benchmark
 
 
 def test_an_invalid_date_in_the_environment_names_the_key() -> None:
