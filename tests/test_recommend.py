@@ -104,7 +104,33 @@ def test_recommend_prices_the_days_after_the_data(market: Path,
     assert row["change_pct"] == pytest.approx(
         (row["recommended_price"] / row["current_price"] - 1) * 100, abs=0.1)
     assert set(prices["binding_rule"]) <= {"none", *RULE_ORDER}
-    assert prices["profit_low"].null_count() == prices.height  # no ensemble in the run
+    # profit_low/high: the 5% and 95% quantiles of the ensemble members' expected profit at
+    # the recommended price (recommend.interval 0.9), linear between the 8 members
+    from pricing_cli.agent.ensemble import DemandEnsemble
+
+    ensemble = DemandEnsemble.load("models/r1")
+    assert ensemble is not None and ensemble.size == 8
+    member_units = ensemble.member_units(np.array([index[row["product_id"]]]),
+                                         np.array([np.datetime64(row["date"], "D")]),
+                                         np.array([row["recommended_price"]]))[:, 0]
+    member_profit = np.sort((row["recommended_price"] - cost[row["product_id"]]) * member_units)
+    # by hand: position 0.05 * 7 = 0.35 between the lowest two, 0.95 * 7 = 6.65 between the top two
+    low = member_profit[0] + 0.35 * (member_profit[1] - member_profit[0])
+    high = member_profit[6] + 0.65 * (member_profit[7] - member_profit[6])
+    assert row["profit_low"] == pytest.approx(low, rel=0.01)
+    assert row["profit_high"] == pytest.approx(high, rel=0.01)
+    assert (prices["profit_low"] <= prices["profit_high"]).all()
+    assert prices["profit_low"].null_count() == 0
+    explain = json.loads((folder / "explain.json").read_text())
+    assert explain["interval"]["members"] == 8 and explain["interval"]["level"] == 0.9
+    first = explain["products"][0]
+    assert first["demand_shape"] in ("loglog", "linear", "logit")
+    e_low, e_high = first["elasticity_interval"]
+    assert e_low <= e_high
+    summary = (folder / "summary.md").read_text()
+    change_low, change_high = explain["interval"]["expected_profit_change"]
+    assert (f"90% interval {change_low:+,.2f} to {change_high:+,.2f} over 8 demand refits"
+            in summary)
 
 
 def test_agent_obeys_every_rule_and_explain_names_the_binding_rule(
