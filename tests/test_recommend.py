@@ -248,3 +248,21 @@ def test_closed_weekdays_get_no_recommendation(market: Path,
     weekdays = set(prices["date"].dt.weekday().to_list())  # Monday 1
     assert weekdays == {1, 2, 3, 4, 5}
     assert prices["date"].n_unique() == 10  # 14 days, 2 weekends
+
+
+def test_evaluate_leaves_closed_days_out(market: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(market)
+    Path("closed.yaml").write_text(BASE + "  closed_weekdays: [5, 6]\nevaluate:\n"
+                                   "  reports_dir: reports-closed\n")
+    assert cli.main(["--preset", "tiny", "--config", "closed.yaml", "-q", "evaluate"]) == 0
+    meta = pl.read_parquet("data/processed/meta_test.parquet")
+    weekend = meta.filter(pl.col("date").dt.weekday() >= 6)  # polars: Monday 1
+    assert weekend.height > 0
+    evaluation = json.loads(Path("reports-closed/evaluation.json").read_text())
+    assert evaluation["closed_days"]["product_days_left_out"] == weekend.height
+    assert evaluation["closed_days"]["weekdays"] == [5, 6]
+    assert evaluation["product_days"] == meta.height - weekend.height
+    for policy in ("agent", "greedy", "historical"):
+        prices = pl.read_csv(f"reports-closed/prices_{policy}.csv", try_parse_dates=True)
+        assert prices.height == meta.height - weekend.height
+        assert set(prices["date"].dt.weekday()) <= {1, 2, 3, 4, 5}

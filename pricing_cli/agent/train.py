@@ -157,7 +157,8 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     del meta_train
 
     # 2. Markets and env.
-    train_market = load_market(processed_dir, "train", decision, stats)
+    # Closed days are not decision days: the env leaves their rows out, as the fit does.
+    train_market = load_market(processed_dir, "train", decision, stats, closed=closed)
     from pricing_cli.agent.guardrails import market_rule_bits
 
     train_market.rule_bits = market_rule_bits(settings, train_market)  # merchant rules
@@ -165,7 +166,8 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     if cfg.price_change_cost > 0:
         change_cost = change_costs(train_market, cfg.price_change_cost)
         train_market = dataclasses.replace(train_market, change_cost=change_cost)
-    val_market = load_market(processed_dir, "val", decision, stats, change_cost=change_cost)
+    val_market = load_market(processed_dir, "val", decision, stats, change_cost=change_cost,
+                             closed=closed)
     val_market.rule_bits = market_rule_bits(settings, val_market)
     if trust_region is not None:
         train_market = dataclasses.replace(train_market, trust_region=trust_region)
@@ -548,6 +550,8 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
     elif teacher == "bc":
         labels = read_processed_member(processed_file(processed_dir, "labels_train.npz"),
                                        "price_level").astype(np.int64)
+        if market.split_rows is not None:  # closed days left out of the market
+            labels = labels[market.split_rows]
         usable = labels >= 0
 
     def allowed_levels(rows: np.ndarray) -> np.ndarray:
@@ -627,7 +631,7 @@ def planner_path(market: Market, processed_dir: Path, demand: Any
     from pricing_cli.agent.env import _held_days
     from pricing_cli.pricing import nearest_level
 
-    meta = load_split_meta(processed_dir, market.split)
+    meta = load_split_meta(processed_dir, market.split, market.closed)
     prices = planned_prices(meta, demand, market.price_levels, market.max_daily_change,
                             market.change_cost)
     first = np.zeros(market.n_rows, dtype=bool)

@@ -3,7 +3,11 @@ holidays), found from the processed data or set in config (``data.closed_weekday
 ``data.closed_dates``).
 
 They are left out of the demand fit (a closed Saturday is not a day on which the price drove
-demand to zero) and of recommendations (no price is needed on a day the store is shut).
+demand to zero), of recommendations (no price is needed on a day the store is shut), of the
+env's rows (training, evaluate's agent rollout: :func:`env.load_market` with ``closed``) and
+of evaluate's rows (every policy and the held-out checks: :func:`baselines.load_split_meta`
+with ``closed``). A row left out is simply not there: the price of the last open day carries
+over the closed ones, and no policy is scored or counted on them.
 """
 
 from __future__ import annotations
@@ -77,3 +81,12 @@ def closed_days_of(processed_dir: str | Path, data: DataSettings) -> ClosedDays:
         return find_closed_days(np.zeros(0, dtype="datetime64[D]"), np.zeros(0), data)
     meta = pl.concat(frames)
     return find_closed_days(meta["date"].to_numpy(), meta["units"].to_numpy(), data)
+
+
+def open_rows(dates: np.ndarray, closed: ClosedDays | None) -> np.ndarray | None:
+    """Indices of the rows whose date is not a closed day; None when none is closed (or no
+    closed days are known), so callers keep every row without copying."""
+    if closed is None:
+        return None
+    shut = closed.is_closed(np.asarray(dates))
+    return np.flatnonzero(~shut) if shut.any() else None
