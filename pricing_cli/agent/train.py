@@ -107,6 +107,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 
     cfg = settings.train
     started = time.monotonic()
+    device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
     processed_dir = Path(settings.merge.output_dir)
     stats = read_stats(processed_dir)
@@ -193,7 +194,8 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         "decision_quantile": None if ensemble is None else cfg.decision_quantile,
         "trust_region": cfg.trust_region,
     }
-    model = _build_model(settings, env, agent_config, work_dir)
+    model = _build_model(settings, env, agent_config, work_dir, device)
+    monitor.log(f"training on {model.device}")
     state = _load_state(work_dir) if checkpoint is not None else _fresh_state()
     if checkpoint is not None:
         model.set_parameters(str(checkpoint), exact_match=True, device=model.device)
@@ -272,6 +274,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         "run_id": run_id, "algo": cfg.algo, "timesteps": int(model.num_timesteps),
         "resumed_from": None if checkpoint is None else str(checkpoint),
         "products_trained": "all" if product is None else product,
+        "device": str(model.device),
         "rl_seconds": round(rl_seconds, 3), "fps": round(fps, 1),
         "rl_eval_seconds": round(rl_eval_seconds, 3),
         "fps_without_eval": round(fps_without_eval, 1),
@@ -311,8 +314,31 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 # The model
 
 
-def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], work_dir: Path
-                 ) -> Any:
+def resolve_device(wanted: str) -> str:
+    """The torch device train runs on: ``cuda`` only where torch sees a CUDA device, ``auto``
+    picks it when there is one. Asking for cuda without one is an error, not a silent
+    fallback to the CPU (which run.json would still record as cuda).
+
+    Raises:
+        ConfigError: ``cuda`` asked for and torch sees none.
+    """
+    import torch
+
+    available = bool(torch.cuda.is_available())
+    if wanted == "cuda" and not available:
+        build = ("a CPU-only build" if torch.version.cuda is None
+                 else f"built for CUDA {torch.version.cuda}, but no GPU is visible")
+        raise ConfigError(f"train.device is cuda, but torch {torch.__version__} sees no CUDA "
+                          f"device ({build})",
+                          "Train with --device cpu, or --device auto (CUDA when there is "
+                          "one, else the CPU).")
+    if wanted == "auto":
+        return "cuda" if available else "cpu"
+    return wanted
+
+
+def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], work_dir: Path,
+                 device: str | None = None) -> Any:
     """MaskablePPO (or PPO) with the multi-input policy and the product-embedding extractor."""
     from pricing_cli.agent.policy import policy_class, policy_kwargs
 
@@ -328,7 +354,7 @@ def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], wor
         # A minibatch larger than the rollout would be truncated by SB3 with a warning.
         batch_size=min(cfg.batch_size, rollout), n_epochs=cfg.n_epochs, gamma=cfg.gamma,
         ent_coef=cfg.ent_coef, policy_kwargs=policy_kwargs(agent_config), seed=cfg.seed,
-        device=cfg.device,
+        device=device or resolve_device(cfg.device),
         tensorboard_log=str(work_dir / "tensorboard") if cfg.tensorboard else None, verbose=0)
 
 

@@ -74,9 +74,10 @@ def closed_days_of(processed_dir: str | Path, data: DataSettings) -> ClosedDays:
     """:func:`find_closed_days` over every processed split's meta (all that exist)."""
     import polars as pl
 
-    frames = [pl.read_parquet(Path(processed_dir) / f"meta_{split}.parquet",
-                              columns=["date", "units"])
-              for split in SPLITS if (Path(processed_dir) / f"meta_{split}.parquet").is_file()]
+    paths = [Path(processed_dir) / f"meta_{split}.parquet" for split in SPLITS]
+    # (a meta file without units, e.g. a hand-made earlier split, says nothing about sales)
+    frames = [pl.read_parquet(path, columns=["date", "units"]) for path in paths
+              if path.is_file() and {"date", "units"} <= set(pl.read_parquet_schema(path))]
     if not frames:
         return find_closed_days(np.zeros(0, dtype="datetime64[D]"), np.zeros(0), data)
     meta = pl.concat(frames)
