@@ -266,3 +266,30 @@ def test_evaluate_leaves_closed_days_out(market: Path, monkeypatch: pytest.Monke
         prices = pl.read_csv(f"reports-closed/prices_{policy}.csv", try_parse_dates=True)
         assert prices.height == meta.height - weekend.height
         assert set(prices["date"].dt.weekday()) <= {1, 2, 3, 4, 5}
+
+
+def test_make_demo_prints_the_table_once_and_names_the_reports_folder(
+        market: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from pricing_cli import demo
+
+    monkeypatch.chdir(market)
+    assert cli.main(["--preset", "tiny", "--config", "base.yaml", "-q", "evaluate"]) == 0
+    old = Path("reports/evaluation.json").stat().st_mtime - 60
+    os.utime("reports/evaluation.json", (old, old))
+    capsys.readouterr()
+    # a second `make demo`: every stage up to date, so evaluate printed nothing this time
+    monkeypatch.setattr(demo.cli, "main", lambda argv: 0)
+    assert demo.main(["--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\npolicy ") == 1 and out.count("VERDICT: ") == 1
+    assert ("reports: reports/ (report.md, evaluation.json, prices_<policy>.csv, plots); "
+            "prices for the days after the data: pricectl --preset tiny recommend") in out
+
+    def evaluated_now(argv: list[str]) -> int:  # evaluate ran and printed its own table
+        Path("reports/evaluation.json").touch()
+        return 0
+
+    monkeypatch.setattr(demo.cli, "main", evaluated_now)
+    assert demo.main(["--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "policy " not in out and "reports: reports/" in out
