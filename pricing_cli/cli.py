@@ -129,12 +129,17 @@ def _run(stage: str, settings: Settings, fn: StageFn) -> None:
 
 @app.command()
 def generate(
-    seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same files)." + _default("generate.seed"))] = None,
-    products: Annotated[int | None, typer.Option(help="Number of products." + _default("generate.n_products"))] = None,
-    days: Annotated[int | None, typer.Option(help="Days of history." + _default("generate.n_days"))] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Where to write raw data." + _default("generate.output_dir"))] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Random seed (same seed, same files)." + _default("generate.seed"))] = None,
+    products: Annotated[int | None, typer.Option(
+        help="Number of products." + _default("generate.n_products"))] = None,
+    days: Annotated[int | None, typer.Option(
+        help="Days of history." + _default("generate.n_days"))] = None,
+    output_dir: Annotated[Path | None, typer.Option(
+        help="Where to write raw data." + _default("generate.output_dir"))] = None,
     file_period: Annotated[str | None, typer.Option(
-        help="One transaction file per month, week or day." + _default("generate.file_period"))] = None,
+        help="One transaction file per month, week or day."
+            + _default("generate.file_period"))] = None,
     file_format: Annotated[str | None, typer.Option(
         help="csv, csv.gz or parquet." + _default("generate.file_format"))] = None,
 ) -> None:
@@ -156,9 +161,12 @@ def generate(
 @app.command()
 def features(
     transactions: Annotated[str | None, typer.Option(
-        help="Glob of transaction files (CSV, CSV.gz or Parquet)." + _default("data.transactions"))] = None,
-    catalog: Annotated[str | None, typer.Option(help="Catalog file." + _default("data.catalog"))] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Where to write features." + _default("features.output_dir"))] = None,
+        help="Glob of transaction files (CSV, CSV.gz or Parquet)."
+            + _default("data.transactions"))] = None,
+    catalog: Annotated[str | None, typer.Option(
+        help="Catalog file." + _default("data.catalog"))] = None,
+    output_dir: Annotated[Path | None, typer.Option(
+        help="Where to write features." + _default("features.output_dir"))] = None,
 ) -> None:
     """Build the daily panel and time-series features on Polars' streaming engine.
 
@@ -175,18 +183,25 @@ def features(
 
 @app.command()
 def preprocess(
-    batch_size: Annotated[int | None, typer.Option(help="Files per batch." + _default("preprocess.batch_size"))] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (0 = all cores)." + _default("preprocess.workers"))] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Files per batch." + _default("preprocess.batch_size"))] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Worker processes (0 = all cores)." + _default("preprocess.workers"))] = None,
     keep_batches: Annotated[bool | None, typer.Option(
-        "--keep-batches", help="Keep batches after a successful merge." + _default("preprocess.keep_batches"))] = None,
+        "--keep-batches", help="Keep batches after a successful merge."
+            + _default("preprocess.keep_batches"))] = None,
     resume: Annotated[bool | None, typer.Option(
-        "--resume/--no-resume", help="Reuse batches whose inputs and config are unchanged." + _default("preprocess.resume"))
+        "--resume/--no-resume", help="Reuse batches whose inputs and config are unchanged."
+            + _default("preprocess.resume"))
     ] = None,
     fail_fast: Annotated[bool | None, typer.Option(
-        "--fail-fast", help="Stop at the first failed file." + _default("preprocess.fail_fast"))] = None,
-    input_glob: Annotated[str | None, typer.Option(help="Per-series files to read." + _default("preprocess.input_glob"))] = None,
+        "--fail-fast", help="Stop at the first failed file."
+            + _default("preprocess.fail_fast"))] = None,
+    input_glob: Annotated[str | None, typer.Option(
+        help="Per-series files to read." + _default("preprocess.input_glob"))] = None,
     executor: Annotated[str | None, typer.Option(
-        help="local (process pool) or ray (Ray tasks; pip install 'pricing-cli[ray]')." + _default("preprocess.executor"))] = None,
+        help="local (process pool) or ray (Ray tasks; pip install 'pricing-cli[ray]')."
+            + _default("preprocess.executor"))] = None,
     ray_address: Annotated[str | None, typer.Option(
         help="With --executor ray: auto or ray://host:port joins a cluster; "
              "none: a local Ray instance." + _default("preprocess.ray_address"))] = None,
@@ -211,11 +226,13 @@ def preprocess(
 @app.command()
 def merge(
     strategy: Annotated[str | None, typer.Option(
-        help="sequential (two-pass, bounded memory) or accumulative (load-all reference)." + _default("merge.strategy"))] = None,
+        help="sequential (two-pass, bounded memory) or accumulative (load-all reference)."
+            + _default("merge.strategy"))] = None,
     output_dir: Annotated[Path | None, typer.Option(
         help="Where to write processed arrays." + _default("merge.output_dir"))] = None,
     keep_batches: Annotated[bool | None, typer.Option(
-        "--keep-batches", help="Keep the intermediate batches after merging." + _default("merge.keep_batches"))] = None,
+        "--keep-batches", help="Keep the intermediate batches after merging."
+            + _default("merge.keep_batches"))] = None,
 ) -> None:
     """Merge batches into X_{split}.npy, labels, masks and meta per split.
 
@@ -264,18 +281,23 @@ def train(
         "--multi-product", help="One agent for every product (product embedding).")] = False,
     product: Annotated[str | None, typer.Option(
         help="Train a single-product agent for this product_id instead.")] = None,
-    timesteps: Annotated[int | None, typer.Option(help="Environment steps of RL." + _default("train.timesteps"))] = None,
-    algo: Annotated[str | None, typer.Option(help="maskable-ppo or ppo." + _default("train.algo"))] = None,
+    timesteps: Annotated[int | None, typer.Option(
+        help="Environment steps of RL." + _default("train.timesteps"))] = None,
+    algo: Annotated[str | None, typer.Option(
+        help="maskable-ppo or ppo." + _default("train.algo"))] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed." + _default("train.seed"))] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda." + _default("train.device"))] = None,
+    device: Annotated[str | None, typer.Option(
+        help="auto, cpu or cuda." + _default("train.device"))] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the last checkpoint of --run-id.")] = False,
     warm_start: Annotated[str | None, typer.Option(
         help="Supervised start before RL: none (with train.forecast_prior the "
              "policy already starts at the fitted model's myopic optimum), greedy (clone that "
              "optimum), planner (clone the best price path under the fitted model; for "
-             "train.price_change_cost > 0) or bc (clone historical prices)." + _default("train.warm_start"))] = None,
-    run_id: Annotated[str | None, typer.Option(help="Run folder name under models/." + _default("train.run_id"))] = None,
+             "train.price_change_cost > 0) or bc (clone historical prices)."
+                 + _default("train.warm_start"))] = None,
+    run_id: Annotated[str | None, typer.Option(
+        help="Run folder name under models/." + _default("train.run_id"))] = None,
 ) -> None:
     """Fit the demand model and train the pricing agent; everything lands in models/<run_id>/."""
     from pricing_cli.agent.train import run_train
@@ -291,10 +313,13 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path | None, typer.Option(help="Run folder (default: evaluate.model, else the newest complete run under "
+    model: Annotated[Path | None, typer.Option(
+        help="Run folder (default: evaluate.model, else the newest complete run under "
              "train.models_dir).")] = None,
-    split: Annotated[str | None, typer.Option(help="train, val or test." + _default("evaluate.split"))] = None,
-    reports_dir: Annotated[Path | None, typer.Option(help="Where reports go." + _default("evaluate.reports_dir"))] = None,
+    split: Annotated[str | None, typer.Option(
+        help="train, val or test." + _default("evaluate.split"))] = None,
+    reports_dir: Annotated[Path | None, typer.Option(
+        help="Where reports go." + _default("evaluate.reports_dir"))] = None,
 ) -> None:
     """Compare the agent with historical, static, greedy and random prices (and the oracle).
 
@@ -320,9 +345,11 @@ def recommend(
         help="Products to price: a file (one product_id per line) or comma-separated ids "
              "(default: all).")] = None,
     model: Annotated[Path | None, typer.Option(
-        help="Run folder (default: evaluate.model, else the newest).")] = None,
+        help="Run folder (default: evaluate.model, else the newest complete run under "
+             "train.models_dir).")] = None,
     policy: Annotated[str | None, typer.Option(
-        help="agent, greedy, planner, static or historical." + _default("recommend.policy"))] = None,
+        help="agent, greedy, planner, static or historical."
+            + _default("recommend.policy"))] = None,
 ) -> None:
     """Prices for the days after the data ends, obeying every merchant rule (`rules`).
 

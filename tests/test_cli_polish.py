@@ -212,7 +212,8 @@ def test_help_lists_the_stages_in_pipeline_order_with_defaults() -> None:
     assert list(group.list_commands(None)) == [*STAGE_NAMES, "recommend", "pipeline", "config"]
     assert cli._default("train.timesteps") == " [default: 50000; config train.timesteps]"
     options = {p.name: p.help for p in group.commands["train"].params}
-    assert options["timesteps"] == "Environment steps of RL. [default: 50000; config train.timesteps]"
+    assert options["timesteps"] == ("Environment steps of RL. [default: 50000; config "
+                                    "train.timesteps]")
     assert options["device"] == "auto, cpu or cuda. [default: cpu; config train.device]"
     # every option that overrides a config key says its default
     for name, command in group.commands.items():

@@ -696,6 +696,7 @@ def write_recommendations(output_dir: Path, horizon: Horizon, plan: Plan, refere
             "elasticity": None if e is None else round(e, 4),
             "elasticity_interval": (
                 None if spread is None or spread.elasticity_low is None
+                or spread.elasticity_high is None
                 else [round(float(spread.elasticity_low[i]), 4),
                       round(float(spread.elasticity_high[i]), 4)]),
             "binding_rule": main_rule,
