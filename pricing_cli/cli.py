@@ -20,7 +20,13 @@ import typer
 
 from pricing_cli import __version__
 from pricing_cli.config import Settings, documented_yaml, load_settings, settings_to_yaml
-from pricing_cli.errors import PricingError, Terminated, classify_os_error, exit_code_for
+from pricing_cli.errors import (
+    PartialFailure,
+    PricingError,
+    Terminated,
+    classify_os_error,
+    exit_code_for,
+)
 from pricing_cli.runinfo import OutputOptions, StageFn, execute_stage
 
 # The stages in the order `pricectl pipeline` runs them (pipeline.STAGE_NAMES; a test
@@ -508,7 +514,9 @@ def _global_option_hint(exc: Exception, argv: list[str]) -> str | None:
 
 def _report(exc: BaseException) -> int:
     row = exit_code_for(exc)
-    if isinstance(exc, PricingError):
+    if isinstance(exc, PartialFailure):
+        pass  # the stage's own JSON summary, printed already, lists its failures
+    elif isinstance(exc, PricingError):
         _json_error(row.code, row.label, exc.message, exc.hint)
     else:
         _json_error(row.code, row.label, str(exc) or type(exc).__name__, None)
