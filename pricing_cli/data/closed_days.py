@@ -74,10 +74,20 @@ def closed_days_of(processed_dir: str | Path, data: DataSettings) -> ClosedDays:
     """:func:`find_closed_days` over every processed split's meta (all that exist)."""
     import polars as pl
 
-    paths = [Path(processed_dir) / f"meta_{split}.parquet" for split in SPLITS]
-    # (a meta file without units, e.g. a hand-made earlier split, says nothing about sales)
-    frames = [pl.read_parquet(path, columns=["date", "units"]) for path in paths
-              if path.is_file() and {"date", "units"} <= set(pl.read_parquet_schema(path))]
+    from pricing_cli.stages.merge import read_processed_meta
+
+    frames = []
+    for split in SPLITS:
+        path = Path(processed_dir) / f"meta_{split}.parquet"
+        if not path.is_file():
+            continue
+        try:
+            columns = set(pl.read_parquet_schema(path))
+        except (pl.exceptions.PolarsError, OSError):
+            columns = {"date", "units"}  # unreadable: read_processed_meta says so (BatchError)
+        # (a meta file without units, e.g. a hand-made earlier split, says nothing of sales)
+        if {"date", "units"} <= columns:
+            frames.append(read_processed_meta(path, ["date", "units"]))
     if not frames:
         return find_closed_days(np.zeros(0, dtype="datetime64[D]"), np.zeros(0), data)
     meta = pl.concat(frames)
