@@ -20,16 +20,48 @@ import typer
 
 from pricing_cli import __version__
 from pricing_cli.config import Settings, documented_yaml, load_settings, settings_to_yaml
-from pricing_cli.errors import PricingError, Terminated, classify_os_error, exit_code_for
+from pricing_cli.errors import (
+    PartialFailure,
+    PricingError,
+    Terminated,
+    classify_os_error,
+    exit_code_for,
+)
 from pricing_cli.runinfo import OutputOptions, StageFn, execute_stage
+
+# The stages in the order `pricectl pipeline` runs them (pipeline.STAGE_NAMES; a test
+# compares them), for --help.
+STAGE_ORDER = ("generate → features → preprocess → validate-batches → merge → train → "
+               "evaluate")
+_DEFAULTS = Settings()
+
+
+def _default(key: str) -> str:
+    """' [default: <value>; config <key>]' for an option that overrides a config key: the
+    built-in default, which a preset or --config file may change."""
+    section, name = key.split(".")
+    value = getattr(getattr(_DEFAULTS, section), name)
+    return f" [default: {'none' if value is None else value}; config {key}]"
+
+
+class _PipelineOrder(typer.core.TyperGroup):
+    """Lists the subcommands in pipeline order in --help (Typer lists them as defined)."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        order = [*STAGE_ORDER.split(" → "), "recommend", "pipeline", "config"]
+        names = list(super().list_commands(ctx))
+        return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+
 
 app = typer.Typer(
     name="pricectl",
+    cls=_PipelineOrder,
     help=(
         "Learn one pricing agent for every product from raw sales history.\n\n"
-        "Stages run in order: generate → features → preprocess → merge → validate-batches → "
-        "train → evaluate. Global options (--config, --preset, --json, ...) go before the "
-        "subcommand, e.g. `pricectl --preset tiny features`."
+        "Stages run in this order (`pricectl pipeline` runs them all): " + STAGE_ORDER + "; "
+        "then `pricectl recommend` prices the days after the data ends. Global options "
+        "(--config, --preset, --json, ...) go before the subcommand, e.g. "
+        "`pricectl --preset tiny features`."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -65,15 +97,17 @@ def _global_options(
     config: Annotated[Path | None, typer.Option(
         "--config", "-c", help="YAML config file (also PRICECTL_CONFIG).")] = None,
     preset: Annotated[str | None, typer.Option(
-        help="Built-in scale preset below the config file: tiny, small or full.")] = None,
+        help="Built-in scale preset below the config file: tiny, small or full "
+             "(default: none).")] = None,
     live: Annotated[bool | None, typer.Option(
-        "--live/--no-live", help="Force the live panel on or off (default: on a TTY).")] = None,
+        "--live/--no-live", help="Force the live panel on or off (default: on a TTY; config "
+        "monitor.live).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print a machine-readable JSON summary on stdout.")] = False,
     max_memory: Annotated[str | None, typer.Option(
         help="Memory budget of the process tree, e.g. 1.5GB; the stage stops cleanly "
-             "before passing it and keeps the work done.")] = None,
+             "before passing it and keeps the work done." + _default("monitor.max_memory"))] = None,
     debug: Annotated[bool, typer.Option(help="Show full tracebacks on errors.")] = False,
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
@@ -101,14 +135,19 @@ def _run(stage: str, settings: Settings, fn: StageFn) -> None:
 
 @app.command()
 def generate(
-    seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same files).")] = None,
-    products: Annotated[int | None, typer.Option(help="Number of products.")] = None,
-    days: Annotated[int | None, typer.Option(help="Days of history.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Where to write raw data.")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Random seed (same seed, same files)." + _default("generate.seed"))] = None,
+    products: Annotated[int | None, typer.Option(
+        help="Number of products." + _default("generate.n_products"))] = None,
+    days: Annotated[int | None, typer.Option(
+        help="Days of history." + _default("generate.n_days"))] = None,
+    output_dir: Annotated[Path | None, typer.Option(
+        help="Where to write raw data." + _default("generate.output_dir"))] = None,
     file_period: Annotated[str | None, typer.Option(
-        help="One transaction file per month, week or day.")] = None,
+        help="One transaction file per month, week or day."
+            + _default("generate.file_period"))] = None,
     file_format: Annotated[str | None, typer.Option(
-        help="csv, csv.gz or parquet.")] = None,
+        help="csv, csv.gz or parquet." + _default("generate.file_format"))] = None,
 ) -> None:
     """Write a synthetic market with known ground truth, in the raw-data contract.
 
@@ -128,9 +167,12 @@ def generate(
 @app.command()
 def features(
     transactions: Annotated[str | None, typer.Option(
-        help="Glob of transaction files (CSV, CSV.gz or Parquet).")] = None,
-    catalog: Annotated[str | None, typer.Option(help="Catalog file.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Where to write features.")] = None,
+        help="Glob of transaction files (CSV, CSV.gz or Parquet)."
+            + _default("data.transactions"))] = None,
+    catalog: Annotated[str | None, typer.Option(
+        help="Catalog file." + _default("data.catalog"))] = None,
+    output_dir: Annotated[Path | None, typer.Option(
+        help="Where to write features." + _default("features.output_dir"))] = None,
 ) -> None:
     """Build the daily panel and time-series features on Polars' streaming engine.
 
@@ -147,21 +189,28 @@ def features(
 
 @app.command()
 def preprocess(
-    batch_size: Annotated[int | None, typer.Option(help="Files per batch.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (0 = all cores).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Files per batch." + _default("preprocess.batch_size"))] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Worker processes (0 = all cores)." + _default("preprocess.workers"))] = None,
     keep_batches: Annotated[bool | None, typer.Option(
-        "--keep-batches", help="Keep batches after a successful merge.")] = None,
+        "--keep-batches", help="Keep batches after a successful merge."
+            + _default("preprocess.keep_batches"))] = None,
     resume: Annotated[bool | None, typer.Option(
-        "--resume/--no-resume", help="Reuse batches whose inputs and config are unchanged.")
+        "--resume/--no-resume", help="Reuse batches whose inputs and config are unchanged."
+            + _default("preprocess.resume"))
     ] = None,
     fail_fast: Annotated[bool | None, typer.Option(
-        "--fail-fast", help="Stop at the first failed file.")] = None,
-    input_glob: Annotated[str | None, typer.Option(help="Per-series files to read.")] = None,
+        "--fail-fast", help="Stop at the first failed file."
+            + _default("preprocess.fail_fast"))] = None,
+    input_glob: Annotated[str | None, typer.Option(
+        help="Per-series files to read." + _default("preprocess.input_glob"))] = None,
     executor: Annotated[str | None, typer.Option(
-        help="local (process pool) or ray (Ray tasks; pip install 'pricing-cli[ray]').")] = None,
+        help="local (process pool) or ray (Ray tasks; pip install 'pricing-cli[ray]')."
+            + _default("preprocess.executor"))] = None,
     ray_address: Annotated[str | None, typer.Option(
         help="With --executor ray: auto or ray://host:port joins a cluster; "
-             "default: a local Ray instance.")] = None,
+             "none: a local Ray instance." + _default("preprocess.ray_address"))] = None,
 ) -> None:
     """Turn per-product feature files into batches of decision samples (.npz).
 
@@ -183,11 +232,13 @@ def preprocess(
 @app.command()
 def merge(
     strategy: Annotated[str | None, typer.Option(
-        help="sequential (two-pass, bounded memory) or accumulative (load-all reference).")] = None,
+        help="sequential (two-pass, bounded memory) or accumulative (load-all reference)."
+            + _default("merge.strategy"))] = None,
     output_dir: Annotated[Path | None, typer.Option(
-        help="Where to write processed arrays.")] = None,
+        help="Where to write processed arrays." + _default("merge.output_dir"))] = None,
     keep_batches: Annotated[bool | None, typer.Option(
-        "--keep-batches", help="Keep the intermediate batches after merging.")] = None,
+        "--keep-batches", help="Keep the intermediate batches after merging."
+            + _default("merge.keep_batches"))] = None,
 ) -> None:
     """Merge batches into X_{split}.npy, labels, masks and meta per split.
 
@@ -217,6 +268,13 @@ def validate_batches(
     """Check every batch and explain each problem found; exit non-zero on any problem."""
     from pricing_cli.stages.batches import run_validate_batches
 
+    for path in paths or []:
+        if path.is_file() and path.suffix != ".npz":
+            raise typer.BadParameter(
+                f"{path} is not a batch: validate-batches checks the batch_NNNN.npz files "
+                "that `pricectl preprocess` writes (default: the preprocess.output_dir "
+                "folder); raw transactions and catalogs are checked by `pricectl features`.",
+                param_hint="PATHS")
     settings = _settings()
     fn = functools.partial(run_validate_batches, paths=paths or [], deep=deep,
                            convert_legacy=convert_legacy, trust_pickle=trust_pickle)
@@ -229,18 +287,23 @@ def train(
         "--multi-product", help="One agent for every product (product embedding).")] = False,
     product: Annotated[str | None, typer.Option(
         help="Train a single-product agent for this product_id instead.")] = None,
-    timesteps: Annotated[int | None, typer.Option(help="Environment steps of RL.")] = None,
-    algo: Annotated[str | None, typer.Option(help="maskable-ppo or ppo.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    timesteps: Annotated[int | None, typer.Option(
+        help="Environment steps of RL." + _default("train.timesteps"))] = None,
+    algo: Annotated[str | None, typer.Option(
+        help="maskable-ppo or ppo." + _default("train.algo"))] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed." + _default("train.seed"))] = None,
+    device: Annotated[str | None, typer.Option(
+        help="auto, cpu or cuda." + _default("train.device"))] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the last checkpoint of --run-id.")] = False,
     warm_start: Annotated[str | None, typer.Option(
-        help="Supervised start before RL: none (default; with train.forecast_prior the "
+        help="Supervised start before RL: none (with train.forecast_prior the "
              "policy already starts at the fitted model's myopic optimum), greedy (clone that "
              "optimum), planner (clone the best price path under the fitted model; for "
-             "train.price_change_cost > 0) or bc (clone historical prices).")] = None,
-    run_id: Annotated[str | None, typer.Option(help="Run folder name under models/.")] = None,
+             "train.price_change_cost > 0) or bc (clone historical prices)."
+                 + _default("train.warm_start"))] = None,
+    run_id: Annotated[str | None, typer.Option(
+        help="Run folder name under models/." + _default("train.run_id"))] = None,
 ) -> None:
     """Fit the demand model and train the pricing agent; everything lands in models/<run_id>/."""
     from pricing_cli.agent.train import run_train
@@ -256,9 +319,13 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Annotated[Path | None, typer.Option(help="Run folder (default: newest).")] = None,
-    split: Annotated[str | None, typer.Option(help="train, val or test.")] = None,
-    reports_dir: Annotated[Path | None, typer.Option(help="Where reports go.")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="Run folder (default: evaluate.model, else the newest complete run under "
+             "train.models_dir).")] = None,
+    split: Annotated[str | None, typer.Option(
+        help="train, val or test." + _default("evaluate.split"))] = None,
+    reports_dir: Annotated[Path | None, typer.Option(
+        help="Where reports go." + _default("evaluate.reports_dir"))] = None,
 ) -> None:
     """Compare the agent with historical, static, greedy and random prices (and the oracle).
 
@@ -276,17 +343,19 @@ def evaluate(
 @app.command()
 def recommend(
     horizon: Annotated[int | None, typer.Option(
-        help="Days to price (default: recommend.horizon, 14).")] = None,
+        help="Days to price." + _default("recommend.horizon"))] = None,
     start: Annotated[str | None, typer.Option(
-        help="First day to price, YYYY-MM-DD (default: the day after the data ends).")] = None,
+        help="First day to price, YYYY-MM-DD (default: the day after the data ends; config "
+             "recommend.start).")] = None,
     products: Annotated[str | None, typer.Option(
         help="Products to price: a file (one product_id per line) or comma-separated ids "
              "(default: all).")] = None,
     model: Annotated[Path | None, typer.Option(
-        help="Run folder (default: evaluate.model, else the newest).")] = None,
+        help="Run folder (default: evaluate.model, else the newest complete run under "
+             "train.models_dir).")] = None,
     policy: Annotated[str | None, typer.Option(
-        help="agent, greedy, planner, static or historical (default: recommend.policy, "
-             "agent).")] = None,
+        help="agent, greedy, planner, static or historical."
+            + _default("recommend.policy"))] = None,
 ) -> None:
     """Prices for the days after the data ends, obeying every merchant rule (`rules`).
 
@@ -364,6 +433,11 @@ def pipeline(
             say("done: " + ", ".join(f"{name} {what}" for name, what in outcome))
     finally:
         G.shared_monitor = None
+    if G.output.json:  # after each stage's own line: the whole run, skipped stages included
+        import json
+
+        typer.echo(json.dumps({"stage": "pipeline", "summary": dict(outcome), "failures": [],
+                               "elapsed_s": round(monitor.elapsed, 3)}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,8 +475,51 @@ def config_validate(
 # Entry point: the only place that maps exceptions to exit codes.
 
 
+def _json_error(code: int, kind: str, message: str, hint: str | None) -> None:
+    """With --json, a failure is also one JSON object on stdout (the text stays on stderr)."""
+    if G.output.json:
+        import json
+
+        sys.stdout.write(json.dumps({"error": {"exit_code": code, "kind": kind,
+                                               "message": message, "hint": hint}}) + "\n")
+        sys.stdout.flush()
+
+
+def _global_option_hint(exc: Exception, argv: list[str]) -> str | None:
+    """For a global option given after the subcommand (`pricectl preprocess --preset small`):
+    the same command with it moved before the subcommand."""
+    from typer._click.exceptions import NoSuchOption
+
+    if not isinstance(exc, NoSuchOption) or exc.ctx is None:
+        return None
+    takes_value: dict[str, bool] = {}
+    for param in typer.main.get_command(app).params:
+        for name in [*param.opts, *getattr(param, "secondary_opts", [])]:
+            takes_value[name] = not getattr(param, "is_flag", False)
+    option = exc.option_name
+    if option not in takes_value:
+        return None
+    at = next((i for i, token in enumerate(argv)
+               if token == option or token.startswith(option + "=")), None)
+    subcommand = exc.ctx.info_name
+    if at is None or subcommand not in argv[:at]:
+        return None
+    width = 2 if takes_value[option] and argv[at] == option and at + 1 < len(argv) else 1
+    moved, rest = argv[at:at + width], argv[:at] + argv[at + width:]
+    where = rest.index(subcommand)
+    fixed = " ".join([*rest[:where], *moved, *rest[where:]])
+    return (f"{option} is a global option: it goes before the subcommand, as in "
+            f"`pricectl {fixed}`")
+
+
 def _report(exc: BaseException) -> int:
     row = exit_code_for(exc)
+    if isinstance(exc, PartialFailure):
+        pass  # the stage's own JSON summary, printed already, lists its failures
+    elif isinstance(exc, PricingError):
+        _json_error(row.code, row.label, exc.message, exc.hint)
+    else:
+        _json_error(row.code, row.label, str(exc) or type(exc).__name__, None)
     if G.output.debug:
         traceback.print_exception(exc)
     if isinstance(exc, PricingError):
@@ -453,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     from typer._click.exceptions import ClickException  # typer vendors click
 
+    G.output = OutputOptions()  # until the global options of this command line are read
     try:
         result = app(args=argv, standalone_mode=False)
         code = int(result) if isinstance(result, int) else 0
@@ -462,6 +580,10 @@ def _main(argv: list[str] | None) -> int:
         return _report(_interruption())
     except ClickException as exc:
         exc.show()
+        hint = _global_option_hint(exc, list(sys.argv[1:] if argv is None else argv))
+        if hint:
+            sys.stderr.write(f"  hint: {hint}\n")
+        _json_error(exc.exit_code, "usage error", exc.format_message(), hint)
         return exc.exit_code
     except BrokenPipeError:
         return 0

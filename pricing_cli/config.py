@@ -586,6 +586,9 @@ class RecommendSettings(Section):
     """Which policy sets the prices."""
     output_dir: str = "recommendations"
     """Prices go to <output_dir>/<start date>/."""
+    interval: float = Field(0.9, gt=0, lt=1)
+    """Coverage of profit_low..profit_high (and of the elasticity and profit-change
+    intervals): the central share of the run's demand-ensemble members' predictions."""
 
 
 class PipelineSettings(Section):

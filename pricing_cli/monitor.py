@@ -69,6 +69,10 @@ class MemorySample:
     available: int
     swap_used: int
     swap_total: int
+    # Python's own helper processes (multiprocessing's resource tracker, forkserver): in the
+    # tree, but not counted or summed as workers, so the worker count is the stage's.
+    helpers: int = 0
+    n_helpers: int = 0
 
 
 @dataclass
@@ -182,6 +186,11 @@ def _read_int(path: Path | None) -> int | None:
         return None
 
 
+# Processes Python's multiprocessing starts for itself (found in their command line).
+HELPER_PROCESSES = ("multiprocessing.resource_tracker", "multiprocessing.forkserver",
+                    "multiprocessing.semaphore_tracker")
+
+
 class _TreeReader:
     """Reads the memory of one process and its descendants, cheaply enough to run often.
 
@@ -195,6 +204,7 @@ class _TreeReader:
         self._parent: dict[int, int] = {}
         self._procs: dict[int, psutil.Process] = {}
         self._pss: dict[int, tuple[int, int]] = {}  # pid -> (PSS, RSS at that reading)
+        self._helper: dict[int, bool] = {}  # pid -> is one of HELPER_PROCESSES
         self.worker_hwm: dict[int, int] = {}  # pid -> VmHWM, every worker since reset_hwm
 
     def reset_hwm(self) -> None:
@@ -206,6 +216,7 @@ class _TreeReader:
             del self._parent[gone]
             self._procs.pop(gone, None)
             self._pss.pop(gone, None)
+            self._helper.pop(gone, None)
         for pid in pids - set(self._parent):
             try:
                 self._parent[pid] = psutil.Process(pid).ppid()
@@ -229,6 +240,17 @@ class _TreeReader:
             found.append(proc)
             stack.extend(children_of.get(pid, []))
         return found
+
+    def is_helper(self, proc: psutil.Process) -> bool:
+        """True for multiprocessing's resource tracker or forkserver (asked once per pid)."""
+        known = self._helper.get(proc.pid)
+        if known is None:
+            try:
+                command = " ".join(proc.cmdline())
+            except psutil.Error:
+                command = ""
+            known = self._helper[proc.pid] = any(name in command for name in HELPER_PROCESSES)
+        return known
 
     def memory(self, proc: psutil.Process, full: bool, worker: bool) -> tuple[int, int]:
         """(RSS, PSS estimate) of one process; PSS is read afresh when ``full`` or unseen."""
@@ -258,12 +280,18 @@ def read_memory(proc: psutil.Process | None = None, *, reader: _TreeReader | Non
     reader = reader or _TreeReader(proc or psutil.Process())
     children = reader.descendants()
     rss, own = reader.memory(reader.root, full, worker=False)
-    workers = sum(reader.memory(child, full, worker=True)[1] for child in children)
+    helper = [reader.is_helper(child) for child in children]
+    workers = sum(reader.memory(child, full, worker=True)[1]
+                  for child, h in zip(children, helper, strict=True) if not h)
+    helpers = sum(reader.memory(child, full, worker=False)[1]
+                  for child, h in zip(children, helper, strict=True) if h)
     vm = psutil.virtual_memory()
     sw = psutil.swap_memory()
     return MemorySample(
-        t=time.time(), rss=rss, workers=workers, tree=own + workers, n_workers=len(children),
-        available=int(vm.available), swap_used=int(sw.used), swap_total=int(sw.total),
+        t=time.time(), rss=rss, workers=workers, tree=own + workers + helpers,
+        n_workers=len(children) - sum(helper), available=int(vm.available),
+        swap_used=int(sw.used), swap_total=int(sw.total), helpers=helpers,
+        n_helpers=sum(helper),
     )
 
 
@@ -289,6 +317,25 @@ class KernelPeaks:
     tree_bound: int
     cgroup: int | None
     cgroup_file: str | None
+
+
+# What else lowers a stage's memory, for the --max-memory hint (the options it really has).
+_BUDGET_LEVERS = {
+    "preprocess": "or fewer files per batch and workers (`preprocess --batch-size N "
+                  "--workers N`, or preprocess.batch_max_mb)",
+    "merge": "or the bounded-memory strategy (`merge --strategy sequential`)",
+    "train": "or fewer parallel episodes and smaller updates (train.n_envs, train.n_steps, "
+             "train.batch_size in the config)",
+}
+
+
+def budget_hint(stage: str) -> str:
+    """The hint of a stage stopped by --max-memory: a larger budget, placed where the CLI
+    takes it, or the stage's own ways to need less."""
+    lever = _BUDGET_LEVERS.get(stage)
+    return ("Work done so far is kept; re-run with a larger budget (a global option, before "
+            f"the subcommand: `pricectl --max-memory SIZE {stage}`)"
+            + (f", {lever}" if lever else "") + ".")
 
 
 class MemorySampler:
@@ -363,8 +410,9 @@ class MemorySampler:
         if (self.budget_bytes is not None and not self.budget_tripped
                 and s.tree >= self.budget_bytes * BUDGET_SAFETY):
             self.budget_tripped = True
+            # No "memory budget:" prefix: the exit-code label already says it.
             self.budget_message = (
-                f"memory budget: the process tree reached {format_bytes(s.tree)} of the "
+                f"the process tree reached {format_bytes(s.tree)} of the "
                 f"{format_bytes(self.budget_bytes)} allowed by --max-memory; stopped cleanly")
             # Interrupt the main thread; RunMonitor.__exit__ turns it into MemoryBudgetExceeded.
             _thread.interrupt_main()
@@ -460,6 +508,7 @@ class RunMonitor:
         self.started_wall = datetime.now().astimezone()
         self._bars: dict[str, _Bar] = {}
         self._workers: dict[Any, str] = {}
+        self._file_names: dict[str, str] = {}  # file name -> what the panel shows instead
         self._metrics: dict[str, str] = {}
         self._logs: deque[str] = deque(maxlen=6)
         self._lock = threading.Lock()
@@ -491,7 +540,8 @@ class RunMonitor:
         # The sampler interrupts the main thread when the budget trips; say why, not "Ctrl+C".
         if (self.sampler.budget_tripped and exc_type is not None
                 and issubclass(exc_type, KeyboardInterrupt)):
-            raise MemoryBudgetExceeded(self.sampler.budget_message) from exc
+            raise MemoryBudgetExceeded(self.sampler.budget_message,
+                                       budget_hint(self.stage)) from exc
 
     def begin_stage(self, stage: str, memory_jsonl: Path | None) -> None:
         """Reuse this monitor (and its live panel) for the next stage of a pipeline."""
@@ -499,6 +549,7 @@ class RunMonitor:
             self.stage = stage
             self._bars.clear()
             self._workers.clear()
+            self._file_names = {}
             self._metrics.clear()
             self.started = time.monotonic()
             self.started_wall = datetime.now().astimezone()
@@ -539,8 +590,17 @@ class RunMonitor:
             if total is not None:
                 bar.total = total
 
+    def name_files(self, names: dict[str, str]) -> None:
+        """Show ``names[file]`` (e.g. a product id) where a worker's text starts with a file
+        name (``00010.parquet`` or ``00010.parquet +15 more``)."""
+        with self._lock:
+            self._file_names = dict(names)
+
     def set_worker(self, worker: Any, text: str) -> None:
         with self._lock:
+            head, space, tail = text.partition(" ")
+            if head in self._file_names:
+                text = self._file_names[head] + space + tail
             self._workers[worker] = text
 
     def clear_workers(self) -> None:
@@ -592,12 +652,13 @@ class RunMonitor:
                 f"{format_bytes(now)} of the {format_bytes(budget)} allowed by --max-memory, so "
                 f"{self.stage} stopped before it",
                 f"Give {self.stage} at least {format_bytes((now + nbytes) / BUDGET_SAFETY)} "
-                "with --max-memory; completed work is kept.")
+                f"with --max-memory (a global option: `pricectl --max-memory SIZE "
+                f"{self.stage} ...`); completed work is kept.")
 
     def check_memory(self) -> None:
         """Raise MemoryBudgetExceeded at a safe point if the budget has been reached."""
         if self.sampler.budget_tripped:
-            raise MemoryBudgetExceeded(self.sampler.budget_message)
+            raise MemoryBudgetExceeded(self.sampler.budget_message, budget_hint(self.stage))
 
     @property
     def elapsed(self) -> float:
@@ -630,15 +691,21 @@ class RunMonitor:
         p = self.sampler.peaks
         budget = (f" · budget {format_bytes(self.sampler.budget_bytes)}"
                   if self.sampler.budget_bytes else "")
+        helpers = (f" (+{s.n_helpers} helper{'s' if s.n_helpers > 1 else ''} "
+                   f"{format_bytes(s.helpers)})" if s.n_helpers else "")
         return (f"memory: rss {format_bytes(s.rss)} · workers({s.n_workers}) "
-                f"{format_bytes(s.workers)} · tree {format_bytes(s.tree)} "
+                f"{format_bytes(s.workers)}{helpers} · tree {format_bytes(s.tree)} "
                 f"(peak {format_bytes(p.tree)}) · available {format_bytes(s.available)} · "
                 f"swap {format_bytes(s.swap_used)}/{format_bytes(s.swap_total)}{budget}")
 
     def _bar_text(self, bar: _Bar) -> str:
         rate = bar.completed / max(time.monotonic() - bar.started, 1e-9)
         total = "?" if bar.total is None else str(bar.total)
-        return f"{bar.label} {bar.completed}/{total} ({rate:.1f}/s)"
+        eta = ""
+        if bar.total is not None and 0 < bar.completed < bar.total and rate > 0:
+            # at the rate so far: what is left of this bar
+            eta = f", ETA {format_elapsed((bar.total - bar.completed) / rate)}"
+        return f"{bar.label} {bar.completed}/{total} ({rate:.1f}/s{eta})"
 
     def _render(self) -> Any:
         from rich.console import Group

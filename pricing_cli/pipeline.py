@@ -117,6 +117,14 @@ def stage_key(stage: PipelineStage, settings: Settings) -> str | None:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def key_of(name: str, settings: Settings) -> str | None:
+    """The stage key of the pipeline stage called ``name``; None for a command the pipeline
+    does not run, or while its inputs are missing. Every run of a stage records it, typed
+    alone or in a pipeline, so `pricectl pipeline` skips what a manual run made up to date."""
+    stage = next((s for s in STAGES if s.name == name), None)
+    return None if stage is None else stage_key(stage, settings)
+
+
 def recorded_key(stage: PipelineStage, settings: Settings) -> str | None:
     """The stage key of the run.json beside the stage's outputs; None if there is none or the
     folder is a half-replaced generated market (its run.json is the earlier run's)."""

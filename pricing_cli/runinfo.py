@@ -156,6 +156,11 @@ def execute_stage(stage: str, settings: Settings, options: OutputOptions, fn: St
             result = fn(settings, monitor)
             monitor.check_memory()
         record = run_record(stage, settings, result, monitor, datetime.now().astimezone())
+        from pricing_cli.pipeline import key_of
+
+        key = key_of(stage, settings)
+        if key is not None:  # a manual run counts for `pricectl pipeline` too
+            record["stage_key"] = key
         write_json(run_dir / "run.json", record)
         if result.output_dir is not None and Path(result.output_dir).is_dir():
             write_json(Path(result.output_dir) / "run.json", record)

@@ -104,7 +104,33 @@ def test_recommend_prices_the_days_after_the_data(market: Path,
     assert row["change_pct"] == pytest.approx(
         (row["recommended_price"] / row["current_price"] - 1) * 100, abs=0.1)
     assert set(prices["binding_rule"]) <= {"none", *RULE_ORDER}
-    assert prices["profit_low"].null_count() == prices.height  # no ensemble in the run
+    # profit_low/high: the 5% and 95% quantiles of the ensemble members' expected profit at
+    # the recommended price (recommend.interval 0.9), linear between the 8 members
+    from pricing_cli.agent.ensemble import DemandEnsemble
+
+    ensemble = DemandEnsemble.load("models/r1")
+    assert ensemble is not None and ensemble.size == 8
+    member_units = ensemble.member_units(np.array([index[row["product_id"]]]),
+                                         np.array([np.datetime64(row["date"], "D")]),
+                                         np.array([row["recommended_price"]]))[:, 0]
+    member_profit = np.sort((row["recommended_price"] - cost[row["product_id"]]) * member_units)
+    # by hand: position 0.05 * 7 = 0.35 between the lowest two, 0.95 * 7 = 6.65 between the top two
+    low = member_profit[0] + 0.35 * (member_profit[1] - member_profit[0])
+    high = member_profit[6] + 0.65 * (member_profit[7] - member_profit[6])
+    assert row["profit_low"] == pytest.approx(low, rel=0.01)
+    assert row["profit_high"] == pytest.approx(high, rel=0.01)
+    assert (prices["profit_low"] <= prices["profit_high"]).all()
+    assert prices["profit_low"].null_count() == 0
+    explain = json.loads((folder / "explain.json").read_text())
+    assert explain["interval"]["members"] == 8 and explain["interval"]["level"] == 0.9
+    first = explain["products"][0]
+    assert first["demand_shape"] in ("loglog", "linear", "logit")
+    e_low, e_high = first["elasticity_interval"]
+    assert e_low <= e_high
+    summary = (folder / "summary.md").read_text()
+    change_low, change_high = explain["interval"]["expected_profit_change"]
+    assert (f"90% interval {change_low:+,.2f} to {change_high:+,.2f} over 8 demand refits"
+            in summary)
 
 
 def test_agent_obeys_every_rule_and_explain_names_the_binding_rule(
@@ -222,3 +248,48 @@ def test_closed_weekdays_get_no_recommendation(market: Path,
     weekdays = set(prices["date"].dt.weekday().to_list())  # Monday 1
     assert weekdays == {1, 2, 3, 4, 5}
     assert prices["date"].n_unique() == 10  # 14 days, 2 weekends
+
+
+def test_evaluate_leaves_closed_days_out(market: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(market)
+    Path("closed.yaml").write_text(BASE + "  closed_weekdays: [5, 6]\nevaluate:\n"
+                                   "  reports_dir: reports-closed\n")
+    assert cli.main(["--preset", "tiny", "--config", "closed.yaml", "-q", "evaluate"]) == 0
+    meta = pl.read_parquet("data/processed/meta_test.parquet")
+    weekend = meta.filter(pl.col("date").dt.weekday() >= 6)  # polars: Monday 1
+    assert weekend.height > 0
+    evaluation = json.loads(Path("reports-closed/evaluation.json").read_text())
+    assert evaluation["closed_days"]["product_days_left_out"] == weekend.height
+    assert evaluation["closed_days"]["weekdays"] == [5, 6]
+    assert evaluation["product_days"] == meta.height - weekend.height
+    for policy in ("agent", "greedy", "historical"):
+        prices = pl.read_csv(f"reports-closed/prices_{policy}.csv", try_parse_dates=True)
+        assert prices.height == meta.height - weekend.height
+        assert set(prices["date"].dt.weekday()) <= {1, 2, 3, 4, 5}
+
+
+def test_make_demo_prints_the_table_once_and_names_the_reports_folder(
+        market: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from pricing_cli import demo
+
+    monkeypatch.chdir(market)
+    assert cli.main(["--preset", "tiny", "--config", "base.yaml", "-q", "evaluate"]) == 0
+    old = Path("reports/evaluation.json").stat().st_mtime - 60
+    os.utime("reports/evaluation.json", (old, old))
+    capsys.readouterr()
+    # a second `make demo`: every stage up to date, so evaluate printed nothing this time
+    monkeypatch.setattr(demo.cli, "main", lambda argv: 0)
+    assert demo.main(["--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\npolicy ") == 1 and out.count("VERDICT: ") == 1
+    assert ("reports: reports/ (report.md, evaluation.json, prices_<policy>.csv, plots); "
+            "prices for the days after the data: pricectl --preset tiny recommend") in out
+
+    def evaluated_now(argv: list[str]) -> int:  # evaluate ran and printed its own table
+        Path("reports/evaluation.json").touch()
+        return 0
+
+    monkeypatch.setattr(demo.cli, "main", evaluated_now)
+    assert demo.main(["--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "policy " not in out and "reports: reports/" in out

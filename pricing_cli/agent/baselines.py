@@ -163,11 +163,12 @@ def _check_order(product_index: np.ndarray, date: np.ndarray, source: str) -> No
         )
 
 
-def load_split_meta(processed_dir: str | Path, split: str) -> SplitMeta:
+def load_split_meta(processed_dir: str | Path, split: str, closed: Any = None) -> SplitMeta:
     """Read ``meta_{split}.parquet`` and ``masks_{split}.npz`` into a :class:`SplitMeta`.
 
     The price before day one comes from the last row of each product in the previous split's
-    meta, when that file exists.
+    meta, when that file exists. ``closed`` (``data.closed_days.ClosedDays``): rows on those
+    days are left out, as :func:`env.load_market` leaves them out.
 
     Raises:
         MissingInputError: the processed split does not exist.
@@ -197,6 +198,12 @@ def load_split_meta(processed_dir: str | Path, split: str) -> SplitMeta:
     if level_mask.shape[0] != frame.height:
         raise BatchError(f"{masks_path} has {level_mask.shape[0]} rows but {meta_path} has "
                          f"{frame.height}", "Re-run `pricectl merge` to rebuild the split.")
+    from pricing_cli.data.closed_days import open_rows
+
+    keep = open_rows(date, closed)
+    if keep is not None:
+        frame, level_mask = frame[keep], level_mask[keep]
+        product_index, date = product_index[keep], date[keep]
 
     def floats(name: str) -> np.ndarray:
         return frame[name].cast(pl.Float64).to_numpy()

@@ -161,6 +161,11 @@ class Market:
     # (n, ceil(K/8)) bit-packed levels the merchant rules allow on each row (guardrails.py:
     # min_margin, max_above_competitor); None: no rule.
     rule_bits: np.ndarray | None = None
+    # (n,) each row's row in the processed split (its row of X, labels, masks) when closed
+    # days were left out (load_market's ``closed``); None: row i is split row i.
+    split_rows: np.ndarray | None = None
+    # The closed days left out (data/closed_days.ClosedDays), for readers of the same split.
+    closed: Any = None
 
     def __post_init__(self) -> None:
         if self.change_cost is None:
@@ -302,12 +307,13 @@ class Market:
         self._rows_since_release += len(rows)
         if self._rows_since_release > RELEASE_EVERY_ROWS:
             self.release_pages()
+        source = rows if self.split_rows is None else self.split_rows[rows]
         # Blocks of OBSERVATION_BLOCK rows keep each block's temporaries in cache; take(out=)
         # gathers straight into the observation, with no temporary (x1.25 faster).
         for start in range(0, len(rows), OBSERVATION_BLOCK):
             part = slice(start, start + OBSERVATION_BLOCK)
             block, last = rows[part], last_price[part]
-            np.take(self._rows, block, axis=0, out=features[part, :width])
+            np.take(self._rows, source[part], axis=0, out=features[part, :width])
             features[part, width:-N_ENDOGENOUS] = self.profit_forecast(block, last)
             features[part, -N_ENDOGENOUS:] = self.endogenous(block, last, held[part])
         return {"product_id": self.product_index[rows].astype(np.float32)[:, None],
@@ -347,7 +353,7 @@ def observation_space(n_products: int, n_features: int) -> spaces.Dict:
 
 def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
                 stats: dict[str, Any] | None = None,
-                change_cost: np.ndarray | None = None) -> Market:
+                change_cost: np.ndarray | None = None, closed: Any = None) -> Market:
     """Open one split of ``processed_dir`` for simulation.
 
     Args:
@@ -360,6 +366,9 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
         stats: preprocessing_stats.json content (read if None).
         change_cost: (n_products,) money per price change (None: free; see
             :func:`change_costs`).
+        closed: closed days (``data.closed_days.ClosedDays``) whose rows are left out: the
+            market's rows are the open days (``Market.split_rows`` maps them to the split's
+            rows; the feature matrix stays mapped, not copied). None: every row.
 
     Raises:
         MissingInputError: a processed file is missing.
@@ -388,6 +397,11 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
         raise BatchError(f"{masks_path}: price_level masks have shape {masks.shape}, expected "
                          f"({n}, {K}) from {meta_path} and price_levels",
                          "Re-run `pricectl merge` so the processed files agree.")
+    from pricing_cli.data.closed_days import open_rows
+
+    split_rows = open_rows(meta["date"].to_numpy(), closed)
+    if split_rows is not None:  # closed days left out: the open rows, in order
+        meta, masks, n = meta[split_rows], masks[split_rows], len(split_rows)
     mask_bits = np.packbits(masks.astype(bool), axis=1)
     del masks
 
@@ -422,7 +436,8 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
                              strict=True)),
         n_products=n_products, price_levels=K,
         max_daily_change=float(stats["max_daily_change"]),
-        change_cost=_fit_length(change_cost, n_products), demand=demand)
+        change_cost=_fit_length(change_cost, n_products), demand=demand,
+        split_rows=split_rows, closed=closed if split_rows is not None else None)
 
 
 def change_costs(market: Market, share: float) -> np.ndarray:

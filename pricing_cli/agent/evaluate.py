@@ -403,7 +403,16 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     check_output_dir(ev.reports_dir, "evaluate",
                      [processed_dir, run_dir, Path(settings.train.models_dir)])
     monitor.log(f"evaluating {run_dir} on the {ev.split} split of {processed_dir}")
-    meta = load_split_meta(processed_dir, ev.split)
+    from pricing_cli.data.closed_days import closed_days_of
+
+    # Closed days are left out of every policy's rows (the agent's rollout leaves them out
+    # the same way): no price is set or scored on a day the store is shut.
+    closed = closed_days_of(processed_dir, settings.data)
+    meta = load_split_meta(processed_dir, ev.split, closed)
+    closed_rows = _closed_rows(processed_dir / f"meta_{ev.split}.parquet", meta)
+    if closed_rows:
+        monitor.log(f"{closed_rows:,} product-days on closed days left out of the {ev.split} "
+                    "split")
     stats = read_stats(processed_dir)
     levels = int(stats.get("price_levels", settings.preprocess.price_levels))
     from pricing_cli.agent.guardrails import row_rule_levels
@@ -494,7 +503,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         if ensemble is not None else ({}, None))
     verdict = checks.verdict(held_out, intervals.get("agent"), product_intervals, ev)
     demand_report = demand_model_report(
-        demand, processed_dir / f"meta_{ev.split}.parquet", meta, truth, truth_index)
+        demand, processed_dir / f"meta_{ev.split}.parquet", meta, truth, truth_index, closed)
     if true is not None:
         verdict["ground_truth"] = truth_coverage(
             true["agent"]["uplift_pct"], uplift_true, meta, intervals.get("agent"),
@@ -521,6 +530,10 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         "decision_quantile": (agent.config.get("decision_quantile")
                               if ensemble is not None else None)}
     evaluation["price_change_cost"] = float(agent.config.get("price_change_cost", 0.0))
+    evaluation["closed_days"] = {
+        "product_days_left_out": closed_rows,
+        "weekdays": sorted(closed.weekdays),
+        "dates": len(closed.dates), "found_in_data": closed.found_in_data}
     evaluation["demand_model"] = demand_report
     reports_dir = Path(ev.reports_dir)
     _write_reports(reports_dir, meta, policies, evaluation, uplift_true if uplift_true is not None
@@ -539,6 +552,8 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     if "agent" in intervals:
         summary["agent uplift 90% interval"] = checks.interval_text(intervals["agent"])
     summary["agent violations"] = agent_row["violations"]["total"]
+    if closed_rows:
+        summary["closed product-days left out"] = closed_rows
     if true is not None:
         summary["agent uplift vs historical % (true)"] = agent_row["true"]["uplift_pct"]
         summary["agent share of oracle % (true)"] = agent_row["true"]["share_of_oracle_pct"]
@@ -560,8 +575,15 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     return StageResult("evaluate", reports_dir, inputs=inputs, summary=summary, notes=notes)
 
 
+def _closed_rows(meta_path: Path, meta: SplitMeta) -> int:
+    """How many rows of the split's meta file the closed days left out of ``meta``."""
+    import polars as pl
+
+    return int(pl.scan_parquet(meta_path).select(pl.len()).collect().item()) - meta.n_rows
+
+
 def demand_model_report(demand: Any, meta_path: Path, meta: SplitMeta, truth: Any,
-                        truth_index: np.ndarray | None) -> dict[str, Any]:
+                        truth_index: np.ndarray | None, closed: Any = None) -> dict[str, Any]:
     """The fitted demand model's quality on this split, and against the truth if known.
 
     Returns:
@@ -574,8 +596,13 @@ def demand_model_report(demand: Any, meta_path: Path, meta: SplitMeta, truth: An
     from pricing_cli.stages.merge import read_processed_meta
 
     # Stand-in demand models (tests, custom callers) may only predict units.
-    fit = (demand.fit_report(read_processed_meta(meta_path)) if hasattr(demand, "fit_report")
-           else None)
+    frame = read_processed_meta(meta_path) if hasattr(demand, "fit_report") else None
+    if frame is not None and closed is not None:  # as the checks: open days only
+        from pricing_cli.data.closed_days import open_rows
+
+        keep = open_rows(frame["date"].to_numpy(), closed)
+        frame = frame if keep is None else frame[keep]
+    fit = demand.fit_report(frame) if frame is not None else None
     report: dict[str, Any] = {"fit": fit, "elasticity_vs_truth": None}
     if (truth is None or truth_index is None or meta.n_rows == 0
             or not hasattr(demand, "elasticity")):

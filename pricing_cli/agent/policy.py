@@ -374,7 +374,8 @@ def build_policy(config: dict[str, Any]) -> Any:
 def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
                    deterministic: bool = True, settings: Settings | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """The agent's price for every row of ``meta_{split}.parquet``, in row order.
+    """The agent's price for every row of ``meta_{split}.parquet``, in row order (with
+    ``settings``: every row not on a closed day, ``data.closed_*`` and found in the data).
 
     Each product is simulated day by day over the split: its first day starts from the last
     historical price before the split (the processed mask of its first row), every later day
@@ -391,7 +392,13 @@ def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
 
     from pricing_cli.agent.env import load_market, simulate
 
-    market = load_market(processed_dir, split, agent.demand, change_cost=agent.change_cost)
+    closed = None
+    if settings is not None:  # closed days are left out, as in training and evaluate
+        from pricing_cli.data.closed_days import closed_days_of
+
+        closed = closed_days_of(processed_dir, settings.data)
+    market = load_market(processed_dir, split, agent.demand, change_cost=agent.change_cost,
+                         closed=closed)
     if settings is not None:  # the merchant rules that apply to historical rows
         from pricing_cli.agent.guardrails import market_rule_bits
 

@@ -561,8 +561,12 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
                       }[rec.policy](horizon)
         plan = walk(horizon, choose)
     reference = walk(horizon, historical_policy(horizon)) if rec.policy != "historical" else plan
+    from pricing_cli.agent.ensemble import DemandEnsemble
+
+    spread = ensemble_spread(DemandEnsemble.load(run_dir), horizon, plan, reference,
+                             rec.interval)
     summary = write_recommendations(output_dir, horizon, plan, reference, demand, rec.policy,
-                                    run_dir)
+                                    run_dir, spread)
     monitor.log(f"wrote {output_dir}/prices.csv, explain.json and summary.md")
     inputs = [processed_dir / f"meta_{s}.parquet" for s in SPLITS
               if (processed_dir / f"meta_{s}.parquet").is_file()]
@@ -570,8 +574,74 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
     return StageResult("recommend", output_dir, inputs=inputs, summary=summary)
 
 
+@dataclass
+class Spread:
+    """What the run's demand ensemble says about a plan (see :func:`ensemble_spread`).
+
+    Attributes:
+        members: how many bootstrap refits.
+        level: the interval's coverage (``recommend.interval``).
+        profit_low, profit_high: (H, n) each row's expected profit at the recommended price,
+            the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles over the members.
+        change_low, change_high: the same quantiles of the horizon's total expected profit
+            change (plan minus keeping the current prices), summed over products.
+        elasticity_low, elasticity_high: (n,) the same quantiles of each product's mean
+            elasticity over the horizon.
+    """
+
+    members: int
+    level: float
+    profit_low: np.ndarray
+    profit_high: np.ndarray
+    change_low: float
+    change_high: float
+    elasticity_low: np.ndarray | None
+    elasticity_high: np.ndarray | None
+
+
+def ensemble_spread(ensemble: Any, horizon: Horizon, plan: Plan, reference: Plan,
+                    level: float) -> Spread | None:
+    """Each member of the run's demand ensemble (``train.ensemble_size`` bootstrap refits,
+    agent/ensemble.py) prices the plan's and the reference's prices; the interval is the
+    central ``level`` share of their predictions (quantiles, linear between members). None
+    when the run has no ensemble.
+
+    It says how much the fit moves with the data it was fitted on (resampled weeks); it does
+    not cover a wrong demand shape or demand the history never showed.
+    """
+    if ensemble is None:
+        return None
+    state = horizon.state
+    n = state.n
+
+    def member_profits(plan_: Plan) -> np.ndarray:
+        """(B, H, n) each member's expected profit of the plan's prices."""
+        out = np.empty((ensemble.size, len(horizon.days), n))
+        for d, day in enumerate(horizon.days):
+            units = ensemble.member_units(state.product_index, np.full(n, day),
+                                          plan_.prices[d])
+            out[:, d] = (plan_.prices[d] - state.unit_cost)[None, :] * units
+        return out
+
+    tails = [(1 - level) / 2, (1 + level) / 2]
+    chosen = member_profits(plan)
+    low, high = np.quantile(chosen, tails, axis=0)
+    base = chosen if reference is plan else member_profits(reference)
+    change = chosen.sum(axis=(1, 2)) - base.sum(axis=(1, 2))
+    change_low, change_high = (float(v) for v in np.quantile(change, tails))
+    e_low = e_high = None
+    if all(hasattr(m, "elasticity") for m in ensemble.members):
+        H = len(horizon.days)
+        per_member = np.stack([np.asarray(m.elasticity(
+            np.repeat(state.product_index, H), np.tile(horizon.days, n)),
+            dtype=np.float64).reshape(n, H).mean(axis=1) for m in ensemble.members])
+        e_low, e_high = np.quantile(per_member, tails, axis=0)
+    return Spread(ensemble.size, level, low, high, change_low, change_high, e_low, e_high)
+
+
 def write_recommendations(output_dir: Path, horizon: Horizon, plan: Plan, reference: Plan,
-                          demand: Any, policy: str, run_dir: Path) -> dict[str, Any]:
+                          demand: Any, policy: str, run_dir: Path,
+                          spread: Spread | None = None) -> dict[str, Any]:
     """prices.csv, explain.json and summary.md in a staged folder; returns the summary."""
     import polars as pl
 
@@ -591,8 +661,10 @@ def write_recommendations(output_dir: Path, horizon: Horizon, plan: Plan, refere
         "change_pct": np.round(change_pct.ravel(), 2),
         "expected_units": np.round(units.ravel(), 3),
         "expected_profit": np.round(profit.ravel(), 2),
-        "profit_low": pl.Series([None] * (H * n), dtype=pl.Float64),
-        "profit_high": pl.Series([None] * (H * n), dtype=pl.Float64),
+        "profit_low": (pl.Series([None] * (H * n), dtype=pl.Float64) if spread is None
+                       else np.round(spread.profit_low.ravel(), 2)),
+        "profit_high": (pl.Series([None] * (H * n), dtype=pl.Float64) if spread is None
+                        else np.round(spread.profit_high.ravel(), 2)),
         "binding_rule": pl.Series(plan.binding.ravel().tolist(), dtype=pl.String),
     }).sort("product_id", "date")
     elasticity = (np.asarray(demand.elasticity(np.repeat(state.product_index, H),
@@ -607,9 +679,7 @@ def write_recommendations(output_dir: Path, horizon: Horizon, plan: Plan, refere
     explain: dict[str, Any] = {"policy": policy, "run": str(run_dir),
                                "dates": [str(days[0]), str(days[-1])],
                                "demand_shape": shape,
-                               "interval_note": "the run has no demand ensemble: profit_low, "
-                                                "profit_high and the elasticity interval are "
-                                                "left empty",
+                               "interval": _interval_note(spread),
                                "rule_bound_counts": bound, "products": []}
     for i in range(n):
         first, top = plan.prices[0, i], int(np.argmax(np.abs(plan.prices[:, i] - state.price[i])))
@@ -622,8 +692,13 @@ def write_recommendations(output_dir: Path, horizon: Horizon, plan: Plan, refere
             "current_price": round(float(state.price[i]), 2),
             "first_day_price": round(float(first), 2),
             "largest_move_pct": round(float(change_pct[top, i]), 2),
+            "demand_shape": _product_shape(demand, int(state.product_index[i])),
             "elasticity": None if e is None else round(e, 4),
-            "elasticity_interval": None,
+            "elasticity_interval": (
+                None if spread is None or spread.elasticity_low is None
+                or spread.elasticity_high is None
+                else [round(float(spread.elasticity_low[i]), 4),
+                      round(float(spread.elasticity_high[i]), 4)]),
             "binding_rule": main_rule,
             "binding_days": {r: rules_here.count(r) for r in sorted(set(rules_here))},
             "expected_profit": round(float(profit[:, i].sum()), 2),
@@ -640,13 +715,43 @@ def write_recommendations(output_dir: Path, horizon: Horizon, plan: Plan, refere
                "expected profit": round(total, 2),
                "expected profit at current prices": round(base, 2),
                "expected profit change": round(total - base, 2),
+               **({} if spread is None else {
+                   f"expected profit change {spread.level:.0%} interval":
+                       f"{spread.change_low:+,.2f} to {spread.change_high:+,.2f}"}),
                **{f"rule bound: {k}": v for k, v in bound.items() if v}}
     with staged_dir(output_dir, owner="recommend") as folder:
         frame.write_csv(folder / "prices.csv", float_precision=2)
         write_json(folder / "explain.json", explain)
-        (folder / "summary.md").write_text(_summary_md(summary, state, moves, bound),
+        (folder / "summary.md").write_text(_summary_md(summary, state, moves, bound, spread),
                                            encoding="utf-8")
     return summary
+
+
+def _product_shape(demand: Any, product_index: int) -> str:
+    """The demand shape fitted for one product (demand_shapes.FORMS: loglog, linear or
+    logit; loglog for a model fitted before shapes were chosen per product)."""
+    from pricing_cli.agent.demand_shapes import FORMS
+
+    forms = getattr(demand, "product_form", None)
+    if forms is None or product_index >= len(forms):
+        return FORMS[0]
+    return FORMS[int(forms[product_index])]
+
+
+def _interval_note(spread: Spread | None) -> dict[str, Any]:
+    """explain.json's account of profit_low/profit_high and the elasticity interval."""
+    if spread is None:
+        return {"members": 0, "level": None,
+                "note": "the run has no demand ensemble (train.ensemble_size below 2): "
+                        "profit_low, profit_high and the elasticity interval are left empty"}
+    return {"members": spread.members, "level": spread.level,
+            "expected_profit_change": [round(spread.change_low, 2),
+                                       round(spread.change_high, 2)],
+            "note": f"profit_low/profit_high: the {(1 - spread.level) / 2:.0%} and "
+                    f"{(1 + spread.level) / 2:.0%} quantiles of the expected profit at the "
+                    f"recommended price over the {spread.members} bootstrap refits of the "
+                    "demand model; they show how much the fit moves with the data it saw, "
+                    "not whether its demand shape is right"}
 
 
 def _reason(current: float, prices: np.ndarray, elasticity: float | None, cost: float,
@@ -667,8 +772,11 @@ def _reason(current: float, prices: np.ndarray, elasticity: float | None, cost: 
 
 
 def _summary_md(summary: dict[str, Any], state: ProductState, moves: np.ndarray,
-                bound: dict[str, int]) -> str:
+                bound: dict[str, int], spread: Spread | None = None) -> str:
     order = np.argsort(-np.abs(moves))[:5]
+    interval = ("no interval: the run has no demand ensemble" if spread is None else
+                f"{spread.level:.0%} interval {spread.change_low:+,.2f} to "
+                f"{spread.change_high:+,.2f} over {spread.members} demand refits")
     lines = [f"# Recommended prices {summary['first day']} to {summary['last day']}", "",
              f"Policy **{summary['policy']}**, {summary['products']} products, "
              f"{summary['days']} open days.", "",
@@ -676,8 +784,8 @@ def _summary_md(summary: dict[str, Any], state: ProductState, moves: np.ndarray,
              f"{summary['products unchanged']} unchanged (last day vs current price).",
              f"- Expected profit {summary['expected profit']:,.2f} vs "
              f"{summary['expected profit at current prices']:,.2f} at current prices "
-             f"({summary['expected profit change']:+,.2f}); no interval: the run has no demand "
-             "ensemble.", "", "Largest moves:", "",
+             f"({summary['expected profit change']:+,.2f}; {interval}).", "",
+             "Largest moves:", "",
              "| product | current | last day | change |", "|---|---:|---:|---:|"]
     for i in order:
         lines.append(f"| {state.product_id[i]} | {state.price[i]:.2f} | "

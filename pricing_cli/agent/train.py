@@ -107,6 +107,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 
     cfg = settings.train
     started = time.monotonic()
+    device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
     processed_dir = Path(settings.merge.output_dir)
     stats = read_stats(processed_dir)
@@ -157,7 +158,8 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     del meta_train
 
     # 2. Markets and env.
-    train_market = load_market(processed_dir, "train", decision, stats)
+    # Closed days are not decision days: the env leaves their rows out, as the fit does.
+    train_market = load_market(processed_dir, "train", decision, stats, closed=closed)
     from pricing_cli.agent.guardrails import market_rule_bits
 
     train_market.rule_bits = market_rule_bits(settings, train_market)  # merchant rules
@@ -165,7 +167,8 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     if cfg.price_change_cost > 0:
         change_cost = change_costs(train_market, cfg.price_change_cost)
         train_market = dataclasses.replace(train_market, change_cost=change_cost)
-    val_market = load_market(processed_dir, "val", decision, stats, change_cost=change_cost)
+    val_market = load_market(processed_dir, "val", decision, stats, change_cost=change_cost,
+                             closed=closed)
     val_market.rule_bits = market_rule_bits(settings, val_market)
     if trust_region is not None:
         train_market = dataclasses.replace(train_market, trust_region=trust_region)
@@ -191,7 +194,8 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         "decision_quantile": None if ensemble is None else cfg.decision_quantile,
         "trust_region": cfg.trust_region,
     }
-    model = _build_model(settings, env, agent_config, work_dir)
+    model = _build_model(settings, env, agent_config, work_dir, device)
+    monitor.log(f"training on {model.device}")
     state = _load_state(work_dir) if checkpoint is not None else _fresh_state()
     if checkpoint is not None:
         model.set_parameters(str(checkpoint), exact_match=True, device=model.device)
@@ -270,6 +274,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         "run_id": run_id, "algo": cfg.algo, "timesteps": int(model.num_timesteps),
         "resumed_from": None if checkpoint is None else str(checkpoint),
         "products_trained": "all" if product is None else product,
+        "device": str(model.device),
         "rl_seconds": round(rl_seconds, 3), "fps": round(fps, 1),
         "rl_eval_seconds": round(rl_eval_seconds, 3),
         "fps_without_eval": round(fps_without_eval, 1),
@@ -309,8 +314,31 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
 # The model
 
 
-def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], work_dir: Path
-                 ) -> Any:
+def resolve_device(wanted: str) -> str:
+    """The torch device train runs on: ``cuda`` only where torch sees a CUDA device, ``auto``
+    picks it when there is one. Asking for cuda without one is an error, not a silent
+    fallback to the CPU (which run.json would still record as cuda).
+
+    Raises:
+        ConfigError: ``cuda`` asked for and torch sees none.
+    """
+    import torch
+
+    available = bool(torch.cuda.is_available())
+    if wanted == "cuda" and not available:
+        build = ("a CPU-only build" if torch.version.cuda is None
+                 else f"built for CUDA {torch.version.cuda}, but no GPU is visible")
+        raise ConfigError(f"train.device is cuda, but torch {torch.__version__} sees no CUDA "
+                          f"device ({build})",
+                          "Train with --device cpu, or --device auto (CUDA when there is "
+                          "one, else the CPU).")
+    if wanted == "auto":
+        return "cuda" if available else "cpu"
+    return wanted
+
+
+def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], work_dir: Path,
+                 device: str | None = None) -> Any:
     """MaskablePPO (or PPO) with the multi-input policy and the product-embedding extractor."""
     from pricing_cli.agent.policy import policy_class, policy_kwargs
 
@@ -326,7 +354,7 @@ def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], wor
         # A minibatch larger than the rollout would be truncated by SB3 with a warning.
         batch_size=min(cfg.batch_size, rollout), n_epochs=cfg.n_epochs, gamma=cfg.gamma,
         ent_coef=cfg.ent_coef, policy_kwargs=policy_kwargs(agent_config), seed=cfg.seed,
-        device=cfg.device,
+        device=device or resolve_device(cfg.device),
         tensorboard_log=str(work_dir / "tensorboard") if cfg.tensorboard else None, verbose=0)
 
 
@@ -548,6 +576,8 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
     elif teacher == "bc":
         labels = read_processed_member(processed_file(processed_dir, "labels_train.npz"),
                                        "price_level").astype(np.int64)
+        if market.split_rows is not None:  # closed days left out of the market
+            labels = labels[market.split_rows]
         usable = labels >= 0
 
     def allowed_levels(rows: np.ndarray) -> np.ndarray:
@@ -627,7 +657,7 @@ def planner_path(market: Market, processed_dir: Path, demand: Any
     from pricing_cli.agent.env import _held_days
     from pricing_cli.pricing import nearest_level
 
-    meta = load_split_meta(processed_dir, market.split)
+    meta = load_split_meta(processed_dir, market.split, market.closed)
     prices = planned_prices(meta, demand, market.price_levels, market.max_daily_change,
                             market.change_cost)
     first = np.zeros(market.n_rows, dtype=bool)

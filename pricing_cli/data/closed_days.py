@@ -3,7 +3,11 @@ holidays), found from the processed data or set in config (``data.closed_weekday
 ``data.closed_dates``).
 
 They are left out of the demand fit (a closed Saturday is not a day on which the price drove
-demand to zero) and of recommendations (no price is needed on a day the store is shut).
+demand to zero), of recommendations (no price is needed on a day the store is shut), of the
+env's rows (training, evaluate's agent rollout: :func:`env.load_market` with ``closed``) and
+of evaluate's rows (every policy and the held-out checks: :func:`baselines.load_split_meta`
+with ``closed``). A row left out is simply not there: the price of the last open day carries
+over the closed ones, and no policy is scored or counted on them.
 """
 
 from __future__ import annotations
@@ -70,10 +74,30 @@ def closed_days_of(processed_dir: str | Path, data: DataSettings) -> ClosedDays:
     """:func:`find_closed_days` over every processed split's meta (all that exist)."""
     import polars as pl
 
-    frames = [pl.read_parquet(Path(processed_dir) / f"meta_{split}.parquet",
-                              columns=["date", "units"])
-              for split in SPLITS if (Path(processed_dir) / f"meta_{split}.parquet").is_file()]
+    from pricing_cli.stages.merge import read_processed_meta
+
+    frames = []
+    for split in SPLITS:
+        path = Path(processed_dir) / f"meta_{split}.parquet"
+        if not path.is_file():
+            continue
+        try:
+            columns = set(pl.read_parquet_schema(path))
+        except (pl.exceptions.PolarsError, OSError):
+            columns = {"date", "units"}  # unreadable: read_processed_meta says so (BatchError)
+        # (a meta file without units, e.g. a hand-made earlier split, says nothing of sales)
+        if {"date", "units"} <= columns:
+            frames.append(read_processed_meta(path, ["date", "units"]))
     if not frames:
         return find_closed_days(np.zeros(0, dtype="datetime64[D]"), np.zeros(0), data)
     meta = pl.concat(frames)
     return find_closed_days(meta["date"].to_numpy(), meta["units"].to_numpy(), data)
+
+
+def open_rows(dates: np.ndarray, closed: ClosedDays | None) -> np.ndarray | None:
+    """Indices of the rows whose date is not a closed day; None when none is closed (or no
+    closed days are known), so callers keep every row without copying."""
+    if closed is None:
+        return None
+    shut = closed.is_closed(np.asarray(dates))
+    return np.flatnonzero(~shut) if shut.any() else None

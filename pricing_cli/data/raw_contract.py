@@ -20,6 +20,7 @@ Polars is imported inside the functions: this module sits under the CLI's import
 from __future__ import annotations
 
 import glob
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -513,6 +514,38 @@ def _date_problem(raw: Any, parsed: Any) -> str | None:
     return None
 
 
+# A date written day/month/year or month/day/year (13/01/2024, 1.12.2009 07:45): not ISO.
+_NUMERIC_DATE = re.compile(r"^\s*(\d{1,2})([/.\-])(\d{1,2})\2(\d{4}|\d{2})"
+                           r"(?:[ T](\d{1,2}:\d{2})(:\d{2})?)?\s*$")
+
+
+def date_format_hint(raw_dates: Iterable[Any], date_format: str | None) -> str | None:
+    """The hint for bad rows whose dates are numeric but not ISO (day or month first): the
+    ``data.date_format`` that reads them, instead of raising ``data.max_bad_fraction``.
+    None when no such date is among ``raw_dates``."""
+    for raw in raw_dates:
+        match = _NUMERIC_DATE.match(str(raw)) if raw is not None else None
+        if match is None:
+            continue
+        first, sep, second, year, clock, seconds = match.groups()
+        tail = ("%y" if len(year) == 2 else "%Y") + (
+            "" if clock is None else " %H:%M" + (":%S" if seconds else ""))
+        day_first, month_first = f"%d{sep}%m{sep}{tail}", f"%m{sep}%d{sep}{tail}"
+        if date_format is not None:
+            return (f"Dates such as {raw!r} do not match data.date_format {date_format!r}: "
+                    f"set it to {day_first!r} (day first) or {month_first!r} (month first); "
+                    "see docs/data-format.md.")
+        if int(first) > 12:
+            choice = f"{day_first!r} (day first)"
+        elif int(second) > 12:
+            choice = f"{month_first!r} (month first)"
+        else:
+            choice = f"{day_first!r} (day first) or {month_first!r} (month first)"
+        return (f"Dates such as {raw!r} are not ISO (YYYY-MM-DD): set data.date_format in your "
+                f"config to {choice}; see docs/data-format.md.")
+    return None
+
+
 def bad_row_reason(row: dict[str, Any], catalog_name: str) -> str:
     """Why one flagged row is bad, in words, from its parsed and raw values."""
     raw = {key: row[f"_raw_{key}"] for key in REQUIRED_TRANSACTION_COLUMNS}
@@ -584,8 +617,10 @@ def read_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
             f"{path}: {bad_rows:,} of {rows:,} rows ({report.bad_fraction:.2%}) are bad, more "
             f"than data.max_bad_fraction = {data.max_bad_fraction:.2%}; first: "
             + "; ".join(report.examples),
-            "Fix those rows (see docs/data-format.md), or raise data.max_bad_fraction to skip "
-            "them.")
+            date_format_hint((row["_raw_date"] for row in examples_found if row["date"] is None),
+                             data.date_format)
+            or "Fix those rows (see docs/data-format.md), or raise data.max_bad_fraction to "
+               "skip them.")
     return sums, report
 
 
@@ -714,8 +749,10 @@ def read_stock(path: str | Path, data: DataSettings) -> tuple[pl.DataFrame, File
             f"{path}: {bad.height:,} of {parsed.height:,} rows ({report.bad_fraction:.2%}) are "
             f"bad, more than data.max_bad_fraction = {data.max_bad_fraction:.2%}; first: "
             + "; ".join(report.examples),
-            "Fix those rows (see docs/data-format.md, \"Stock\"), or raise "
-            "data.max_bad_fraction to skip them.")
+            date_format_hint((row["_raw_date"] for row in examples if row["date"] is None),
+                             data.date_format)
+            or "Fix those rows (see docs/data-format.md, \"Stock\"), or raise "
+               "data.max_bad_fraction to skip them.")
     stock = (parsed.filter(~pl.col("_bad")).select("product_id", "date", "on_hand")
              .sort("product_id", "date"))
     return stock, report

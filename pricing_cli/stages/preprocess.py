@@ -683,6 +683,10 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
     names, spans = feature_layout(params)
     fm_sha = sha256_file(fm_path)
     fingerprint = content_fingerprint(settings, fm_sha)
+    # The panel names each worker's product, not its index file (00010.parquet).
+    monitor.name_files({Path(str(p["file"])).name: str(p["product_id"])
+                        for p in feature_manifest.get("products", [])
+                        if isinstance(p, dict) and "file" in p and "product_id" in p})
 
     output_dir = Path(cfg.output_dir)
     # Batches are added and stale ones deleted in place: only in a folder preprocess made.
