@@ -74,6 +74,9 @@ REGULAR_WINDOW = 14
 REGULAR_SHARE = 0.5
 PROMO_MIN_RUN = 4
 REACTIVE_WEIGHT = 0.02
+# Bounds of a day's elasticity relative to the product's typical one, as other shapes than
+# loglog apply it (DemandModel.calendar_scale).
+CALENDAR_SCALE_BOUNDS = (0.5, 2.0)
 ETA_MAX = 30.0  # exp overflow guard during line searches
 REQUIRED_COLUMNS = ("product_index", "date", "price", "units")
 YEAR_DAYS = 365.25
@@ -379,20 +382,35 @@ class DemandModel:
             return np.zeros(np.shape(product_index), dtype=np.int8)
         return self.product_form[product_index]
 
+    def calendar_scale(self, product_index: np.ndarray, dates: np.ndarray) -> np.ndarray:
+        """The day's elasticity relative to the product's typical one (season, weekend and
+        events; 1 on a typical day), clipped to CALENDAR_SCALE_BOUNDS. A shape other than
+        loglog takes it as a stretch of its price axis around the reference, r -> 1 + k(r − 1),
+        which scales its elasticity at the reference by k, so every shape follows the calendar
+        the same way."""
+        product_index = np.asarray(product_index, dtype=np.int64)
+        elasticity = self.log_base_and_elasticity(product_index, dates)[1]
+        typical = self.product_parameters()[product_index, 3]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(typical > 0.1, elasticity / typical, 1.0)
+        return np.clip(scale, *CALENDAR_SCALE_BOUNDS)
+
     def elasticity(self, product_index: np.ndarray, dates: np.ndarray, *,
                    form: str | None = None) -> np.ndarray:
         """Price elasticity (positive: demand falls as price rises) per row, at the product's
-        reference price (loglog: the same at every price; it moves with the calendar)."""
+        reference price (loglog: the same at every price; every shape moves with the
+        calendar)."""
         product_index = np.asarray(product_index, dtype=np.int64)
         elasticity = self.log_base_and_elasticity(product_index, dates)[1]
         forms = np.broadcast_to(self._forms_of(product_index, form), elasticity.shape)
         if (forms > 0).any():
             elasticity = elasticity.copy()
             pi = np.broadcast_to(product_index, elasticity.shape)
+            scale = np.broadcast_to(self.calendar_scale(product_index, dates), elasticity.shape)
             assert self.shape_params is not None
             for code in np.unique(forms[forms > 0]).tolist():
                 sel = forms == code
-                elasticity[sel] = shapes_module.elasticity_at_reference(
+                elasticity[sel] = scale[sel] * shapes_module.elasticity_at_reference(
                     FORMS[code], self.shape_params[pi[sel], code])
         return elasticity
 
@@ -418,11 +436,12 @@ class DemandModel:
             assert self.shape_params is not None
             pi = np.broadcast_to(product_index, units.shape)
             base = np.broadcast_to(log_base, units.shape)
-            rel = np.broadcast_to(rel, units.shape)
+            stretched = 1.0 + np.broadcast_to(self.calendar_scale(product_index, dates),
+                                              units.shape) * (rel - 1.0)
             for code in np.unique(forms[forms > 0]).tolist():
                 sel = forms == code
-                multiplier, _ = shapes_module.response(FORMS[code],
-                                                       self.shape_params[pi[sel], code], rel[sel])
+                multiplier, _ = shapes_module.response(
+                    FORMS[code], self.shape_params[pi[sel], code], stretched[sel])
                 units[sel] = np.exp(np.minimum(base[sel], ETA_MAX)) * multiplier
         return units
 
@@ -783,8 +802,10 @@ def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarr
               and (chosen is None or (chosen == FORMS.index(f)).any())]
     if wanted:
         log_base = model.log_base_and_elasticity(rows.product, rows.dates)[0] + control_term
+        r = rows.price / reference[rows.product]
+        stretched = 1.0 + model.calendar_scale(rows.product, rows.dates) * (r - 1.0)
         shape_rows = shapes_module.ShapeRows(
-            product=rows.product, r=rows.price / reference[rows.product], log_base=log_base,
+            product=rows.product, r=stretched, log_base=log_base,
             units=rows.units, product_category=product_category, weight=rows.weight)
         elasticity = model.product_parameters()[:, 3]
         for form in wanted:
