@@ -68,10 +68,16 @@ ZERO_AFTER_MEAN = 3.0
 CONTROL_ROUNDS = 1
 # Prices that may have reacted to the day's demand (reactive_price_weights): the regular price
 # is the rolling median of a product's prices over REGULAR_WINDOW days either side; a product
-# qualifies when it sits at that price on REGULAR_SHARE of its days or more; a day off it
-# keeps its full weight only as a cut held PROMO_MIN_RUN days or more, else REACTIVE_WEIGHT.
+# qualifies when it has REACTIVE_MIN_DAYS train days or more, sits at that price on
+# REGULAR_SHARE of them or more and SHORT_SHARE of its days off it or more are in spells
+# shorter than PROMO_MIN_RUN days (3-day promotions and the edges of list-price changes made
+# up to 0.27 of them on the generator's markets without reactions, 0.49-0.63 with); a day
+# off it keeps
+# its full weight only as a cut held PROMO_MIN_RUN days or more, else REACTIVE_WEIGHT.
 REGULAR_WINDOW = 14
 REGULAR_SHARE = 0.5
+SHORT_SHARE = 0.4
+REACTIVE_MIN_DAYS = 120
 PROMO_MIN_RUN = 4
 REACTIVE_WEIGHT = 0.02
 # Bounds of a day's elasticity relative to the product's typical one, as other shapes than
@@ -701,7 +707,11 @@ def reactive_price_weights(product: np.ndarray, dates: np.ndarray, price: np.nda
     held on REGULAR_SHARE of its days or more: a day at the regular price and a cut below it
     that holds PROMO_MIN_RUN consecutive days or more keep their weight; a shorter cut and a
     price above the regular one (not yet the regular price itself) get REACTIVE_WEIGHT.
-    Products that change price most days have no regular price and keep every day.
+    Only products whose days off the regular price come in short spells (SHORT_SHARE of them
+    or more; REACTIVE_MIN_DAYS of history or more to judge), the mark of a pricer reacting
+    day by day, are treated so: a product that changes
+    price most days has no regular price, and one whose price moves in steps that hold for
+    days (planned promotions, a price ladder) keeps every day.
 
     Returns:
         (weight per row, counts for the fit's info).
@@ -720,16 +730,22 @@ def reactive_price_weights(product: np.ndarray, dates: np.ndarray, price: np.nda
                ["x"].to_numpy())
     at_regular = np.abs(x - regular) < 0.005
     n_products = int(p.max()) + 1
-    share = (np.bincount(p, at_regular.astype(np.float64), n_products)
-             / np.maximum(np.bincount(p, minlength=n_products), 1))
     new_run = np.ones(n, dtype=bool)
     new_run[1:] = (p[1:] != p[:-1]) | (day[1:] - day[:-1] != 1) | (np.abs(x[1:] - x[:-1]) > 0.005)
     run_id = np.cumsum(new_run) - 1
     run_length = np.bincount(run_id)[run_id]
+    off = ~at_regular
+    short = off & (run_length < PROMO_MIN_RUN)
+    share = (np.bincount(p, at_regular.astype(np.float64), n_products)
+             / np.maximum(np.bincount(p, minlength=n_products), 1))
+    short_share = (np.bincount(p, short.astype(np.float64), n_products)
+                   / np.maximum(np.bincount(p, off.astype(np.float64), n_products), 1))
+    reactive = ((share >= REGULAR_SHARE) & (short_share >= SHORT_SHARE)
+                & (np.bincount(p, minlength=n_products) >= REACTIVE_MIN_DAYS))
     planned_cut = (x < regular) & (run_length >= PROMO_MIN_RUN)
-    suspect = (share[p] >= REGULAR_SHARE) & ~at_regular & ~planned_cut
+    suspect = reactive[p] & off & ~planned_cut
     weight[order[suspect]] = REACTIVE_WEIGHT
-    return weight, {"products": int((share >= REGULAR_SHARE).sum()),
+    return weight, {"products": int(reactive.sum()),
                     "rows_down_weighted": int(suspect.sum()), "weight": REACTIVE_WEIGHT}
 
 
