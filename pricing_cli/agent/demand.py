@@ -323,7 +323,7 @@ class DemandModel:
                 **({"reactive_prices": reactive_info} if reactive_info else {}),
                 "calendar": {
                     "year_harmonics": int(calendar["year_harmonics"]),
-                    "event_rows": {name: int(column.sum()) for name, column in zip(
+                    "event_rows": {name: int((column > 0).sum()) for name, column in zip(
                         calendar["events"], event_indicators(dates, calendar["events"]).T,
                         strict=True)},
                     "event_elasticity": dict(zip(calendar["events"],
