@@ -118,3 +118,17 @@ def test_the_holiday_ramp_in_the_elasticity_is_recovered(tmp_path: Path) -> None
     rise = float((dec20 - oct20).mean())
     assert rise == pytest.approx(0.35 * (50 / 53) * float(truth.elasticity.mean()), abs=0.3)
     assert float((nov15 - oct20).mean()) > 0.2  # the ramp has started by mid-November
+
+
+def test_a_resample_that_repeats_a_week_is_judged_like_the_original() -> None:
+    """Days given twice (a bootstrap draws a week twice) get the weight of the day itself."""
+    price = np.full(200, 10.0)
+    price[3::5] = 8.0
+    price[100:105] = 7.5
+    dates = np.datetime64("2024-01-01") + np.arange(200)
+    once, _ = reactive_price_weights(np.zeros(200, dtype=np.int64), dates, price)
+    twice = np.sort(np.concatenate([np.arange(200), np.arange(98, 112)]))
+    weight, info = reactive_price_weights(np.zeros(len(twice), dtype=np.int64), dates[twice],
+                                          price[twice])
+    assert weight.tolist() == once[twice].tolist()
+    assert info["rows_down_weighted"] == int((once[twice] < 1).sum())

@@ -718,10 +718,20 @@ def reactive_price_weights(product: np.ndarray, dates: np.ndarray, price: np.nda
     """
     import polars as pl
 
+    if len(price) == 0:
+        return np.ones(0), {"products": 0, "rows_down_weighted": 0}
+    # A bootstrap resample repeats whole weeks: judge each product-day once.
+    day_number = dates.astype("datetime64[D]").astype(np.int64)
+    key = product.astype(np.int64) * (int(np.ptp(day_number)) + 1) + (day_number
+                                                                      - day_number.min())
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    if len(first) < len(price):
+        unique_weight, info = reactive_price_weights(product[first], dates[first], price[first])
+        return unique_weight[inverse], {**info,
+                                        "rows_down_weighted": int((unique_weight[inverse]
+                                                                   < 1).sum())}
     n = len(price)
     weight = np.ones(n)
-    if n == 0:
-        return weight, {"products": 0, "rows_down_weighted": 0}
     order = np.lexsort((dates, product))
     p, day, x = product[order], dates[order].astype(np.int64), np.round(price[order], 2)
     regular = (pl.DataFrame({"p": p, "x": x})
