@@ -395,11 +395,14 @@ class TrainSettings(Section):
     """Share of each product's last train days held out to choose its demand shape (the
     shapes are then refitted on all train days). The val and test splits are never used."""
     demand_events: dict[str, list[str]] = {"black_friday_week": ["11-22", "11-30"],
-                                           "december_run_up": ["12-01", "12-24"]}
-    """Calendar event windows of the demand model, name: [first MM-DD, last MM-DD]
-    (inclusive, every year; a window may wrap past New Year). Inside each window demand
-    gets its own level shift and (with demand_event_elasticity) its own elasticity shift. {}:
-    no events. The default is the retail Black Friday week and the December run-up."""
+                                           "christmas_run_up": ["11-01", "12-24", "ramp"]}
+    """Calendar event windows of the demand model, name: [first MM-DD, last MM-DD] or
+    [first, last, "ramp"] (inclusive, every year; a window may wrap past New Year). Inside
+    each window demand gets its own level shift and (with demand_event_elasticity) its own
+    elasticity shift: the full shift on every day of a plain ("flat") window; a "ramp" window
+    grows linearly from 0 on its first day to the full shift on its last (a season that
+    builds up). {}: no events. The default is the retail Black Friday week and the Christmas
+    shopping season building from November 1 to Christmas Eve."""
     demand_event_elasticity: bool = True
     """Let the elasticity shift inside each event window (shoppers compare prices more in
     sales seasons). Off: events move the level only."""
@@ -413,6 +416,17 @@ class TrainSettings(Section):
     days (past only) enter a second fit as controls, so a price that followed demand the
     pricer saw does not bias the elasticity. They are 0 (a typical day) when predicting.
     0: off."""
+    demand_control_leads: int = Field(2, ge=0)
+    """The control function also takes the demand surprises and log relative prices of the
+    next N days (the history is fitted after the fact): a demand shock that lasts a few days
+    shows on both sides of the day a pricer reacted to it, so the two sides together measure
+    it better than the past alone. 0: past days only."""
+    demand_reactive_prices: bool = True
+    """Down-weight price moves that may have reacted to that day's demand (docs/agent.md,
+    "Prices that react to demand"): for a product that sits at a regular price (the rolling
+    median of its prices) on most days, a day off it counts in the fit only as a cut that
+    holds for several days (a planned promotion); a short cut or a price above the regular
+    one gets a small weight. Off: every day counts fully."""
 
     demand_cross_price: bool = True
     """Cross-price effect: the category's price index (the mean log price of the product's
@@ -428,9 +442,11 @@ class TrainSettings(Section):
     @classmethod
     def _event_windows(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         for name, window in value.items():
-            if len(window) != 2:
-                raise ValueError(f"event {name!r} needs [first MM-DD, last MM-DD]")
-            for day in window:
+            if len(window) not in (2, 3) or (len(window) == 3
+                                             and window[2] not in ("flat", "ramp")):
+                raise ValueError(f"event {name!r} needs [first MM-DD, last MM-DD] or "
+                                 "[first, last, \"ramp\"]")
+            for day in window[:2]:
                 try:
                     date.fromisoformat(f"2000-{day}")
                 except ValueError:

@@ -34,7 +34,8 @@ def settings(**train: object) -> object:
 # cross-price term, every day at full weight.
 BASE_ONLY: dict[str, object] = {"demand_forms": ["loglog"], "demand_events": {},
                                 "demand_year_harmonics": 0, "demand_control_lags": 0,
-                                "demand_cross_price": False, "demand_detect_capped": False}
+                                "demand_cross_price": False, "demand_detect_capped": False,
+                                "demand_control_leads": 0, "demand_reactive_prices": False}
 
 
 def mean_elasticity_by_product(model: DemandModel, meta: pl.DataFrame) -> np.ndarray:
@@ -256,9 +257,10 @@ def test_an_event_window_shift_in_level_and_elasticity_is_recovered() -> None:
                                  event=("11-22", "11-30"), event_level=0.5, event_elasticity=1.0)
     model = DemandModel.fit(meta, settings(demand_forms=["loglog"]))
     calendar = model.info["calendar"]
-    assert calendar["event_rows"] == {"black_friday_week": 12 * 9, "december_run_up": 12 * 24}
+    # The Christmas ramp is 0 on Nov 1, so its rows are Nov 2 - Dec 24.
+    assert calendar["event_rows"] == {"black_friday_week": 12 * 9, "christmas_run_up": 12 * 53}
     assert calendar["event_elasticity"]["black_friday_week"] == pytest.approx(1.0, abs=0.1)
-    assert abs(calendar["event_elasticity"]["december_run_up"]) < 0.1
+    assert abs(calendar["event_elasticity"]["christmas_run_up"]) < 0.1
     assert model.level_effects.tolist() == pytest.approx([0.5, 0.0], abs=0.1)
     products = np.arange(12)
     inside = model.elasticity(products, np.full(12, np.datetime64("2023-11-24")))
@@ -280,7 +282,8 @@ def test_the_control_function_removes_most_of_the_bias_of_reactive_prices() -> N
     meta, truth = synthetic_meta("loglog", seed=2, n_days=300, base_units=(80.0, 200.0),
                                  shock_rho=0.8, shock_sd=0.25, price_reaction=1.0)
     products, monday = np.arange(12), np.full(12, MONDAY)
-    naive = DemandModel.fit(meta, settings(demand_forms=["loglog"], demand_control_lags=0))
+    naive = DemandModel.fit(meta, settings(demand_forms=["loglog"], demand_control_lags=0,
+                                           demand_control_leads=0))
     ratio = naive.elasticity(products, monday) / truth["slope"]
     assert ratio.mean() < 0.8
     controlled = DemandModel.fit(meta, settings(demand_forms=["loglog"], demand_control_lags=2))

@@ -66,6 +66,23 @@ ZERO_AFTER_MEAN = 3.0
 # the lagged prices; with the prices one round settles: a second moved the tests' confounded
 # elasticity by under 1%).
 CONTROL_ROUNDS = 1
+# Prices that may have reacted to the day's demand (reactive_price_weights): the regular price
+# is the rolling median of a product's prices over REGULAR_WINDOW days either side; a product
+# qualifies when it has REACTIVE_MIN_DAYS train days or more, sits at that price on
+# REGULAR_SHARE of them or more and SHORT_SHARE of its days off it or more are in spells
+# shorter than PROMO_MIN_RUN days (3-day promotions and the edges of list-price changes made
+# up to 0.27 of them on the generator's markets without reactions, 0.49-0.63 with); a day
+# off it keeps
+# its full weight only as a cut held PROMO_MIN_RUN days or more, else REACTIVE_WEIGHT.
+REGULAR_WINDOW = 14
+REGULAR_SHARE = 0.5
+SHORT_SHARE = 0.4
+REACTIVE_MIN_DAYS = 120
+PROMO_MIN_RUN = 4
+REACTIVE_WEIGHT = 0.02
+# Bounds of a day's elasticity relative to the product's typical one, as other shapes than
+# loglog apply it (DemandModel.calendar_scale).
+CALENDAR_SCALE_BOUNDS = (0.5, 2.0)
 ETA_MAX = 30.0  # exp overflow guard during line searches
 REQUIRED_COLUMNS = ("product_index", "date", "price", "units")
 YEAR_DAYS = 365.25
@@ -88,18 +105,38 @@ def calendar_terms(dates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def event_indicators(dates: np.ndarray, events: dict[str, list[str]]) -> np.ndarray:
-    """(..., n_events) float64: 1 where the date falls in the event window (MM-DD to MM-DD,
-    inclusive, every year; a window whose first day is after its last wraps past New Year)."""
+    """(..., n_events) float64: each event window's intensity on the date (windows MM-DD to
+    MM-DD, inclusive, every year; a window whose first day is after its last wraps past New
+    Year). A plain window is 1 inside; a ``[first, last, "ramp"]`` window rises linearly from
+    0 on its first day to 1 on its last. 0 outside."""
     days = np.asarray(dates).astype("datetime64[D]")
     months = days.astype("datetime64[M]")
     month_day = ((months.astype(np.int64) % 12 + 1) * 100
                  + (days - months).astype(np.int64) + 1)
+    years = days.astype("datetime64[Y]")
+
+    def anchor(year: np.ndarray, md: str) -> np.ndarray:
+        month, day = (int(v) for v in md.split("-"))
+        return (year.astype("datetime64[M]") + (month - 1)).astype("datetime64[D]") + (day - 1)
+
     columns = []
-    for first, last in events.values():
+    for window in events.values():
+        first, last = window[0], window[1]
         lo, hi = (int(first.replace("-", "")), int(last.replace("-", "")))
         inside = ((month_day >= lo) & (month_day <= hi) if lo <= hi
                   else (month_day >= lo) | (month_day <= hi))
-        columns.append(inside.astype(np.float64))
+        if len(window) > 2 and window[2] == "ramp":
+            # The window's first day: this year's, or last year's for a wrapped window's days
+            # after New Year.
+            start_year = np.where((lo > hi) & (month_day <= hi),
+                                  (years - np.timedelta64(1, "Y")).astype(np.int64),
+                                  years.astype(np.int64)).astype("datetime64[Y]")
+            start = anchor(start_year, first)
+            end_year = start_year + np.timedelta64(1 if lo > hi else 0, "Y")
+            span = np.maximum((anchor(end_year, last) - start).astype(np.float64), 1.0)
+            columns.append(np.where(inside, (days - start).astype(np.float64) / span, 0.0))
+        else:
+            columns.append(inside.astype(np.float64))
     return np.stack(columns, axis=-1) if columns else np.zeros((*days.shape, 0))
 
 
@@ -124,6 +161,8 @@ def calendar_spec(settings: Settings) -> dict[str, Any]:
             "events": {k: list(v) for k, v in train.demand_events.items()},
             "event_elasticity": bool(train.demand_event_elasticity),
             "control_lags": int(train.demand_control_lags),
+            "control_leads": int(train.demand_control_leads),
+            "reactive_prices": bool(train.demand_reactive_prices),
             "cross_price": bool(train.demand_cross_price)}
 
 
@@ -221,6 +260,10 @@ class DemandModel:
                    else None)
         weight, censoring = capped_day_weights(product, dates, units, on_hand,
                                                detect=settings.train.demand_detect_capped)
+        reactive_info: dict[str, Any] = {}
+        if settings.train.demand_reactive_prices:
+            price_weight, reactive_info = reactive_price_weights(product, dates, price)
+            weight = np.minimum(weight, price_weight)
         rows = _FitRows(product=product, dates=dates, price=price, units=units, weight=weight)
         strength = float(settings.train.demand_shrinkage)
         forms: list[str] = list(dict.fromkeys(settings.train.demand_forms))
@@ -255,10 +298,11 @@ class DemandModel:
                                  forms, chosen, calendar, monitor,
                                  warm=trial if selection else None)
         lags = int(calendar["control_lags"])
+        leads = int(calendar.get("control_leads", 0))
         # The lagged prices beside the surprises absorb the part of a surprise that is the
         # current fit's own elasticity error (it would otherwise take many rounds to settle).
         log_rel_price = np.log(rows.price / reference[rows.product])
-        for _ in range(CONTROL_ROUNDS if lags else 0):
+        for _ in range(CONTROL_ROUNDS if lags or leads else 0):
             # The control function: yesterday's (and earlier) demand surprise under the
             # current fit. A pricer reacting to demand it saw leaves its trace there.
             surprise = np.log((units + 0.5)
@@ -267,22 +311,26 @@ class DemandModel:
                                      strength, forms, chosen, calendar, monitor, warm=model,
                                      controls=np.column_stack([
                                          lagged(rows, surprise, lags),
-                                         lagged(rows, log_rel_price, lags)]))
+                                         lagged(rows, log_rel_price, lags),
+                                         lagged(rows, surprise, leads, lead=True),
+                                         lagged(rows, log_rel_price, leads, lead=True)]))
         info = {"rows": int(len(units)), "rows_dropped": int((~usable).sum()),
                 "negative_unit_rows_clipped": int((raw_units < 0).sum()),
                 "products": n_products, "products_without_rows": int(no_rows.sum()),
                 "categories": len(categories), "shrinkage": strength, **model.info,
                 "forms": {f: int((chosen == FORMS.index(f)).sum()) for f in forms},
                 "censoring": censoring,
+                **({"reactive_prices": reactive_info} if reactive_info else {}),
                 "calendar": {
                     "year_harmonics": int(calendar["year_harmonics"]),
-                    "event_rows": {name: int(column.sum()) for name, column in zip(
+                    "event_rows": {name: int((column > 0).sum()) for name, column in zip(
                         calendar["events"], event_indicators(dates, calendar["events"]).T,
                         strict=True)},
                     "event_elasticity": dict(zip(calendar["events"],
                                                  np.asarray(model.event_elasticity).tolist(),
                                                  strict=True)),
                     "control_lags": lags,
+                    "control_leads": leads,
                     "cross_price": model.cross_price,
                     "control_effects": np.asarray(model.control_effects).round(4).tolist()},
                 **({"form_selection": selection} if selection else {}),
@@ -340,20 +388,35 @@ class DemandModel:
             return np.zeros(np.shape(product_index), dtype=np.int8)
         return self.product_form[product_index]
 
+    def calendar_scale(self, product_index: np.ndarray, dates: np.ndarray) -> np.ndarray:
+        """The day's elasticity relative to the product's typical one (season, weekend and
+        events; 1 on a typical day), clipped to CALENDAR_SCALE_BOUNDS. A shape other than
+        loglog takes it as a stretch of its price axis around the reference, r -> 1 + k(r − 1),
+        which scales its elasticity at the reference by k, so every shape follows the calendar
+        the same way."""
+        product_index = np.asarray(product_index, dtype=np.int64)
+        elasticity = self.log_base_and_elasticity(product_index, dates)[1]
+        typical = self.product_parameters()[product_index, 3]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(typical > 0.1, elasticity / typical, 1.0)
+        return np.clip(scale, *CALENDAR_SCALE_BOUNDS)
+
     def elasticity(self, product_index: np.ndarray, dates: np.ndarray, *,
                    form: str | None = None) -> np.ndarray:
         """Price elasticity (positive: demand falls as price rises) per row, at the product's
-        reference price (loglog: the same at every price; it moves with the calendar)."""
+        reference price (loglog: the same at every price; every shape moves with the
+        calendar)."""
         product_index = np.asarray(product_index, dtype=np.int64)
         elasticity = self.log_base_and_elasticity(product_index, dates)[1]
         forms = np.broadcast_to(self._forms_of(product_index, form), elasticity.shape)
         if (forms > 0).any():
             elasticity = elasticity.copy()
             pi = np.broadcast_to(product_index, elasticity.shape)
+            scale = np.broadcast_to(self.calendar_scale(product_index, dates), elasticity.shape)
             assert self.shape_params is not None
             for code in np.unique(forms[forms > 0]).tolist():
                 sel = forms == code
-                elasticity[sel] = shapes_module.elasticity_at_reference(
+                elasticity[sel] = scale[sel] * shapes_module.elasticity_at_reference(
                     FORMS[code], self.shape_params[pi[sel], code])
         return elasticity
 
@@ -379,11 +442,12 @@ class DemandModel:
             assert self.shape_params is not None
             pi = np.broadcast_to(product_index, units.shape)
             base = np.broadcast_to(log_base, units.shape)
-            rel = np.broadcast_to(rel, units.shape)
+            stretched = 1.0 + np.broadcast_to(self.calendar_scale(product_index, dates),
+                                              units.shape) * (rel - 1.0)
             for code in np.unique(forms[forms > 0]).tolist():
                 sel = forms == code
-                multiplier, _ = shapes_module.response(FORMS[code],
-                                                       self.shape_params[pi[sel], code], rel[sel])
+                multiplier, _ = shapes_module.response(
+                    FORMS[code], self.shape_params[pi[sel], code], stretched[sel])
                 units[sel] = np.exp(np.minimum(base[sel], ETA_MAX)) * multiplier
         return units
 
@@ -605,11 +669,13 @@ def category_price_index(product: np.ndarray, dates: np.ndarray, log_rel_price: 
     return out
 
 
-def lagged(rows: _FitRows, series: np.ndarray, lags: int) -> np.ndarray:
-    """(n, lags): the product's ``series`` 1..lags days before each row (past only).
+def lagged(rows: _FitRows, series: np.ndarray, lags: int, *, lead: bool = False
+           ) -> np.ndarray:
+    """(n, lags): the product's ``series`` 1..lags days before each row (past only), or with
+    ``lead`` 1..lags days after it.
 
-    A row whose day k before is not among ``rows`` (a product's first days, a gap, a resample
-    that dropped it) gets 0: the value of a typical day, as predictions use.
+    A row whose day k before (after) is not among ``rows`` (a product's first or last days, a
+    gap, a resample that dropped it) gets 0: the value of a typical day, as predictions use.
     """
     n = len(series)
     out = np.zeros((n, lags))
@@ -621,9 +687,76 @@ def lagged(rows: _FitRows, series: np.ndarray, lags: int) -> np.ndarray:
     sorted_out = np.zeros_like(out)
     for k in range(1, lags + 1):
         ok = (product[k:] == product[:-k]) & (day[k:] - day[:-k] == k)
-        sorted_out[k:, k - 1] = np.where(ok, values[:-k], 0.0)
+        if lead:
+            sorted_out[:-k, k - 1] = np.where(ok, values[k:], 0.0)
+        else:
+            sorted_out[k:, k - 1] = np.where(ok, values[:-k], 0.0)
     out[order] = sorted_out
     return out
+
+
+def reactive_price_weights(product: np.ndarray, dates: np.ndarray, price: np.ndarray
+                           ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Likelihood weight of each row against prices that reacted to the day's demand.
+
+    A pricer who sees demand the data do not show (a local event, the weather, a competitor)
+    cuts the price on weak days and raises it on strong ones, for a day or two at a time; the
+    fit would read the weak sales at the cut price as a small elasticity. A promotion planned
+    in advance runs for days at one price, whatever demand does on each. So for a product with
+    a regular price, the rolling median of its prices over REGULAR_WINDOW days either side,
+    held on REGULAR_SHARE of its days or more: a day at the regular price and a cut below it
+    that holds PROMO_MIN_RUN consecutive days or more keep their weight; a shorter cut and a
+    price above the regular one (not yet the regular price itself) get REACTIVE_WEIGHT.
+    Only products whose days off the regular price come in short spells (SHORT_SHARE of them
+    or more; REACTIVE_MIN_DAYS of history or more to judge), the mark of a pricer reacting
+    day by day, are treated so: a product that changes
+    price most days has no regular price, and one whose price moves in steps that hold for
+    days (planned promotions, a price ladder) keeps every day.
+
+    Returns:
+        (weight per row, counts for the fit's info).
+    """
+    import polars as pl
+
+    if len(price) == 0:
+        return np.ones(0), {"products": 0, "rows_down_weighted": 0}
+    # A bootstrap resample repeats whole weeks: judge each product-day once.
+    day_number = dates.astype("datetime64[D]").astype(np.int64)
+    key = product.astype(np.int64) * (int(np.ptp(day_number)) + 1) + (day_number
+                                                                      - day_number.min())
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    if len(first) < len(price):
+        unique_weight, info = reactive_price_weights(product[first], dates[first], price[first])
+        return unique_weight[inverse], {**info,
+                                        "rows_down_weighted": int((unique_weight[inverse]
+                                                                   < 1).sum())}
+    n = len(price)
+    weight = np.ones(n)
+    order = np.lexsort((dates, product))
+    p, day, x = product[order], dates[order].astype(np.int64), np.round(price[order], 2)
+    regular = (pl.DataFrame({"p": p, "x": x})
+               .select(pl.col("x").rolling_median(window_size=2 * REGULAR_WINDOW + 1,
+                                                  center=True, min_samples=1).over("p"))
+               ["x"].to_numpy())
+    at_regular = np.abs(x - regular) < 0.005
+    n_products = int(p.max()) + 1
+    new_run = np.ones(n, dtype=bool)
+    new_run[1:] = (p[1:] != p[:-1]) | (day[1:] - day[:-1] != 1) | (np.abs(x[1:] - x[:-1]) > 0.005)
+    run_id = np.cumsum(new_run) - 1
+    run_length = np.bincount(run_id)[run_id]
+    off = ~at_regular
+    short = off & (run_length < PROMO_MIN_RUN)
+    share = (np.bincount(p, at_regular.astype(np.float64), n_products)
+             / np.maximum(np.bincount(p, minlength=n_products), 1))
+    short_share = (np.bincount(p, short.astype(np.float64), n_products)
+                   / np.maximum(np.bincount(p, off.astype(np.float64), n_products), 1))
+    reactive = ((share >= REGULAR_SHARE) & (short_share >= SHORT_SHARE)
+                & (np.bincount(p, minlength=n_products) >= REACTIVE_MIN_DAYS))
+    planned_cut = (x < regular) & (run_length >= PROMO_MIN_RUN)
+    suspect = reactive[p] & off & ~planned_cut
+    weight[order[suspect]] = REACTIVE_WEIGHT
+    return weight, {"products": int(reactive.sum()),
+                    "rows_down_weighted": int(suspect.sum()), "weight": REACTIVE_WEIGHT}
 
 
 def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarray,
@@ -695,8 +828,10 @@ def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarr
               and (chosen is None or (chosen == FORMS.index(f)).any())]
     if wanted:
         log_base = model.log_base_and_elasticity(rows.product, rows.dates)[0] + control_term
+        r = rows.price / reference[rows.product]
+        stretched = 1.0 + model.calendar_scale(rows.product, rows.dates) * (r - 1.0)
         shape_rows = shapes_module.ShapeRows(
-            product=rows.product, r=rows.price / reference[rows.product], log_base=log_base,
+            product=rows.product, r=stretched, log_base=log_base,
             units=rows.units, product_category=product_category, weight=rows.weight)
         elasticity = model.product_parameters()[:, 3]
         for form in wanted:
