@@ -399,25 +399,35 @@ class CategoryDays:
 
     @classmethod
     def of(cls, meta: SplitMeta, demand: Any) -> CategoryDays:
-        table = np.asarray(demand.product_category, dtype=np.int64)
-        product = meta.product_index
-        category = np.where(product < table.size, table[np.minimum(product, table.size - 1)], -1)
+        return cls.of_rows(meta.product_index, meta.date, demand.product_category)
+
+    @classmethod
+    def of_rows(cls, product: np.ndarray, dates: np.ndarray, product_category: np.ndarray
+                ) -> CategoryDays:
+        """The grouping of rows (product index, date), with ``product_category`` (by product
+        index, -1 for none; a product beyond it has none)."""
+        table = np.asarray(product_category, dtype=np.int64)
+        product = np.asarray(product, dtype=np.int64)
+        known = product < table.size
+        category = np.full(product.size, -1, dtype=np.int64)
+        category[known] = table[product[known]]
         has = category >= 0
-        group = np.full(meta.n_rows, -1, dtype=np.int64)
-        rank = np.full(meta.n_rows, -1, dtype=np.int64)
+        group = np.full(product.size, -1, dtype=np.int64)
+        rank = np.full(product.size, -1, dtype=np.int64)
         if has.any():
-            day = meta.date.astype(np.int64)
+            day = np.asarray(dates).astype("datetime64[D]").astype(np.int64)
             key = category[has] * (int(day.max() - day.min()) + 1) + (day[has] - day.min())
             group[has] = np.unique(key, return_inverse=True)[1].reshape(-1)
-            start = meta.series_start
-            cat = category[start]
-            order = np.lexsort((product[start], cat))
-            series_rank = np.empty(start.size, dtype=np.int64)
-            first_of = np.r_[True, cat[order][1:] != cat[order][:-1]]
-            block = np.maximum.accumulate(np.where(first_of, np.arange(start.size), 0))
-            series_rank[order] = np.arange(start.size) - block
-            rank = np.where(has, series_rank[meta.series_of_row], -1)
-        size = np.bincount(group[has], minlength=1) if has.any() else np.zeros(1, np.int64)
+            # Rank of each product among its category's products in the rows.
+            products, first = np.unique(product[has], return_index=True)
+            cats = category[has][first]
+            order = np.lexsort((products, cats))
+            new_block = np.r_[True, cats[order][1:] != cats[order][:-1]]
+            block_start = np.maximum.accumulate(np.where(new_block, np.arange(order.size), 0))
+            product_rank = np.empty(order.size, dtype=np.int64)
+            product_rank[order] = np.arange(order.size) - block_start
+            rank[has] = product_rank[np.searchsorted(products, product[has])]
+        size = np.bincount(group[has]) if has.any() else np.zeros(1, dtype=np.int64)
         shared = has & (size[np.maximum(group, 0)] > 1)
         return cls(group, rank, shared)
 
@@ -607,7 +617,7 @@ def planned_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change
                 demand, meta.product_index, meta.date, prices, meta.unit_cost,
                 categories.group, acting, grid_rows[acting])
             planned = _plan(meta, K, max_daily_change, change_cost,
-                            lambda rows, _series, t=table: t[rows], series, chunk,
+                            functools.partial(_table_rows, table), series, chunk,
                             prices=prices.copy())
             for s in series.tolist():  # keep a path only when it earns more
                 rows = np.arange(meta.series_start[s], meta.series_start[s] + meta.series_length[s])
@@ -620,6 +630,10 @@ def planned_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change
         if not moved:
             break
     return prices
+
+
+def _table_rows(table: np.ndarray, rows: np.ndarray, _series: np.ndarray) -> np.ndarray:
+    return table[rows]
 
 
 def _path_value(meta: SplitMeta, table: np.ndarray, rows: np.ndarray, prices: np.ndarray,
