@@ -232,3 +232,19 @@ def test_policy_units_through_an_ensemble_quantile() -> None:
     np.testing.assert_allclose(
         policy_expected_units(quantile, meta.product_index, meta.date, prices),
         [1.5, 1.5**-3])
+
+
+def test_agent_json_names_a_published_policy_it_does_not_know() -> None:
+    from pathlib import Path
+
+    from pricing_cli.agent.policy import check_agent_config
+    from pricing_cli.errors import ModelError
+
+    config = {"algo": "maskable-ppo", "n_products": 2, "n_features": 10, "price_levels": 3,
+              "embedding_dim": 4, "feature_hidden": 8, "net_arch": [8]}
+    for published in ("agent", "greedy", "planner"):
+        assert check_agent_config({**config, "published_policy": published},
+                                  Path("agent.json"))["published_policy"] == published
+    with pytest.raises(ModelError, match=r"agent.json: key 'published_policy' is 'oracle': "
+                                         r"expected one of agent, greedy, planner"):
+        check_agent_config({**config, "published_policy": "oracle"}, Path("agent.json"))
