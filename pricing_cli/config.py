@@ -484,6 +484,11 @@ class TrainSettings(Section):
     """A recommended price stays within the product's sold range (min to max price over train
     and val days with units > 0) widened by this share on each side; every policy's masks
     enforce it. null: no trust region (the whole [min_price, max_price] grid)."""
+    publish_best_policy: bool = True
+    """When the demand model links a product to its siblings (a fitted cross-price term),
+    publish whichever of the network, the joint greedy and the joint planner earns most on
+    val under the fitted demand (siblings at each policy's own prices); evaluate and
+    recommend then use it as "agent" and say which it is. false: always the network."""
 
 
     @field_validator("net_arch")

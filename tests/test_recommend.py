@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 
 from pricing_cli import cli
+from pricing_cli.agent.demand import policy_expected_units
 from pricing_cli.agent.policy import load_demand_model
 from pricing_cli.pricing import RULE_ORDER
 from pricing_cli.storage import OWNER_MARKER
@@ -94,9 +95,13 @@ def test_recommend_prices_the_days_after_the_data(market: Path,
     index = dict(zip(last["product_id"], last["product_index"], strict=True))
     cost = dict(zip(last["product_id"], last["unit_cost"], strict=True))
     row = prices.row(7, named=True)
-    units = demand.expected_units(np.array([index[row["product_id"]]]),
-                                  np.array([np.datetime64(row["date"], "D")]),
-                                  np.array([row["recommended_price"]]))[0]
+    # Siblings at their own recommended prices that day (the cross-price term).
+    that_day = prices.filter(pl.col("date") == row["date"])
+    day_units = policy_expected_units(
+        demand, np.array([index[p] for p in that_day["product_id"]]),
+        np.full(that_day.height, np.datetime64(row["date"], "D")),
+        that_day["recommended_price"].to_numpy())
+    units = day_units[that_day["product_id"].to_list().index(row["product_id"])]
     # (the CSV holds prices in cents: 1% covers the rounding at these elasticities)
     assert row["expected_units"] == pytest.approx(units, rel=0.01)
     assert row["expected_profit"] == pytest.approx(

@@ -309,32 +309,235 @@ def static_prices(meta: SplitMeta, demand: DemandLike, K: int,
 
 
 def _walk_grid(meta: SplitMeta, K: int, max_daily_change: float,
-               choose: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-               ) -> np.ndarray:
+               choose: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+               *, by_date: bool = False, series: np.ndarray | None = None,
+               prices: np.ndarray | None = None) -> np.ndarray:
     """Run a day-by-day grid policy for every product at once.
 
     ``choose(series, rows, mask, previous)`` returns the level index for each active series
     given its feasibility mask (from its own previous price; from
     :meth:`SplitMeta.day_one_mask` on day one) and that previous price (NaN where unknown).
+
+    Each call decides the t-th row of every series (``by_date`` False), or every row of one
+    calendar date (``by_date``: what a joint category-day choice needs, since series may start
+    on different dates). ``series``: walk only these series (the others' rows keep
+    ``prices``, which the walk fills in place when given).
     """
     _check_levels(meta, K)
-    prices = np.zeros(meta.n_rows)
+    prices = np.zeros(meta.n_rows) if prices is None else prices
     if meta.n_rows == 0:
         return prices
     first_mask = meta.day_one_mask(max_daily_change)
-    for day in range(int(meta.series_length.max())):
-        series, rows = meta.rows_on_day(day)
-        grid = meta.grid[series]
-        if day == 0:
-            mask, previous = first_mask[series], meta.prev_price[series]
+    for active, rows in _batches(meta, by_date, series):
+        grid = meta.grid[active]
+        first = rows == meta.series_start[active]
+        previous = np.where(first, meta.prev_price[active], prices[np.maximum(rows - 1, 0)])
+        if first.all():
+            mask = first_mask[active]
         else:
-            previous = prices[rows - 1]
             mask = feasible_mask(grid, previous, max_daily_change)[0]
             if meta.rule_levels is not None:
                 mask = apply_rule_levels(mask, meta.rule_levels[rows], grid, previous)
-        level = choose(series, rows, meta.trusted(series, mask), previous)
-        prices[rows] = grid[np.arange(series.size), level]
+            mask[first] = first_mask[active[first]]
+        level = choose(active, rows, meta.trusted(active, mask), previous)
+        prices[rows] = grid[np.arange(active.size), level]
     return prices
+
+
+def _batches(meta: SplitMeta, by_date: bool, only: np.ndarray | None
+             ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(series, rows) decided together by :func:`_walk_grid`, in walking order."""
+    keep = None
+    if only is not None:
+        keep = np.zeros(meta.series_start.size, dtype=bool)
+        keep[only] = True
+    out = []
+    if by_date:
+        order = np.argsort(meta.date, kind="stable")
+        cuts = np.flatnonzero(np.diff(meta.date[order].astype(np.int64))) + 1
+        for rows in np.split(order, cuts):
+            if keep is not None:
+                rows = rows[keep[meta.series_of_row[rows]]]
+            if rows.size:
+                out.append((meta.series_of_row[rows], rows))
+        return out
+    for day in range(int(meta.series_length.max())):
+        series, rows = meta.rows_on_day(day)
+        if keep is not None:
+            chosen = keep[series]
+            series, rows = series[chosen], rows[chosen]
+        if rows.size:
+            out.append((series, rows))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Joint pricing of a category-day (a fitted cross-price term)
+
+# Coordinate-ascent rounds at most (each round visits every product of a category once); the
+# ascent stops as soon as a round moves no product. A move must gain more than JOINT_TOLERANCE
+# (relative) of the category's profit, so ties never cycle.
+JOINT_MAX_ROUNDS = 8
+JOINT_TOLERANCE = 1e-9
+
+
+def prices_jointly(demand: Any) -> bool:
+    """Whether ``demand`` links a product's demand to its siblings' prices (a nonzero fitted
+    ``cross_price`` and a ``product_category``): then greedy and the planner price each
+    category jointly; otherwise every product alone, exactly as before."""
+    return bool(getattr(demand, "cross_price", None)) and getattr(
+        demand, "product_category", None) is not None
+
+
+@dataclass(frozen=True)
+class CategoryDays:
+    """How the rows of a split group into category-days.
+
+    Attributes:
+        group: (n,) category-day id of each row, -1 for a product without a category.
+        rank: (n,) the product's rank among its category's products in the split (products
+            of equal rank in different categories move at the same time; -1: no category).
+        shared: (n,) the row has a sibling that day.
+    """
+
+    group: np.ndarray
+    rank: np.ndarray
+    shared: np.ndarray
+
+    @classmethod
+    def of(cls, meta: SplitMeta, demand: Any) -> CategoryDays:
+        return cls.of_rows(meta.product_index, meta.date, demand.product_category)
+
+    @classmethod
+    def of_rows(cls, product: np.ndarray, dates: np.ndarray, product_category: np.ndarray
+                ) -> CategoryDays:
+        """The grouping of rows (product index, date), with ``product_category`` (by product
+        index, -1 for none; a product beyond it has none)."""
+        table = np.asarray(product_category, dtype=np.int64)
+        product = np.asarray(product, dtype=np.int64)
+        known = product < table.size
+        category = np.full(product.size, -1, dtype=np.int64)
+        category[known] = table[product[known]]
+        has = category >= 0
+        group = np.full(product.size, -1, dtype=np.int64)
+        rank = np.full(product.size, -1, dtype=np.int64)
+        if has.any():
+            day = np.asarray(dates).astype("datetime64[D]").astype(np.int64)
+            key = category[has] * (int(day.max() - day.min()) + 1) + (day[has] - day.min())
+            group[has] = np.unique(key, return_inverse=True)[1].reshape(-1)
+            # Rank of each product among its category's products in the rows.
+            products, first = np.unique(product[has], return_index=True)
+            cats = category[has][first]
+            order = np.lexsort((products, cats))
+            new_block = np.r_[True, cats[order][1:] != cats[order][:-1]]
+            block_start = np.maximum.accumulate(np.where(new_block, np.arange(order.size), 0))
+            product_rank = np.empty(order.size, dtype=np.int64)
+            product_rank[order] = np.arange(order.size) - block_start
+            rank[has] = product_rank[np.searchsorted(products, product[has])]
+        size = np.bincount(group[has]) if has.any() else np.zeros(1, dtype=np.int64)
+        shared = has & (size[np.maximum(group, 0)] > 1)
+        return cls(group, rank, shared)
+
+
+def category_level_profits(demand: Any, product: np.ndarray, dates: np.ndarray,
+                           prices: np.ndarray, unit_cost: np.ndarray, group: np.ndarray,
+                           acting: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """(len(acting), K) the category-day's expected profit when acting row i takes each level
+    of ``grid[i]`` and every other row keeps ``prices``: the row's own profit (its category
+    price index from its siblings' prices) plus its siblings' profits (their index moved by
+    the row's price).
+
+    Args:
+        product, dates, prices, unit_cost, group: per row of the rows considered together
+            (group: category-day id, -1 for none; at most one acting row per group).
+        acting: indices of the rows that move.
+        grid: (len(acting), K) their candidate prices.
+    """
+    levels = grid.shape[1]
+    reference = np.asarray(demand.reference_price, dtype=np.float64)
+    log_rel = np.log(prices / reference[product])
+    has = group >= 0
+    gid = np.where(has, group, 0)
+    n_groups = int(gid.max()) + 1 if gid.size else 1
+    size = np.bincount(gid[has], minlength=n_groups)
+    total = np.bincount(gid[has], log_rel[has], minlength=n_groups)
+    g_act = gid[acting]
+    others = np.where(has[acting], size[g_act] - 1, 0)
+    own_index = np.where(others > 0, (total[g_act] - log_rel[acting]) / np.maximum(others, 1),
+                         0.0)
+    units = demand.expected_units(np.repeat(product[acting], levels),
+                                  np.repeat(dates[acting], levels), grid.ravel(),
+                                  category_index=np.repeat(own_index, levels))
+    out = (grid - unit_cost[acting, None]) * np.asarray(units, dtype=np.float64).reshape(
+        grid.shape)
+    slot = np.full(n_groups, -1, dtype=np.int64)
+    slot[g_act[has[acting]]] = np.flatnonzero(has[acting])
+    is_acting = np.zeros(len(product), dtype=bool)
+    is_acting[acting] = True
+    pair_s = np.flatnonzero(has & ~is_acting & (slot[gid] >= 0))
+    if pair_s.size == 0:
+        return out
+    pair_a = slot[gid[pair_s]]
+    rest = (total[gid[pair_s]] - log_rel[pair_s] - log_rel[acting[pair_a]])[:, None]
+    grid_rel = np.log(grid / reference[product[acting]][:, None])
+    index = (rest + grid_rel[pair_a]) / (size[gid[pair_s]] - 1)[:, None]
+    sibling = demand.expected_units(np.repeat(product[pair_s], levels),
+                                    np.repeat(dates[pair_s], levels),
+                                    np.repeat(prices[pair_s], levels),
+                                    category_index=index.ravel())
+    sibling = np.asarray(sibling, dtype=np.float64).reshape(pair_s.size, levels)
+    np.add.at(out, pair_a, (prices[pair_s] - unit_cost[pair_s])[:, None] * sibling)
+    return out
+
+
+def _improves(value: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(best level, whether it beats the current level by more than the tolerance)."""
+    best = value.argmax(axis=1)
+    rows = np.arange(value.shape[0])
+    now = value[rows, current]
+    gain = value[rows, best] - now
+    return best, gain > JOINT_TOLERANCE * np.maximum(np.abs(np.where(np.isfinite(now), now,
+                                                                    0.0)), 1.0)
+
+
+def joint_levels(demand: Any, product: np.ndarray, dates: np.ndarray, grid: np.ndarray,
+                 unit_cost: np.ndarray, categories: CategoryDays, rows: np.ndarray,
+                 allowed: np.ndarray, start: np.ndarray,
+                 charges: np.ndarray | float = 0.0) -> np.ndarray:
+    """Levels of ``rows`` (rows of the split decided together: one date) by coordinate ascent
+    on each category-day's profit: from ``start``, each product in turn (products of the same
+    rank in every category at once) moves to the allowed level that maximises its
+    category-day's profit net of its own ``charges`` (:func:`category_level_profits`), until a
+    round moves no product (at most JOINT_MAX_ROUNDS). Every move raises the category's
+    profit, so it ends at a choice no single product can improve.
+
+    Args:
+        grid, allowed, start, charges: (len(rows), K) / (len(rows),) per row of ``rows``.
+    """
+    levels = np.asarray(start, dtype=np.int64).copy()
+    shared = categories.shared[rows]
+    if not shared.any():
+        return levels
+    at = np.arange(rows.size)
+    prices = grid[at, levels]
+    group, rank = categories.group[rows], categories.rank[rows]
+    charges = np.broadcast_to(charges, grid.shape)
+    ranks = np.unique(rank[shared])
+    for _ in range(JOINT_MAX_ROUNDS):
+        moved = False
+        for j in ranks.tolist():
+            acting = np.flatnonzero(shared & (rank == j))
+            value = category_level_profits(demand, product, dates, prices, unit_cost, group,
+                                           acting, grid[acting]) - charges[acting]
+            value = np.where(allowed[acting] == 1, value, -np.inf)
+            best, better = _improves(value, levels[acting])
+            if better.any():
+                moved = True
+                levels[acting[better]] = best[better]
+                prices[acting[better]] = grid[acting[better], best[better]]
+        if not moved:
+            break
+    return levels
 
 
 def change_charges(meta: SplitMeta, change_cost: np.ndarray | None, grid: np.ndarray,
@@ -353,16 +556,27 @@ def greedy_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change:
 
     With ``change_cost`` ((n_products,) money per price change, by product index), today's
     profit is net of it: greedy moves only when today's gain pays for the change.
+
+    With a fitted cross-price term (:func:`prices_jointly`), each category-day is priced
+    jointly: from every product's own best level, :func:`joint_levels` maximises the
+    category's profit (a product's own and its effect on its siblings' demand) under the same
+    masks. Without one, every product is priced alone.
     """
+    joint = prices_jointly(demand)
+    categories = CategoryDays.of(meta, demand) if joint else None
 
     def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray,
                previous: np.ndarray) -> np.ndarray:
         grid = meta.grid[series]
-        profit = (_level_profits(meta, demand, rows, grid)
-                  - change_charges(meta, change_cost, grid, series, previous))
-        return np.where(mask == 1, profit, -np.inf).argmax(axis=1)
+        charges = change_charges(meta, change_cost, grid, series, previous)
+        profit = _level_profits(meta, demand, rows, grid) - charges
+        level = np.where(mask == 1, profit, -np.inf).argmax(axis=1)
+        if categories is None:
+            return level
+        return joint_levels(demand, meta.product_index[rows], meta.date[rows], grid,
+                            meta.unit_cost[rows], categories, rows, mask, level, charges)
 
-    return _walk_grid(meta, K, max_daily_change, choose)
+    return _walk_grid(meta, K, max_daily_change, choose, by_date=joint)
 
 
 def planned_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change: float,
@@ -376,16 +590,83 @@ def planned_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change
     model), so it bounds what RL can add over ``greedy``: when it equals greedy, the myopic
     choice is already optimal and planning has nothing to gain. Ties: lower price.
 
+    With a fitted cross-price term (:func:`prices_jointly`): block coordinate ascent over
+    whole paths. From every product's own plan, the products of each rank (one per category)
+    are re-planned in turn with every day's level worth its category-day's profit given the
+    siblings' current paths (:func:`category_level_profits`); a new path is kept only when it
+    raises the category's profit, and a round that keeps none ends the ascent.
+
     Memory: (n_rows, K) float64 of values-to-go, plus (``chunk``, K, K) per day.
     """
     _check_levels(meta, K)
     if meta.n_rows == 0:
         return np.zeros(0)
+
+    def own(rows: np.ndarray, series: np.ndarray) -> np.ndarray:
+        return _level_profits(meta, demand, rows, meta.grid[series])
+
+    prices = _plan(meta, K, max_daily_change, change_cost, own, None, chunk)
+    if not prices_jointly(demand):
+        return prices
+    categories = CategoryDays.of(meta, demand)
+    series_rank = categories.rank[meta.series_start]
+    series_shared = np.logical_or.reduceat(categories.shared, meta.series_start)
+    grid_rows = meta.grid[meta.series_of_row]
+    for _ in range(JOINT_MAX_ROUNDS):
+        moved = False
+        for j in np.unique(series_rank[series_shared]).tolist():
+            series = np.flatnonzero(series_shared & (series_rank == j))
+            acting = np.concatenate([np.arange(meta.series_start[s],
+                                               meta.series_start[s] + meta.series_length[s])
+                                     for s in series])
+            table = np.empty((meta.n_rows, K))
+            table[acting] = category_level_profits(
+                demand, meta.product_index, meta.date, prices, meta.unit_cost,
+                categories.group, acting, grid_rows[acting])
+            planned = _plan(meta, K, max_daily_change, change_cost,
+                            functools.partial(_table_rows, table), series, chunk,
+                            prices=prices.copy())
+            for s in series.tolist():  # keep a path only when it earns more
+                rows = np.arange(meta.series_start[s], meta.series_start[s] + meta.series_length[s])
+                if (_path_value(meta, table, rows, planned, change_cost)
+                        > _path_value(meta, table, rows, prices, change_cost)
+                        + JOINT_TOLERANCE * max(abs(_path_value(meta, table, rows, prices,
+                                                                change_cost)), 1.0)):
+                    prices[rows] = planned[rows]
+                    moved = True
+        if not moved:
+            break
+    return prices
+
+
+def _table_rows(table: np.ndarray, rows: np.ndarray, _series: np.ndarray) -> np.ndarray:
+    return table[rows]
+
+
+def _path_value(meta: SplitMeta, table: np.ndarray, rows: np.ndarray, prices: np.ndarray,
+                change_cost: np.ndarray | None) -> float:
+    """A series' summed ``table`` value along ``prices`` (rows of one series), net of its
+    price-change costs (its first day: from the known previous price)."""
+    grid = meta.grid[meta.series_of_row[rows]]
+    level = np.abs(grid - prices[rows, None]).argmin(axis=1)
+    value = float(table[rows, level].sum())
+    if change_cost is not None:
+        previous = np.r_[meta.prev_price[meta.series_of_row[rows[0]]], prices[rows[:-1]]]
+        moves = is_price_change(prices[rows], previous)
+        value -= float(change_cost[meta.product_index[rows[0]]] * moves.sum())
+    return value
+
+
+def _plan(meta: SplitMeta, K: int, max_daily_change: float, change_cost: np.ndarray | None,
+          profit: Callable[[np.ndarray, np.ndarray], np.ndarray], only: np.ndarray | None,
+          chunk: int, prices: np.ndarray | None = None) -> np.ndarray:
+    """The DP of :func:`planned_prices` with each row's level profits ``profit(rows,
+    series)``, over the series ``only`` (None: all), then its walk (into ``prices``)."""
     value = np.empty((meta.n_rows, K))  # profit from this row on, if it takes level j
-    for day in reversed(range(int(meta.series_length.max()))):
-        series, rows = meta.rows_on_day(day)
+    for series, rows in reversed(_batches(meta, False, only)):
+        day = int(rows[0] - meta.series_start[series[0]])
         grid = meta.grid[series]
-        to_go = _level_profits(meta, demand, rows, grid)
+        to_go = profit(rows, series)
         going = np.nonzero(meta.series_length[series] > day + 1)[0]
         for start in range(0, len(going), chunk):
             part = going[start:start + chunk]
@@ -413,7 +694,7 @@ def planned_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change
         net = value[rows] - change_charges(meta, change_cost, grid, series, previous)
         return np.where(mask == 1, net, -np.inf).argmax(axis=1)
 
-    return _walk_grid(meta, K, max_daily_change, choose)
+    return _walk_grid(meta, K, max_daily_change, choose, series=only, prices=prices)
 
 
 def random_feasible_prices(meta: SplitMeta, K: int, max_daily_change: float,

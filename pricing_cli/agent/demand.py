@@ -669,6 +669,33 @@ def category_price_index(product: np.ndarray, dates: np.ndarray, log_rel_price: 
     return out
 
 
+def policy_expected_units(model: Any, product_index: np.ndarray, dates: np.ndarray,
+                          prices: np.ndarray) -> np.ndarray:
+    """(n,) float64 expected units of a policy's rows, each with its category price index
+    computed from the policy's OWN prices that day (its siblings at the policy's prices, not
+    at their reference prices), as the fit computed it from the prices charged.
+
+    Rows are a whole policy: every (product, date) row of the split it prices, so the rows of
+    one category-day are the siblings of each other. Without a fitted cross-price term
+    (``model.cross_price`` None or 0, or no ``product_category``) this is
+    ``model.expected_units`` unchanged. A model without its own ``reference_price`` (an
+    ensemble wrapper) uses the attributes it forwards (the point fit's).
+    """
+    product_index = np.asarray(product_index, dtype=np.int64)
+    prices = np.asarray(prices, dtype=np.float64)
+    cross = getattr(model, "cross_price", None)
+    category = getattr(model, "product_category", None)
+    if not cross or category is None or product_index.size == 0:
+        return np.asarray(model.expected_units(product_index, dates, prices), dtype=np.float64)
+    reference = np.asarray(model.reference_price, dtype=np.float64)[product_index]
+    positive = (prices > 0) & (reference > 0)
+    log_rel = np.log(np.where(positive, prices, 1.0) / np.where(positive, reference, 1.0))
+    index = category_price_index(product_index, np.asarray(dates).astype("datetime64[D]"),
+                                 log_rel, np.asarray(category, dtype=np.int64))
+    return np.asarray(model.expected_units(product_index, dates, prices, category_index=index),
+                      dtype=np.float64)
+
+
 def lagged(rows: _FitRows, series: np.ndarray, lags: int, *, lead: bool = False
            ) -> np.ndarray:
     """(n, lags): the product's ``series`` 1..lags days before each row (past only), or with

@@ -40,6 +40,7 @@ from pricing_cli.agent.baselines import (
     read_stats,
     static_prices,
 )
+from pricing_cli.agent.demand import policy_expected_units
 from pricing_cli.config import Settings
 from pricing_cli.errors import ModelError
 from pricing_cli.monitor import RunMonitor
@@ -299,8 +300,7 @@ def uplift_intervals(meta: SplitMeta, policies: dict[str, np.ndarray], ensemble:
     models = [point, *ensemble.members]
     # (1 + B, n_series) profit of each policy under the point fit, then each member.
     profits = {name: np.stack([product_profits(
-        meta, prices, np.asarray(m.expected_units(meta.product_index, meta.date, prices),
-                                 dtype=np.float64),
+        meta, prices, policy_expected_units(m, meta.product_index, meta.date, prices),
         None if name in EXEMPT_POLICIES else change_cost) for m in models])
         for name, prices in policies.items()}
     base = profits[baseline]
@@ -475,8 +475,8 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         monitor.check_memory()
 
     def fitted_units(prices: np.ndarray) -> np.ndarray:
-        return np.asarray(demand.expected_units(meta.product_index, meta.date, prices),
-                          dtype=np.float64)
+        # Each row's siblings at this policy's own prices that day (the cross-price term).
+        return policy_expected_units(demand, meta.product_index, meta.date, prices)
 
     fitted = score_policies(meta, policies, fitted_units, change_cost=change_cost)
     true: dict[str, dict[str, Any]] | None = None
@@ -534,6 +534,9 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         "product_days_left_out": closed_rows,
         "weekdays": sorted(closed.weekdays),
         "dates": len(closed.dates), "found_in_data": closed.found_in_data}
+    # The "agent" row is what the run published: its network, or the joint greedy/planner
+    # that earned more on val (train.publish_best_policy).
+    evaluation["agent_policy"] = agent.config.get("published_policy", "agent")
     evaluation["demand_model"] = demand_report
     reports_dir = Path(ev.reports_dir)
     _write_reports(reports_dir, meta, policies, evaluation, uplift_true if uplift_true is not None
@@ -548,6 +551,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         "product-days": meta.n_rows,
         "agent profit (fitted)": agent_row["fitted"]["profit"],
         "agent uplift vs historical % (fitted)": agent_row["fitted"]["uplift_pct"],
+        "agent policy (published by train)": evaluation["agent_policy"],
     }
     if "agent" in intervals:
         summary["agent uplift 90% interval"] = checks.interval_text(intervals["agent"])

@@ -30,6 +30,7 @@ interrupt."""
 if TYPE_CHECKING:
     import torch
 
+    from pricing_cli.agent.baselines import SplitMeta
     from pricing_cli.agent.env import Market, Observation
     from pricing_cli.config import Settings
 
@@ -39,6 +40,9 @@ CHANGE_COSTS = "change_costs.npy"  # (n_products,) money per price change; absen
 # lower, upper (n_products,): the trust region of every recommended price; absent: none.
 TRUST_REGION = "trust_region.npz"
 MASKED_ALGOS = ("maskable-ppo",)
+# What a run publishes (agent.json "published_policy"): the network, or the joint greedy or
+# planner when it earned more on val under the fitted demand (train.publish_best_policy).
+PUBLISHED_POLICIES = ("agent", "greedy", "planner")
 
 
 def policy_kwargs(config: dict[str, Any]) -> dict[str, Any]:
@@ -289,6 +293,8 @@ def check_agent_config(config: Any, path: Path, stats: dict[str, Any] | None = N
         if not low <= value <= high:
             raise bad(key, f"expected {low:,} to {high:,}" if high < float("inf")
                       else f"expected at least {low}")
+    if config.get("published_policy", "agent") not in PUBLISHED_POLICIES:
+        raise bad("published_policy", f"expected one of {', '.join(PUBLISHED_POLICIES)}")
     arch = config.get("net_arch")
     if (not isinstance(arch, list) or len(arch) > 16
             or not all(isinstance(u, int) and not isinstance(u, bool) and 1 <= u <= 65536
@@ -392,6 +398,15 @@ def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
 
     from pricing_cli.agent.env import load_market, simulate
 
+    published = agent.config.get("published_policy", "agent")
+    if published != "agent":  # train chose a joint grid policy over the network on val
+        meta = grid_policy_meta(processed_dir, split, agent.trust_region, settings,
+                                int(agent.config["price_levels"]))
+        prices = grid_policy_prices(published, meta, agent.demand,
+                                    int(agent.config["price_levels"]),
+                                    float(agent.config["max_daily_change"]), agent.change_cost)
+        levels = np.abs(meta.grid[meta.series_of_row] - prices[:, None]).argmin(axis=1)
+        return levels.astype(np.int64), prices
     closed = None
     if settings is not None:  # closed days are left out, as in training and evaluate
         from pricing_cli.data.closed_days import closed_days_of
@@ -409,6 +424,43 @@ def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
                                                                       market.n_products))
     result = simulate(market, agent.chooser(deterministic))
     return result["levels"], result["prices"]
+
+
+def grid_policy_meta(processed_dir: str | Path, split: str,
+                     trust_region: tuple[np.ndarray, np.ndarray] | None,
+                     settings: Settings | None, levels: int) -> SplitMeta:
+    """The split's rows as the grid policies price them: the merchant rules (when
+    ``settings`` is given) and the run's trust region (by product index), as in evaluate."""
+    import dataclasses
+
+    from pricing_cli.agent.baselines import load_split_meta
+    from pricing_cli.agent.evaluate import series_bounds
+
+    closed = None
+    if settings is not None:  # closed days are left out, as in evaluate and the env
+        from pricing_cli.data.closed_days import closed_days_of
+
+        closed = closed_days_of(processed_dir, settings.data)
+    meta = load_split_meta(processed_dir, split, closed)
+    if settings is not None:
+        from pricing_cli.agent.guardrails import row_rule_levels
+
+        meta = dataclasses.replace(meta, rule_levels=row_rule_levels(
+            settings, meta.product_id, meta.date, meta.unit_cost, meta.min_price,
+            meta.max_price, levels))
+    if trust_region is not None:
+        meta = dataclasses.replace(meta, trust_region=series_bounds(meta, trust_region))
+    return meta
+
+
+def grid_policy_prices(name: str, meta: SplitMeta, demand: Any, levels: int,
+                       max_daily_change: float, change_cost: np.ndarray | None) -> np.ndarray:
+    """``greedy`` or ``planner`` prices of every row of ``meta`` (joint per category-day when
+    ``demand`` has a cross-price term)."""
+    from pricing_cli.agent.baselines import greedy_prices, planned_prices
+
+    policy = {"greedy": greedy_prices, "planner": planned_prices}[name]
+    return policy(meta, demand, levels, max_daily_change, change_cost)
 
 
 def _by_product(trust_region: tuple[np.ndarray, np.ndarray], n_products: int

@@ -339,11 +339,29 @@ def _best(values: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return np.where(allowed, values, -np.inf).argmax(axis=1)
 
 
-def greedy_policy(horizon: Horizon) -> ChooseFn:
-    """Each day's most profitable allowed candidate (net of the change cost)."""
+def greedy_policy(horizon: Horizon, demand: Any = None) -> ChooseFn:
+    """Each day's most profitable allowed candidate (net of the change cost).
+
+    With ``demand`` that links a product to its siblings (``baselines.prices_jointly``), each
+    category-day is then priced jointly from there (``baselines.joint_levels``, over the
+    candidates every rule allows), as evaluate's greedy does."""
+    from pricing_cli.agent.baselines import CategoryDays, joint_levels, prices_jointly
+
+    state = horizon.state
+    joint = demand is not None and prices_jointly(demand)
+
     def choose(d: int, allowed: np.ndarray, prev_col: np.ndarray, prev: np.ndarray,
                held: np.ndarray) -> np.ndarray:
-        return _best(_net(horizon, d, prev), allowed)
+        net = _net(horizon, d, prev)
+        column = _best(net, allowed)
+        if not joint:
+            return column
+        dates = np.full(state.n, horizon.days[d])
+        categories = CategoryDays.of_rows(state.product_index, dates, demand.product_category)
+        charges = net - horizon.profit[d]  # minus the change cost of each candidate
+        return joint_levels(demand, state.product_index, dates, horizon.candidates,
+                            state.unit_cost, categories, np.arange(state.n),
+                            allowed.astype(np.int8), column, -charges)
     return choose
 
 
@@ -538,7 +556,19 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
     horizon = build_horizon(state, rules, days, demand, levels, change_cost, competitor)
     monitor.check_memory()
     with tempfile.TemporaryDirectory(prefix="pricectl-recommend-") as scratch:
-        if rec.policy == "agent":
+        policy: str = rec.policy
+        if policy == "agent":
+            from pricing_cli.agent.policy import AGENT_JSON, check_agent_config
+
+            config = check_agent_config(
+                json.loads((run_dir / AGENT_JSON).read_text(encoding="utf-8")),
+                run_dir / AGENT_JSON)
+            policy = "agent" if config.get("published_policy", "agent") == "agent" else str(
+                config["published_policy"])
+            if policy != "agent":
+                monitor.log(f"the run published its joint {policy} (it earned more on val "
+                            "than the network): recommending with it")
+        if policy == "agent":
             from pricing_cli.agent.policy import TORCH_IMPORT_BYTES
 
             monitor.reserve(TORCH_IMPORT_BYTES, "loading the agent (torch)")
@@ -555,10 +585,11 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
                                    settings)
             agent.check_compatible(market)
             choose = agent_policy(horizon, agent, market)
+        elif policy == "greedy":
+            choose = greedy_policy(horizon, demand)
         else:
-            choose = {"greedy": greedy_policy, "planner": planner_policy,
-                      "static": static_policy, "historical": historical_policy
-                      }[rec.policy](horizon)
+            choose = {"planner": planner_policy, "static": static_policy,
+                      "historical": historical_policy}[policy](horizon)
         plan = walk(horizon, choose)
     reference = walk(horizon, historical_policy(horizon)) if rec.policy != "historical" else plan
     from pricing_cli.agent.ensemble import DemandEnsemble
@@ -566,7 +597,7 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
     spread = ensemble_spread(DemandEnsemble.load(run_dir), horizon, plan, reference,
                              rec.interval)
     summary = write_recommendations(output_dir, horizon, plan, reference, demand, rec.policy,
-                                    run_dir, spread)
+                                    run_dir, spread, published=policy)
     monitor.log(f"wrote {output_dir}/prices.csv, explain.json and summary.md")
     inputs = [processed_dir / f"meta_{s}.parquet" for s in SPLITS
               if (processed_dir / f"meta_{s}.parquet").is_file()]
@@ -616,11 +647,15 @@ def ensemble_spread(ensemble: Any, horizon: Horizon, plan: Plan, reference: Plan
 
     def member_profits(plan_: Plan) -> np.ndarray:
         """(B, H, n) each member's expected profit of the plan's prices."""
+        from pricing_cli.agent.demand import policy_expected_units
+
         out = np.empty((ensemble.size, len(horizon.days), n))
         for d, day in enumerate(horizon.days):
-            units = ensemble.member_units(state.product_index, np.full(n, day),
-                                          plan_.prices[d])
-            out[:, d] = (plan_.prices[d] - state.unit_cost)[None, :] * units
+            # Each member scores the day's prices with the siblings at the plan's prices.
+            for b, member in enumerate(ensemble.members):
+                units = policy_expected_units(member, state.product_index, np.full(n, day),
+                                              plan_.prices[d])
+                out[b, d] = (plan_.prices[d] - state.unit_cost) * units
         return out
 
     tails = [(1 - level) / 2, (1 + level) / 2]
@@ -641,16 +676,26 @@ def ensemble_spread(ensemble: Any, horizon: Horizon, plan: Plan, reference: Plan
 
 def write_recommendations(output_dir: Path, horizon: Horizon, plan: Plan, reference: Plan,
                           demand: Any, policy: str, run_dir: Path,
-                          spread: Spread | None = None) -> dict[str, Any]:
-    """prices.csv, explain.json and summary.md in a staged folder; returns the summary."""
+                          spread: Spread | None = None, *,
+                          published: str | None = None) -> dict[str, Any]:
+    """prices.csv, explain.json and summary.md in a staged folder; returns the summary.
+
+    ``published``: the policy that priced (for ``agent``, what the run published: the
+    network, or the joint greedy/planner train chose on val)."""
     import polars as pl
 
     state, days = horizon.state, horizon.days
     H, n = plan.prices.shape
-    pick = (np.arange(H)[:, None], np.arange(n)[None, :], plan.columns)
-    units, profit = horizon.units[pick], horizon.profit[pick]
-    ref_pick = (np.arange(H)[:, None], np.arange(n)[None, :], reference.columns)
-    ref_profit = horizon.profit[ref_pick]
+    from pricing_cli.agent.demand import policy_expected_units
+
+    def plan_units(prices: np.ndarray) -> np.ndarray:
+        # Each product's siblings at the plan's own prices that day (the cross-price term).
+        return policy_expected_units(demand, np.tile(state.product_index, H),
+                                     np.repeat(days, n), prices.ravel()).reshape(H, n)
+
+    units = plan_units(plan.prices)
+    profit = (plan.prices - state.unit_cost[None, :]) * units
+    ref_profit = (reference.prices - state.unit_cost[None, :]) * plan_units(reference.prices)
     current = np.broadcast_to(state.price, (H, n))
     change_pct = (plan.prices / current - 1.0) * 100.0
     frame = pl.DataFrame({
@@ -676,7 +721,8 @@ def write_recommendations(output_dir: Path, horizon: Horizon, plan: Plan, refere
 
         shape = getattr(demand_module, "FORMULA", None)
     bound = {name: int((plan.binding == name).sum()) for name in RULE_ORDER}
-    explain: dict[str, Any] = {"policy": policy, "run": str(run_dir),
+    explain: dict[str, Any] = {"policy": policy, "priced_by": published or policy,
+                               "run": str(run_dir),
                                "dates": [str(days[0]), str(days[-1])],
                                "demand_shape": shape,
                                "interval": _interval_note(spread),

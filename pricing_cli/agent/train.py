@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     import polars as pl
 
     from pricing_cli.agent.env import Market
+    from pricing_cli.agent.policy import PricingAgent
     from pricing_cli.monitor import RunMonitor
 
 PARTIAL_PREFIX = ".partial-"
@@ -247,6 +248,13 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     if not state["evaluations"] or state["evaluations"][-1]["timesteps"] != model.num_timesteps:
         evaluate(model.num_timesteps)
     _checkpoint(model, work_dir, state)
+    selection = select_published_policy(settings, model, agent, work_dir / BEST, val_market,
+                                        processed_dir, products)
+    agent_config["published_policy"] = selection["published_policy"]
+    if selection["published_policy"] != "agent":
+        monitor.log(f"publishing the joint {selection['published_policy']}: it earned more on "
+                    f"{val_market.split} than the network under the fitted demand "
+                    f"({selection['val_profit']})")
 
     # 4. Baselines for context, under the same fitted demand, on the same rows.
     rng = np.random.default_rng(cfg.seed)
@@ -288,6 +296,8 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         "ensemble_size": 0 if ensemble is None else ensemble.size,
         "ensemble_seconds": round(ensemble_seconds, 3),
         "decision_quantile": agent_config["decision_quantile"],
+        "published_policy": selection["published_policy"],
+        "val_profit_by_policy": selection["val_profit"],
         "behaviour_cloning": bc_summary, "evaluations": state["evaluations"],
         "seconds": round(time.monotonic() - started, 3),
     }
@@ -335,6 +345,53 @@ def resolve_device(wanted: str) -> str:
     if wanted == "auto":
         return "cuda" if available else "cpu"
     return wanted
+
+
+def select_published_policy(settings: Settings, model: Any, agent: PricingAgent, best: Path,
+                            val_market: Market, processed_dir: Path,
+                            products: list[int] | None) -> dict[str, Any]:
+    """Which policy the run publishes: the network (its best weights, ``best``), or the joint
+    greedy or planner when one earns more on ``val_market``'s split under the decision demand,
+    every policy scored with each row's siblings at that policy's own prices
+    (``demand.policy_expected_units``) and net of the change costs. Ties go to the network.
+
+    Only when ``train.publish_best_policy`` is on, the demand model prices categories
+    jointly (``baselines.prices_jointly``) and every product was trained (``products`` None);
+    otherwise the network, with ``val_profit`` None.
+
+    Returns:
+        {"published_policy": name, "val_profit": {policy: total profit} or None}.
+    """
+    from pricing_cli.agent.baselines import prices_jointly
+    from pricing_cli.agent.demand import policy_expected_units
+    from pricing_cli.agent.env import simulate
+    from pricing_cli.agent.evaluate import change_costs_per_row
+    from pricing_cli.agent.policy import grid_policy_meta, grid_policy_prices
+
+    demand = agent.demand
+    if not (settings.train.publish_best_policy and prices_jointly(demand) and products is None
+            and val_market.n_rows):
+        return {"published_policy": "agent", "val_profit": None}
+    model.set_parameters(str(best), exact_match=True, device=model.device)
+    model.policy.set_training_mode(False)
+    levels = val_market.price_levels
+    meta = grid_policy_meta(processed_dir, val_market.split, agent.trust_region, settings,
+                            levels)
+    candidates = {"agent": simulate(val_market, agent.chooser(True))["prices"]}
+    for name in ("greedy", "planner"):
+        candidates[name] = grid_policy_prices(name, meta, demand, levels,
+                                              val_market.max_daily_change, agent.change_cost)
+    profit = {}
+    for name, prices in candidates.items():
+        units = policy_expected_units(demand, meta.product_index, meta.date, prices)
+        profit[name] = round(float(((prices - meta.unit_cost) * units
+                                    - change_costs_per_row(meta, prices, agent.change_cost)
+                                    ).sum()), 4)
+    winner = "agent"
+    for name in ("greedy", "planner"):
+        if profit[name] > profit[winner] + 1e-9 * max(abs(profit[winner]), 1.0):
+            winner = name
+    return {"published_policy": winner, "val_profit": profit}
 
 
 def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], work_dir: Path,
