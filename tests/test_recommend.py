@@ -115,9 +115,12 @@ def test_recommend_prices_the_days_after_the_data(market: Path,
 
     ensemble = DemandEnsemble.load("models/r1")
     assert ensemble is not None and ensemble.size == 8
-    member_units = ensemble.member_units(np.array([index[row["product_id"]]]),
-                                         np.array([np.datetime64(row["date"], "D")]),
-                                         np.array([row["recommended_price"]]))[:, 0]
+    # each member with the siblings at their recommended prices that day, as the point fit
+    at = that_day["product_id"].to_list().index(row["product_id"])
+    member_units = np.array([policy_expected_units(
+        member, np.array([index[p] for p in that_day["product_id"]]),
+        np.full(that_day.height, np.datetime64(row["date"], "D")),
+        that_day["recommended_price"].to_numpy())[at] for member in ensemble.members])
     member_profit = np.sort((row["recommended_price"] - cost[row["product_id"]]) * member_units)
     # by hand: position 0.05 * 7 = 0.35 between the lowest two, 0.95 * 7 = 6.65 between the top two
     low = member_profit[0] + 0.35 * (member_profit[1] - member_profit[0])
