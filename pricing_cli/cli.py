@@ -215,7 +215,7 @@ def validate_batches(
     ] = False,
 ) -> None:
     """Check every batch and explain each problem found; exit non-zero on any problem."""
-    from pricing_cli.stages.batches import run_validate_batches
+    from pricing_cli.stages.batch_checks import run_validate_batches
 
     settings = _settings()
     fn = functools.partial(run_validate_batches, paths=paths or [], deep=deep,
@@ -306,7 +306,7 @@ STAGE_FUNCTIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "generate": ("pricing_cli.data.generate", "run_generate", {}),
     "features": ("pricing_cli.stages.features", "run_features", {}),
     "preprocess": ("pricing_cli.stages.preprocess", "run_preprocess", {}),
-    "validate-batches": ("pricing_cli.stages.batches", "run_validate_batches",
+    "validate-batches": ("pricing_cli.stages.batch_checks", "run_validate_batches",
                          {"paths": [], "deep": False, "convert_legacy": False,
                           "trust_pickle": False}),
     "merge": ("pricing_cli.stages.merge", "run_merge", {}),

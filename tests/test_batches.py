@@ -14,14 +14,13 @@ import polars as pl
 import pytest
 
 from pricing_cli.errors import BatchError, ConfigError, MissingInputError
+from pricing_cli.stages.batch_checks import run_validate_batches, validate_batch
 from pricing_cli.stages.batches import (
     NpyStreamWriter,
     SampleBlock,
     load_batch,
     member_sha256,
     read_manifest,
-    run_validate_batches,
-    validate_batch,
     write_batch,
     write_manifest,
 )
