@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,15 +22,27 @@ import typer
 from pricing_cli import __version__
 from pricing_cli.config import Settings, documented_yaml, load_settings, settings_to_yaml
 from pricing_cli.errors import PricingError, Terminated, classify_os_error, exit_code_for
+from pricing_cli.registry import PIPELINE_NAMES, STAGES, stage
 from pricing_cli.runinfo import OutputOptions, StageFn, execute_stage
+
+
+class _StageOrder(typer.core.TyperGroup):
+    """Lists the subcommands in the registry's stage order (the pipeline's), then the rest."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        order = {s.name: i for i, s in enumerate(STAGES)}
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: (order.get(n, len(order)), names.index(n)))
+
 
 app = typer.Typer(
     name="pricectl",
+    cls=_StageOrder,
     help=(
         "Learn one pricing agent for every product from raw sales history.\n\n"
-        "Stages run in order: generate → features → preprocess → merge → validate-batches → "
-        "train → evaluate. Global options (--config, --preset, --json, ...) go before the "
-        "subcommand, e.g. `pricectl --preset tiny features`."
+        f"Stages run in order: {' → '.join(PIPELINE_NAMES)}. Global options (--config, "
+        "--preset, --json, ...) go before the subcommand, e.g. "
+        "`pricectl --preset tiny features`."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -91,8 +104,9 @@ def _settings(**flags: Any) -> Settings:
     return load_settings(G.config, G.preset, flags)
 
 
-def _run(stage: str, settings: Settings, fn: StageFn) -> None:
-    execute_stage(stage, settings, G.output, fn, shared=G.shared_monitor)
+def _run(name: str, settings: Settings, fn: StageFn,
+         stage_key: Callable[[], str | None] | None = None) -> None:
+    execute_stage(name, settings, G.output, fn, shared=G.shared_monitor, stage_key=stage_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,28 +315,10 @@ def recommend(
     _run("recommend", settings, fn)
 
 
-# Where each stage function lives, for `pipeline` (imported only when that stage runs).
-STAGE_FUNCTIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "generate": ("pricing_cli.data.generate", "run_generate", {}),
-    "features": ("pricing_cli.stages.features", "run_features", {}),
-    "preprocess": ("pricing_cli.stages.preprocess", "run_preprocess", {}),
-    "validate-batches": ("pricing_cli.stages.batch_checks", "run_validate_batches",
-                         {"paths": [], "deep": False, "convert_legacy": False,
-                          "trust_pickle": False}),
-    "merge": ("pricing_cli.stages.merge", "run_merge", {}),
-    "train": ("pricing_cli.agent.train", "run_train", {"product": None, "resume": False}),
-    "evaluate": ("pricing_cli.agent.evaluate", "run_evaluate", {}),
-    "recommend": ("pricing_cli.agent.recommend", "run_recommend", {"products": None,
-                                                                   "model": None}),
-}
-
-
-def _run_named_stage(name: str, settings: Settings) -> None:
-    import importlib
-
-    module, attr, kwargs = STAGE_FUNCTIONS[name]
-    fn = getattr(importlib.import_module(module), attr)
-    _run(name, settings, functools.partial(fn, **kwargs) if kwargs else fn)
+def _run_named_stage(name: str, settings: Settings,
+                     stage_key: Callable[[], str | None]) -> None:
+    """The pipeline's runner: the registry's stage function, as the subcommand runs it."""
+    _run(name, settings, stage(name).load(), stage_key)
 
 
 @app.command()
@@ -338,7 +334,7 @@ def pipeline(
         help="Start with generate, a synthetic market (default: pipeline.generate, which only "
              "the built-in presets turn on; never on for your own data).")] = None,
 ) -> None:
-    """Run generate → features → preprocess → validate-batches → merge → train → evaluate.
+    """Run the stages in pipeline order (`pricectl --help` lists them), skipping those up to date.
 
     A stage whose inputs, config section and pricectl version are unchanged since its last
     run (recorded in the run.json beside its outputs) is skipped, as `dvc repro` does.
