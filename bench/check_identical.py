@@ -3,11 +3,22 @@
 Runs ``pricectl --preset PRESET -q pipeline`` in two fresh folders, one with the code of
 ``--base`` (a git revision, exported with ``git archive``, or a source folder) and one with
 ``--head`` (default: this working tree), then compares every file the runs wrote, byte for
-byte. The only exceptions are the fields of run.json that record the run rather than the
-result: ``started``, ``ended``, ``elapsed_s``, ``memory`` and ``command_line`` (it holds the
-interpreter's path to the code). Those run.json files are compared with these fields removed,
-everything else exactly. ``runs/`` (memory logs in folders named by the clock) is not
-compared; its run.json copies are checked the same way, matched by stage.
+byte, except what records the run rather than its result. Two runs of the *same* code differ
+in exactly these (``--base REV --head REV`` shows it), so they are masked:
+
+* JSON files (run.json, manifest.json, train_summary.json, demand_model.json, ...) are
+  compared after removing the keys in ``CLOCK_KEYS`` and ending in ``_seconds`` at any depth:
+  times, speeds, memory samples, the interpreter's path (``command_line``), file mtimes
+  (``mtime_ns``) and what is derived from them (run.json's ``inputs`` fingerprints and
+  ``stage_key``, preprocessing_stats' ``inputs_sha256``; run.json's ``outputs`` sizes, since
+  each of those files is compared itself);
+* ``model.zip`` / ``last_checkpoint.zip`` (Stable-Baselines3) member by member, exactly
+  (weights, optimizer state), except SB3's ``data`` member: compared as JSON without
+  ``start_time`` and ``ep_info_buffer`` (episode wall times; it is pickled, and this script
+  unpickles nothing), with object reprs' memory addresses masked;
+* not compared: TensorBoard event files (named and stamped by the clock), the lock files
+  beside folders (they hold the pid), ``runs/`` memory logs. runs/*/run.json are compared like
+  the other run.json files, matched by stage.
 
 Both runs get ``PRICECTL_TRAIN__RUN_ID=identity`` (train names its folder by the clock
 otherwise) and the same environment.
@@ -25,19 +36,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# What a run.json records about the run itself, not about its result.
-VOLATILE = ("started", "ended", "elapsed_s", "memory", "command_line")
+# What the outputs record about the run itself (clock, speed, memory, mtimes), not its result.
+CLOCK_KEYS = frozenset({"started", "ended", "elapsed_s", "memory", "command_line", "stage_key",
+                        "inputs", "outputs", "mtime_ns", "inputs_sha256", "seconds", "fps",
+                        "fps_without_eval", "files_per_s", "samples_per_s"})
+ADDRESS = re.compile(rb" at 0x[0-9a-f]+")
+SB3_CLOCK_KEYS = ("start_time", "ep_info_buffer")
 
 
 def export_tree(rev_or_dir: str, into: Path) -> Path:
@@ -66,15 +83,52 @@ def run_pipeline(source: Path, workdir: Path, preset: str) -> subprocess.Popen[b
                             stderr=subprocess.PIPE)
 
 
-def normalized_run_record(path: Path) -> Any:
-    record = json.loads(path.read_text())
-    return {k: v for k, v in record.items() if k not in VOLATILE}
+def without_clock(value: Any) -> Any:
+    """``value`` with every key of CLOCK_KEYS or ending in _seconds removed, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_clock(v) for k, v in value.items()
+                if k not in CLOCK_KEYS and not str(k).endswith("_seconds")}
+    if isinstance(value, list):
+        return [without_clock(v) for v in value]
+    return value
+
+
+def _sb3_data(raw: bytes) -> Any:
+    """SB3's ``data`` member without its clock: ``start_time`` and ``ep_info_buffer`` (each
+    episode's wall time ``t``, pickled, so left out whole rather than unpickled), object
+    reprs without their memory address."""
+    data = json.loads(ADDRESS.sub(b" at 0x", raw))
+    return {k: v for k, v in data.items() if k not in SB3_CLOCK_KEYS}
+
+
+def same_zip(a: Path, b: Path) -> bool:
+    with zipfile.ZipFile(a) as za, zipfile.ZipFile(b) as zb:
+        if za.namelist() != zb.namelist():
+            return False
+        for name in za.namelist():
+            x, y = za.read(name), zb.read(name)
+            if name == "data":
+                x, y = _sb3_data(x), _sb3_data(y)
+            if x != y:
+                return False
+    return True
+
+
+def same_file(a: Path, b: Path) -> bool:
+    if a.suffix == ".json":
+        return bool(without_clock(json.loads(a.read_text()))
+                    == without_clock(json.loads(b.read_text())))
+    if a.suffix == ".zip" and a.parent.parent.name == "models":
+        return same_zip(a, b)
+    return a.read_bytes() == b.read_bytes()
 
 
 def outputs(root: Path) -> dict[str, Path]:
-    """Every file under ``root`` but runs/, by relative path."""
+    """Every file under ``root`` but runs/, TensorBoard events and lock files."""
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).parts[0] != "runs"}
+            if p.is_file() and p.relative_to(root).parts[0] != "runs"
+            and "tensorboard" not in p.relative_to(root).parts
+            and not p.name.endswith(".pricectl-lock")}
 
 
 def run_records(root: Path) -> dict[str, Path]:
@@ -92,17 +146,14 @@ def compare(base: Path, head: Path) -> list[str]:
     for name in sorted(set(a) ^ set(b)):
         problems.append(f"only in {'base' if name in a else 'head'}: {name}")
     for name in sorted(set(a) & set(b)):
-        if Path(name).name == "run.json":
-            if normalized_run_record(a[name]) != normalized_run_record(b[name]):
-                problems.append(f"differs (beyond run.json's timing fields): {name}")
-        elif a[name].read_bytes() != b[name].read_bytes():
+        if not same_file(a[name], b[name]):
             problems.append(f"differs: {name}")
     ra, rb = run_records(base), run_records(head)
     if sorted(ra) != sorted(rb):
         problems.append(f"runs/ stages differ: {sorted(ra)} vs {sorted(rb)}")
     for stage in sorted(set(ra) & set(rb)):
-        if normalized_run_record(ra[stage]) != normalized_run_record(rb[stage]):
-            problems.append(f"differs (beyond run.json's timing fields): runs/*-{stage}-*/run.json")
+        if not same_file(ra[stage], rb[stage]):
+            problems.append(f"differs: runs/*-{stage}-*/run.json")
     return problems
 
 
