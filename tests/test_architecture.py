@@ -169,3 +169,4 @@ def test_the_checks_catch_a_planted_cycle_and_private_imports(tmp_path: Path) ->
     assert private == ["pricing_cli.b:3 uses pricing_cli.c._hidden",
                        "pricing_cli.e:2 imports pricing_cli.stages.s._q",
                        "pricing_cli.stages.t:2 uses pricing_cli.stages.s._q"]
+
