@@ -24,7 +24,7 @@ from pricing_cli.stages.batches import (
     write_batch,
     write_manifest,
 )
-from tests.test_preprocess import quiet_monitor, tiny_settings, write_feature_files
+from tests.support.feature_files import quiet_monitor, tiny_settings, write_feature_files
 
 BATCHES = Path("data/intermediate")
 HEADS = {"price_level": 11, "price_move": 3}

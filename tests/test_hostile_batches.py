@@ -20,7 +20,7 @@ import pytest
 from pricing_cli import cli
 from pricing_cli.errors import BatchError
 from pricing_cli.stages.batches import load_batch, read_manifest, write_manifest
-from tests.test_preprocess import quiet_monitor, tiny_settings, write_feature_files
+from tests.support.feature_files import quiet_monitor, tiny_settings, write_feature_files
 
 BATCHES = Path("data/intermediate")
 FIX = ("  hint: Batch names in manifest.json are plain file names of files in the same folder "

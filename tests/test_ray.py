@@ -20,7 +20,7 @@ from pricing_cli.errors import ConfigError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.stages.executors import RayPool, check_executor_settings, init_ray
 from pricing_cli.stages.preprocess import SampleParams, process_file, run_preprocess
-from tests.test_preprocess import write_feature_files
+from tests.support.feature_files import write_feature_files
 
 try:
     import ray
