@@ -10,6 +10,7 @@ A private name is one with a leading underscore that is not a dunder (``__versio
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pricing_cli"
@@ -127,15 +128,21 @@ def import_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return sorted(cycles)
 
 
+@functools.cache
+def package_graph() -> tuple[dict[str, set[str]], list[str]]:
+    """pricing_cli's import graph, parsed once for both tests."""
+    return import_graph(PACKAGE)
+
+
 def test_pricing_cli_has_no_import_cycle() -> None:
-    edges, _ = import_graph(PACKAGE)
+    edges, _ = package_graph()
     assert len(edges) > 30  # every module was parsed
     assert "pricing_cli.stages.batches" in edges["pricing_cli.stages.preprocess"]
     assert import_cycles(edges) == []
 
 
 def test_no_module_imports_another_modules_private_name() -> None:
-    _, private = import_graph(PACKAGE)
+    _, private = package_graph()
     assert private == []
 
 
