@@ -34,7 +34,7 @@ def main() -> None:
                         help="rewrite the input files even if they exist")
     args = parser.parse_args()
 
-    from tests.test_preprocess import write_feature_files
+    from tests.support.feature_files import write_feature_files
 
     work = args.workdir.resolve()
     features = work / "data" / "features"

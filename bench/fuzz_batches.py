@@ -103,7 +103,8 @@ def run(mutations: int, seed: int) -> dict[str, Any]:
     The dict also holds ``missed_examples`` and ``crashed_examples`` (up to 20 each:
     batch, mutation, and for a crash the exception).
     """
-    from pricing_cli.stages.batches import read_manifest, validate_batch
+    from pricing_cli.stages.batch_checks import validate_batch
+    from pricing_cli.stages.batches import read_manifest
 
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="fuzz_batches_") as tmp:

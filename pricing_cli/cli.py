@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,12 +28,9 @@ from pricing_cli.errors import (
     classify_os_error,
     exit_code_for,
 )
+from pricing_cli.registry import PIPELINE_NAMES, STAGES, stage
 from pricing_cli.runinfo import OutputOptions, StageFn, execute_stage
 
-# The stages in the order `pricectl pipeline` runs them (pipeline.STAGE_NAMES; a test
-# compares them), for --help.
-STAGE_ORDER = ("generate → features → preprocess → validate-batches → merge → train → "
-               "evaluate")
 _DEFAULTS = Settings()
 
 
@@ -44,21 +42,23 @@ def _default(key: str) -> str:
     return f" [default: {'none' if value is None else value}; config {key}]"
 
 
-class _PipelineOrder(typer.core.TyperGroup):
-    """Lists the subcommands in pipeline order in --help (Typer lists them as defined)."""
+class _StageOrder(typer.core.TyperGroup):
+    """Lists the subcommands in the registry's stage order (the pipeline's), then recommend,
+    pipeline and config."""
 
     def list_commands(self, ctx: Any) -> list[str]:
-        order = [*STAGE_ORDER.split(" → "), "recommend", "pipeline", "config"]
+        order = [*(s.name for s in STAGES), "recommend", "pipeline", "config"]
         names = list(super().list_commands(ctx))
         return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
 
 
 app = typer.Typer(
     name="pricectl",
-    cls=_PipelineOrder,
+    cls=_StageOrder,
     help=(
         "Learn one pricing agent for every product from raw sales history.\n\n"
-        "Stages run in this order (`pricectl pipeline` runs them all): " + STAGE_ORDER + "; "
+        "Stages run in this order (`pricectl pipeline` runs them all): "
+        + " → ".join(PIPELINE_NAMES) + "; "
         "then `pricectl recommend` prices the days after the data ends. Global options "
         "(--config, --preset, --json, ...) go before the subcommand, e.g. "
         "`pricectl --preset tiny features`."
@@ -125,8 +125,9 @@ def _settings(**flags: Any) -> Settings:
     return load_settings(G.config, G.preset, flags)
 
 
-def _run(stage: str, settings: Settings, fn: StageFn) -> None:
-    execute_stage(stage, settings, G.output, fn, shared=G.shared_monitor)
+def _run(name: str, settings: Settings, fn: StageFn,
+         stage_key: Callable[[], str | None] | None = None) -> None:
+    execute_stage(name, settings, G.output, fn, shared=G.shared_monitor, stage_key=stage_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def validate_batches(
     ] = False,
 ) -> None:
     """Check every batch and explain each problem found; exit non-zero on any problem."""
-    from pricing_cli.stages.batches import run_validate_batches
+    from pricing_cli.stages.batch_checks import run_validate_batches
 
     for path in paths or []:
         if path.is_file() and path.suffix != ".npz":
@@ -370,28 +371,10 @@ def recommend(
     _run("recommend", settings, fn)
 
 
-# Where each stage function lives, for `pipeline` (imported only when that stage runs).
-STAGE_FUNCTIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "generate": ("pricing_cli.data.generate", "run_generate", {}),
-    "features": ("pricing_cli.stages.features", "run_features", {}),
-    "preprocess": ("pricing_cli.stages.preprocess", "run_preprocess", {}),
-    "validate-batches": ("pricing_cli.stages.batches", "run_validate_batches",
-                         {"paths": [], "deep": False, "convert_legacy": False,
-                          "trust_pickle": False}),
-    "merge": ("pricing_cli.stages.merge", "run_merge", {}),
-    "train": ("pricing_cli.agent.train", "run_train", {"product": None, "resume": False}),
-    "evaluate": ("pricing_cli.agent.evaluate", "run_evaluate", {}),
-    "recommend": ("pricing_cli.agent.recommend", "run_recommend", {"products": None,
-                                                                   "model": None}),
-}
-
-
-def _run_named_stage(name: str, settings: Settings) -> None:
-    import importlib
-
-    module, attr, kwargs = STAGE_FUNCTIONS[name]
-    fn = getattr(importlib.import_module(module), attr)
-    _run(name, settings, functools.partial(fn, **kwargs) if kwargs else fn)
+def _run_named_stage(name: str, settings: Settings,
+                     stage_key: Callable[[], str | None]) -> None:
+    """The pipeline's runner: the registry's stage function, as the subcommand runs it."""
+    _run(name, settings, stage(name).load(), stage_key)
 
 
 @app.command()
@@ -407,7 +390,7 @@ def pipeline(
         help="Start with generate, a synthetic market (default: pipeline.generate, which only "
              "the built-in presets turn on; never on for your own data).")] = None,
 ) -> None:
-    """Run generate → features → preprocess → validate-batches → merge → train → evaluate.
+    """Run the stages in pipeline order (`pricectl --help` lists them), skipping those up to date.
 
     A stage whose inputs, config section and pricectl version are unchanged since its last
     run (recorded in the run.json beside its outputs) is skipped, as `dvc repro` does.

@@ -9,100 +9,36 @@ re-run upstream re-runs everything downstream.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pricing_cli import __version__
 from pricing_cli.config import Settings
 from pricing_cli.errors import ConfigError
+from pricing_cli.registry import PIPELINE, PIPELINE_NAMES, Stage, stage
 from pricing_cli.storage import fingerprint_files
 
-RunFn = Callable[[str, Settings], None]
+# run_stage(name, settings, stage_key): runs one stage; stage_key() is the key to record in
+# the run.json beside its outputs, computed once the stage's work is done.
+RunFn = Callable[[str, Settings, Callable[[], str | None]], None]
+STAGES = PIPELINE
+STAGE_NAMES = PIPELINE_NAMES
 
 
-@dataclass(frozen=True)
-class PipelineStage:
-    """One step: its name, the config sections it reads, and where its run.json lands."""
-
-    name: str
-    sections: tuple[str, ...]
-    upstream: str | None
-
-    def output_dir(self, settings: Settings) -> Path | None:
-        if self.name == "train":
-            return newest_model_dir(settings)
-        folder = {
-            "generate": settings.generate.output_dir,
-            "features": settings.features.output_dir,
-            "preprocess": settings.preprocess.output_dir,
-            "merge": settings.merge.output_dir,
-            "evaluate": settings.evaluate.reports_dir,
-        }.get(self.name)
-        return None if folder is None else Path(folder)
-
-
-STAGES: tuple[PipelineStage, ...] = (
-    PipelineStage("generate", ("generate",), None),
-    PipelineStage("features", ("data", "features"), None),
-    PipelineStage("preprocess", ("preprocess",), "features"),
-    PipelineStage("validate-batches", ("preprocess",), "preprocess"),
-    PipelineStage("merge", ("merge",), "preprocess"),
-    PipelineStage("train", ("train",), "merge"),
-    PipelineStage("evaluate", ("evaluate", "data"), "train"),
-)
-STAGE_NAMES = tuple(s.name for s in STAGES)
-
-
-def stage_folders(name: str, settings: Settings) -> tuple[list[Path], list[Path]]:
-    """(folders the stage writes, folders it reads) for the locks a run holds: one run at a
-    time writes a folder, and nobody writes a folder a running stage reads.
-
-    merge writes its batch folder too (it deletes the batches it merged).
-    """
-    raw = Path(settings.generate.output_dir)
-    features, batches = Path(settings.features.output_dir), Path(settings.preprocess.output_dir)
-    processed, models = Path(settings.merge.output_dir), Path(settings.train.models_dir)
-    reports = Path(settings.evaluate.reports_dir)
-    # Your own raw data is only read; it is locked (shared) only where generate writes it.
-    raw_read = [raw] if raw.resolve() in Path(settings.data.catalog).resolve().parents else []
-    table: dict[str, tuple[list[Path], list[Path]]] = {
-        "generate": ([raw], []),
-        "features": ([features], raw_read),
-        "preprocess": ([batches], [features]),
-        "validate-batches": ([], [batches]),
-        "merge": ([processed, batches], []),
-        "train": ([models], [processed]),
-        "evaluate": ([reports], [processed, models]),
-        "recommend": ([Path(settings.recommend.output_dir)], [processed, models]),
-    }
-    return table.get(name, ([], []))
-
-
-def newest_model_dir(settings: Settings) -> Path | None:
-    """models/<run_id> if train.run_id is set, else the newest run folder with a run.json."""
-    root = Path(settings.train.models_dir)
-    if settings.train.run_id:
-        return root / settings.train.run_id
-    runs = sorted((p for p in root.glob("*") if (p / "run.json").is_file()),
-                  key=lambda p: (p / "run.json").stat().st_mtime)
-    return runs[-1] if runs else None
-
-
-def stage_key(stage: PipelineStage, settings: Settings) -> str | None:
-    """The digest that decides whether ``stage`` must run; None if its inputs are missing."""
-    if stage.name == "features":
+def stage_key(step: Stage, settings: Settings) -> str | None:
+    """The digest that decides whether ``step`` must run; None if its inputs are missing."""
+    if step.name == "features":
         files = sorted(glob.glob(settings.data.transactions)) + [settings.data.catalog]
         if not all(Path(f).is_file() for f in files):
             return None
         inputs: Any = fingerprint_files(files)
-    elif stage.upstream is not None:
-        upstream = next(s for s in STAGES if s.name == stage.upstream)
-        folder = upstream.output_dir(settings)
+    elif step.upstream is not None:
+        folder = stage(step.upstream).output(settings)
         record = None if folder is None else folder / "run.json"
         if record is None or not record.is_file():
             return None
@@ -111,7 +47,7 @@ def stage_key(stage: PipelineStage, settings: Settings) -> str | None:
         inputs = None
     payload = {
         "version": __version__,
-        "config": {s: settings.section_fingerprint(s) for s in stage.sections},
+        "config": {s: settings.section_fingerprint(s) for s in step.key_sections},
         "inputs": inputs,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -125,12 +61,12 @@ def key_of(name: str, settings: Settings) -> str | None:
     return None if stage is None else stage_key(stage, settings)
 
 
-def recorded_key(stage: PipelineStage, settings: Settings) -> str | None:
+def recorded_key(step: Stage, settings: Settings) -> str | None:
     """The stage key of the run.json beside the stage's outputs; None if there is none or the
     folder is a half-replaced generated market (its run.json is the earlier run's)."""
     from pricing_cli.data.raw_contract import INCOMPLETE_MARKER
 
-    folder = stage.output_dir(settings)
+    folder = step.output(settings)
     if folder is None or not (folder / "run.json").is_file():
         return None
     if (folder / INCOMPLETE_MARKER).exists():
@@ -160,7 +96,7 @@ def outputs_intact(folder: Path, outputs: Any) -> bool:
 
 
 def plan(settings: Settings, start: str | None, stop: str | None, force: bool,
-         with_generate: bool) -> list[PipelineStage]:
+         with_generate: bool) -> list[Stage]:
     """The stages between --from and --to, in order."""
     for name in (start, stop):
         if name is not None and name not in STAGE_NAMES:
@@ -179,35 +115,35 @@ def run_pipeline(settings: Settings, run_stage: RunFn, log: Callable[[str], None
                  with_generate: bool = True) -> list[tuple[str, str]]:
     """Run the planned stages; returns (stage, 'ran' | 'skipped (up to date)') pairs.
 
-    ``run_stage(name, settings)`` runs one stage (the CLI passes its own stage runner, so
-    each stage behaves exactly as when typed alone). validate-batches always runs when
+    ``run_stage(name, settings, key)`` runs one stage (the CLI passes its own stage runner,
+    so each stage behaves exactly as when typed alone); ``key()`` gives the stage key that
+    run.json records, so run.json is written once. validate-batches always runs when
     preprocess or merge runs, and is skipped with them otherwise.
     """
     outcome: list[tuple[str, str]] = []
     ran_upstream = False
     stages = plan(settings, start, stop, force, with_generate)
-    for stage in stages:
-        key_before = stage_key(stage, settings)
+    for step in stages:
+        key_before = stage_key(step, settings)
         up_to_date = (not force and not ran_upstream and key_before is not None
-                      and key_before == recorded_key(stage, settings))
-        if up_to_date and stage.name == "preprocess" and _merge_needs_batches(stages, settings):
+                      and key_before == recorded_key(step, settings))
+        if up_to_date and step.name == "preprocess" and _merge_needs_batches(stages, settings):
             up_to_date = False  # merge must re-run and its batches were deleted: rebuild them
-        if stage.name == "validate-batches":
+        if step.name == "validate-batches":
             # It has no outputs of its own: it runs exactly when the batches are new.
             up_to_date = not ran_upstream and not force
         if up_to_date:
-            log(f"{stage.name}: up to date, skipped")
-            outcome.append((stage.name, "skipped (up to date)"))
+            log(f"{step.name}: up to date, skipped")
+            outcome.append((step.name, "skipped (up to date)"))
             continue
-        log(f"{stage.name}: running")
-        run_stage(stage.name, settings)
+        log(f"{step.name}: running")
+        run_stage(step.name, settings, functools.partial(stage_key, step, settings))
         ran_upstream = True
-        record_stage_key(stage, settings)
-        outcome.append((stage.name, "ran"))
+        outcome.append((step.name, "ran"))
     return outcome
 
 
-def _merge_needs_batches(stages: list[PipelineStage], settings: Settings) -> bool:
+def _merge_needs_batches(stages: list[Stage], settings: Settings) -> bool:
     """True when merge is planned, is not up to date, and a batch it needs is gone (merge
     deletes the batches it merged, so a merge re-run needs preprocess again)."""
     merge = next((s for s in stages if s.name == "merge"), None)
@@ -223,16 +159,3 @@ def _merge_needs_batches(stages: list[PipelineStage], settings: Settings) -> boo
     except (OSError, ValueError, KeyError, TypeError):
         return True
     return not all((folder / Path(name).name).is_file() for name in names)
-
-
-def record_stage_key(stage: PipelineStage, settings: Settings) -> None:
-    """Add the stage key to the run.json the stage just wrote beside its outputs."""
-    folder = stage.output_dir(settings)
-    key = stage_key(stage, settings)
-    if folder is None or key is None or not (folder / "run.json").is_file():
-        return
-    from pricing_cli.storage import write_json
-
-    record = json.loads((folder / "run.json").read_text())
-    record["stage_key"] = key
-    write_json(folder / "run.json", record)

@@ -1,7 +1,8 @@
 """Running one stage: the monitor around it, run.json beside its outputs, the summary.
 
 Every stage function has the shape ``fn(settings, monitor) -> StageResult``. The CLI calls
-:func:`execute_stage`, which owns everything around it, so no stage repeats it.
+:func:`execute_stage`, which owns everything around it, so no stage repeats it. What a stage
+locks and which config section its run.json fingerprints come from registry.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pricing_cli import __version__
 from pricing_cli.config import Settings, parse_size
 from pricing_cli.errors import PartialFailure
 from pricing_cli.monitor import DisplayMode, RunMonitor, format_bytes
+from pricing_cli.registry import BY_NAME, stage_folders
 from pricing_cli.storage import TMP_MARK, fingerprint_files, folder_locks, write_json
 
 
@@ -87,7 +89,7 @@ def run_record(stage: str, settings: Settings, result: StageResult, monitor: Run
         "pricectl_version": __version__,
         "command_line": sys.argv,
         "config": settings.to_dict(),
-        "config_fingerprint": settings.section_fingerprint(_config_section(stage)),
+        "config_fingerprint": settings.section_fingerprint(config_section(stage)),
         "inputs": fingerprint_files(list(result.inputs)) if result.inputs else None,
         "outputs": output_sizes(result),
         "started": monitor.started_wall.isoformat(),
@@ -112,8 +114,11 @@ def output_sizes(result: StageResult) -> dict[str, int] | None:
     return dict(sorted(sizes.items()))
 
 
-def _config_section(stage: str) -> str:
-    return {"validate-batches": "preprocess"}.get(stage, stage)
+def config_section(stage: str) -> str:
+    """The config section whose fingerprint run.json records (the registry's, else the
+    stage's own name)."""
+    found = BY_NAME.get(stage)
+    return stage if found is None else found.config_section
 
 
 def make_monitor(stage: str, settings: Settings, options: OutputOptions,
@@ -131,18 +136,18 @@ def make_monitor(stage: str, settings: Settings, options: OutputOptions,
 
 
 def execute_stage(stage: str, settings: Settings, options: OutputOptions, fn: StageFn,
-                  shared: RunMonitor | None = None) -> StageResult:
-    """Run ``fn`` under a monitor, write run.json, print the summary.
+                  shared: RunMonitor | None = None,
+                  stage_key: Callable[[], str | None] | None = None) -> StageResult:
+    """Run ``fn`` under a monitor, write run.json (once), print the summary.
 
     ``shared``: a monitor already running (one live panel for a whole pipeline); it is
-    switched to this stage instead of starting a new one.
+    switched to this stage instead of starting a new one. ``stage_key``: the pipeline's key
+    of this stage (pipeline.stage_key), recorded in the run.json beside the outputs.
 
     Raises:
         PartialFailure: the stage finished but listed failures.
         Whatever ``fn`` raises (a PricingError subclass for user mistakes).
     """
-    from pricing_cli.pipeline import stage_folders
-
     outputs, inputs = stage_folders(stage, settings)
     with folder_locks(outputs, inputs):
         run_dir = new_run_dir(settings, stage)
@@ -158,8 +163,9 @@ def execute_stage(stage: str, settings: Settings, options: OutputOptions, fn: St
         record = run_record(stage, settings, result, monitor, datetime.now().astimezone())
         from pricing_cli.pipeline import key_of
 
-        key = key_of(stage, settings)
-        if key is not None:  # a manual run counts for `pricectl pipeline` too
+        # A manual run counts for `pricectl pipeline` too: both record the stage key.
+        key = stage_key() if stage_key is not None else key_of(stage, settings)
+        if key is not None:
             record["stage_key"] = key
         write_json(run_dir / "run.json", record)
         if result.output_dir is not None and Path(result.output_dir).is_dir():

@@ -14,18 +14,17 @@ import polars as pl
 import pytest
 
 from pricing_cli.errors import BatchError, ConfigError, MissingInputError
+from pricing_cli.stages.batch_checks import run_validate_batches, validate_batch
 from pricing_cli.stages.batches import (
     NpyStreamWriter,
     SampleBlock,
     load_batch,
     member_sha256,
     read_manifest,
-    run_validate_batches,
-    validate_batch,
     write_batch,
     write_manifest,
 )
-from tests.test_preprocess import quiet_monitor, tiny_settings, write_feature_files
+from tests.support.feature_files import quiet_monitor, tiny_settings, write_feature_files
 
 BATCHES = Path("data/intermediate")
 HEADS = {"price_level": 11, "price_move": 3}

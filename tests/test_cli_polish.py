@@ -204,12 +204,16 @@ def test_pipeline_json_summarises_skipped_stages_and_a_manual_run_counts(
 def test_help_lists_the_stages_in_pipeline_order_with_defaults() -> None:
     import typer
 
-    from pricing_cli.pipeline import STAGE_NAMES
+    from pricing_cli.registry import PIPELINE_NAMES
 
-    assert cli.STAGE_ORDER == " → ".join(STAGE_NAMES)
+    assert PIPELINE_NAMES == ("generate", "features", "preprocess", "validate-batches", "merge",
+                              "train", "evaluate")
     group = typer.main.get_command(cli.app)
-    assert cli.STAGE_ORDER in (group.help or "")
-    assert list(group.list_commands(None)) == [*STAGE_NAMES, "recommend", "pipeline", "config"]
+    assert ("Stages run in this order (`pricectl pipeline` runs them all): generate → features "
+            "→ preprocess → validate-batches → merge → train → evaluate; then") in " ".join(
+                (group.help or "").split())
+    assert list(group.list_commands(None)) == [*PIPELINE_NAMES, "recommend", "pipeline",
+                                               "config"]
     assert cli._default("train.timesteps") == " [default: 50000; config train.timesteps]"
     options = {p.name: p.help for p in group.commands["train"].params}
     assert options["timesteps"] == ("Environment steps of RL. [default: 50000; config "

@@ -167,8 +167,18 @@ def test_every_key_is_documented() -> None:
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "full"])
 def test_presets_load(preset: str) -> None:
+    """Every value a preset file sets is the loaded setting's; the rest stay the defaults."""
+    text = (REPO / "pricing_cli" / "presets" / f"{preset}.yaml").read_text()
+    written = yaml.safe_load(text)
     settings = load_settings(preset=preset, environ={})
-    assert isinstance(settings, Settings)
+    defaults = Settings()
+    assert len(written) >= 3  # sections the preset sets
+    for section, values in written.items():
+        for key, value in values.items():
+            got = getattr(getattr(settings, section), key)
+            assert (list(got) if isinstance(got, tuple) else got) == value, (section, key)
+    for section in set(Settings.model_fields) - set(written):
+        assert getattr(settings, section) == getattr(defaults, section), section
 
 
 def test_the_change_cost_example_config_loads() -> None:

@@ -33,7 +33,8 @@ from pricing_cli import cli
 from pricing_cli.config import DataSettings, load_settings
 from pricing_cli.data.raw_contract import FileReport, read_catalog, read_transaction_file
 from pricing_cli.errors import DataError
-from pricing_cli.stages.batches import read_manifest, validate_batch
+from pricing_cli.stages.batch_checks import validate_batch
+from pricing_cli.stages.batches import read_manifest
 
 CATALOG_IDS = ("A", "B", "C", "85048")
 HEADER = "date,product_id,quantity,unit_price"

@@ -20,7 +20,7 @@ import pytest
 from pricing_cli import cli
 from pricing_cli.errors import BatchError
 from pricing_cli.stages.batches import load_batch, read_manifest, write_manifest
-from tests.test_preprocess import quiet_monitor, tiny_settings, write_feature_files
+from tests.support.feature_files import quiet_monitor, tiny_settings, write_feature_files
 
 BATCHES = Path("data/intermediate")
 FIX = ("  hint: Batch names in manifest.json are plain file names of files in the same folder "
@@ -80,7 +80,7 @@ def test_a_manifest_name_leading_outside_is_refused_and_the_victim_survives(
 
 def test_validate_batches_lists_the_escaping_name_as_a_problem(
         batch_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pricing_cli.stages.batches import run_validate_batches
+    from pricing_cli.stages.batch_checks import run_validate_batches
 
     rename_entry(batch_dir, 0, str(tmp_path / "elsewhere.npz"))
     result = run_validate_batches(tiny_settings(), quiet_monitor("validate-batches")[0],

@@ -14,7 +14,7 @@ import pytest
 from pricing_cli import cli
 from pricing_cli.data.raw_contract import read_catalog, read_transaction_file
 from pricing_cli.errors import DataError
-from tests.test_raw_contract import CATALOG, data_settings
+from tests.support.raw import CATALOG, data_settings
 
 
 @pytest.fixture(scope="module")

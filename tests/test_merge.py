@@ -15,7 +15,7 @@ from pricing_cli.stages.batches import read_manifest, write_manifest
 from pricing_cli.stages.merge import run_merge
 from pricing_cli.stages.preprocess import SampleParams, build_samples, run_preprocess
 from pricing_cli.storage import OWNER_MARKER
-from tests.test_preprocess import quiet_monitor, tiny_settings, write_feature_files
+from tests.support.feature_files import quiet_monitor, tiny_settings, write_feature_files
 
 PROCESSED = Path("data/processed")
 BATCHES = Path("data/intermediate")

@@ -69,13 +69,45 @@ def test_pipeline_rejects_unknown_or_reversed_stages(tmp_path: Path, monkeypatch
     assert "--from merge comes after --to features" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stage", ["merge", "train"])
-def test_stage_without_its_input_says_which_stage_to_run(stage: str, tmp_path: Path,
-                                                         monkeypatch, capsys) -> None:
+@pytest.mark.parametrize(("stage", "message"), [
+    ("merge", "pricectl: missing input: no batch manifest in data/intermediate\n"
+              "  hint: Run `pricectl preprocess` first.\n"),
+    ("train", "pricectl: missing input: processed file data/processed/preprocessing_stats.json "
+              "not found\n  hint: Run `pricectl merge` (after preprocess) to build "
+              "data/processed/.\n"),
+])
+def test_stage_without_its_input_says_which_stage_to_run(stage: str, message: str,
+                                                         tmp_path: Path, monkeypatch,
+                                                         capsys) -> None:
     monkeypatch.chdir(tmp_path)
     args = [stage] + (["--multi-product"] if stage == "train" else [])
     code = cli.main(["--preset", "tiny", "-q", *args])
-    err = capsys.readouterr().err
-    assert code == 10, err
-    assert "Traceback" not in err
-    assert "hint:" in err
+    assert (code, capsys.readouterr().err) == (10, message)  # exit 10: missing input
+
+
+def test_help_lists_the_stages_in_pipeline_order(capsys) -> None:
+    from pricing_cli.registry import PIPELINE_NAMES, STAGES
+
+    assert PIPELINE_NAMES == ("generate", "features", "preprocess", "validate-batches", "merge",
+                              "train", "evaluate")
+    assert [s.name for s in STAGES][-1] == "recommend"  # a stage, not in the pipeline
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert ("Stages run in order: generate → features → preprocess → validate-batches → merge"
+            in " ".join(out.split()))
+    commands = out[out.index("Commands"):]
+    listed = [line.split()[1] for line in commands.splitlines()
+              if line.startswith("│ ") and len(line.split()) > 1
+              and line.split()[1] in {*PIPELINE_NAMES, "recommend", "pipeline", "config"}]
+    assert listed == [*PIPELINE_NAMES, "recommend", "pipeline", "config"]
+
+
+def test_every_stage_function_named_by_the_registry_exists() -> None:
+    from pricing_cli.registry import STAGES, stage_folders
+
+    for stage in STAGES:
+        assert callable(stage.load()), stage.name
+    settings = cli.load_settings(preset="tiny", environ={})
+    assert stage_folders("merge", settings) == ([Path("data/processed"),
+                                                 Path("data/intermediate")], [])
+    assert stage_folders("pipeline", settings) == ([], [])

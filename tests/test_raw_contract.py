@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import gzip
 from datetime import date
-from pathlib import Path
 
 import polars as pl
 import pytest
 
-from pricing_cli.config import load_settings
 from pricing_cli.data.raw_contract import (
     read_catalog,
     read_daily_sales,
@@ -18,14 +16,7 @@ from pricing_cli.data.raw_contract import (
     transaction_files,
 )
 from pricing_cli.errors import DataError, MissingInputError
-
-FIXTURES = Path(__file__).parent / "fixtures" / "raw"
-CATALOG = FIXTURES / "catalog.csv"
-
-
-def data_settings(**flags):
-    flags = {"data.catalog": str(CATALOG), **{f"data.{k}": v for k, v in flags.items()}}
-    return load_settings(preset="tiny", flags=flags, environ={}).data
+from tests.support.raw import CATALOG, FIXTURES, data_settings
 
 
 @pytest.fixture(scope="module")

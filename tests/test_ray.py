@@ -19,8 +19,8 @@ from pricing_cli.config import load_settings
 from pricing_cli.errors import ConfigError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.stages.executors import RayPool, check_executor_settings, init_ray
-from pricing_cli.stages.preprocess import SampleParams, run_preprocess
-from tests.test_preprocess import write_feature_files
+from pricing_cli.stages.preprocess import SampleParams, process_file, run_preprocess
+from tests.support.feature_files import write_feature_files
 
 try:
     import ray
@@ -202,7 +202,7 @@ def test_ray_pool_yields_in_order_and_shows_chunks(local_ray, tmp_path: Path,
                           heads=("price_level", "price_move"))
     given = [str(p.relative_to(tmp_path)) for p in paths] + ["f/missing.parquet"]
     monitor = RecordingMonitor()
-    with RayPool(params, 1, monitor) as pool:
+    with RayPool(params, process_file, 1, monitor) as pool:
         outcomes = list(pool.map(given))
     assert [o[0] for o in outcomes] == given  # paths as given, not the absolute ones sent
     # product i starts i % 4 days late

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pricing_cli"
-LEGACY_OPT_IN = ("stages/batches.py", "_load_legacy_unsafe")
+LEGACY_OPT_IN = ("stages/legacy.py", "_load_legacy_unsafe")
 
 
 def calls(tree: ast.AST):
@@ -72,6 +72,6 @@ def test_the_scan_would_catch_an_unsafe_call(tmp_path) -> None:
 
 
 def test_the_legacy_opt_in_is_the_only_allow_pickle_site() -> None:
-    text = (PACKAGE / "stages" / "batches.py").read_text(encoding="utf-8")
+    text = (PACKAGE / "stages" / "legacy.py").read_text(encoding="utf-8")
     code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     assert sum(line.count("allow_pickle=True") for line in code) == 1

@@ -13,8 +13,10 @@ Each product's parameters (a, s1, s2, e) are ``overall mean + category offset + 
 offset``. Offsets carry an L2 penalty of strength ``train.demand_shrinkage`` (a Gaussian prior
 centred on the group mean, empirical-Bayes style: the means are fitted from all products), so
 a product with a handful of sales gets the curve of its group and one with years of sales its
-own. All rows are fitted at once with torch L-BFGS; per-row parameters are gathered by index
-(no one-hot design matrix), so memory is a few arrays of the row count.
+own. All rows are fitted at once by a numpy Newton solver on the penalized Poisson likelihood
+(the product blocks are eliminated, so each step solves the small system of the shared
+parameters exactly; see ``_newton``); per-row parameters are gathered by index (no one-hot
+design matrix), so memory is a few arrays of the row count.
 
 Files: ``demand_model.npz`` (numeric arrays, loaded with allow_pickle=False) and
 ``demand_model.json`` (categories, fit information). No pickle.

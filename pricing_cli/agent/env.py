@@ -413,7 +413,7 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
     first_rows = np.nonzero(first)[0]
     previous[first_rows] = [earlier.get(int(p), price[r]) for p, r in
                             zip(product[first_rows], first_rows, strict=True)]
-    held = _held_days(price, first)
+    held = held_days(price, first)
     starts = np.r_[first_rows, n]
     product_end = np.repeat(starts[1:], np.diff(starts))
     dates = meta["date"].to_numpy().astype("datetime64[D]")
@@ -475,7 +475,7 @@ def _last_prices_before(processed_dir: Path, split: str) -> dict[int, float]:
     return last
 
 
-def _held_days(price: np.ndarray, first: np.ndarray) -> np.ndarray:
+def held_days(price: np.ndarray, first: np.ndarray) -> np.ndarray:
     """For each row, how many consecutive days (ending the day before) the price was held;
     1 on a product's first row, where the history before is unknown."""
     n = len(price)

@@ -143,14 +143,18 @@ class PricingAgent:
 
     def check_compatible(self, market: Market) -> None:
         """Raise ModelError if the processed data do not match what the agent was trained on."""
+        from pricing_cli.agent.env import N_ENDOGENOUS
+
         expected = (int(self.config["n_features"]), int(self.config["price_levels"]))
         found = (market.n_features, market.price_levels)
         if expected != found or market.n_products > int(self.config["n_products"]):
             where = self.run_dir or "this agent"
+            # the observation is the processed features + K forecast columns + N_ENDOGENOUS
+            trained, given = (n - k - N_ENDOGENOUS for n, k in (expected, found))
             raise ModelError(
-                f"{where} was trained on {expected[0] - 3} features, K={expected[1]} price levels "
+                f"{where} was trained on {trained} features, K={expected[1]} price levels "
                 f"and {self.config['n_products']} products, but the {market.split} split has "
-                f"{found[0] - 3} features, K={found[1]} and {market.n_products} products",
+                f"{given} features, K={found[1]} and {market.n_products} products",
                 "Evaluate with the processed data the model was trained on, or retrain it.")
 
 

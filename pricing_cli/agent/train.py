@@ -711,7 +711,7 @@ def planner_path(market: Market, processed_dir: Path, demand: Any
         a product's first row starts from its historical previous price, as env episodes do.
     """
     from pricing_cli.agent.baselines import load_split_meta, planned_prices
-    from pricing_cli.agent.env import _held_days
+    from pricing_cli.agent.env import held_days
     from pricing_cli.pricing import nearest_level
 
     meta = load_split_meta(processed_dir, market.split, market.closed)
@@ -725,7 +725,7 @@ def planner_path(market: Market, processed_dir: Path, demand: Any
     for start in range(0, market.n_rows, 65_536):
         rows = np.arange(start, min(start + 65_536, market.n_rows))
         levels[rows] = nearest_level(market.grid(rows), prices[rows])
-    return levels, previous, _held_days(prices, first)
+    return levels, previous, held_days(prices, first)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The batch format: the one writer and reader of ``batch_NNNN.npz``, its checks, legacy import.
+"""The batch format: the one writer and reader of ``batch_NNNN.npz`` and of its manifest.
 
 A batch is a zip (``.npz``) of plain ``.npy`` members and nothing pickled (full layout in
 docs/batch-format.md)::
@@ -13,11 +13,13 @@ docs/batch-format.md)::
 Members are stored uncompressed with fixed zip timestamps, so the same samples always give the
 same bytes, and are streamed from per-file blocks, so the writer never concatenates a batch in
 memory. Everything is loaded with ``allow_pickle=False``; the single place allowed to unpickle
-is :func:`_load_legacy_unsafe`, reached only through
+is ``stages/legacy.py``'s ``_load_legacy_unsafe``, reached only through
 ``pricectl validate-batches --convert-legacy --trust-pickle``.
 
-This module also owns ``manifest.json`` (read/write), :func:`validate_batch` and the
-``validate-batches`` stage.
+This module also owns ``manifest.json`` and its journal (read/write). The checks of a batch
+and the ``validate-batches`` stage live in ``stages/batch_checks.py``; the import of the old
+pickled layout in ``stages/legacy.py``. Neither is imported here, so the format has no
+dependency on them (tests/test_architecture.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 import shutil
 import struct
 import tokenize
@@ -38,14 +39,12 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from numpy.lib import format as npy_format
 
-from pricing_cli.errors import BatchError, ConfigError, MissingInputError
+from pricing_cli.errors import BatchError, ConfigError
 from pricing_cli.pricing import MOVE_DOWN, MOVE_HOLD, MOVE_UP
 from pricing_cli.storage import append_line, atomic_write, write_json
 
 if TYPE_CHECKING:
-    from pricing_cli.config import Settings
-    from pricing_cli.monitor import RunMonitor
-    from pricing_cli.runinfo import StageResult
+    pass
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -71,8 +70,6 @@ META_DTYPES: dict[str, str] = {
     "ref_price": "float64",
     "category": "U",
 }
-# Meta columns the old system's batches may lack, and the value they get when converted.
-LEGACY_DEFAULTS = {"category": "none"}
 # Members of the old system's batches (pickled): see docs/batch-format.md, "Legacy layout".
 LEGACY_MEMBERS = ("strategic_features", "labels", "masks", "df")
 
@@ -83,7 +80,7 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 # bit can set the encryption flag (RuntimeError), name an unknown compression method or zip
 # version (NotImplementedError), move an offset before the start of the file (OSError), or
 # garble a field that struct cannot unpack.
-_CORRUPT_ZIP = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, RuntimeError,
+CORRUPT_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, RuntimeError,
                 NotImplementedError, struct.error, ValueError, OverflowError)
 # The batch writer stores members uncompressed (ratio 1). A foreign deflated member is allowed
 # up to this ratio: deflate reaches ~1000x only on long runs of one byte, i.e. a zip bomb.
@@ -372,7 +369,7 @@ def read_member_headers(path: str | Path) -> dict[str, tuple[tuple[int, ...], np
                         member, f"{path}: member {info.filename!r}")
                     _check_declared_size(path, info, shape, dtype, header_size)
                     headers[name] = (shape, dtype)
-    except _CORRUPT_ZIP as exc:
+    except CORRUPT_ZIP_ERRORS as exc:
         raise BatchError(f"{path}: not a readable .npz (zip) file: {exc}",
                          "The file is truncated or corrupt; delete it and re-run "
                          "`pricectl preprocess` (only this batch is rebuilt).") from None
@@ -470,7 +467,7 @@ def load_batch(path: str | Path) -> tuple[SampleBlock, list[str]]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in member_names(heads)}
-    except (*_CORRUPT_ZIP, *_CORRUPT_NPY) as exc:
+    except (*CORRUPT_ZIP_ERRORS, *_CORRUPT_NPY) as exc:
         raise BatchError(f"{path}: cannot read batch: {exc}") from None
     version = int(arrays["format_version"])
     if version != FORMAT_VERSION:
@@ -551,7 +548,7 @@ def layout_difference(path: str | Path) -> tuple[dict[str, str], str | None]:
     match the manifest and whose layout matches is byte for byte the file that was written.
 
     Raises:
-        zipfile.BadZipFile (a member fails its CRC) or another error of ``_CORRUPT_ZIP``: the
+        zipfile.BadZipFile (a member fails its CRC) or another error of ``CORRUPT_ZIP_ERRORS``: the
             file cannot be read as a zip.
     """
     path = Path(path)
@@ -693,485 +690,3 @@ def append_manifest_entry(folder: str | Path, entry: Mapping[str, Any]) -> None:
 
     append_line(Path(folder) / JOURNAL_NAME, json.dumps(dict(entry), sort_keys=True,
                                                         default=str))
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation
-
-
-@dataclass
-class Problem:
-    """One problem found in a batch, explained: what is wrong, why it matters, how to fix."""
-
-    batch: str
-    what: str
-    why: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.batch}: {self.what}. Why it matters: {self.why} Fix: {self.fix}"
-
-
-_REBUILD = "Delete this batch and re-run `pricectl preprocess`; only it is rebuilt."
-
-
-def _first_rows(mask: np.ndarray, limit: int = 5) -> str:
-    rows = np.flatnonzero(mask)[:limit]
-    return ", ".join(str(int(r)) for r in rows) + (" ..." if mask.sum() > limit else "")
-
-
-def validate_batch(path: str | Path, manifest: Mapping[str, Any] | None) -> list[Problem]:
-    """Check one batch file and explain each problem found.
-
-    Checks, in order (later checks need the earlier ones): the file opens as a zip; every
-    member is a .npy array, none pickled, none missing; format_version; shapes and dtypes agree
-    across members and with the manifest; each member's SHA-256 matches the manifest; no
-    NaN/inf in features; labels within [-1, K) and feasible in their mask; no all-zero mask
-    row; split values known and dates inside their split's range.
-
-    Args:
-        path: the batch file.
-        manifest: the manifest of its folder (None: the manifest checks are a problem).
-
-    Returns:
-        The problems found; empty when the batch is sound.
-    """
-    path = Path(path)
-    name = path.name
-    problems: list[Problem] = []
-
-    def add(what: str, why: str, fix: str = _REBUILD) -> None:
-        problems.append(Problem(str(path), what, why, fix))
-
-    try:
-        headers = read_member_headers(path)
-    except BatchError as exc:
-        add(exc.message.removeprefix(f"{path}: "),
-            "merge and training cannot read any sample of this batch.")
-        return problems
-    legacy = [m for m in LEGACY_MEMBERS if m in headers]
-    if legacy and "format_version" not in headers:
-        add(f"legacy layout (members {', '.join(legacy)}) with pickled objects",
-            "the current loader never unpickles (unpickling can run arbitrary code), so merge "
-            "cannot read it.",
-            "If you made this file, run `pricectl validate-batches --convert-legacy "
-            f"--trust-pickle {path}` to rewrite it in the current format.")
-        return problems
-    pickled = [m for m, (_, dtype) in headers.items() if dtype.hasobject]
-    for member in pickled:
-        add(f"member {member!r} is an object array (pickled Python objects)",
-            "batches are loaded with allow_pickle=False, so this member cannot be read.")
-    entry = None
-    if manifest is None:
-        add("no manifest.json beside the batch",
-            "without it the checksums, shapes and source files cannot be verified.",
-            "Re-run `pricectl preprocess` to rebuild the folder's manifest.")
-    else:
-        entry = next((b for b in manifest.get("batches", []) if b.get("name") == name), None)
-        if entry is None:
-            add("not recorded in manifest.json",
-                "merge only reads the batches the manifest lists, so this file is ignored or "
-                "stale.", "Delete it, or re-run `pricectl preprocess`.")
-    heads = [m[7:] for m in headers if m.startswith("labels_")]
-    if manifest is not None and manifest.get("heads"):
-        heads = list(manifest["heads"])
-    expected_members = member_names(heads)
-    missing = [m for m in expected_members if m not in headers]
-    for member in missing:
-        add(f"member {member!r} is missing",
-            "every batch must hold the same members so merge can stack them.")
-    extra = [m for m in headers if m not in expected_members]
-    for member in extra:
-        add(f"unexpected member {member!r}",
-            f"it is not part of format version {FORMAT_VERSION}; the file was not written by "
-            "this pricectl.")
-    if missing or pickled:
-        return problems
-
-    # shapes and dtypes across members
-    expected_dtypes = {"format_version": "int32", "features": "float32"}
-    expected_dtypes.update({f"labels_{h}": "int16" for h in heads})
-    expected_dtypes.update({f"masks_{h}": "int8" for h in heads})
-    expected_dtypes.update({f"meta_{c}": k for c, k in META_DTYPES.items() if k != "U"})
-    for member, wanted in expected_dtypes.items():
-        dtype = headers[member][1]
-        if dtype != np.dtype(wanted):
-            add(f"member {member!r} has dtype {dtype}, expected {wanted}",
-                "merge writes fixed dtypes and training reads them; a different dtype means "
-                "the file was not written by the batch writer.")
-    for member in ["feature_names", *(f"meta_{c}" for c, k in META_DTYPES.items() if k == "U")]:
-        if headers[member][1].kind != "U":
-            add(f"member {member!r} has dtype {headers[member][1]}, expected fixed-width "
-                "unicode (<U..)", "string members are stored as fixed-width unicode.")
-    n_rows = headers["features"][0][0] if len(headers["features"][0]) == 2 else -1
-    n_features = headers["feature_names"][0][0] if headers["feature_names"][0] else -1
-    if headers["features"][0] != (n_rows, n_features):
-        add(f"features has shape {headers['features'][0]}, expected (n, {n_features}) for "
-            f"{n_features} feature names", "the state width must match the feature names.")
-    if headers["format_version"][0] != ():
-        add("format_version is not a scalar", "the reader checks it before anything else.")
-    k_expected = dict(manifest["heads"]) if manifest is not None and manifest.get("heads") else {}
-    for head in heads:
-        label_shape = headers[f"labels_{head}"][0]
-        mask_shape = headers[f"masks_{head}"][0]
-        if label_shape != (n_rows,):
-            add(f"labels_{head} has shape {label_shape}, expected ({n_rows},)",
-                "every member must hold one row per sample.")
-        k = k_expected.get(head, mask_shape[-1] if mask_shape else -1)
-        if mask_shape != (n_rows, k):
-            add(f"masks_{head} has shape {mask_shape}, expected ({n_rows}, {k})",
-                "a mask needs one column per class of its head.")
-    for column in META_DTYPES:
-        if headers[f"meta_{column}"][0] != (n_rows,):
-            add(f"meta_{column} has shape {headers[f'meta_{column}'][0]}, expected ({n_rows},)",
-                "every member must hold one row per sample.")
-
-    # manifest: shapes, dtypes and checksums; the zip layout around the members
-    recorded = entry.get("members", {}) if entry is not None else {}
-    for member, (shape, dtype) in headers.items():
-        info = recorded.get(member)
-        if info is None:
-            continue
-        if list(shape) != list(info["shape"]) or dtype.str != info["dtype"]:
-            add(f"member {member!r} is {dtype.str} {list(shape)} but the manifest records "
-                f"{info['dtype']} {info['shape']}",
-                "the file changed after it was written.")
-    try:
-        digests, difference = layout_difference(path)
-    except _CORRUPT_ZIP as exc:
-        what = ("fails its zip checksum" if isinstance(exc, zipfile.BadZipFile)
-                else "cannot be read")
-        add(f"a member {what} ({exc})",
-            "the bytes on disk differ from those written (flipped bits, partial copy).")
-        return problems
-    if difference is not None:
-        add(difference, "the bytes on disk differ from those written (flipped bits, partial "
-            "copy, junk appended, or a file edited by hand).")
-    if entry is not None:
-        size = path.stat().st_size
-        if entry.get("bytes") is not None and entry["bytes"] != size:
-            add(f"the file has {size:,} bytes but the manifest records {entry['bytes']:,}",
-                "the file changed after it was written (partial copy or junk appended).")
-        for member, digest in digests.items():
-            info = recorded.get(member)
-            if info is not None and info["sha256"] != digest:
-                add(f"member {member!r} does not match its SHA-256 in the manifest",
-                    "the bytes on disk differ from those written (flipped bits, partial copy, "
-                    "or a file edited by hand).")
-    if problems:
-        return problems
-
-    # values
-    try:
-        block, _ = load_batch(path)
-    except BatchError as exc:
-        add(exc.message.removeprefix(f"{path}: "), "the batch cannot be loaded.")
-        return problems
-    bad = ~np.isfinite(block.features).all(axis=1)
-    if bad.any():
-        add(f"{int(bad.sum())} sample(s) have NaN or inf features (rows {_first_rows(bad)})",
-            "a single NaN turns every gradient of a training step into NaN.",
-            "Check the source feature files of these rows, then re-run `pricectl preprocess`.")
-    for head in heads:
-        labels = block.labels[head].astype(np.int64)
-        masks = block.masks[head]
-        k = masks.shape[1]
-        out = (labels < -1) | (labels >= k)
-        if out.any():
-            add(f"labels_{head} outside [-1, {k}) in rows {_first_rows(out)}",
-                "a label must name one of the head's classes (or -1 for 'does not apply').")
-        if not np.isin(masks, (0, 1)).all():
-            add(f"masks_{head} holds values other than 0 and 1",
-                "masks are read as booleans by the masked policy.")
-        empty = np.asarray(~masks.any(axis=1))
-        if empty.any():
-            add(f"masks_{head} has all-zero rows ({_first_rows(empty)})",
-                "a masked policy must be able to choose at least one class; an all-zero row "
-                "makes its action distribution undefined (NaN).")
-        rows = np.flatnonzero((labels >= 0) & ~out)
-        infeasible = rows[masks[rows, labels[rows]] == 0]
-        if infeasible.size:
-            flags = np.zeros(len(labels), bool)
-            flags[infeasible] = True
-            add(f"labels_{head} name a class that its mask forbids in rows {_first_rows(flags)}",
-                "behaviour cloning would teach the agent an action it is never allowed to take.")
-    split = block.meta["split"]
-    unknown = ~np.isin(split, SPLITS)
-    if unknown.any():
-        add(f"meta_split holds values other than {SPLITS} (rows {_first_rows(unknown)})",
-            "merge writes one set of files per split.")
-    ranges = (manifest or {}).get("splits") or {}
-    dates = block.meta["date"]
-    for split_name, bounds in ranges.items():
-        if not bounds:
-            continue
-        lo, hi = np.datetime64(bounds[0], "D"), np.datetime64(bounds[1], "D")
-        outside = (split == split_name) & ((dates < lo) | (dates > hi))
-        if outside.any():
-            add(f"{int(outside.sum())} '{split_name}' sample(s) dated outside "
-                f"{bounds[0]}..{bounds[1]} (rows {_first_rows(outside)})",
-                "samples in the wrong split leak future data into training or evaluation.",
-                "Re-run `pricectl features` and `pricectl preprocess`.")
-    return problems
-
-
-def deep_check(path: Path, manifest: Mapping[str, Any], max_files: int = 3) -> list[Problem]:
-    """Rebuild the samples of up to ``max_files`` source files of a batch and compare.
-
-    Uses the parameters recorded in the manifest (not the current config), so it checks that
-    the batch still matches its sources.
-    """
-    from pricing_cli.stages.preprocess import SampleParams, build_samples
-
-    problems: list[Problem] = []
-    entry = next((b for b in manifest.get("batches", []) if b.get("name") == path.name), None)
-    if entry is None or not manifest.get("params") or not entry.get("files"):
-        return problems
-    params = SampleParams.from_json(manifest["params"])
-    quarantined = {q["file"] for q in entry.get("quarantined", [])}
-    files = [f for f in entry["files"] if f["path"] not in quarantined]
-    if not files:
-        return problems
-    picks = sorted({0, len(files) // 2, len(files) - 1})[:max_files]
-    block, _ = load_batch(path)
-    for i in picks:
-        source = Path(files[i]["path"])
-        if not source.is_file():
-            problems.append(Problem(str(path), f"source file {source} no longer exists",
-                                    "--deep cannot rebuild its rows.",
-                                    "Restore the file or re-run `pricectl preprocess`."))
-            continue
-        stat = source.stat()
-        if (stat.st_size, stat.st_mtime_ns) != (files[i]["size"], files[i]["mtime_ns"]):
-            problems.append(Problem(str(path), f"source file {source} changed after the batch "
-                                    "was built", "the batch no longer reflects its input.",
-                                    "Re-run `pricectl preprocess` (it rebuilds this batch)."))
-            continue
-        rebuilt = build_samples(source, params)
-        if rebuilt.n == 0:
-            continue
-        rows = block.meta["product_index"] == rebuilt.meta["product_index"][0]
-        stored = block.take(rows)
-        same = (stored.n == rebuilt.n
-                and np.array_equal(stored.features, rebuilt.features)
-                and all(np.array_equal(stored.labels[h], rebuilt.labels[h]) for h in params.heads)
-                and all(np.array_equal(stored.masks[h], rebuilt.masks[h]) for h in params.heads)
-                and all(np.array_equal(stored.meta[c], rebuilt.meta[c]) for c in META_DTYPES))
-        if not same:
-            problems.append(Problem(str(path), f"rows of {source.name} differ from a rebuild "
-                                    "from the source file",
-                                    "the batch does not hold what preprocess computes from its "
-                                    "inputs.", _REBUILD))
-    return problems
-
-
-# ----------------------------------------------------------------------------------------------
-# Legacy batches (the old system's pickled list-of-dicts layout)
-
-
-def is_legacy(path: str | Path) -> bool:
-    """True if the file has the old layout (pickled members, no format_version)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = {i.filename.removesuffix(".npy") for i in archive.infolist()}
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return "format_version" not in names and bool(names & set(LEGACY_MEMBERS))
-
-
-def _load_legacy_unsafe(path: Path) -> dict[str, Any]:
-    # SECURITY: the ONLY allow_pickle=True in pricectl. Unpickling runs code stored in the
-    # file, so this is reached only from `validate-batches --convert-legacy --trust-pickle`,
-    # where the user has declared that they made the file.
-    with np.load(path, allow_pickle=True) as npz:
-        return {name: npz[name] for name in npz.files}
-
-
-def convert_legacy_batch(path: str | Path, *, trust_pickle: bool) -> tuple[SampleBlock,
-                                                                        list[str], dict[str, Any]]:
-    """Rewrite a legacy batch in the current format, in place, and check the values match.
-
-    The original is kept beside it as ``<name>.legacy`` and restored if the check fails.
-
-    Legacy layout: ``strategic_features`` (n,) object array of {feature_name: value};
-    ``labels`` and ``masks`` (n,) object arrays of {head: value} / {head: list of 0/1};
-    ``df`` a pickled pandas DataFrame of the meta columns.
-
-    Returns:
-        (samples, feature names, manifest entry of the converted batch).
-
-    Raises:
-        ConfigError: trust_pickle is False.
-        BatchError: the legacy file is inconsistent, or the rewritten values differ.
-    """
-    path = Path(path)
-    if not trust_pickle:
-        raise ConfigError(f"{path}: converting a legacy batch needs --trust-pickle",
-                          "Legacy batches are pickled; add --trust-pickle only for files "
-                          "you made yourself.")
-    try:
-        legacy = _load_legacy_unsafe(path)
-    except Exception as exc:  # noqa: BLE001 - unpickling can fail in many ways
-        raise BatchError(f"{path}: cannot unpickle the legacy batch: {exc}",
-                         "Legacy meta is a pandas DataFrame: install pandas to convert.") from None
-    missing = [m for m in LEGACY_MEMBERS if m not in legacy]
-    if missing:
-        raise BatchError(f"{path}: legacy batch lacks member(s) {missing}")
-    rows = list(legacy["strategic_features"])
-    label_rows, mask_rows = list(legacy["labels"]), list(legacy["masks"])
-    frame = legacy["df"].item() if legacy["df"].dtype.hasobject and legacy["df"].ndim == 0 \
-        else legacy["df"]
-    if not (len(rows) == len(label_rows) == len(mask_rows) == len(frame)):
-        raise BatchError(f"{path}: legacy members disagree on the number of samples")
-    if not rows:
-        raise BatchError(f"{path}: legacy batch is empty")
-    feature_names = list(rows[0])
-    heads = list(label_rows[0])
-    for i, (row, lab, msk) in enumerate(zip(rows, label_rows, mask_rows, strict=True)):
-        if list(row) != feature_names or sorted(lab) != sorted(heads) \
-                or sorted(msk) != sorted(heads):
-            raise BatchError(f"{path}: legacy sample {i} has different feature or head names "
-                             "than sample 0")
-    features64 = np.array([[row[k] for k in feature_names] for row in rows], dtype=np.float64)
-    labels = {h: np.array([-1 if r[h] is None else r[h] for r in label_rows], dtype=np.int64)
-              for h in heads}
-    masks = {h: np.array([list(r[h]) for r in mask_rows], dtype=np.int64) for h in heads}
-    meta: dict[str, np.ndarray] = {}
-    for column, kind in META_DTYPES.items():
-        if column not in frame.columns and column in LEGACY_DEFAULTS:
-            meta[column] = np.full(len(frame), LEGACY_DEFAULTS[column])
-            continue
-        if column not in frame.columns:
-            raise BatchError(f"{path}: legacy DataFrame lacks meta column {column!r}")
-        values = frame[column].to_numpy()
-        meta[column] = (values.astype(str) if kind == "U"
-                        else values.astype("datetime64[D]") if kind.startswith("datetime")
-                        else values.astype(kind))
-    block = SampleBlock(
-        features=features64.astype(np.float32),
-        labels={h: a.astype(np.int16) for h, a in labels.items()},
-        masks={h: a.astype(np.int8) for h, a in masks.items()},
-        meta=meta,
-    )
-    head_k = {h: int(block.masks[h].shape[1]) for h in heads}
-    backup = path.with_name(path.name + ".legacy")
-    shutil.copy2(path, backup)
-    record = write_batch(path, [block], feature_names, head_k)
-    converted, names = load_batch(path)
-    same = (names == feature_names
-            and np.array_equal(converted.features, features64.astype(np.float32))
-            and all(np.array_equal(converted.labels[h], labels[h]) for h in heads)
-            and all(np.array_equal(converted.masks[h], masks[h]) for h in heads)
-            and all(np.array_equal(converted.meta[c], meta[c]) for c in META_DTYPES))
-    if not same:
-        os.replace(backup, path)
-        raise BatchError(f"{path}: the converted batch does not hold the legacy values; "
-                         "the original was restored")
-    entry = {"name": path.name, "source": "legacy", "files": [], "fingerprint": "legacy",
-             "n_samples": record.n_samples, "samples": record.samples,
-             "products": int(np.unique(meta["product_index"]).size),
-             "members": record.members, "bytes": record.bytes, "quarantined": [], "stats": {}}
-    return converted, feature_names, entry
-
-
-# ----------------------------------------------------------------------------------------------
-# The validate-batches stage
-
-
-def _resolve_batch_paths(paths: Sequence[Path], default_dir: Path) -> list[Path]:
-    found: list[Path] = []
-    for given in (list(paths) or [default_dir]):
-        given = Path(given)
-        if given.is_dir():
-            found.extend(sorted(given.glob(BATCH_GLOB)))
-        elif given.is_file():
-            found.append(given)
-        else:
-            raise MissingInputError(f"no such batch file or folder: {given}",
-                                    "Pass batch files or folders, or run `pricectl preprocess`.")
-    if not found:
-        where = ", ".join(str(p) for p in (list(paths) or [default_dir]))
-        raise MissingInputError(f"no {BATCH_GLOB} files in {where}",
-                                "Run `pricectl preprocess` first.")
-    return found
-
-
-def run_validate_batches(settings: Settings, monitor: RunMonitor, *, paths: Sequence[Path],
-                         deep: bool = False, convert_legacy: bool = False,
-                         trust_pickle: bool = False) -> StageResult:
-    """Check batch files and explain every problem (what, why, how to fix).
-
-    Args:
-        paths: batch files or folders; empty means ``preprocess.output_dir``.
-        deep: also rebuild a few source files per batch and compare.
-        convert_legacy: rewrite legacy batches in the current format first.
-        trust_pickle: required with convert_legacy (legacy batches are pickled).
-
-    Returns:
-        StageResult whose ``failures`` hold one line per problem (non-empty: non-zero exit).
-
-    Raises:
-        ConfigError: --convert-legacy without --trust-pickle or the reverse.
-        MissingInputError: no batch files found.
-    """
-    from pricing_cli.runinfo import StageResult
-
-    if convert_legacy != trust_pickle:
-        raise ConfigError("--convert-legacy and --trust-pickle go together",
-                          "Legacy batches are pickled: pass both flags, and only for files "
-                          "you made yourself.")
-    batch_paths = _resolve_batch_paths(paths, Path(settings.preprocess.output_dir))
-    monitor.add_bar("batches", "batches checked", len(batch_paths))
-    manifests: dict[Path, dict[str, Any] | None] = {}
-    refused: set[Path] = set()  # folders whose manifest is itself a problem (reported once)
-    unverified = 0
-    problems: list[Problem] = []
-    converted = 0
-    samples = 0
-    for path in batch_paths:
-        folder = path.parent
-        monitor.set_worker("main", path.name)
-        if folder not in manifests:
-            try:
-                manifests[folder] = read_manifest(folder)
-            except BatchError as exc:
-                problems.append(Problem(str(folder / MANIFEST_NAME), exc.message,
-                                        "no batch in this folder can be verified.", exc.hint))
-                manifests[folder] = None
-                refused.add(folder)
-        if folder in refused:
-            unverified += 1
-            monitor.update_bar("batches", advance=1)
-            continue
-        if convert_legacy and is_legacy(path):
-            _, names, entry = convert_legacy_batch(path, trust_pickle=trust_pickle)
-            updated = manifests[folder] or {"format_version": FORMAT_VERSION, "batches": [],
-                                            "heads": {}, "n_features": len(names)}
-            others = [b for b in updated["batches"] if b["name"] != path.name]
-            updated["batches"] = sorted([*others, entry], key=lambda b: b["name"])
-            updated["heads"] = updated.get("heads") or {
-                m[6:]: info["shape"][1] for m, info in entry["members"].items()
-                if m.startswith("masks_")}
-            write_manifest(folder, updated)
-            manifests[folder] = updated
-            converted += 1
-            monitor.log(f"converted legacy batch {path} (original kept as {path.name}.legacy)")
-        manifest = manifests[folder]
-        found = validate_batch(path, manifest)
-        if deep and not found and manifest is not None:
-            found = deep_check(path, manifest)
-        if not found and manifest is not None:
-            recorded = [b for b in manifest.get("batches", []) if b.get("name") == path.name]
-            samples += sum(int(b["n_samples"]) for b in recorded)
-        problems.extend(found)
-        monitor.update_bar("batches", advance=1)
-        monitor.check_memory()
-    monitor.clear_workers()
-    bad_batches = len({p.batch for p in problems if not p.batch.endswith(MANIFEST_NAME)})
-    summary = {"batches_checked": len(batch_paths),
-               "batches_ok": len(batch_paths) - bad_batches - unverified,
-               "problems": len(problems), "samples_in_ok_batches": samples,
-               "legacy_converted": converted, "deep": "yes" if deep else "no"}
-    notes = [] if problems else [f"all {len(batch_paths)} batch(es) passed every check"]
-    return StageResult("validate-batches", None, inputs=batch_paths, summary=summary,
-                       failures=[str(p) for p in problems], notes=notes)

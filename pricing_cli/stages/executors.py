@@ -1,9 +1,11 @@
 """Where `pricectl preprocess` runs its per-file work: a local process pool, or Ray.
 
-Both executors have the same interface as ``preprocess._Pool``: a context manager with
+Both executors (:class:`LocalPool` and :class:`RayPool`) are context managers with
 ``workers`` and ``map(files)``, which yields one ``FileOutcome`` per file **in the order
-given**. The parent calls ``map`` once per batch, holds that batch's outcomes, writes the batch
-with ``batches.write_batch`` and frees it, so the executor never changes what is written: the
+given**. The work done per file is passed in (``preprocess.process_file``), so this module
+does not import preprocess, and the worker processes' state lives here. The parent calls
+``map`` once per batch, holds that batch's outcomes, writes the batch with
+``batches.write_batch`` and frees it, so the executor never changes what is written: the
 batches and manifest are byte-identical whichever runs the work (tests/test_ray.py).
 
 The Ray executor (``--executor ray``):
@@ -28,17 +30,24 @@ The Ray executor (``--executor ray``):
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
-from collections.abc import Iterator, Sequence
+import queue as queue_module
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pricing_cli.errors import ConfigError
-from pricing_cli.stages.preprocess import FileOutcome, SampleParams, _Pool, _process_file
 
 if TYPE_CHECKING:
     from pricing_cli.config import PreprocessSettings
     from pricing_cli.monitor import RunMonitor
+    from pricing_cli.stages.preprocess import FileOutcome, SampleParams
+
+    # (path, params) -> the file's outcome; a module-level function, so workers can import it
+    Work = Callable[[str, SampleParams], FileOutcome]
 
 INSTALL_HINT = "Install it with: pip install 'pricing-cli[ray]'"
 
@@ -114,14 +123,98 @@ def init_ray(workers: int, address: str | None) -> bool:
     return True
 
 
-def _ray_process_files(paths: Sequence[tuple[str, str]], params: SampleParams
+# ----------------------------------------------------------------------------------------------
+# The local process pool
+
+# A worker process's state, set by its initializer.
+_worker_params: Any = None
+_worker_events: Any = None
+_worker_id: Any = None
+_worker_work: Any = None
+
+
+def _init_worker(params: SampleParams, events: Any, work: Work) -> None:
+    """Pool initializer: keep the parameters, the work and the event queue; leave Ctrl+C to
+    the parent."""
+    global _worker_params, _worker_events, _worker_id, _worker_work
+    # Each worker already has a core; polars' own thread pool would oversubscribe them.
+    os.environ.setdefault("POLARS_MAX_THREADS", "1")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_params, _worker_events, _worker_work = params, events, work
+    identity = mp.current_process()._identity
+    _worker_id = identity[0] if identity else os.getpid()
+    # Progress events are cosmetic: never let a worker's exit wait for the parent to read them.
+    events.cancel_join_thread()
+
+
+def _work_in_worker(path: str) -> FileOutcome:
+    """One file in a pool worker: show it on the worker's panel line, then do the work."""
+    _worker_events.put(("worker", _worker_id, Path(path).name))
+    outcome: FileOutcome = _worker_work(path, _worker_params)
+    return outcome
+
+
+@dataclass
+class LocalPool:
+    """The worker pool for one run, or in-process work when there is one worker."""
+
+    params: SampleParams
+    workers: int
+    monitor: RunMonitor
+    work: Work
+    pool: Any = None
+    events: Any = None
+
+    def __enter__(self) -> LocalPool:
+        if self.workers > 1:
+            context = mp.get_context("spawn")
+            self.events = context.Queue()
+            self.pool = context.Pool(self.workers, initializer=_init_worker,
+                                     initargs=(self.params, self.events, self.work))
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.pool is not None:
+            if exc_type is None:
+                self.pool.close()
+            else:  # Ctrl+C, --fail-fast, memory budget: stop the workers now
+                self.pool.terminate()
+            self.pool.join()
+            self.drain()
+            self.events.close()
+            self.events.join_thread()
+
+    def drain(self) -> None:
+        while self.events is not None:
+            try:
+                self.monitor.handle_event(self.events.get_nowait())
+            except (queue_module.Empty, OSError, ValueError):
+                return
+
+    def map(self, files: Sequence[str]) -> Iterator[FileOutcome]:
+        """Outcomes of ``files``, in order."""
+        if self.pool is None:
+            for path in files:
+                self.monitor.set_worker(1, Path(path).name)
+                yield self.work(path, self.params)
+            return
+        chunk = max(1, min(16, len(files) // (self.workers * 4)))
+        for outcome in self.pool.imap(_work_in_worker, files, chunksize=chunk):
+            self.drain()
+            yield outcome
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray
+
+
+def _ray_process_files(paths: Sequence[tuple[str, str]], params: SampleParams, work: Work
                        ) -> list[FileOutcome]:
-    """One Ray task: :func:`preprocess._process_file` on each ``(absolute, given)`` pair, in
-    order, each reported under the path as the user gave it, so outputs do not depend on the
-    executor."""
+    """One Ray task: ``work`` on each ``(absolute, given)`` pair, in order, each reported
+    under the path as the user gave it, so outputs do not depend on the executor."""
     outcomes: list[FileOutcome] = []
     for path, given in paths:
-        _, block, reason, stats = _process_file(path, params)
+        _, block, reason, stats = work(path, params)
         if reason is not None:
             reason = reason.replace(path, given)
         outcomes.append((given, block, reason, stats))
@@ -133,6 +226,7 @@ class RayPool:
 
     Args:
         params: what to build from each file.
+        work: ``work(path, params)`` builds one file's outcome (``preprocess.process_file``).
         workers: the window of tasks in flight (and the CPUs of a local instance). With a
             cluster address and ``requested_workers == 0`` it becomes the cluster's CPU count.
         monitor: gets one worker line per slot.
@@ -142,9 +236,10 @@ class RayPool:
     Ray is started on the first :meth:`map`, so a run that reuses every batch starts nothing.
     """
 
-    def __init__(self, params: SampleParams, workers: int, monitor: RunMonitor,
+    def __init__(self, params: SampleParams, work: Work, workers: int, monitor: RunMonitor,
                  address: str | None = None, requested_workers: int | None = None) -> None:
         self.params = params
+        self.work = work
         self.workers = workers
         self.monitor = monitor
         self.address = address
@@ -207,7 +302,7 @@ class RayPool:
                 slot = free_slots.pop()
                 chunk = chunks[next_submit]
                 pairs = [(str(Path(given).resolve()), given) for given in chunk]
-                ref = self._task.remote(pairs, self._params_ref)
+                ref = self._task.remote(pairs, self._params_ref, self.work)
                 self._pending[ref] = (next_submit, slot)
                 label = Path(chunk[0]).name
                 self.monitor.set_worker(slot, label if len(chunk) == 1
@@ -226,13 +321,14 @@ class RayPool:
 
 
 def open_executor(cfg: PreprocessSettings, params: SampleParams, workers: int,
-                  monitor: RunMonitor) -> _Pool | RayPool:
-    """The executor ``cfg.executor`` names, not yet entered (use it with ``with``).
+                  monitor: RunMonitor, work: Work) -> LocalPool | RayPool:
+    """The executor ``cfg.executor`` names, not yet entered (use it with ``with``), running
+    ``work(path, params)`` on each file.
 
     Raises:
         ConfigError: see :func:`check_executor_settings`.
     """
     check_executor_settings(cfg)
     if cfg.executor == "ray":
-        return RayPool(params, workers, monitor, cfg.ray_address, cfg.workers)
-    return _Pool(params, workers, monitor)
+        return RayPool(params, work, workers, monitor, cfg.ray_address, cfg.workers)
+    return LocalPool(params, workers, monitor, work)

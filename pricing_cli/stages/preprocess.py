@@ -26,12 +26,9 @@ import glob
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
-import queue as queue_module
-import signal
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -416,36 +413,17 @@ def build_samples_with_stats(path: str | Path, params: SampleParams
 
 
 # ----------------------------------------------------------------------------------------------
-# Worker pool
+# The unit of work of the executors
 
 
 # (file, samples or None, failure reason or None, stats)
 FileOutcome = tuple[str, SampleBlock | None, str | None, FileStats]
 
-_worker_params: SampleParams | None = None
-_worker_events: Any = None
-_worker_id: Any = None
+def process_file(path: str, params: SampleParams) -> FileOutcome:
+    """Build one file's samples; contract and read failures become a reason, not a crash.
 
-
-def _init_worker(params: SampleParams, events: Any) -> None:
-    """Pool initializer: keep the parameters and the event queue; leave Ctrl+C to the parent."""
-    global _worker_params, _worker_events, _worker_id
-    # Each worker already has a core; polars' own thread pool would oversubscribe them.
-    os.environ.setdefault("POLARS_MAX_THREADS", "1")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_params, _worker_events = params, events
-    identity = mp.current_process()._identity
-    _worker_id = identity[0] if identity else os.getpid()
-    # Progress events are cosmetic: never let a worker's exit wait for the parent to read them.
-    events.cancel_join_thread()
-
-
-def _process_file(path: str, params: SampleParams | None = None) -> FileOutcome:
-    """Build one file's samples; contract and read failures become a reason, not a crash."""
-    params = params or _worker_params
-    assert params is not None
-    if _worker_events is not None:
-        _worker_events.put(("worker", _worker_id, Path(path).name))
+    The unit of work the executors (stages/executors.py) run, in this process or a worker.
+    """
     try:
         block, stats = build_samples_with_stats(path, params)
     except PricingError as exc:
@@ -453,55 +431,6 @@ def _process_file(path: str, params: SampleParams | None = None) -> FileOutcome:
     except OSError as exc:
         return path, None, f"cannot read: {exc}", FileStats()
     return path, block, None, stats
-
-
-@dataclass
-class _Pool:
-    """The worker pool for one run, or in-process work when there is one worker."""
-
-    params: SampleParams
-    workers: int
-    monitor: RunMonitor
-    pool: Any = None
-    events: Any = None
-
-    def __enter__(self) -> _Pool:
-        if self.workers > 1:
-            context = mp.get_context("spawn")
-            self.events = context.Queue()
-            self.pool = context.Pool(self.workers, initializer=_init_worker,
-                                     initargs=(self.params, self.events))
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self.pool is not None:
-            if exc_type is None:
-                self.pool.close()
-            else:  # Ctrl+C, --fail-fast, memory budget: stop the workers now
-                self.pool.terminate()
-            self.pool.join()
-            self.drain()
-            self.events.close()
-            self.events.join_thread()
-
-    def drain(self) -> None:
-        while self.events is not None:
-            try:
-                self.monitor.handle_event(self.events.get_nowait())
-            except (queue_module.Empty, OSError, ValueError):
-                return
-
-    def map(self, files: Sequence[str]) -> Iterator[FileOutcome]:
-        """Outcomes of ``files``, in order."""
-        if self.pool is None:
-            for path in files:
-                self.monitor.set_worker(1, Path(path).name)
-                yield _process_file(path, self.params)
-            return
-        chunk = max(1, min(16, len(files) // (self.workers * 4)))
-        for outcome in self.pool.imap(_process_file, files, chunksize=chunk):
-            self.drain()
-            yield outcome
 
 
 # ----------------------------------------------------------------------------------------------
@@ -755,7 +684,7 @@ def run_preprocess(settings: Settings, monitor: RunMonitor) -> StageResult:
     built: list[str] = []
     # What the summary needs of the batches built here; their entries go to the journal
     totals = _Totals.of(entries.values(), head_k)
-    with open_executor(cfg, params, workers, monitor) as pool:
+    with open_executor(cfg, params, workers, monitor, process_file) as pool:
         for i in todo:
             monitor.set_metric("working on batch", f"{i + 1}/{len(plan)}")
             # before reading: a file changed while it is read must not look unchanged later
