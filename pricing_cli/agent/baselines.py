@@ -266,6 +266,20 @@ def _last_prices_before(folder: Path, split: str, product_ids: np.ndarray) -> np
 # Policies
 
 
+def series_bounds(meta: SplitMeta, trust_region: tuple[np.ndarray, np.ndarray]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) of each series from bounds by product index (NaN, no limit, for a
+    product index beyond them)."""
+    index = meta.product_index[meta.series_start]
+    out = []
+    for bound in trust_region:
+        known = index < len(bound)
+        values = np.full(index.size, np.nan)
+        values[known] = np.asarray(bound)[index[known]]
+        out.append(values)
+    return out[0], out[1]
+
+
 def historical_prices(meta: SplitMeta) -> np.ndarray:
     """The prices actually charged (meta ``price``)."""
     return meta.price.copy()

@@ -38,6 +38,7 @@ from pricing_cli.agent.baselines import (
     planned_prices,
     random_feasible_prices,
     read_stats,
+    series_bounds,
     static_prices,
 )
 from pricing_cli.agent.demand import policy_expected_units
@@ -249,20 +250,6 @@ def score_policies(meta: SplitMeta, policies: dict[str, np.ndarray], units_fn: U
             values["share_of_oracle_pct"] = (values["profit"] / best * 100.0
                                              if abs(best) >= MIN_BASE_PROFIT else None)
     return scores
-
-
-def series_bounds(meta: SplitMeta, trust_region: tuple[np.ndarray, np.ndarray]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(lower, upper) of each series from bounds by product index (NaN, no limit, for a
-    product index beyond them)."""
-    index = meta.product_index[meta.series_start]
-    out = []
-    for bound in trust_region:
-        known = index < len(bound)
-        values = np.full(index.size, np.nan)
-        values[known] = np.asarray(bound)[index[known]]
-        out.append(values)
-    return out[0], out[1]
 
 
 def rows_outside_trust_region(meta: SplitMeta, prices: np.ndarray) -> int | None:

@@ -437,8 +437,7 @@ def grid_policy_meta(processed_dir: str | Path, split: str,
     ``settings`` is given) and the run's trust region (by product index), as in evaluate."""
     import dataclasses
 
-    from pricing_cli.agent.baselines import load_split_meta
-    from pricing_cli.agent.evaluate import series_bounds
+    from pricing_cli.agent.baselines import load_split_meta, series_bounds
 
     closed = None
     if settings is not None:  # closed days are left out, as in evaluate and the env
