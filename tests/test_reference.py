@@ -104,3 +104,116 @@ def test_reference_effect_survives_save_and_load(reference_fit, tmp_path) -> Non
 def test_half_lives_must_be_positive() -> None:
     with pytest.raises(ValueError, match="half-lives must be > 0 days"):
         Settings.model_validate({"train": {"demand_reference_half_lives": [7, 0]}})
+
+
+# -- path-dependent policies ------------------------------------------------------------------
+
+class _ReferenceDemand:
+    """Hand-made demand: units = level_p · (price / 10)^-elasticity · the reference factor."""
+
+    def __init__(self, effect: ReferenceEffect, level: np.ndarray, elasticity: float) -> None:
+        self.reference_effect = effect
+        self.level = level
+        self.elasticity = elasticity
+        self.reference_price = np.full(len(level), 10.0)
+
+    def expected_units(self, product_index, dates, prices, reference=None):
+        units = self.level[np.asarray(product_index)] * (np.asarray(prices) / 10.0) ** (
+            -self.elasticity)
+        if reference is not None:
+            units = units * np.exp(self.reference_effect.log_factor(prices, reference))
+        return units
+
+
+def _split(days: int, start_reference: list[float], prev_price: list[float],
+           max_daily_change: float):
+    """Series of ``days`` rows each, grid 8 / 10 / 12 (K = 3), unit cost 5."""
+    from pricing_cli.agent.baselines import SplitMeta
+
+    n = len(start_reference)
+    product = np.repeat(np.arange(n), days)
+    dates = np.tile(np.datetime64("2024-03-01") + np.arange(days), n)
+    rows = n * days
+    meta = SplitMeta(product, np.array([f"P{p}" for p in product], dtype=object), dates,
+                     np.full(rows, 10.0), np.zeros(rows), np.full(rows, 5.0),
+                     np.full(rows, 8.0), np.full(rows, 12.0),
+                     first_day_mask=np.ones((n, 3), dtype=np.int8),
+                     prev_price=np.asarray(prev_price, dtype=np.float64),
+                     start_reference=np.asarray(start_reference, dtype=np.float64))
+    return meta
+
+
+def _path_profit(meta, demand, prices, change_cost=None) -> np.ndarray:
+    """Per-series profit of ``prices`` with the reference rolled along them."""
+    units = reference.units_along_path(demand, meta, prices)
+    profit = (prices - meta.unit_cost) * units
+    total = np.add.reduceat(profit, meta.series_start)
+    if change_cost is not None:
+        previous = np.r_[np.nan, prices[:-1]]
+        previous[meta.series_start] = meta.prev_price
+        moved = np.isfinite(previous) & (np.abs(prices - previous) > 1e-9)
+        total -= np.add.reduceat(moved * change_cost[meta.product_index], meta.series_start)
+    return total
+
+
+def test_planner_raises_the_reference_greedy_stays_at_the_promotion_price() -> None:
+    # Two days, reference = yesterday's price (rate 1), start reference 8 (after a
+    # promotion), flat long-run demand 10 units, loss 3, gain 1, unit cost 5.
+    # Day one at R = 8: 8 -> 30, 10 -> 50·1.25^-3 = 25.6, 12 -> 70·1.5^-3 = 20.74: greedy takes
+    # 8 and then R stays 8: 30 + 30 = 60. The best path is 12, 12: 20.74 + 70 = 90.74
+    # (10, 12: 25.6 + 70·1.2^-3 = 66.1; 12, 10: 20.74 + 50·1.2 = 80.74).
+    from pricing_cli.agent.baselines import greedy_prices, planned_prices
+
+    demand = _ReferenceDemand(ReferenceEffect(rate=1.0, loss=3.0, gain=1.0),
+                              np.array([10.0]), 0.0)
+    meta = _split(2, [8.0], [8.0], max_daily_change=1.0)
+    greedy = greedy_prices(meta, demand, 3, 1.0)
+    planner = planned_prices(meta, demand, 3, 1.0)
+    np.testing.assert_allclose(greedy, [8.0, 8.0])
+    np.testing.assert_allclose(planner, [12.0, 12.0])
+    assert _path_profit(meta, demand, greedy)[0] == pytest.approx(60.0)
+    assert _path_profit(meta, demand, planner)[0] == pytest.approx(70 / 1.5**3 + 70)
+
+
+@pytest.mark.parametrize("change", [None, 4.0])
+def test_planner_matches_brute_force_over_every_feasible_path(change) -> None:
+    # Three days, rate 0.5, the 25% daily limit (8 -> 12 is not allowed), elasticity 0.5,
+    # loss 3, gain 0.8; start references 8 and 12 on the grid: every reachable reference is
+    # a multiple of 0.5 between 8 and 12, so on the planner's 41-point reference grid and the
+    # DP is exact.
+    import itertools
+
+    from pricing_cli.agent.baselines import greedy_prices, planned_prices
+    from pricing_cli.pricing import feasible_mask
+
+    demand = _ReferenceDemand(ReferenceEffect(rate=0.5, loss=3.0, gain=0.8),
+                              np.array([20.0, 30.0]), 0.5)
+    meta = _split(3, [8.0, 12.0], [8.0, 12.0], max_daily_change=0.25)
+    change_cost = None if change is None else np.array([change, change])
+    planner = planned_prices(meta, demand, 3, 0.25, change_cost)
+    greedy = greedy_prices(meta, demand, 3, 0.25, change_cost)
+    got = _path_profit(meta, demand, planner, change_cost)
+    best = np.full(2, -np.inf)
+    grid = np.array([8.0, 10.0, 12.0])
+    for path in itertools.product(grid, repeat=3):
+        prices = np.array(path * 2)
+        for s in range(2):
+            previous = [meta.prev_price[s], *path[:-1]]
+            if all(feasible_mask(grid, p, 0.25)[0][list(grid).index(x)]
+                   for p, x in zip(previous, path, strict=True)):
+                best[s] = max(best[s], _path_profit(meta, demand, prices, change_cost)[s])
+    np.testing.assert_allclose(got, best, rtol=1e-9)
+    # Myopic greedy is strictly worse on the series that starts low.
+    assert _path_profit(meta, demand, greedy, change_cost)[0] < best[0] - 1.0
+
+
+def test_fitted_scoring_rolls_the_reference_along_each_path() -> None:
+    demand = _ReferenceDemand(ReferenceEffect(rate=0.5, loss=2.0, gain=1.0),
+                              np.array([10.0]), 0.0)
+    meta = _split(3, [8.0], [8.0], max_daily_change=1.0)
+    prices = np.array([12.0, 12.0, 8.0])
+    # References 8, 10, 11: units 10·1.5^-2, 10·1.2^-2, 10·(8/11)^-1.
+    np.testing.assert_allclose(reference.series_references(meta, demand.reference_effect,
+                                                           prices), [8.0, 10.0, 11.0])
+    np.testing.assert_allclose(reference.units_along_path(demand, meta, prices),
+                               [10 / 1.5**2, 10 / 1.2**2, 10 * 11 / 8])
