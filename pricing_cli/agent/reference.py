@@ -177,6 +177,32 @@ def start_references(processed_dir: str | Path, split: str, meta: SplitMeta,
     return out
 
 
+def historical_references(processed_dir: str | Path, split: str, product_index: np.ndarray,
+                          dates: np.ndarray, prices: np.ndarray, rate: float) -> np.ndarray:
+    """(n,) the reference before each row of ``split`` (rows ``product_index``, ``dates``,
+    ``prices``) along the historical prices, the earlier splits' included (as in the fit and
+    :func:`start_references`): where the env's episodes start from."""
+    import polars as pl
+
+    from pricing_cli.agent.baselines import SPLIT_ORDER
+    from pricing_cli.stages.merge import read_processed_meta
+
+    position = SPLIT_ORDER.index(split) if split in SPLIT_ORDER else 0
+    parts = [read_processed_meta(path, ["product_index", "date", "price"]) for path in (
+        Path(processed_dir) / f"meta_{s}.parquet" for s in SPLIT_ORDER[:position])
+        if path.is_file()]
+    own = np.asarray(prices, dtype=np.float64)
+    if not parts:
+        return rolled_reference(product_index, dates, own, rate)
+    history = pl.concat(parts).filter(pl.col("price") > 0)
+    all_product = np.r_[history["product_index"].to_numpy().astype(np.int64),
+                        np.asarray(product_index, dtype=np.int64)]
+    all_dates = np.r_[history["date"].to_numpy().astype("datetime64[D]"),
+                      np.asarray(dates).astype("datetime64[D]")]
+    all_prices = np.r_[history["price"].cast(pl.Float64).to_numpy(), own]
+    return rolled_reference(all_product, all_dates, all_prices, rate)[history.height:]
+
+
 def series_references(meta: SplitMeta, effect: ReferenceEffect, prices: np.ndarray
                       ) -> np.ndarray:
     """(n_rows,) the reference before each row when the series charge ``prices``, from
