@@ -366,3 +366,23 @@ def test_env_carries_the_reference_state_and_matches_path_scoring(world) -> None
                                                       mask.argmax(axis=1)))
     scored = reference_module.units_along_path(model, meta, sim["prices"])
     np.testing.assert_allclose(sim["units"], scored, rtol=1e-5)
+
+
+def test_train_split_references_start_at_the_first_price_everywhere(world) -> None:
+    # The fit, the env and the planner's warm start agree on the train split's start: each
+    # product's first historical price.
+    import dataclasses
+
+    from pricing_cli.agent import reference as reference_module
+    from pricing_cli.agent.baselines import load_split_meta
+    from pricing_cli.agent.evaluate import with_start_reference
+
+    folder, _, demand, _ = world
+    model = dataclasses.replace(demand, reference_effect=reference_module.ReferenceEffect(
+        rate=0.2, loss=2.0, gain=1.0))
+    market = load_market(folder, "train", model)
+    meta = with_start_reference(load_split_meta(folder, "train"), model, folder, "train")
+    np.testing.assert_allclose(meta.start_reference, meta.price[meta.series_start])
+    np.testing.assert_allclose(market.history_reference,
+                               reference_module.series_references(meta, model.reference_effect,
+                                                                  meta.price))

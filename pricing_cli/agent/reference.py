@@ -141,14 +141,17 @@ def start_references(processed_dir: str | Path, split: str, meta: SplitMeta,
                      effect: ReferenceEffect, fallback: np.ndarray) -> np.ndarray:
     """(n_series,) each series' reference on its first day: the EWMA of the product's
     historical prices in the splits before ``split`` (as in the fit: from its first price,
-    unknown days at the last price); ``fallback`` (by product_index) where there are none."""
+    unknown days at the last price); where there are none, the series' own first historical
+    price (as the env and the fit start), or ``fallback`` (by product_index) without one."""
     import polars as pl
 
     from pricing_cli.agent.baselines import SPLIT_ORDER
     from pricing_cli.stages.merge import read_processed_meta
 
     starts = meta.series_start
-    out = np.asarray(fallback, dtype=np.float64)[meta.product_index[starts]].copy()
+    own = meta.price[starts]
+    out = np.where(np.isfinite(own) & (own > 0), own,
+                   np.asarray(fallback, dtype=np.float64)[meta.product_index[starts]])
     position = SPLIT_ORDER.index(split) if split in SPLIT_ORDER else 0
     paths = [Path(processed_dir) / f"meta_{s}.parquet" for s in SPLIT_ORDER[:position]]
     paths = [p for p in paths if p.is_file()]
