@@ -74,7 +74,7 @@ def test_no_effect_in_memoryless_data_drops_the_term() -> None:
     assert info["chosen_half_life_days"] is None
     assert info["effect"] is None
     assert info["verdict"] == ("no reference-price effect: the term did not lower the held-out "
-                               "deviance by 0.3%; it is left out")
+                               "deviance by 3.0%; it is left out")
     # Without an effect a given reference changes nothing.
     units = model.expected_units(np.array([0]), np.array(["2023-03-01"], "datetime64[D]"),
                                  np.array([20.0]))

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from pricing_cli.agent.baselines import SplitMeta
 
 # Held-out deviance the reference term must save (share of the memoryless model's) to stay.
-REFERENCE_MIN_GAIN = 0.003
+REFERENCE_MIN_GAIN = 0.03
 # Reference grid points of the planner's DP (between the lowest and highest grid price).
 PLANNER_REFERENCE_POINTS = 41
 PLANNER_SERIES_PER_BLOCK = 256  # DP arrays (days, block, K, points) float32 per block
