@@ -433,10 +433,24 @@ class TrainSettings(Section):
     category siblings that day relative to their reference prices) enters the fit with its
     own coefficient (> 0: substitutes). Predictions take siblings at their reference prices
     unless given the index. Needs the catalog's category."""
+    demand_reference_half_lives: list[float] = [3.0, 7.0, 14.0, 30.0]
+    """Reference-price effect: candidate half-lives (days) of the reference price, an
+    exponentially weighted average of the product's own past prices; demand gets separate
+    gain and loss coefficients on log(price / reference). The half-life is chosen on the
+    held-out last train days (demand_holdout_fraction) and the term is kept only when it
+    lowers their deviance (agent/reference.py). []: memoryless demand, no selection."""
     demand_detect_capped: bool = True
     """Without stock data for a day, down-weight days whose sales look capped by a stock-out
     (a pile-up at the product's maximum, a zero right after a run of sales). With data.stock,
     days that sold all the stock are left out of the fit (their demand was higher)."""
+
+    @field_validator("demand_reference_half_lives")
+    @classmethod
+    def _half_lives(cls, value: list[float]) -> list[float]:
+        bad = [h for h in value if not h > 0]
+        if bad:
+            raise ValueError(f"half-lives must be > 0 days, got {bad}")
+        return value
 
     @field_validator("demand_events")
     @classmethod

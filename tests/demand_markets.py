@@ -144,3 +144,48 @@ def substitutes_meta(cross_price: float, *, n_categories: int = 3, per_category:
             "price": price, "units": rng.poisson(lam).astype(np.float64),
             "category": [f"c{category[p]}"] * n_days}))
     return pl.concat(frames), {"list_price": list_price, "base": base}
+
+
+def reference_meta(*, n_products: int = 12, n_days: int = 300, seed: int = 3,
+                   elasticity: float = 2.0, loss: float = 2.5, gain: float = 1.0,
+                   rate: float = 0.1, promo_every: int = 20, base_units: float = 40.0
+                   ) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Loglog demand with a reference-price effect: the reference R is the EWMA (``rate``) of
+    the product's own past prices, from its first price; log units = log base + dow −
+    elasticity log(p / list) − loss max(g, 0) − gain min(g, 0), g = log(p / R). Prices sit at
+    the list price times a multiplier in 0.9..1.1 redrawn on ~10% of days, with 5-day
+    promotions of 20-30% off every ~``promo_every`` days (the spikes a memoryless fit reads
+    as elasticity)."""
+    rng = np.random.default_rng(seed)
+    list_price = rng.uniform(5.0, 50.0, n_products)
+    dates = np.datetime64("2023-01-02", "D") + np.arange(n_days)
+    dow = (dates.astype(np.int64) + 3) % 7
+    frames = []
+    for p in range(n_products):
+        r = np.empty(n_days)
+        level, promo_left, discount = 1.0, 0, 0.0
+        for t in range(n_days):
+            if rng.random() < 0.1:
+                level = float(rng.choice([0.9, 0.95, 1.0, 1.05, 1.1]))
+            if promo_left == 0 and rng.random() < 1.0 / promo_every:
+                promo_left, discount = 5, float(rng.uniform(0.2, 0.3))
+            r[t] = level * (1.0 - discount) if promo_left > 0 else level
+            promo_left = max(promo_left - 1, 0)
+        price = np.round(list_price[p] * r, 2)
+        ref = np.empty(n_days)
+        ref[0] = price[0]
+        for t in range(1, n_days):
+            ref[t] = (1.0 - rate) * ref[t - 1] + rate * price[t - 1]
+        gap = np.log(price / ref)
+        lam = base_units * np.exp(DOW[dow] - elasticity * np.log(price / list_price[p])
+                                  - loss * np.maximum(gap, 0.0) - gain * np.minimum(gap, 0.0))
+        units = rng.poisson(lam).astype(np.float64)
+        frames.append(pl.DataFrame({
+            "product_index": pl.Series([p] * n_days, dtype=pl.Int32),
+            "product_id": [f"P{p:03d}"] * n_days, "date": dates, "split": ["train"] * n_days,
+            "price": price, "units": units,
+            "unit_cost": [0.5 * list_price[p]] * n_days,
+            "min_price": [0.6 * list_price[p]] * n_days,
+            "max_price": [1.6 * list_price[p]] * n_days,
+            "ref_price": price, "category": [f"c{p % 3}"] * n_days}))
+    return pl.concat(frames), {"list_price": list_price}

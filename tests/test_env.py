@@ -324,3 +324,65 @@ def test_release_pages_drops_the_feature_matrix_from_resident_memory(world, tmp_
     assert touched - released > 48 * 2**20
     # the data is still there, read back from the page cache
     assert float(market.features[4095, 4095]) == 1.0
+
+
+def test_env_carries_the_reference_state_and_matches_path_scoring(world) -> None:
+    # A hand-set reference effect on the fitted model: the env's units are the table's times
+    # exp(log_factor(price, reference)), the reference rolls with the agent's prices from the
+    # historical one, and a whole split simulated at a constant level earns exactly what the
+    # path scoring of evaluate gives the same prices.
+    import dataclasses
+
+    from pricing_cli.agent import reference as reference_module
+    from pricing_cli.agent.baselines import load_split_meta
+    from pricing_cli.agent.env import EpisodeBatch
+    from pricing_cli.agent.evaluate import with_start_reference
+
+    folder, _, demand, _ = world
+    effect = reference_module.ReferenceEffect(rate=0.5, loss=2.0, gain=1.0)
+    model = dataclasses.replace(demand, reference_effect=effect)
+    market = load_market(folder, "val", model)
+    assert market.history_reference is not None
+    first = np.nonzero(np.r_[True, np.diff(market.product_index) != 0])[0]
+    # The first val row's reference: the EWMA of the train prices, rolled one day further.
+    meta = with_start_reference(load_split_meta(folder, "val"), model, folder, "val")
+    np.testing.assert_allclose(market.history_reference[first], meta.start_reference)
+
+    batch = EpisodeBatch(market, 1)
+    row = int(first[1])
+    batch.begin(np.array([0]), np.array([row]), np.array([row + 3]))
+    start_ref = market.history_reference[row]
+    out = batch.step(np.array([0]), np.array([K - 1]))
+    price = out["prices"][0]
+    expected = market.units_table[row, out["levels"][0]] * np.exp(
+        effect.log_factor(price, start_ref))
+    assert out["units"][0] == pytest.approx(expected, rel=1e-6)
+    assert batch.reference[0] == pytest.approx(0.5 * start_ref + 0.5 * price)
+    obs = batch.observe(np.array([0]))
+    assert obs["features"][0, -3] == pytest.approx(np.log(price / batch.reference[0]), rel=1e-5)
+
+    level = K // 2
+    sim = simulate(market, lambda obs, mask: np.where(mask[:, level], level,
+                                                      mask.argmax(axis=1)))
+    scored = reference_module.units_along_path(model, meta, sim["prices"])
+    np.testing.assert_allclose(sim["units"], scored, rtol=1e-5)
+
+
+def test_train_split_references_start_at_the_first_price_everywhere(world) -> None:
+    # The fit, the env and the planner's warm start agree on the train split's start: each
+    # product's first historical price.
+    import dataclasses
+
+    from pricing_cli.agent import reference as reference_module
+    from pricing_cli.agent.baselines import load_split_meta
+    from pricing_cli.agent.evaluate import with_start_reference
+
+    folder, _, demand, _ = world
+    model = dataclasses.replace(demand, reference_effect=reference_module.ReferenceEffect(
+        rate=0.2, loss=2.0, gain=1.0))
+    market = load_market(folder, "train", model)
+    meta = with_start_reference(load_split_meta(folder, "train"), model, folder, "train")
+    np.testing.assert_allclose(meta.start_reference, meta.price[meta.series_start])
+    np.testing.assert_allclose(market.history_reference,
+                               reference_module.series_references(meta, model.reference_effect,
+                                                                  meta.price))

@@ -63,6 +63,9 @@ class SplitMeta:
             choose (NaN: no limit); None: the whole grid.
         rule_levels: (n, K) bool levels the merchant rules allow on each row
             (guardrails.row_rule_levels); None: no rule.
+        start_reference: (n_series,) each series' reference price on its first day, for a
+            demand model with a reference-price effect (reference.start_references); None:
+            memoryless scoring and policies.
     """
 
     product_index: np.ndarray
@@ -77,6 +80,7 @@ class SplitMeta:
     prev_price: np.ndarray
     trust_region: tuple[np.ndarray, np.ndarray] | None = None
     rule_levels: np.ndarray | None = None
+    start_reference: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -575,7 +579,13 @@ def greedy_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change:
     jointly: from every product's own best level, :func:`joint_levels` maximises the
     category's profit (a product's own and its effect on its siblings' demand) under the same
     masks. Without one, every product is priced alone.
+
+    A model with a reference-price effect: :func:`reference.greedy_prices_with_reference`.
     """
+    if _with_reference(meta, demand):
+        from pricing_cli.agent.reference import greedy_prices_with_reference
+
+        return greedy_prices_with_reference(meta, demand, K, max_daily_change, change_cost)
     joint = prices_jointly(demand)
     categories = CategoryDays.of(meta, demand) if joint else None
 
@@ -611,7 +621,13 @@ def planned_prices(meta: SplitMeta, demand: DemandLike, K: int, max_daily_change
     raises the category's profit, and a round that keeps none ends the ascent.
 
     Memory: (n_rows, K) float64 of values-to-go, plus (``chunk``, K, K) per day.
+    A model with a reference-price effect: the DP over (level, reference) of
+    :func:`reference.planned_prices_with_reference`.
     """
+    if _with_reference(meta, demand):
+        from pricing_cli.agent.reference import planned_prices_with_reference
+
+        return planned_prices_with_reference(meta, demand, K, max_daily_change, change_cost)
     _check_levels(meta, K)
     if meta.n_rows == 0:
         return np.zeros(0)
@@ -709,6 +725,14 @@ def _plan(meta: SplitMeta, K: int, max_daily_change: float, change_cost: np.ndar
         return np.where(mask == 1, net, -np.inf).argmax(axis=1)
 
     return _walk_grid(meta, K, max_daily_change, choose, series=only, prices=prices)
+
+
+def _with_reference(meta: SplitMeta, demand: DemandLike) -> bool:
+    """Whether ``demand`` has a reference-price effect and ``meta`` the starting reference
+    its policies roll forward from."""
+    from pricing_cli.agent.reference import reference_of
+
+    return meta.start_reference is not None and reference_of(demand) is not None
 
 
 def random_feasible_prices(meta: SplitMeta, K: int, max_daily_change: float,

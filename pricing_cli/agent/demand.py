@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pricing_cli.agent import demand_shapes as shapes_module
+from pricing_cli.agent import reference as reference_module
 from pricing_cli.agent.demand_shapes import FORMS
 from pricing_cli.errors import DataError, ModelError
 from pricing_cli.storage import atomic_write, write_json
@@ -207,6 +208,8 @@ class DemandModel:
     # Coefficient of the category price index (category_price_index): > 0 when siblings are
     # substitutes (their higher prices raise this product's demand). None or 0: no effect.
     cross_price: float | None = None
+    # The reference-price effect (agent/reference.py); None: memoryless demand.
+    reference_effect: reference_module.ReferenceEffect | None = None
 
     @property
     def n_products(self) -> int:
@@ -273,6 +276,8 @@ class DemandModel:
         span_days = int(np.ptp(dates.astype(np.int64))) + 1 if len(dates) else 0
         if span_days < 365:  # week-of-year shapes need a whole year of train days
             calendar["year_harmonics"] = 0
+        rows, reference_info = _select_reference(cls, rows, reference, product_category,
+                                                 categories, strength, calendar, settings)
 
         selection: dict[str, Any] = {}
         if len(forms) > 1:
@@ -336,6 +341,9 @@ class DemandModel:
                     "cross_price": model.cross_price,
                     "control_effects": np.asarray(model.control_effects).round(4).tolist()},
                 **({"form_selection": selection} if selection else {}),
+                "reference_prices": {**reference_info, "effect": (
+                    None if model.reference_effect is None
+                    else model.reference_effect.as_json())},
                 "seconds": round(time.monotonic() - started, 3)}
         return replace(model, info=info)
 
@@ -424,14 +432,18 @@ class DemandModel:
 
     def expected_units(self, product_index: np.ndarray, dates: np.ndarray,
                        prices: np.ndarray, *, form: str | None = None,
-                       category_index: np.ndarray | None = None) -> np.ndarray:
+                       category_index: np.ndarray | None = None,
+                       reference: np.ndarray | None = None) -> np.ndarray:
         """Expected daily units (float64) for each (product, date, price) row.
 
         Arrays broadcast: e.g. product_index and dates of shape (n, 1) with prices (n, K).
         ``form`` evaluates every row with that shape instead of its product's chosen one.
         ``category_index``: the category's price index of each row (see
         :func:`category_price_index`; 0, the default, is siblings at their reference prices),
-        for pricing a category jointly.
+        for pricing a category jointly. ``reference``: each row's reference price (the
+        reference-price state, agent/reference.py); None: the long-run curve (reference =
+        price). The result then has the broadcast shape of all the arrays, with or without
+        an effect.
         """
         product_index = np.asarray(product_index, dtype=np.int64)
         log_base, elasticity = self.log_base_and_elasticity(product_index, dates)
@@ -451,6 +463,11 @@ class DemandModel:
                 multiplier, _ = shapes_module.response(
                     FORMS[code], self.shape_params[pi[sel], code], stretched[sel])
                 units[sel] = np.exp(np.minimum(base[sel], ETA_MAX)) * multiplier
+        if reference is not None:
+            factor = (np.exp(self.reference_effect.log_factor(prices, reference))
+                      if self.reference_effect is not None
+                      else np.ones(np.broadcast_shapes(np.shape(prices), np.shape(reference))))
+            units = units * factor
         return units
 
     def units_on_grid(self, product_index: np.ndarray, dates: np.ndarray, grid: np.ndarray
@@ -505,6 +522,9 @@ class DemandModel:
                                         "forms": list(FORMS),
                                         "product_forms": [FORMS[f] for f in forms.tolist()],
                                         "calendar": self.calendar,
+                                        "reference_effect": (
+                                            None if self.reference_effect is None
+                                            else self.reference_effect.as_json()),
                                         "categories": self.categories, "info": self.info})
 
     def _shape_arrays(self) -> dict[str, np.ndarray]:
@@ -539,7 +559,9 @@ class DemandModel:
                 data["cross_price"] = None if np.isnan(value) else value
             meta = json.loads((folder / JSON_NAME).read_text(encoding="utf-8"))
             return cls(categories=list(meta["categories"]), info=dict(meta["info"]),
-                       calendar=dict(meta.get("calendar", {})), **data)
+                       calendar=dict(meta.get("calendar", {})),
+                       reference_effect=reference_module.ReferenceEffect.from_json(
+                           meta.get("reference_effect")), **data)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"cannot read the demand model in {folder}: {exc}",
                              "Re-run `pricectl train` to rebuild the run folder.") from None
@@ -576,10 +598,24 @@ class _FitRows:
     price: np.ndarray
     units: np.ndarray
     weight: np.ndarray  # likelihood weight: 1, or less on days whose sales look capped
+    # The reference-price columns (reference.design_columns) and their EWMA rate, when the
+    # fit has the term.
+    reference_columns: np.ndarray | None = None
+    reference_rate: float | None = None
 
     def take(self, keep: np.ndarray) -> _FitRows:
         return _FitRows(self.product[keep], self.dates[keep], self.price[keep], self.units[keep],
-                        self.weight[keep])
+                        self.weight[keep],
+                        None if self.reference_columns is None else self.reference_columns[keep],
+                        self.reference_rate)
+
+    def with_reference(self, rate: float | None) -> _FitRows:
+        """These rows with the reference columns of EWMA ``rate`` (None: without)."""
+        if rate is None:
+            return replace(self, reference_columns=None, reference_rate=None)
+        ref = reference_module.rolled_reference(self.product, self.dates, self.price, rate)
+        return replace(self, reference_columns=reference_module.design_columns(
+            np.log(self.price / ref)), reference_rate=rate)
 
 
 def _last_days(product: np.ndarray, dates: np.ndarray, n_products: int, fraction: float
@@ -806,6 +842,8 @@ def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarra
     events = event_indicators(rows.dates, calendar.get("events", {}))
     shifts = events if calendar.get("event_elasticity") else np.zeros((len(neg_x), 0))
     controls = controls if controls is not None else np.zeros((len(neg_x), 0))
+    reference_columns = (rows.reference_columns if rows.reference_columns is not None
+                         else np.zeros((len(neg_x), 0)))
     cross = (category_price_index(rows.product, rows.dates, -neg_x, product_category)[:, None]
              if calendar.get("cross_price") else np.zeros((len(neg_x), 0)))
     design = _Design(product=rows.product, product_category=product_category, dow=dow,
@@ -813,7 +851,7 @@ def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarra
                      v=np.column_stack([neg_x * s_sin, neg_x * s_cos, neg_x * weekend,
                                         neg_x[:, None] * shifts,
                                         calendar_level_columns(rows.dates, calendar),
-                                        cross, controls]),
+                                        cross, controls, reference_columns]),
                      units=rows.units, weight=rows.weight)
     start = _Params.initial(design)
     if warm is not None:  # a fit of nearly the same rows: Newton starts next to its optimum
@@ -821,8 +859,9 @@ def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarra
         start = _Params(np.concatenate([core, np.zeros(design.n_core - len(core))]),
                         warm.category_offset.copy(), warm.product_offset.copy())
     params, solver = _newton(design, start, strength, monitor)
-    n_controls = controls.shape[1]
-    control_term = (controls @ params.core[design.n_core - n_controls:] if n_controls
+    tail = np.column_stack([controls, reference_columns])  # the term the shapes fit on top of
+    n_controls = tail.shape[1]
+    control_term = (tail @ params.core[design.n_core - n_controls:] if n_controls
                     else np.zeros(len(neg_x)))
     return params, solver, control_term
 
@@ -843,6 +882,13 @@ def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarr
     n_level = 2 * int(calendar.get("year_harmonics", 0)) + n_events
     n_cross = 1 if calendar.get("cross_price") else 0
     extra = base.core[N_BASE_CORE:]
+    n_reference = 0 if rows.reference_columns is None else reference_module.N_COLUMNS
+    effect = None
+    if n_reference:
+        assert rows.reference_rate is not None
+        loss, gain = (float(v) for v in extra[len(extra) - n_reference:])
+        effect = reference_module.ReferenceEffect(rate=rows.reference_rate, loss=loss, gain=gain)
+        extra = extra[:len(extra) - n_reference]
     model = cls(mean=base.core[:4].copy(), category_offset=base.category,
                 product_offset=base.product, product_category=product_category,
                 dow_effect=np.concatenate([[0.0], base.core[4:10]]),
@@ -851,7 +897,8 @@ def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarr
                 event_elasticity=(extra[:n_shifts].copy() if n_shifts else np.zeros(n_events)),
                 level_effects=extra[n_shifts:n_shifts + n_level].copy(),
                 cross_price=(float(extra[n_shifts + n_level]) if n_cross else None),
-                control_effects=extra[n_shifts + n_level + n_cross:].copy())
+                control_effects=extra[n_shifts + n_level + n_cross:].copy(),
+                reference_effect=effect)
     shape_params = np.zeros((n_products, len(FORMS), shapes_module.N_SHAPE_PARAMS))
     wanted = [f for f in forms if f != "loglog"
               and (chosen is None or (chosen == FORMS.index(f)).any())]
@@ -873,6 +920,38 @@ def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarr
     product_form = (chosen if chosen is not None
                     else np.zeros(n_products, dtype=np.int8)).astype(np.int8)
     return replace(model, product_form=product_form, shape_params=shape_params)
+
+
+def _select_reference(cls: type[DemandModel], rows: _FitRows, reference: np.ndarray,
+                      product_category: np.ndarray, categories: list[str], strength: float,
+                      calendar: dict[str, Any], settings: Settings
+                      ) -> tuple[_FitRows, dict[str, Any]]:
+    """``rows`` with the reference-price columns of the half-life chosen on the held-out last
+    train days (reference.select_half_life; constant-elasticity trial fits), or unchanged
+    when no candidate earns its keep; and what the selection saw."""
+    half_lives = [float(h) for h in settings.train.demand_reference_half_lives]
+    if not half_lives:
+        return rows, {"verdict": "off (train.demand_reference_half_lives is empty)"}
+    n_products = len(reference)
+    holdout = _last_days(rows.product, rows.dates, n_products,
+                         float(settings.train.demand_holdout_fraction))
+    if not holdout.any() or holdout.all():
+        return rows, {"verdict": "no reference-price effect: too few rows to hold out"}
+
+    def fit_rows(keep: np.ndarray, rate: float | None) -> DemandModel:
+        return _fit_with_shapes(cls, rows.with_reference(rate).take(keep), reference,
+                                product_category, categories, strength, ["loglog"], None,
+                                calendar, None)
+
+    def deviance(model: DemandModel, held: _FitRows, ref: np.ndarray | None) -> float:
+        predicted = model.expected_units(held.product, held.dates, held.price, reference=ref)
+        total = shapes_module.deviance_by_product(predicted, held.units, held.product,
+                                                  n_products, held.weight).sum()
+        return float(total / max(held.weight.sum(), 1e-12))
+
+    rate, info = reference_module.select_half_life(fit_rows, rows, holdout, half_lives,
+                                                   deviance)
+    return rows.with_reference(rate), info
 
 
 def _median_by_product(product: np.ndarray, price: np.ndarray, n_products: int) -> np.ndarray:

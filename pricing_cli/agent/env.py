@@ -29,6 +29,13 @@ nearest feasible level and counted.
 Reward: ``((price - unit_cost) * units - change cost) * reward_scale``, units = the demand
 model's expectation (or a Poisson draw with ``sample_demand``); the change cost is paid on a day
 the price moves (``Market.change_cost``, zero by default: train.price_change_cost).
+
+Reference prices: when the demand model has a reference-price effect (agent/reference.py),
+every episode carries the product's reference price, starting from the historical one
+(``Market.history_reference``: the EWMA of the historical prices before the row) and rolled
+forward with the agent's own prices. Units are the demand table's times the effect's factor
+at today's reference; the forecast columns are today's (myopic) profits at that reference; and
+the first endogenous feature is log(last price / the reference state), the reference gap.
 """
 
 from __future__ import annotations
@@ -166,6 +173,10 @@ class Market:
     split_rows: np.ndarray | None = None
     # The closed days left out (data/closed_days.ClosedDays), for readers of the same split.
     closed: Any = None
+    # The demand model's reference-price effect (None: memoryless) and the reference before
+    # each row along the historical prices (where episodes start from).
+    reference_effect: Any = None
+    history_reference: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.change_cost is None:
@@ -267,8 +278,18 @@ class Market:
         """(len(rows), K): the demand model's expected profit at every candidate level."""
         return (self.grid(rows) - self.unit_cost[rows, None]) * self.units_table[rows]
 
-    def profit_forecast(self, rows: np.ndarray, last_price: np.ndarray | None = None
-                        ) -> np.ndarray:
+    def reference_factor(self, rows: np.ndarray, prices: np.ndarray,
+                         reference: np.ndarray | None) -> np.ndarray | float:
+        """The reference effect's demand multiplier at ``prices`` ((len(rows),) or
+        (len(rows), K)) against each row's reference state (1.0 without an effect)."""
+        if self.reference_effect is None or reference is None:
+            return 1.0
+        extra = (None,) * (np.ndim(prices) - 1)
+        return np.exp(self.reference_effect.log_factor(prices, reference[(slice(None),
+                                                                          *extra)]))
+
+    def profit_forecast(self, rows: np.ndarray, last_price: np.ndarray | None = None,
+                        reference: np.ndarray | None = None) -> np.ndarray:
         """(len(rows), K) float32: the demand model's expected profit at each level / the best
         level's. Clipped below at -1 so a loss-making level far under cost cannot dominate the
         scale. With a price-change cost and ``last_price`` given, every level that would
@@ -280,6 +301,8 @@ class Market:
         lo, span, cost, steps = self._forecast_terms
         grid = lo[rows, None] + span[rows, None] * steps
         profit = (grid - cost[rows, None]) * self.units_table[rows]
+        if self.reference_effect is not None and reference is not None:
+            profit *= np.asarray(self.reference_factor(rows, grid, reference), np.float32)
         best = np.maximum(profit.max(axis=1, keepdims=True), np.float32(1e-9))
         if last_price is not None and self._charges_changes:
             change_cost = self._change_cost32[self.product_index[rows]]
@@ -289,18 +312,21 @@ class Market:
         profit /= best
         return np.clip(profit, np.float32(-1.0), np.float32(1.0), out=profit)
 
-    def endogenous(self, rows: np.ndarray, last_price: np.ndarray, held: np.ndarray
-                   ) -> np.ndarray:
-        """The 3 features computed from the agent's own last price (see module docstring)."""
+    def endogenous(self, rows: np.ndarray, last_price: np.ndarray, held: np.ndarray,
+                   reference: np.ndarray | None = None) -> np.ndarray:
+        """The 3 features computed from the agent's own last price (see module docstring);
+        with a reference effect and state, the first is the gap to the reference state."""
         span = np.maximum(self.max_price[rows] - self.min_price[rows], 1e-12)
+        against = (reference if self.reference_effect is not None and reference is not None
+                   else self.reference[rows])
         return np.column_stack([
-            np.log(last_price / self.reference[rows]),
+            np.log(last_price / against),
             np.minimum(held, HELD_DAYS_SCALE) / HELD_DAYS_SCALE,
             np.clip((last_price - self.min_price[rows]) / span, 0.0, 1.0),
         ])
 
-    def observation(self, rows: np.ndarray, last_price: np.ndarray, held: np.ndarray
-                    ) -> Observation:
+    def observation(self, rows: np.ndarray, last_price: np.ndarray, held: np.ndarray,
+                    reference: np.ndarray | None = None) -> Observation:
         """The Dict observation of a batch of rows."""
         features = np.empty((len(rows), self.n_features), dtype=np.float32)
         width = self.features.shape[1]
@@ -313,9 +339,10 @@ class Market:
         for start in range(0, len(rows), OBSERVATION_BLOCK):
             part = slice(start, start + OBSERVATION_BLOCK)
             block, last = rows[part], last_price[part]
+            ref = None if reference is None else reference[part]
             np.take(self._rows, source[part], axis=0, out=features[part, :width])
-            features[part, width:-N_ENDOGENOUS] = self.profit_forecast(block, last)
-            features[part, -N_ENDOGENOUS:] = self.endogenous(block, last, held[part])
+            features[part, width:-N_ENDOGENOUS] = self.profit_forecast(block, last, ref)
+            features[part, -N_ENDOGENOUS:] = self.endogenous(block, last, held[part], ref)
         return {"product_id": self.product_index[rows].astype(np.float32)[:, None],
                 "features": features}
 
@@ -425,6 +452,11 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
                  if model_reference is not None else meta["ref_price"].to_numpy())
     ids = meta.select("product_index", "product_id").unique(subset="product_index")
     n_products = max(product_count(processed_dir, stats), demand.n_products)
+    from pricing_cli.agent.reference import historical_references, reference_of
+
+    effect = reference_of(demand)
+    history_reference = (None if effect is None else historical_references(
+        processed_dir, split, product, dates, price, effect.rate))
     return Market(
         split=split, features=features, product_index=product,
         dates=dates, unit_cost=meta["unit_cost"].to_numpy().astype(np.float64),
@@ -437,7 +469,8 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
         n_products=n_products, price_levels=K,
         max_daily_change=float(stats["max_daily_change"]),
         change_cost=_fit_length(change_cost, n_products), demand=demand,
-        split_rows=split_rows, closed=closed if split_rows is not None else None)
+        split_rows=split_rows, closed=closed if split_rows is not None else None,
+        reference_effect=effect, history_reference=history_reference)
 
 
 def change_costs(market: Market, share: float) -> np.ndarray:
@@ -512,6 +545,8 @@ class EpisodeBatch:
         self.end = np.zeros(size, dtype=np.int64)
         self.last_price = np.ones(size)
         self.held = np.ones(size)
+        # The reference-price state (used only when the market's model has the effect).
+        self.reference = np.ones(size)
         self.mask = np.ones((size, market.price_levels), dtype=bool)
         self.episode_return = np.zeros(size)
         self.episode_profit = np.zeros(size)
@@ -538,6 +573,8 @@ class EpisodeBatch:
         self.end[slots] = end_rows
         self.last_price[slots] = m.previous_price[start_rows]
         self.held[slots] = m.held_days[start_rows]
+        if m.history_reference is not None:
+            self.reference[slots] = m.history_reference[start_rows]
         self.mask[slots] = self._trusted(start_rows, apply_rule_levels(
             m.processed_masks(start_rows), m.rule_levels(start_rows), m.grid(start_rows),
             m.previous_price[start_rows]))
@@ -549,7 +586,8 @@ class EpisodeBatch:
         """Observation of these slots (after an episode's end: its last row, updated state)."""
         rows = np.minimum(self.row[slots], self.market.product_end[self.row[slots] - 1] - 1)
         rows = np.where(self.episode_length[slots] == 0, self.row[slots], rows)
-        return self.market.observation(rows, self.last_price[slots], self.held[slots])
+        return self.market.observation(rows, self.last_price[slots], self.held[slots],
+                                       self.reference[slots])
 
     def step(self, slots: np.ndarray, levels: np.ndarray, rng: np.random.Generator | None = None
              ) -> dict[str, np.ndarray]:
@@ -567,6 +605,10 @@ class EpisodeBatch:
         grid = m.grid(rows)
         prices = grid[np.arange(len(rows)), levels]
         units = m.units_table[rows, levels].astype(np.float64)
+        if m.reference_effect is not None:  # today's reference, then roll it forward
+            units = units * m.reference_factor(rows, prices, self.reference[slots])
+            self.reference[slots] = m.reference_effect.next_reference(self.reference[slots],
+                                                                      prices)
         if self.sample_demand:
             units = (rng if rng is not None else np.random.default_rng()).poisson(units)
             units = units.astype(np.float64)

@@ -42,6 +42,7 @@ from pricing_cli.agent.baselines import (
     static_prices,
 )
 from pricing_cli.agent.demand import policy_expected_units
+from pricing_cli.agent.reference import units_along_path
 from pricing_cli.config import Settings
 from pricing_cli.errors import ModelError
 from pricing_cli.monitor import RunMonitor
@@ -368,6 +369,20 @@ def _load_truth(settings: Settings, meta: SplitMeta,
     return truth, index, ""
 
 
+def with_start_reference(meta: SplitMeta, demand: Any, processed_dir: Path, split: str
+                         ) -> SplitMeta:
+    """``meta`` with each series' starting reference price when ``demand`` has a
+    reference-price effect (scoring and the grid policies then roll it forward along each
+    price path); unchanged otherwise."""
+    from pricing_cli.agent.reference import reference_of, start_references
+
+    effect = reference_of(demand)
+    if effect is None:
+        return meta
+    return dataclasses.replace(meta, start_reference=start_references(
+        processed_dir, split, meta, effect, demand.reference_price))
+
+
 def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     """Score the agent and the baselines on ``evaluate.split`` and write the reports.
 
@@ -428,6 +443,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     trust = getattr(agent, "trust_region", None)
     if trust is not None:
         meta = dataclasses.replace(meta, trust_region=series_bounds(meta, trust))
+    meta = with_start_reference(meta, demand, processed_dir, ev.split)
     # The agent's objective: greedy and the planner optimise it too, every policy is scored
     # net of it.
     change_cost = agent.change_cost
@@ -462,6 +478,9 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         monitor.check_memory()
 
     def fitted_units(prices: np.ndarray) -> np.ndarray:
+        rolled = units_along_path(demand, meta, prices)  # reference effect: along the path
+        if rolled is not None:
+            return rolled
         # Each row's siblings at this policy's own prices that day (the cross-price term).
         return policy_expected_units(demand, meta.product_index, meta.date, prices)
 

@@ -628,8 +628,9 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
     # The state each row is seen in: history's (yesterday's historical price), or for the
     # planner the teacher's own path.
     last_price, held = market.previous_price, market.held_days
+    reference = market.history_reference  # the reference-price state (None: memoryless)
     if teacher == "planner":
-        labels, last_price, held = planner_path(market, processed_dir, demand)
+        labels, last_price, held, reference = planner_path(market, processed_dir, demand)
     elif teacher == "bc":
         labels = read_processed_member(processed_file(processed_dir, "labels_train.npz"),
                                        "price_level").astype(np.int64)
@@ -670,12 +671,13 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
         for start in range(0, len(order), batch_size):
             # Sorted rows read the memory-mapped features in file order.
             batch = np.sort(order[start:start + batch_size])
+            state_ref = None if reference is None else reference[batch]
             obs, _ = policy.obs_to_tensor(
-                market.observation(batch, last_price[batch], held[batch]))
+                market.observation(batch, last_price[batch], held[batch], state_ref))
             allowed = torch.as_tensor(allowed_levels(batch), device=policy.device)
             logits = action_logits(policy, obs)
             if labels is None:
-                forecast = market.profit_forecast(batch, last_price[batch])
+                forecast = market.profit_forecast(batch, last_price[batch], state_ref)
                 relative = torch.as_tensor(forecast,
                                            dtype=logits.dtype, device=policy.device)
                 soft = torch.softmax((relative - 1.0) / temperature, dim=1)
@@ -703,18 +705,22 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
 
 
 def planner_path(market: Market, processed_dir: Path, demand: Any
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """The planner's levels on the train split, and the state it meets on each row.
 
     Returns:
-        (levels int64, previous price, days held) per row of ``market`` (the train split);
-        a product's first row starts from its historical previous price, as env episodes do.
+        (levels int64, previous price, days held, reference price or None without a
+        reference effect) per row of ``market`` (the train split); a product's first row
+        starts from its historical previous price (and reference), as env episodes do.
     """
     from pricing_cli.agent.baselines import load_split_meta, planned_prices
     from pricing_cli.agent.env import held_days
+    from pricing_cli.agent.evaluate import with_start_reference
+    from pricing_cli.agent.reference import reference_of, series_references
     from pricing_cli.pricing import nearest_level
 
-    meta = load_split_meta(processed_dir, market.split, market.closed)
+    meta = with_start_reference(load_split_meta(processed_dir, market.split, market.closed),
+                                demand, Path(processed_dir), market.split)
     prices = planned_prices(meta, demand, market.price_levels, market.max_daily_change,
                             market.change_cost)
     first = np.zeros(market.n_rows, dtype=bool)
@@ -725,7 +731,10 @@ def planner_path(market: Market, processed_dir: Path, demand: Any
     for start in range(0, market.n_rows, 65_536):
         rows = np.arange(start, min(start + 65_536, market.n_rows))
         levels[rows] = nearest_level(market.grid(rows), prices[rows])
-    return levels, previous, held_days(prices, first)
+    effect = reference_of(demand)
+    reference = (None if effect is None or meta.start_reference is None
+                 else series_references(meta, effect, prices))
+    return levels, previous, held_days(prices, first), reference
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,422 @@
+"""The reference-price effect of the demand model: shoppers judge a price against the prices
+they have seen.
+
+Each product carries a reference price R, an exponentially weighted average of its own past
+prices (``R_{t+1} = (1 − a)·R_t + a·p_t``, rate ``a`` from a half-life h: ``a = 1 − 2^(−1/h)``).
+With the gap g = log(p / R), the demand model's log units gain
+
+    − loss · max(g, 0) − gain · min(g, 0)
+
+so a price above the reference costs ``loss`` per unit of log gap and one below it earns
+``gain`` (loss aversion: loss > gain). Holding a price makes R equal to it and the term 0: the
+rest of the model is the long-run demand curve, and the term is the short-run deviation.
+
+The coefficients are two columns of the demand fit (fitted with everything else, so the
+promotion spikes are no longer read as elasticity). The half-life is chosen on held-out train
+days (the demand shapes' holdout) among ``train.demand_reference_half_lives``; the term is kept
+only when it lowers the held-out Poisson deviance by REFERENCE_MIN_GAIN of the memoryless
+model's; else it drops out and the fit info says so.
+
+Path dependence: a price path's units depend on the reference it builds, so scoring
+(:func:`units_along_path`), greedy (:func:`greedy_prices_with_reference`) and the planner
+(:func:`planned_prices_with_reference`, a DP over (price level, reference)) roll the reference
+forward along each policy's own prices from the split's starting reference
+(:func:`start_references`, the EWMA over the earlier splits' historical prices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pricing_cli.agent.baselines import SplitMeta
+
+# Held-out deviance the reference term must save (share of the memoryless model's) to stay.
+REFERENCE_MIN_GAIN = 0.03
+# Reference grid points of the planner's DP (between the lowest and highest grid price).
+PLANNER_REFERENCE_POINTS = 41
+PLANNER_SERIES_PER_BLOCK = 256  # DP arrays (days, block, K, points) float32 per block
+N_COLUMNS = 2  # the design's loss and gain columns
+
+
+def rate_of_half_life(half_life: float) -> float:
+    """EWMA rate whose weight halves every ``half_life`` days."""
+    return float(1.0 - 0.5 ** (1.0 / float(half_life)))
+
+
+@dataclass(frozen=True)
+class ReferenceEffect:
+    """A fitted reference-price effect (see the module docstring).
+
+    Attributes:
+        rate: EWMA rate a of the reference.
+        loss: log-units lost per unit of log(price / reference) above the reference.
+        gain: log-units gained per unit of log(reference / price) below it.
+    """
+
+    rate: float
+    loss: float
+    gain: float
+
+    @property
+    def half_life(self) -> float:
+        return float(np.log(0.5) / np.log(1.0 - self.rate))
+
+    def log_factor(self, prices: Any, reference: Any) -> np.ndarray:
+        """The term added to log units at ``prices`` against ``reference`` (broadcast)."""
+        gap = np.log(np.asarray(prices, dtype=np.float64) / np.asarray(reference, np.float64))
+        return -(self.loss * np.maximum(gap, 0.0) + self.gain * np.minimum(gap, 0.0))
+
+    def next_reference(self, reference: Any, prices: Any) -> np.ndarray:
+        """Tomorrow's reference after charging ``prices`` today."""
+        return ((1.0 - self.rate) * np.asarray(reference, dtype=np.float64)
+                + self.rate * np.asarray(prices, dtype=np.float64))
+
+    def as_json(self) -> dict[str, float]:
+        return {"rate": self.rate, "half_life_days": round(self.half_life, 3),
+                "loss": self.loss, "gain": self.gain}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any] | None) -> ReferenceEffect | None:
+        if not payload:
+            return None
+        return cls(rate=float(payload["rate"]), loss=float(payload["loss"]),
+                   gain=float(payload["gain"]))
+
+
+def design_columns(gap: np.ndarray) -> np.ndarray:
+    """(n, 2) the fit's columns for the (loss, gain) coefficients at log gaps ``gap``."""
+    return np.column_stack([-np.maximum(gap, 0.0), -np.minimum(gap, 0.0)])
+
+
+def rolled_reference(product: np.ndarray, dates: np.ndarray, prices: np.ndarray, rate: float,
+                     start: np.ndarray | None = None) -> np.ndarray:
+    """The reference before each row: the EWMA of the product's earlier rows' prices.
+
+    Rows in any order; they are walked per product by date. A product's first row starts at
+    ``start[product]`` (default: its own first price, so day one has no gap). A gap of k days
+    counts the unknown days at the last price; rows on the same date (a bootstrap's repeated
+    week) share one reference.
+
+    Returns:
+        (n,) the reference of each row, in the rows' order.
+    """
+    product = np.asarray(product, dtype=np.int64)
+    n = len(product)
+    out = np.empty(n)
+    if n == 0:
+        return out
+    order = np.lexsort((np.asarray(dates).astype("datetime64[D]").astype(np.int64), product))
+    p, x = product[order], np.asarray(prices, dtype=np.float64)[order]
+    day = np.asarray(dates).astype("datetime64[D]").astype(np.int64)[order]
+    first = np.r_[True, p[1:] != p[:-1]]
+    ref = np.empty(n)
+    ref[first] = x[first] if start is None else np.asarray(start, np.float64)[p[first]]
+    keep = 1.0 - rate
+    # Sequential in rows, vectorised across products: walk the k-th row of every product.
+    starts = np.flatnonzero(first)
+    length = np.diff(np.append(starts, n))
+    for k in range(1, int(length.max())):
+        rows = starts[length > k] + k
+        gap = np.maximum(day[rows] - day[rows - 1], 0)
+        decay = keep ** gap
+        ref[rows] = decay * ref[rows - 1] + (1.0 - decay) * x[rows - 1]
+    out[order] = ref
+    return out
+
+
+def reference_of(demand: Any) -> ReferenceEffect | None:
+    """The fitted reference effect of a demand model (a DemandModel, a QuantileDemand over
+    one, or anything without one: None)."""
+    effect = getattr(demand, "reference_effect", None)
+    return effect if isinstance(effect, ReferenceEffect) else None
+
+
+def start_references(processed_dir: str | Path, split: str, meta: SplitMeta,
+                     effect: ReferenceEffect, fallback: np.ndarray) -> np.ndarray:
+    """(n_series,) each series' reference on its first day: the EWMA of the product's
+    historical prices in the splits before ``split`` (as in the fit: from its first price,
+    unknown days at the last price); where there are none, the series' own first historical
+    price (as the env and the fit start), or ``fallback`` (by product_index) without one."""
+    import polars as pl
+
+    from pricing_cli.agent.baselines import SPLIT_ORDER
+    from pricing_cli.stages.merge import read_processed_meta
+
+    starts = meta.series_start
+    own = meta.price[starts]
+    out = np.where(np.isfinite(own) & (own > 0), own,
+                   np.asarray(fallback, dtype=np.float64)[meta.product_index[starts]])
+    position = SPLIT_ORDER.index(split) if split in SPLIT_ORDER else 0
+    paths = [Path(processed_dir) / f"meta_{s}.parquet" for s in SPLIT_ORDER[:position]]
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
+        return out
+    history = pl.concat([read_processed_meta(p, ["product_id", "date", "price"]) for p in paths])
+    history = history.filter(pl.col("price") > 0).sort("product_id", "date")
+    if history.height == 0:
+        return out
+    ids = history["product_id"].cast(pl.String).to_numpy()
+    names, code = np.unique(ids, return_inverse=True)
+    dates = history["date"].to_numpy().astype("datetime64[D]")
+    prices = history["price"].cast(pl.Float64).to_numpy()
+    ref = rolled_reference(code, dates, prices, effect.rate)
+    last = np.r_[code[1:] != code[:-1], True]
+    lookup = {str(names[c]): (r, x, d) for c, r, x, d in zip(
+        code[last], ref[last], prices[last], dates[last], strict=True)}
+    for i, (pid, day) in enumerate(zip(meta.product_id[starts], meta.date[starts], strict=True)):
+        found = lookup.get(str(pid))
+        if found is None:
+            continue
+        r, x, d = found
+        after = effect.next_reference(r, x)  # the reference the day after the last row
+        gap = max(int((day - d).astype(np.int64)) - 1, 0)  # unknown days at the last price
+        out[i] = x + (1.0 - effect.rate) ** gap * (after - x)
+    return out
+
+
+def historical_references(processed_dir: str | Path, split: str, product_index: np.ndarray,
+                          dates: np.ndarray, prices: np.ndarray, rate: float) -> np.ndarray:
+    """(n,) the reference before each row of ``split`` (rows ``product_index``, ``dates``,
+    ``prices``) along the historical prices, the earlier splits' included (as in the fit and
+    :func:`start_references`): where the env's episodes start from."""
+    import polars as pl
+
+    from pricing_cli.agent.baselines import SPLIT_ORDER
+    from pricing_cli.stages.merge import read_processed_meta
+
+    position = SPLIT_ORDER.index(split) if split in SPLIT_ORDER else 0
+    parts = [read_processed_meta(path, ["product_index", "date", "price"]) for path in (
+        Path(processed_dir) / f"meta_{s}.parquet" for s in SPLIT_ORDER[:position])
+        if path.is_file()]
+    own = np.asarray(prices, dtype=np.float64)
+    if not parts:
+        return rolled_reference(product_index, dates, own, rate)
+    history = pl.concat(parts).filter(pl.col("price") > 0)
+    all_product = np.r_[history["product_index"].to_numpy().astype(np.int64),
+                        np.asarray(product_index, dtype=np.int64)]
+    all_dates = np.r_[history["date"].to_numpy().astype("datetime64[D]"),
+                      np.asarray(dates).astype("datetime64[D]")]
+    all_prices = np.r_[history["price"].cast(pl.Float64).to_numpy(), own]
+    return rolled_reference(all_product, all_dates, all_prices, rate)[history.height:]
+
+
+def series_references(meta: SplitMeta, effect: ReferenceEffect, prices: np.ndarray
+                      ) -> np.ndarray:
+    """(n_rows,) the reference before each row when the series charge ``prices``, from
+    ``meta.start_reference``."""
+    assert meta.start_reference is not None
+    ref = np.empty(meta.n_rows)
+    ref[meta.series_start] = meta.start_reference
+    for day in range(1, int(meta.series_length.max(initial=0))):
+        _, rows = meta.rows_on_day(day)
+        ref[rows] = effect.next_reference(ref[rows - 1], prices[rows - 1])
+    return ref
+
+
+def units_along_path(demand: Any, meta: SplitMeta, prices: np.ndarray) -> np.ndarray | None:
+    """Expected units of each row under ``demand`` with the reference rolled forward along
+    ``prices`` (each policy's own path); None when the model has no reference effect or the
+    split no starting reference (then the memoryless prediction is the right one)."""
+    effect = reference_of(demand)
+    if effect is None or meta.start_reference is None:
+        return None
+    ref = series_references(meta, effect, prices)
+    return np.asarray(demand.expected_units(meta.product_index, meta.date, prices,
+                                            reference=ref), dtype=np.float64)
+
+
+def _grid_units(meta: SplitMeta, demand: Any, rows: np.ndarray, grid: np.ndarray,
+                reference: np.ndarray) -> np.ndarray:
+    """(len(rows), K, M) expected profit at every level of ``grid`` (len(rows), K) against
+    every reference of ``reference`` (len(rows), M)."""
+    levels, points = grid.shape[1], reference.shape[1]
+    shape = (len(rows), levels, points)
+    units = demand.expected_units(
+        np.repeat(meta.product_index[rows], levels * points),
+        np.repeat(meta.date[rows], levels * points),
+        np.broadcast_to(grid[:, :, None], shape).ravel(),
+        reference=np.broadcast_to(reference[:, None, :], shape).ravel())
+    units = np.asarray(units, dtype=np.float64).reshape(shape)
+    return (grid[:, :, None] - meta.unit_cost[rows, None, None]) * units
+
+
+def greedy_prices_with_reference(meta: SplitMeta, demand: Any, K: int, max_daily_change: float,
+                                 change_cost: np.ndarray | None = None) -> np.ndarray:
+    """:func:`baselines.greedy_prices` in the reference state: each day the most profitable
+    feasible level given today's reference (myopic: blind to what the price does to
+    tomorrow's reference), the reference then rolled forward with the level chosen."""
+    from pricing_cli.agent.baselines import _walk_grid, change_charges
+
+    effect = reference_of(demand)
+    assert effect is not None and meta.start_reference is not None
+    ref = np.asarray(meta.start_reference, dtype=np.float64).copy()
+
+    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray,
+               previous: np.ndarray) -> np.ndarray:
+        grid = meta.grid[series]
+        profit = (_grid_units(meta, demand, rows, grid, ref[series][:, None])[:, :, 0]
+                  - change_charges(meta, change_cost, grid, series, previous))
+        level = np.where(mask == 1, profit, -np.inf).argmax(axis=1)
+        ref[series] = effect.next_reference(ref[series], grid[np.arange(series.size), level])
+        return level
+
+    return _walk_grid(meta, K, max_daily_change, choose)
+
+
+def _interp(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``values`` (s, K, M), given on each series' uniform grid of M
+    references from lo to hi (s,), at references ``at`` (s, K, ...) (level k reads row k),
+    clamped to the grid."""
+    points = values.shape[2]
+    flat = at.reshape(at.shape[0], at.shape[1], -1)
+    span = np.maximum(hi - lo, 1e-12)[:, None, None]
+    pos = np.clip((flat - lo[:, None, None]) / span * (points - 1), 0.0, points - 1.0)
+    left = np.minimum(np.floor(pos).astype(np.intp), points - 2)
+    frac = pos - left
+    below = np.take_along_axis(values, left, axis=2)
+    above = np.take_along_axis(values, left + 1, axis=2)
+    return (below * (1.0 - frac) + above * frac).reshape(at.shape)
+
+
+def planned_prices_with_reference(meta: SplitMeta, demand: Any, K: int, max_daily_change: float,
+                                  change_cost: np.ndarray | None = None, *,
+                                  points: int = PLANNER_REFERENCE_POINTS,
+                                  per_block: int = PLANNER_SERIES_PER_BLOCK) -> np.ndarray:
+    """:func:`baselines.planned_prices` over the state (price level, reference): the best price
+    path of each series under the fitted reference model, from its known starting reference.
+
+    Backward induction per day over the level held and a grid of ``points`` references
+    spanning the series' grid prices and its starting reference (the value between grid
+    references interpolated linearly): ``W_t(k, R) = profit_t(k, R) + U_{t+1}(k, R')`` with
+    ``R' = (1 − a)·R + a·price_k`` and ``U_{t+1}(k, R) = max over the levels k' allowed from
+    k tomorrow of W_{t+1}(k', R) − change cost``. Then a forward walk
+    (:func:`baselines._walk_grid`, so day one, merchant rules and the trust region are as in
+    every grid policy) that picks, from the exact reference, the level with the best
+    ``profit − change cost + U_{t+1}(k, R')``. Ties: lower price.
+
+    Memory: (days, ``per_block``, K, ``points``) float32 per block of series.
+    """
+    from pricing_cli.agent.baselines import _check_levels, _walk_grid, change_charges
+    from pricing_cli.pricing import is_price_change
+
+    effect = reference_of(demand)
+    assert effect is not None and meta.start_reference is not None
+    _check_levels(meta, K)
+    if meta.n_rows == 0:
+        return np.zeros(0)
+    n_series = meta.series_start.size
+    start_ref = np.asarray(meta.start_reference, dtype=np.float64)
+    lo = np.minimum(meta.grid.min(axis=1), start_ref)
+    hi = np.maximum(meta.grid.max(axis=1), start_ref)
+    ref_grid = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, points)[None, :]
+    # to_go[s] for series s: (length, K, points) U_{t}(k, R) for t = 1..length-1 (index t-1).
+    to_go: list[np.ndarray] = [np.zeros((0, K, points), np.float32)] * n_series
+    for block in range(0, n_series, per_block):
+        series_all = np.arange(block, min(block + per_block, n_series))
+        length = meta.series_length[series_all]
+        horizon = int(length.max())
+        u_next = np.zeros((series_all.size, K, points))  # U_{t+1}, 0 past the last day
+        stored = np.zeros((horizon, series_all.size, K, points), np.float32)
+        for day in reversed(range(horizon)):
+            active = np.flatnonzero(length > day)
+            series = series_all[active]
+            rows = meta.series_start[series] + day
+            grid = meta.grid[series]
+            refs = ref_grid[series]
+            profit = _grid_units(meta, demand, rows, grid, refs)  # (s, K, M)
+            next_ref = effect.next_reference(refs[:, None, :], grid[:, :, None])  # (s, K, M)
+            w = profit + _interp(u_next[active], lo[series], hi[series], next_ref)
+            if day == 0:
+                break
+            # U_t(j, R) = max over k allowed from j (today's rules) of W_t(k, R) − cost.
+            allowed = np.abs(grid[:, None, :] / grid[:, :, None] - 1.0) <= max_daily_change + 1e-9
+            if meta.rule_levels is not None:
+                allowed &= meta.rule_levels[rows][:, None, :]
+            allowed = meta.trusted(series, allowed).astype(bool)
+            candidate = np.broadcast_to(w[:, None, :, :], (len(series), K, K, points))
+            if change_cost is not None:
+                moves = is_price_change(grid[:, None, :], grid[:, :, None])
+                cost = change_cost[meta.product_index[rows]]
+                candidate = candidate - np.where(moves, cost[:, None, None], 0.0)[..., None]
+            best = np.where(allowed[..., None], candidate, -np.inf).max(axis=2)
+            best = np.where(np.isfinite(best), best, -1e18)  # a dead end, as in planned_prices
+            u_next = np.zeros((series_all.size, K, points))
+            u_next[active] = best
+            stored[day, active] = best
+        for i, s in enumerate(series_all.tolist()):
+            to_go[s] = stored[1:length[i], i]
+    ref = start_ref.copy()
+
+    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray,
+               previous: np.ndarray) -> np.ndarray:
+        grid = meta.grid[series]
+        day = rows - meta.series_start[series]
+        profit = _grid_units(meta, demand, rows, grid, ref[series][:, None])[:, :, 0]
+        net = profit - change_charges(meta, change_cost, grid, series, previous)
+        next_ref = effect.next_reference(ref[series][:, None], grid)  # (s, K)
+        later = np.zeros_like(net)
+        has_next = np.flatnonzero(day + 1 < meta.series_length[series])
+        if has_next.size:
+            u = np.stack([to_go[int(s)][int(d)] for s, d in
+                          zip(series[has_next], day[has_next], strict=True)]).astype(np.float64)
+            later[has_next] = _interp(u, lo[series[has_next]], hi[series[has_next]],
+                                      next_ref[has_next][:, :, None])[:, :, 0]
+        level = np.where(mask == 1, net + later, -np.inf).argmax(axis=1)
+        ref[series] = next_ref[np.arange(series.size), level]
+        return level
+
+    return _walk_grid(meta, K, max_daily_change, choose)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting: the half-life on held-out train days
+
+
+def select_half_life(fit_rows: Callable[[np.ndarray, float | None], Any],
+                     rows: Any, holdout: np.ndarray, half_lives: list[float],
+                     deviance: Callable[[Any, Any, np.ndarray | None], float]
+                     ) -> tuple[float | None, dict[str, Any]]:
+    """Choose the reference half-life (or none) on held-out rows.
+
+    Args:
+        fit_rows: ``fit_rows(keep, rate)`` fits the memoryless model (rate None) or the model
+            with the reference columns of ``rate`` on the rows ``keep``.
+        rows: the train rows (demand._FitRows).
+        holdout: bool mask of the held-out rows.
+        half_lives: the candidates (days).
+        deviance: ``deviance(model, held_rows, reference)`` held-out deviance per row.
+
+    Returns:
+        (the chosen EWMA rate or None, what the selection saw for the fit info).
+    """
+    held = rows.take(holdout)
+    base = fit_rows(~holdout, None)
+    none_deviance = deviance(base, held, None)
+    scores: dict[str, float] = {}
+    best_rate, best = None, none_deviance
+    for half_life in half_lives:
+        rate = rate_of_half_life(half_life)
+        model = fit_rows(~holdout, rate)
+        ref = rolled_reference(rows.product, rows.dates, rows.price, rate)[holdout]
+        score = deviance(model, held, ref)
+        scores[f"{half_life:g}"] = score
+        effect = reference_of(model)
+        if effect is not None and effect.loss >= 0 and effect.gain >= 0 and score < best:
+            best_rate, best = rate, score
+    kept = best_rate is not None and best <= none_deviance * (1.0 - REFERENCE_MIN_GAIN)
+    info = {"holdout_rows": int(holdout.sum()),
+            "holdout_deviance_per_row": {"none": none_deviance, **scores},
+            "min_gain": REFERENCE_MIN_GAIN,
+            "chosen_half_life_days": (None if not kept or best_rate is None
+                                      else round(float(np.log(0.5) / np.log(1.0 - best_rate)),
+                                                 3))}
+    if not kept:
+        info["verdict"] = ("no reference-price effect: the term did not lower the held-out "
+                           f"deviance by {REFERENCE_MIN_GAIN:.1%}; it is left out")
+    return (best_rate if kept else None), info
