@@ -42,7 +42,7 @@ from pricing_cli.agent.baselines import (
     static_prices,
 )
 from pricing_cli.agent.demand import policy_expected_units
-from pricing_cli.agent.reference import units_along_path
+from pricing_cli.agent.reference import units_along_path, with_start_reference
 from pricing_cli.config import Settings
 from pricing_cli.errors import ModelError
 from pricing_cli.monitor import RunMonitor
@@ -265,6 +265,17 @@ def rows_outside_trust_region(meta: SplitMeta, prices: np.ndarray) -> int | None
     return int(outside.sum())
 
 
+def policy_units(model: Any, meta: SplitMeta, prices: np.ndarray) -> np.ndarray:
+    """(n,) a policy's expected units under a fitted model, as evaluate scores it: with a
+    reference-price effect, the reference rolled along the policy's own path
+    (``reference.units_along_path``); otherwise each row's siblings at the policy's own prices
+    that day (``demand.policy_expected_units``, the cross-price term)."""
+    rolled = units_along_path(model, meta, prices)
+    if rolled is not None:
+        return rolled
+    return policy_expected_units(model, meta.product_index, meta.date, prices)
+
+
 def uplift_intervals(meta: SplitMeta, policies: dict[str, np.ndarray], ensemble: Any,
                      point: Any, change_cost: np.ndarray | None, level: float,
                      baseline: str = "historical"
@@ -288,7 +299,7 @@ def uplift_intervals(meta: SplitMeta, policies: dict[str, np.ndarray], ensemble:
     models = [point, *ensemble.members]
     # (1 + B, n_series) profit of each policy under the point fit, then each member.
     profits = {name: np.stack([product_profits(
-        meta, prices, policy_expected_units(m, meta.product_index, meta.date, prices),
+        meta, prices, policy_units(m, meta, prices),
         None if name in EXEMPT_POLICIES else change_cost) for m in models])
         for name, prices in policies.items()}
     base = profits[baseline]
@@ -367,20 +378,6 @@ def _load_truth(settings: Settings, meta: SplitMeta,
                     "scoring under the fitted demand only")
         return None, None, f"the products of {path} do not match the processed data"
     return truth, index, ""
-
-
-def with_start_reference(meta: SplitMeta, demand: Any, processed_dir: Path, split: str
-                         ) -> SplitMeta:
-    """``meta`` with each series' starting reference price when ``demand`` has a
-    reference-price effect (scoring and the grid policies then roll it forward along each
-    price path); unchanged otherwise."""
-    from pricing_cli.agent.reference import reference_of, start_references
-
-    effect = reference_of(demand)
-    if effect is None:
-        return meta
-    return dataclasses.replace(meta, start_reference=start_references(
-        processed_dir, split, meta, effect, demand.reference_price))
 
 
 def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
@@ -478,11 +475,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         monitor.check_memory()
 
     def fitted_units(prices: np.ndarray) -> np.ndarray:
-        rolled = units_along_path(demand, meta, prices)  # reference effect: along the path
-        if rolled is not None:
-            return rolled
-        # Each row's siblings at this policy's own prices that day (the cross-price term).
-        return policy_expected_units(demand, meta.product_index, meta.date, prices)
+        return policy_units(demand, meta, prices)
 
     fitted = score_policies(meta, policies, fitted_units, change_cost=change_cost)
     true: dict[str, dict[str, Any]] | None = None

@@ -405,7 +405,7 @@ def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
     published = agent.config.get("published_policy", "agent")
     if published != "agent":  # train chose a joint grid policy over the network on val
         meta = grid_policy_meta(processed_dir, split, agent.trust_region, settings,
-                                int(agent.config["price_levels"]))
+                                int(agent.config["price_levels"]), agent.demand)
         prices = grid_policy_prices(published, meta, agent.demand,
                                     int(agent.config["price_levels"]),
                                     float(agent.config["max_daily_change"]), agent.change_cost)
@@ -432,9 +432,10 @@ def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
 
 def grid_policy_meta(processed_dir: str | Path, split: str,
                      trust_region: tuple[np.ndarray, np.ndarray] | None,
-                     settings: Settings | None, levels: int) -> SplitMeta:
+                     settings: Settings | None, levels: int, demand: Any = None) -> SplitMeta:
     """The split's rows as the grid policies price them: the merchant rules (when
-    ``settings`` is given) and the run's trust region (by product index), as in evaluate."""
+    ``settings`` is given), the run's trust region (by product index) and, with ``demand``,
+    the starting reference price of its reference effect, as in evaluate."""
     import dataclasses
 
     from pricing_cli.agent.baselines import load_split_meta, series_bounds
@@ -453,6 +454,10 @@ def grid_policy_meta(processed_dir: str | Path, split: str,
             meta.max_price, levels))
     if trust_region is not None:
         meta = dataclasses.replace(meta, trust_region=series_bounds(meta, trust_region))
+    if demand is not None:  # a reference effect: greedy and the planner roll it from day one
+        from pricing_cli.agent.reference import with_start_reference
+
+        meta = with_start_reference(meta, demand, Path(processed_dir), split)
     return meta
 
 

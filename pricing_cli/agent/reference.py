@@ -420,3 +420,17 @@ def select_half_life(fit_rows: Callable[[np.ndarray, float | None], Any],
         info["verdict"] = ("no reference-price effect: the term did not lower the held-out "
                            f"deviance by {REFERENCE_MIN_GAIN:.1%}; it is left out")
     return (best_rate if kept else None), info
+
+
+def with_start_reference(meta: SplitMeta, demand: Any, processed_dir: Path, split: str
+                         ) -> SplitMeta:
+    """``meta`` with each series' starting reference price when ``demand`` has a
+    reference-price effect (scoring and the grid policies then roll it forward along each
+    price path); unchanged otherwise."""
+    import dataclasses
+
+    effect = reference_of(demand)
+    if effect is None:
+        return meta
+    return dataclasses.replace(meta, start_reference=start_references(
+        processed_dir, split, meta, effect, demand.reference_price))

@@ -356,34 +356,38 @@ def select_published_policy(settings: Settings, model: Any, agent: PricingAgent,
     (``demand.policy_expected_units``) and net of the change costs. Ties go to the network.
 
     Only when ``train.publish_best_policy`` is on, the demand model prices categories
-    jointly (``baselines.prices_jointly``) and every product was trained (``products`` None);
-    otherwise the network, with ``val_profit`` None.
+    jointly (``baselines.prices_jointly``) or has a reference-price effect, and every product
+    was trained (``products`` None); otherwise the network, with ``val_profit`` None. Scored
+    as evaluate scores (``evaluate.policy_units``: the reference rolled along each path).
 
     Returns:
         {"published_policy": name, "val_profit": {policy: total profit} or None}.
     """
     from pricing_cli.agent.baselines import prices_jointly
-    from pricing_cli.agent.demand import policy_expected_units
     from pricing_cli.agent.env import simulate
-    from pricing_cli.agent.evaluate import change_costs_per_row
+    from pricing_cli.agent.evaluate import change_costs_per_row, policy_units
     from pricing_cli.agent.policy import grid_policy_meta, grid_policy_prices
+    from pricing_cli.agent.reference import reference_of
 
     demand = agent.demand
-    if not (settings.train.publish_best_policy and prices_jointly(demand) and products is None
+    # Where greedy is not already the network's start: joint categories, or demand with a
+    # memory (the planner's path can beat the network's).
+    grid_can_win = prices_jointly(demand) or reference_of(demand) is not None
+    if not (settings.train.publish_best_policy and grid_can_win and products is None
             and val_market.n_rows):
         return {"published_policy": "agent", "val_profit": None}
     model.set_parameters(str(best), exact_match=True, device=model.device)
     model.policy.set_training_mode(False)
     levels = val_market.price_levels
     meta = grid_policy_meta(processed_dir, val_market.split, agent.trust_region, settings,
-                            levels)
+                            levels, demand)
     candidates = {"agent": simulate(val_market, agent.chooser(True))["prices"]}
     for name in ("greedy", "planner"):
         candidates[name] = grid_policy_prices(name, meta, demand, levels,
                                               val_market.max_daily_change, agent.change_cost)
     profit = {}
     for name, prices in candidates.items():
-        units = policy_expected_units(demand, meta.product_index, meta.date, prices)
+        units = policy_units(demand, meta, prices)
         profit[name] = round(float(((prices - meta.unit_cost) * units
                                     - change_costs_per_row(meta, prices, agent.change_cost)
                                     ).sum()), 4)
@@ -715,8 +719,11 @@ def planner_path(market: Market, processed_dir: Path, demand: Any
     """
     from pricing_cli.agent.baselines import load_split_meta, planned_prices
     from pricing_cli.agent.env import held_days
-    from pricing_cli.agent.evaluate import with_start_reference
-    from pricing_cli.agent.reference import reference_of, series_references
+    from pricing_cli.agent.reference import (
+        reference_of,
+        series_references,
+        with_start_reference,
+    )
     from pricing_cli.pricing import nearest_level
 
     meta = with_start_reference(load_split_meta(processed_dir, market.split, market.closed),
