@@ -196,7 +196,7 @@ def checked_units(realized: np.ndarray, model_at_policy: np.ndarray,
 
 def checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray], models: list[Any],
                    slope: ResponseSlope, reference: np.ndarray, profits_of: Any, level: float,
-                   baseline: str = "historical"
+                   baseline: str = "historical", units_under: Any = None
                    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Every policy's checked uplift over ``baseline``, overall and (for the agent) per product.
 
@@ -209,6 +209,8 @@ def checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray], models: lis
         profits_of: (name, prices, units) -> (n_series,) profit per product (change costs as
             the policy pays them).
         level: coverage of the interval.
+        units_under: (model, prices) -> (n,) a policy's expected units under a model, as
+            evaluate scores it (default: ``model.expected_units`` row by row).
 
     Returns:
         (policy -> entry, product_id -> entry of the agent); an entry is {point, low, high,
@@ -220,9 +222,11 @@ def checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray], models: lis
     realized = np.maximum(meta.units, 0.0)
     base_prices = policies[baseline]
     base_profit = profits_of(baseline, base_prices, realized)  # what was actually earned
+    if units_under is None:
+        def units_under(model: Any, prices: np.ndarray) -> np.ndarray:
+            return model.expected_units(meta.product_index, meta.date, prices)
     # Unit ratios per model: only the policy's price over the historical one matters.
-    at_base = [np.asarray(m.expected_units(meta.product_index, meta.date, base_prices),
-                          dtype=np.float64) for m in models]
+    at_base = [np.asarray(units_under(m, base_prices), dtype=np.float64) for m in models]
     n_draws = slope.pooled_draws.size
     member = np.arange(n_draws) % max(len(models) - 1, 1) + (1 if len(models) > 1 else 0)
     tails = [(1 - level) / 2, 0.5, (1 + level) / 2]
@@ -249,8 +253,7 @@ def checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray], models: lis
     overall: dict[str, dict[str, Any]] = {}
     per_product: dict[str, dict[str, Any]] = {}
     for name, prices in policies.items():
-        at_policy = [np.asarray(m.expected_units(meta.product_index, meta.date, prices),
-                                dtype=np.float64) for m in models]
+        at_policy = [np.asarray(units_under(m, prices), dtype=np.float64) for m in models]
         position = move_position(base_prices, prices, reference)
         point_units = checked_units(realized, at_policy[0], at_base[0],
                                     slope.row_slope(row_series, position))
