@@ -155,19 +155,22 @@ def test_ensemble_quantiles_and_files(tmp_path: Path) -> None:
 
 
 def checked_market(tmp_path: Path, flip_test_response: bool = False,
-                   test_units_factor: float = 1.0) -> tuple[dict, dict]:
+                   test_units_factor: float = 1.0, test_elasticity_factor: float = 1.0,
+                   n_products: int = 6) -> tuple[dict, dict]:
     """Fit on the fixture's train split, price its test split greedily on the ensemble's 0.25
-    quantile and return (the verdict, the truth's uplift and the interval).
+    quantile and return (the verdict, the truth's uplift and the intervals).
 
     ``flip_test_response``: the test split's units answer price with the opposite sign of the
-    truth the model was fitted on (a market that changed, or one that fools the model).
+    truth the model was fitted on (a market that changed, or one that fools the model);
+    ``test_elasticity_factor``: they answer it with this share of the elasticity.
     """
-    truth = agent_fixtures.write_processed(tmp_path, n_products=6, n_days=360, seed=1)
+    truth = agent_fixtures.write_processed(tmp_path, n_products=n_products, n_days=360, seed=1)
     test_truth = dict(truth)
-    if flip_test_response or test_units_factor != 1.0:
+    if flip_test_response or test_units_factor != 1.0 or test_elasticity_factor != 1.0:
         frame = pl.read_parquet(tmp_path / "meta_test.parquet")
         if flip_test_response:
             test_truth["elasticity"] = -truth["elasticity"]
+        test_truth["elasticity"] = test_truth["elasticity"] * test_elasticity_factor
         lam = test_units_factor * agent_fixtures.true_expected_units(
             test_truth, frame["product_index"].to_numpy(), frame["date"].to_numpy(),
             frame["price"].to_numpy())
@@ -175,23 +178,28 @@ def checked_market(tmp_path: Path, flip_test_response: bool = False,
         frame.with_columns(units=pl.Series(units)).write_parquet(tmp_path / "meta_test.parquet")
     train = pl.read_parquet(tmp_path / "meta_train.parquet")
     point = DemandModel.fit(train, SETTINGS)
-    ensemble = fit_ensemble(train, SETTINGS, n_products=6)
+    ensemble = fit_ensemble(train, SETTINGS, n_products=n_products)
     meta = bl.load_split_meta(tmp_path, "test")
-    report = checks.run_checks(meta, point.expected_units(meta.product_index, meta.date,
-                                                          meta.price), window=7)
+    at_historical = point.expected_units(meta.product_index, meta.date, meta.price)
+    events = checks.price_change_events(
+        meta, at_historical, 7,
+        point.expected_units(meta.product_index, meta.date, checks.prices_held(meta)))
+    report = checks.run_checks(meta, at_historical, 7, events)
     policies = {"agent": bl.greedy_prices(meta, decision_demand(point, ensemble, 0.25), 11,
                                           0.25),
                 "historical": meta.price}
-    intervals, per_product = ev.uplift_intervals(meta, policies, ensemble, point, None, 0.9)
+    intervals, _ = ev.uplift_intervals(meta, policies, ensemble, point, None, 0.9)
+    slope, checked, per_product = ev.checked_uplifts(meta, policies, point, ensemble, None,
+                                                     events, 0.9, 0)
 
     def true_units(prices: np.ndarray) -> np.ndarray:
         return agent_fixtures.true_expected_units(test_truth, meta.product_index, meta.date,
                                                   prices)
 
     true = ev.score_policies(meta, policies, true_units)
-    verdict = checks.verdict(report, intervals["agent"], per_product, SETTINGS.evaluate)
-    return verdict, {"true_uplift": true["agent"]["uplift_pct"], "interval": intervals["agent"],
-                     "checks": report}
+    verdict = checks.verdict(report, checked["agent"], per_product, SETTINGS.evaluate)
+    return verdict, {"true_uplift": true["agent"]["uplift_pct"], "interval": checked["agent"],
+                     "fitted_interval": intervals["agent"], "checks": report, "slope": slope}
 
 
 def test_verdict_is_reliable_with_a_covering_interval_on_a_well_specified_market(
@@ -199,13 +207,17 @@ def test_verdict_is_reliable_with_a_covering_interval_on_a_well_specified_market
     verdict, found = checked_market(tmp_path)
     interval = found["interval"]
     assert verdict["status"] == "reliable_uplift"
-    # Measured with the constant-elasticity fit: +36.3% (90% interval +34.2% to +39.5%).
+    # Measured: checked +36.2% (90% interval +32.6% to +40.5%), +36.0% under the fitted model;
+    # the held-out response slope 1.02.
     assert verdict["message"] == (
         f"reliable: profit uplift vs historical prices {interval['point']:+.1f}% "
-        f"(90% interval {interval['low']:+.1f}% to {interval['high']:+.1f}%)")
+        f"(90% interval {interval['low']:+.1f}% to {interval['high']:+.1f}%; "
+        f"{found['fitted_interval']['point']:+.1f}% under the fitted model)")
     assert 30 < interval["point"] < 42 and interval["high"] - interval["low"] < 10
-    assert verdict["products_by_status"] == {"reliable_uplift": 6}
-    assert interval["low"] <= found["true_uplift"] <= interval["high"]  # true: +37.6%
+    assert 0.85 < found["slope"].pooled < 1.15
+    # One product's own few price changes leave its checked interval across 0.
+    assert verdict["products_by_status"] == {"reliable_uplift": 5, "no_reliable_uplift": 1}
+    assert interval["low"] <= found["true_uplift"] <= interval["high"]  # true: +36.0%
     changes = found["checks"]["price_changes"]["overall"]
     assert changes["price_changes"] == 18 and changes["right_sign"] >= 16
 
@@ -222,8 +234,11 @@ def test_verdict_is_not_reliable_when_held_out_units_answer_price_the_other_way(
         f"not reliable: the predicted response to price changes had the wrong sign in "
         f"{wrong / changes['with_sign'] * 100:.0f}% of cases ({wrong} of "
         f"{changes['with_sign']}; evaluate.min_sign_accuracy is 70%)")
-    # The model still claims +36% on its own terms; the verdict refuses it.
-    assert found["interval"]["low"] > 0
+    # The model still claims +36% on its own terms; the verdict refuses it, and the uplift
+    # checked on the split's price changes is a loss, as the truth's (-35.3%).
+    assert found["fitted_interval"]["low"] > 0
+    assert found["slope"].pooled < 0
+    assert found["interval"]["high"] < -20 and found["true_uplift"] < -30
     assert verdict["products_by_status"] == {"not_reliable": 6}
 
 

@@ -546,11 +546,11 @@ def test_run_evaluate_writes_every_output(tmp_path: Path,
     assert list(evaluation)[0] == "verdict"
     assert report_md.splitlines()[2] == f"**{result.notes[0].splitlines()[0]}**"
     table = result.notes[1].splitlines()
-    assert table[0].split() == ["policy", "profit", "uplift", "90%", "int.", "chg/mo", "viol.",
+    assert table[0].split() == ["policy", "profit", "uplift", "checked", "chg/mo", "viol.",
                                 "true", "profit", "true", "uplift", "of", "oracle"]
     assert [line.split()[0] for line in table[2:9]] == evaluation["policy_order"]
     assert table[8].split()[5] == "3*"  # the oracle's exempt violations
-    assert table[2].split()[3] == "n/a"  # a stand-in run folder has no ensemble
+    assert table[2].split()[3] == "n/a"  # no held-out price change: nothing to check against
     assert max(len(line) for line in table) <= 80
 
 
@@ -599,7 +599,7 @@ def test_run_evaluate_without_matching_ground_truth(tmp_path: Path,
     assert result.notes[-1] == ("true demand not scored: the products of "
                                 "data/raw/ground_truth.json do not match the processed data")
     assert result.notes[1].splitlines()[0].split() == [
-        "policy", "profit", "uplift", "90%", "int.", "chg/mo", "viol."]
+        "policy", "profit", "uplift", "checked", "chg/mo", "viol."]
 
 
 def test_run_evaluate_rejects_agent_prices_of_another_split(

@@ -14,8 +14,9 @@ that were actually charged there:
   daily units (:func:`price_change_events`). Its sign says whether the model knows which way
   demand answers a price move, its error by how much.
 
-:func:`verdict` turns the checks and the ensemble's uplift interval into the call evaluate
-leads with. Actual units are clipped at 0 (net-return days sold nothing), as in the fit.
+:func:`verdict` turns the checks and the interval of the checked uplift (calibration.py: the
+uplift re-measured against the split's own price changes) into the call evaluate leads with.
+Actual units are clipped at 0 (net-return days sold nothing), as in the fit.
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ class PriceChangeEvents:
             another price change or the split's edge).
         actual_log_ratio, predicted_log_ratio: log((mean units after + s) / (mean units
             before + s)), s = UNIT_SMOOTHING.
+        calendar_log_ratio: the predicted log ratio had the price not changed (the model's
+            units after the change at the old price): the part of both ratios that is the
+            calendar, not the price. Zeros when not asked for.
     """
 
     series: np.ndarray
@@ -125,6 +129,7 @@ class PriceChangeEvents:
     days_after: np.ndarray
     actual_log_ratio: np.ndarray
     predicted_log_ratio: np.ndarray
+    calendar_log_ratio: np.ndarray
 
     @property
     def count(self) -> int:
@@ -140,29 +145,47 @@ class PriceChangeEvents:
         return np.sign(self.actual_log_ratio) == np.sign(self.predicted_log_ratio)
 
 
-def price_change_events(meta: SplitMeta, predicted: np.ndarray, window: int
-                        ) -> PriceChangeEvents:
-    """Every day-to-day price change inside the split, with the units around it.
-
-    A change on day t (``pricing.is_price_change`` from day t−1; the move onto day one is not
-    seen) is compared over the up to ``window`` days before it at the old price and the up to
-    ``window`` days from t on at the new price; each window stops at the neighbouring change.
-    Predicted units are the model's at the prices charged on those days, so calendar effects
-    inside the windows count on both sides.
-    """
+def _runs(meta: SplitMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, exclusive end, is a series' first run) of each run of one price."""
     n = meta.n_rows
-    actual = np.maximum(meta.units, 0.0)
     first = np.zeros(n, dtype=bool)
     first[meta.series_start] = True
     changed = np.zeros(n, dtype=bool)
     if n > 1:
         changed[1:] = is_price_change(meta.price[1:], meta.price[:-1])
     changed &= ~first
-    run_begins = first | changed
-    run_start = np.flatnonzero(run_begins)
-    run_end = np.r_[run_start[1:], n]  # exclusive
+    run_start = np.flatnonzero(first | changed)
+    return run_start, np.r_[run_start[1:], n], first[run_start]
+
+
+def prices_held(meta: SplitMeta) -> np.ndarray:
+    """(n,) each row's price had the last change not happened: the previous run's price
+    (a series' first run keeps its own). Predicted units at these prices give
+    :func:`price_change_events` the calendar part of each change."""
+    run_start, run_end, first = _runs(meta)
+    held = meta.price.copy()
+    later = np.flatnonzero(~first)
+    for run in later.tolist():
+        held[run_start[run]:run_end[run]] = meta.price[run_start[run] - 1]
+    return held
+
+
+def price_change_events(meta: SplitMeta, predicted: np.ndarray, window: int,
+                        predicted_held: np.ndarray | None = None) -> PriceChangeEvents:
+    """Every day-to-day price change inside the split, with the units around it.
+
+    A change on day t (``pricing.is_price_change`` from day t−1; the move onto day one is not
+    seen) is compared over the up to ``window`` days before it at the old price and the up to
+    ``window`` days from t on at the new price; each window stops at the neighbouring change.
+    Predicted units are the model's at the prices charged on those days, so calendar effects
+    inside the windows count on both sides. ``predicted_held``: the model's units at
+    :func:`prices_held` (gives ``calendar_log_ratio``).
+    """
+    n = meta.n_rows
+    actual = np.maximum(meta.units, 0.0)
+    run_start, run_end, first_run = _runs(meta)
     # A change is the start of a run that is not a series' first run.
-    later = ~first[run_start]
+    later = ~first_run
     after_start = run_start[later]
     after_end = np.minimum(run_end[later], after_start + window)
     prev = np.flatnonzero(later) - 1
@@ -173,15 +196,18 @@ def price_change_events(meta: SplitMeta, predicted: np.ndarray, window: int
         cumulative = np.r_[0.0, np.cumsum(values)]
         return (cumulative[end] - cumulative[start]) / (end - start)
 
-    def log_ratio(values: np.ndarray) -> np.ndarray:
+    def log_ratio(values: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:
         return (np.log(window_mean(values, after_start, after_end) + UNIT_SMOOTHING)
-                - np.log(window_mean(values, before_start, before_end) + UNIT_SMOOTHING))
+                - np.log(window_mean(values if before is None else before, before_start,
+                                     before_end) + UNIT_SMOOTHING))
 
     return PriceChangeEvents(
         series=meta.series_of_row[after_start] if n else np.zeros(0, dtype=np.int64),
         row=after_start, price_ratio=meta.price[after_start] / meta.price[after_start - 1],
         days_before=before_end - before_start, days_after=after_end - after_start,
-        actual_log_ratio=log_ratio(actual), predicted_log_ratio=log_ratio(predicted))
+        actual_log_ratio=log_ratio(actual), predicted_log_ratio=log_ratio(predicted),
+        calendar_log_ratio=np.zeros(after_start.size) if predicted_held is None
+        else log_ratio(predicted_held, predicted))
 
 
 def _event_numbers(events: PriceChangeEvents, select: np.ndarray) -> dict[str, Any]:
@@ -214,9 +240,12 @@ def price_change_report(meta: SplitMeta, events: PriceChangeEvents, window: int
             "overall": _event_numbers(events, every), "per_product": per_product}
 
 
-def run_checks(meta: SplitMeta, predicted: np.ndarray, window: int) -> dict[str, Any]:
-    """Both held-out checks: ``{"fit": held_out_fit, "price_changes": price_change_report}``."""
-    events = price_change_events(meta, predicted, window)
+def run_checks(meta: SplitMeta, predicted: np.ndarray, window: int,
+               events: PriceChangeEvents | None = None) -> dict[str, Any]:
+    """Both held-out checks: ``{"fit": held_out_fit, "price_changes": price_change_report}``
+    (``events``: the split's price changes if already found with the same window)."""
+    if events is None:
+        events = price_change_events(meta, predicted, window)
     return {"fit": held_out_fit(meta, predicted),
             "price_changes": price_change_report(meta, events, window)}
 
@@ -274,31 +303,35 @@ def call(reasons: list[str], interval: dict[str, Any] | None) -> dict[str, Any]:
     """One reliability call from the failed checks and the uplift interval.
 
     Returns:
-        {status, message, reasons}; status is ``not_reliable`` (a check failed), ``no_interval``
-        (no ensemble to bound the uplift), ``no_reliable_uplift`` (the 90% interval includes
-        0), ``reliable_uplift`` or ``reliable_loss`` (the interval lies above / below 0).
+        {status, message, reasons}; status is ``not_reliable`` (a check failed),
+        ``no_interval`` (no held-out price change to check the uplift against),
+        ``no_reliable_uplift`` (the 90% interval includes 0), ``reliable_uplift`` or
+        ``reliable_loss`` (the interval lies above / below 0).
     """
     if reasons:
         return {"status": "not_reliable", "message": f"not reliable: {reasons[0]}",
                 "reasons": reasons}
     if interval is None or interval.get("low") is None:
         return {"status": "no_interval",
-                "message": "no reliable uplift: the run has no demand ensemble to bound the "
-                           "uplift (train with train.ensemble_size of 2 or more)",
+                "message": "no reliable uplift: no held-out price change measured how demand "
+                           "answers a price move, so the uplift could not be checked",
                 "reasons": []}
     low, high, point = interval["low"], interval["high"], interval["point"]
     level = f"{interval['level']:.0%} interval"
+    fitted = interval.get("fitted_point")
+    # The fitted model's own figure goes beside the checked one.
+    aside = "" if fitted is None else f"; {_pct(fitted)} under the fitted model"
     if low <= 0 <= high:
         return {"status": "no_reliable_uplift",
                 "message": f"no reliable uplift: the {level} of the profit uplift vs historical "
-                           f"prices, {interval_text(interval)}, includes 0", "reasons": []}
+                           f"prices, {interval_text(interval)}, includes 0{aside}", "reasons": []}
     if low > 0:
         return {"status": "reliable_uplift",
                 "message": f"reliable: profit uplift vs historical prices {_pct(point)} "
-                           f"({level} {interval_text(interval)})", "reasons": []}
+                           f"({level} {interval_text(interval)}{aside})", "reasons": []}
     return {"status": "reliable_loss",
             "message": f"reliable loss: profit vs historical prices {_pct(point)} "
-                       f"({level} {interval_text(interval)})", "reasons": []}
+                       f"({level} {interval_text(interval)}{aside})", "reasons": []}
 
 
 def verdict(checks: dict[str, Any], interval: dict[str, Any] | None,

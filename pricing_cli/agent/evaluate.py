@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pricing_cli.agent import checks
+from pricing_cli.agent import calibration, checks
 from pricing_cli.agent.baselines import (
     SplitMeta,
     greedy_prices,
@@ -326,6 +326,38 @@ def uplift_intervals(meta: SplitMeta, policies: dict[str, np.ndarray], ensemble:
     return overall, per_product
 
 
+def checked_uplifts(meta: SplitMeta, policies: dict[str, np.ndarray], point: Any,
+                    ensemble: Any, change_cost: np.ndarray | None,
+                    events: checks.PriceChangeEvents, level: float, seed: int
+                    ) -> tuple[calibration.ResponseSlope | None, dict[str, dict[str, Any]],
+                               dict[str, dict[str, Any]] | None]:
+    """(the held-out response slope, every policy's checked uplift, the agent's per product):
+    calibration.checked_uplift with evaluate's profit rule (change costs for all but the
+    oracle). Nothing is checked (None, {}, None) where no price change measured the slope."""
+    # Positions on the price scale are relative to the point fit's reference prices (a model
+    # without them: each product's median price in the split).
+    if hasattr(point, "reference_price"):
+        reference = np.asarray(point.reference_price, dtype=np.float64)[meta.product_index]
+    else:
+        medians = np.array([np.median(meta.price[start:start + length]) for start, length
+                            in zip(meta.series_start, meta.series_length, strict=True)])
+        reference = medians[meta.series_of_row]
+    position = calibration.move_position(meta.price[events.row - 1], meta.price[events.row],
+                                         reference[events.row])
+    slope = calibration.response_slope(events, meta.series_start.size, position, seed=seed)
+    if slope is None:
+        return None, {}, None
+    models = [point, *(ensemble.members if ensemble is not None else [])]
+
+    def profits_of(name: str, prices: np.ndarray, units: np.ndarray) -> np.ndarray:
+        return product_profits(meta, prices, units,
+                               None if name in EXEMPT_POLICIES else change_cost)
+
+    overall, per_product = calibration.checked_uplift(meta, policies, models, slope,
+                                                      reference, profits_of, level)
+    return slope, overall, per_product
+
+
 def truth_coverage(true_uplift: float | None, true_product_uplift: np.ndarray | None,
                    meta: SplitMeta, interval: dict[str, Any] | None,
                    product_intervals: dict[str, dict[str, Any]] | None,
@@ -496,17 +528,29 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
                                        change_cost)
 
     monitor.set_metric("policy", "held-out checks")
-    held_out = checks.run_checks(meta, fitted_units(meta.price), ev.event_window_days)
+    at_historical = fitted_units(meta.price)
+    events = checks.price_change_events(meta, at_historical, ev.event_window_days,
+                                        fitted_units(checks.prices_held(meta)))
+    held_out = checks.run_checks(meta, at_historical, ev.event_window_days, events)
     intervals, product_intervals = (
         uplift_intervals(meta, policies, ensemble, demand, change_cost, ev.interval)
         if ensemble is not None else ({}, None))
-    verdict = checks.verdict(held_out, intervals.get("agent"), product_intervals, ev)
+    # The claim: the uplift checked against the split's own price changes (calibration.py),
+    # not the fitted model's, whose ensemble shares the model's blind spots.
+    slope, checked, product_checked = checked_uplifts(meta, policies, demand, ensemble,
+                                                      change_cost, events, ev.interval, ev.seed)
+    if slope is not None:
+        held_out["response_slope"] = slope.as_dict()
+    verdict = checks.verdict(held_out, checked.get("agent"), product_checked, ev)
     demand_report = demand_model_report(
         demand, processed_dir / f"meta_{ev.split}.parquet", meta, truth, truth_index, closed)
     if true is not None:
         verdict["ground_truth"] = truth_coverage(
+            true["agent"]["uplift_pct"], uplift_true, meta, checked.get("agent"),
+            product_checked, demand_report["elasticity_vs_truth"])
+        verdict["ground_truth"]["fitted_interval_covers_true_uplift"] = truth_coverage(
             true["agent"]["uplift_pct"], uplift_true, meta, intervals.get("agent"),
-            product_intervals, demand_report["elasticity_vs_truth"])
+            product_intervals, None)["interval_covers_true_uplift"]
 
     # The verdict first: evaluation.json keeps this order (not sorted).
     evaluation: dict[str, Any] = {"verdict": verdict}
@@ -515,6 +559,8 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
                                          truth_note))
     for name, interval in intervals.items():
         evaluation["policies"][name]["uplift_interval"] = interval
+    for name, entry in checked.items():
+        evaluation["policies"][name]["checked_uplift"] = entry
     for name, prices in policies.items():
         evaluation["policies"][name]["outside_trust_region"] = rows_outside_trust_region(
             meta, prices)
@@ -523,6 +569,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         "products_limited": 0 if meta.trust_region is None
         else int(np.isfinite(meta.trust_region[0]).sum())}
     evaluation["agent_uplift_interval_per_product"] = product_intervals
+    evaluation["agent_checked_uplift_per_product"] = product_checked
     evaluation["held_out_checks"] = held_out
     evaluation["decisions"] = {
         "ensemble_size": 0 if ensemble is None else ensemble.size,
@@ -553,7 +600,11 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         "agent policy (published by train)": evaluation["agent_policy"],
     }
     if "agent" in intervals:
-        summary["agent uplift 90% interval"] = checks.interval_text(intervals["agent"])
+        summary["agent uplift 90% interval (fitted ensemble)"] = checks.interval_text(
+            intervals["agent"])
+    if "agent" in checked:
+        summary["agent uplift % (checked on held-out changes)"] = checked["agent"]["point"]
+        summary["agent checked uplift 90% interval"] = checks.interval_text(checked["agent"])
     summary["agent violations"] = agent_row["violations"]["total"]
     if closed_rows:
         summary["closed product-days left out"] = closed_rows

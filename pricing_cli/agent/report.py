@@ -33,9 +33,11 @@ def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
 
 # Columns of the terminal table: it must fit 80 characters, so revenue, units and margin stay
 # in report.md and evaluation.json.
-COMPACT_COLUMNS = ("policy", "profit", "uplift", "90% int.", "chg/mo", "viol.", "true profit",
+# "checked" is the interval of the uplift checked on held-out price changes (calibration.py),
+# the one the verdict uses; the ensemble's interval under the fitted model stays in report.md.
+COMPACT_COLUMNS = ("policy", "profit", "uplift", "checked", "chg/mo", "viol.", "true profit",
                    "true uplift", "of oracle")
-DROPPED_FROM_COMPACT = ("revenue", "units", "margin")
+DROPPED_FROM_COMPACT = ("revenue", "units", "margin", "ensemble interval", "checked uplift")
 
 
 def _interval_cell(entry: dict[str, Any] | None) -> str:
@@ -76,12 +78,12 @@ def policy_rows(evaluation: dict[str, Any], compact: bool = False
     """
     truth = evaluation["ground_truth"]["used"]
     level = "90%"
-    interval = evaluation["policies"][evaluation["policy_order"][0]].get("uplift_interval")
+    interval = evaluation["policies"][evaluation["policy_order"][0]].get("checked_uplift")
     if interval:
         level = f"{interval['level']:.0%}"
     header = ["policy", "profit", "revenue", "units", "margin", "uplift",
-              f"{level} interval", "changes/mo", "violations", "true profit", "true uplift",
-              "% of oracle"]
+              "ensemble interval", "checked uplift", f"checked {level} interval", "changes/mo",
+              "violations", "true profit", "true uplift", "% of oracle"]
     rows = []
     for name in evaluation["policy_order"]:
         entry = evaluation["policies"][name]
@@ -93,6 +95,8 @@ def policy_rows(evaluation: dict[str, Any], compact: bool = False
                      _fmt(fitted["units"], 0), _fmt(fitted["margin"] * 100, 1, "%"),
                      _fmt(fitted["uplift_pct"], 1, "%"),
                      _interval_cell(entry.get("uplift_interval")),
+                     _fmt((entry.get("checked_uplift") or {}).get("point"), 1, "%"),
+                     _interval_cell(entry.get("checked_uplift")),
                      _fmt(entry["price_changes_per_product_month"], 2), violations,
                      _fmt(true.get("profit"), 0), _fmt(true.get("uplift_pct"), 1, "%"),
                      _fmt(true.get("share_of_oracle_pct"), 1, "%")])
@@ -277,6 +281,15 @@ def write_report_md(path: Path, evaluation: dict[str, Any], plots: dict[str, str
         + (f", {_fmt(agent['true']['uplift_pct'], 1, '%')} under the true demand" if truth
            else "") + ".",
     ]
+    checked = agent.get("checked_uplift")
+    slope = (evaluation.get("held_out_checks") or {}).get("response_slope")
+    if checked and slope:
+        lines.append(
+            f"- Checked against the split's own price changes (the figure the verdict uses): "
+            f"{_fmt(checked['point'], 1, '%')} ({_interval_text(checked)}); actual units moved "
+            f"{slope['pooled']:.2f}x as much as the model predicted over {slope['events']} "
+            f"price changes (90%: {slope['pooled_90pct'][0]:.2f} to "
+            f"{slope['pooled_90pct'][1]:.2f}).")
     if truth:
         lines.append(f"- Agent share of the oracle's profit (true demand): "
                      f"{_fmt(agent['true']['share_of_oracle_pct'], 1, '%')}.")
