@@ -353,8 +353,9 @@ def checked_uplifts(meta: SplitMeta, policies: dict[str, np.ndarray], point: Any
         return product_profits(meta, prices, units,
                                None if name in EXEMPT_POLICIES else change_cost)
 
-    overall, per_product = calibration.checked_uplift(meta, policies, models, slope,
-                                                      reference, profits_of, level)
+    overall, per_product = calibration.checked_uplift(
+        meta, policies, models, slope, reference, profits_of, level,
+        units_under=lambda model, prices: policy_units(model, meta, prices))
     return slope, overall, per_product
 
 
