@@ -207,13 +207,15 @@ def test_verdict_is_reliable_with_a_covering_interval_on_a_well_specified_market
     verdict, found = checked_market(tmp_path)
     interval = found["interval"]
     assert verdict["status"] == "reliable_uplift"
-    # Measured: checked +36.2% (90% interval +32.6% to +40.5%), +36.0% under the fitted model;
-    # the held-out response slope 1.02.
+    # Measured: checked +35.3% (90% interval +30.9% to +45.2%), +35.5% under the fitted model;
+    # the held-out response slope 1.01.
     assert verdict["message"] == (
         f"reliable: profit uplift vs historical prices {interval['point']:+.1f}% "
         f"(90% interval {interval['low']:+.1f}% to {interval['high']:+.1f}%; "
         f"{found['fitted_interval']['point']:+.1f}% under the fitted model)")
-    assert 30 < interval["point"] < 42 and interval["high"] - interval["low"] < 10
+    # 18 held-out price changes: the slope's (and position effect's) own noise widens it
+    # to +30.9% .. +45.2% (measured), against the ensemble's +34.6% .. +39.9%.
+    assert 30 < interval["point"] < 42 and interval["high"] - interval["low"] < 16
     assert 0.85 < found["slope"].pooled < 1.15
     # One product's own few price changes leave its checked interval across 0.
     assert verdict["products_by_status"] == {"reliable_uplift": 5, "no_reliable_uplift": 1}

@@ -93,8 +93,8 @@ def test_help_lists_the_stages_in_pipeline_order(capsys) -> None:
     assert [s.name for s in STAGES][-1] == "recommend"  # a stage, not in the pipeline
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert ("Stages run in order: generate → features → preprocess → validate-batches → merge"
-            in " ".join(out.split()))
+    assert ("runs them all): generate → features → preprocess → validate-batches → merge → "
+            "train → evaluate; then" in " ".join(out.split()))
     commands = out[out.index("Commands"):]
     listed = [line.split()[1] for line in commands.splitlines()
               if line.startswith("│ ") and len(line.split()) > 1

@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 
 # Held-out deviance the reference term must save (share of the memoryless model's) to stay.
 REFERENCE_MIN_GAIN = 0.03
-# Reference grid points of the planner's DP (between the lowest and highest grid price).
-PLANNER_REFERENCE_POINTS = 41
-PLANNER_SERIES_PER_BLOCK = 256  # DP arrays (days, block, K, points) float32 per block
 N_COLUMNS = 2  # the design's loss and gain columns
 
 
@@ -145,7 +142,7 @@ def start_references(processed_dir: str | Path, split: str, meta: SplitMeta,
     price (as the env and the fit start), or ``fallback`` (by product_index) without one."""
     import polars as pl
 
-    from pricing_cli.agent.baselines import SPLIT_ORDER
+    from pricing_cli.stages.batches import SPLITS as SPLIT_ORDER
     from pricing_cli.stages.merge import read_processed_meta
 
     starts = meta.series_start
@@ -187,7 +184,7 @@ def historical_references(processed_dir: str | Path, split: str, product_index: 
     :func:`start_references`): where the env's episodes start from."""
     import polars as pl
 
-    from pricing_cli.agent.baselines import SPLIT_ORDER
+    from pricing_cli.stages.batches import SPLITS as SPLIT_ORDER
     from pricing_cli.stages.merge import read_processed_meta
 
     position = SPLIT_ORDER.index(split) if split in SPLIT_ORDER else 0
@@ -229,153 +226,6 @@ def units_along_path(demand: Any, meta: SplitMeta, prices: np.ndarray) -> np.nda
     ref = series_references(meta, effect, prices)
     return np.asarray(demand.expected_units(meta.product_index, meta.date, prices,
                                             reference=ref), dtype=np.float64)
-
-
-def _grid_units(meta: SplitMeta, demand: Any, rows: np.ndarray, grid: np.ndarray,
-                reference: np.ndarray) -> np.ndarray:
-    """(len(rows), K, M) expected profit at every level of ``grid`` (len(rows), K) against
-    every reference of ``reference`` (len(rows), M)."""
-    levels, points = grid.shape[1], reference.shape[1]
-    shape = (len(rows), levels, points)
-    units = demand.expected_units(
-        np.repeat(meta.product_index[rows], levels * points),
-        np.repeat(meta.date[rows], levels * points),
-        np.broadcast_to(grid[:, :, None], shape).ravel(),
-        reference=np.broadcast_to(reference[:, None, :], shape).ravel())
-    units = np.asarray(units, dtype=np.float64).reshape(shape)
-    return (grid[:, :, None] - meta.unit_cost[rows, None, None]) * units
-
-
-def greedy_prices_with_reference(meta: SplitMeta, demand: Any, K: int, max_daily_change: float,
-                                 change_cost: np.ndarray | None = None) -> np.ndarray:
-    """:func:`baselines.greedy_prices` in the reference state: each day the most profitable
-    feasible level given today's reference (myopic: blind to what the price does to
-    tomorrow's reference), the reference then rolled forward with the level chosen."""
-    from pricing_cli.agent.baselines import _walk_grid, change_charges
-
-    effect = reference_of(demand)
-    assert effect is not None and meta.start_reference is not None
-    ref = np.asarray(meta.start_reference, dtype=np.float64).copy()
-
-    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray,
-               previous: np.ndarray) -> np.ndarray:
-        grid = meta.grid[series]
-        profit = (_grid_units(meta, demand, rows, grid, ref[series][:, None])[:, :, 0]
-                  - change_charges(meta, change_cost, grid, series, previous))
-        level = np.where(mask == 1, profit, -np.inf).argmax(axis=1)
-        ref[series] = effect.next_reference(ref[series], grid[np.arange(series.size), level])
-        return level
-
-    return _walk_grid(meta, K, max_daily_change, choose)
-
-
-def _interp(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """Linear interpolation of ``values`` (s, K, M), given on each series' uniform grid of M
-    references from lo to hi (s,), at references ``at`` (s, K, ...) (level k reads row k),
-    clamped to the grid."""
-    points = values.shape[2]
-    flat = at.reshape(at.shape[0], at.shape[1], -1)
-    span = np.maximum(hi - lo, 1e-12)[:, None, None]
-    pos = np.clip((flat - lo[:, None, None]) / span * (points - 1), 0.0, points - 1.0)
-    left = np.minimum(np.floor(pos).astype(np.intp), points - 2)
-    frac = pos - left
-    below = np.take_along_axis(values, left, axis=2)
-    above = np.take_along_axis(values, left + 1, axis=2)
-    return (below * (1.0 - frac) + above * frac).reshape(at.shape)
-
-
-def planned_prices_with_reference(meta: SplitMeta, demand: Any, K: int, max_daily_change: float,
-                                  change_cost: np.ndarray | None = None, *,
-                                  points: int = PLANNER_REFERENCE_POINTS,
-                                  per_block: int = PLANNER_SERIES_PER_BLOCK) -> np.ndarray:
-    """:func:`baselines.planned_prices` over the state (price level, reference): the best price
-    path of each series under the fitted reference model, from its known starting reference.
-
-    Backward induction per day over the level held and a grid of ``points`` references
-    spanning the series' grid prices and its starting reference (the value between grid
-    references interpolated linearly): ``W_t(k, R) = profit_t(k, R) + U_{t+1}(k, R')`` with
-    ``R' = (1 − a)·R + a·price_k`` and ``U_{t+1}(k, R) = max over the levels k' allowed from
-    k tomorrow of W_{t+1}(k', R) − change cost``. Then a forward walk
-    (:func:`baselines._walk_grid`, so day one, merchant rules and the trust region are as in
-    every grid policy) that picks, from the exact reference, the level with the best
-    ``profit − change cost + U_{t+1}(k, R')``. Ties: lower price.
-
-    Memory: (days, ``per_block``, K, ``points``) float32 per block of series.
-    """
-    from pricing_cli.agent.baselines import _check_levels, _walk_grid, change_charges
-    from pricing_cli.pricing import is_price_change
-
-    effect = reference_of(demand)
-    assert effect is not None and meta.start_reference is not None
-    _check_levels(meta, K)
-    if meta.n_rows == 0:
-        return np.zeros(0)
-    n_series = meta.series_start.size
-    start_ref = np.asarray(meta.start_reference, dtype=np.float64)
-    lo = np.minimum(meta.grid.min(axis=1), start_ref)
-    hi = np.maximum(meta.grid.max(axis=1), start_ref)
-    ref_grid = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, points)[None, :]
-    # to_go[s] for series s: (length, K, points) U_{t}(k, R) for t = 1..length-1 (index t-1).
-    to_go: list[np.ndarray] = [np.zeros((0, K, points), np.float32)] * n_series
-    for block in range(0, n_series, per_block):
-        series_all = np.arange(block, min(block + per_block, n_series))
-        length = meta.series_length[series_all]
-        horizon = int(length.max())
-        u_next = np.zeros((series_all.size, K, points))  # U_{t+1}, 0 past the last day
-        stored = np.zeros((horizon, series_all.size, K, points), np.float32)
-        for day in reversed(range(horizon)):
-            active = np.flatnonzero(length > day)
-            series = series_all[active]
-            rows = meta.series_start[series] + day
-            grid = meta.grid[series]
-            refs = ref_grid[series]
-            profit = _grid_units(meta, demand, rows, grid, refs)  # (s, K, M)
-            next_ref = effect.next_reference(refs[:, None, :], grid[:, :, None])  # (s, K, M)
-            w = profit + _interp(u_next[active], lo[series], hi[series], next_ref)
-            if day == 0:
-                break
-            # U_t(j, R) = max over k allowed from j (today's rules) of W_t(k, R) − cost.
-            allowed = np.abs(grid[:, None, :] / grid[:, :, None] - 1.0) <= max_daily_change + 1e-9
-            if meta.rule_levels is not None:
-                allowed &= meta.rule_levels[rows][:, None, :]
-            allowed = meta.trusted(series, allowed).astype(bool)
-            candidate = np.broadcast_to(w[:, None, :, :], (len(series), K, K, points))
-            if change_cost is not None:
-                moves = is_price_change(grid[:, None, :], grid[:, :, None])
-                cost = change_cost[meta.product_index[rows]]
-                candidate = candidate - np.where(moves, cost[:, None, None], 0.0)[..., None]
-            best = np.where(allowed[..., None], candidate, -np.inf).max(axis=2)
-            best = np.where(np.isfinite(best), best, -1e18)  # a dead end, as in planned_prices
-            u_next = np.zeros((series_all.size, K, points))
-            u_next[active] = best
-            stored[day, active] = best
-        for i, s in enumerate(series_all.tolist()):
-            to_go[s] = stored[1:length[i], i]
-    ref = start_ref.copy()
-
-    def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray,
-               previous: np.ndarray) -> np.ndarray:
-        grid = meta.grid[series]
-        day = rows - meta.series_start[series]
-        profit = _grid_units(meta, demand, rows, grid, ref[series][:, None])[:, :, 0]
-        net = profit - change_charges(meta, change_cost, grid, series, previous)
-        next_ref = effect.next_reference(ref[series][:, None], grid)  # (s, K)
-        later = np.zeros_like(net)
-        has_next = np.flatnonzero(day + 1 < meta.series_length[series])
-        if has_next.size:
-            u = np.stack([to_go[int(s)][int(d)] for s, d in
-                          zip(series[has_next], day[has_next], strict=True)]).astype(np.float64)
-            later[has_next] = _interp(u, lo[series[has_next]], hi[series[has_next]],
-                                      next_ref[has_next][:, :, None])[:, :, 0]
-        level = np.where(mask == 1, net + later, -np.inf).argmax(axis=1)
-        ref[series] = next_ref[np.arange(series.size), level]
-        return level
-
-    return _walk_grid(meta, K, max_daily_change, choose)
-
-
-# ----------------------------------------------------------------------------------------------
-# Fitting: the half-life on held-out train days
 
 
 def select_half_life(fit_rows: Callable[[np.ndarray, float | None], Any],
