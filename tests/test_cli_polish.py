@@ -110,26 +110,18 @@ def test_the_memory_budget_is_named_once_with_the_stages_own_hint(tmp_path: Path
     assert "--batch-size" in budget_hint("preprocess")
     # a stage that grows past its budget: the message says "memory budget" once (the label
     # pricectl prints before it), the hint is the stage's own
-    import numpy as np
 
-    from pricing_cli.config import load_settings
     from pricing_cli.errors import MemoryBudgetExceeded
-    from pricing_cli.monitor import read_memory
     from pricing_cli.runinfo import OutputOptions, execute_stage
 
     os.chdir(tmp_path)
 
-    def growing(settings, monitor):
-        hoard = []
-        for _ in range(200):
-            hoard.append(np.ones(16 * 1024 * 1024 // 8))
-            monitor.check_memory()
-            time.sleep(0.03)
-        raise AssertionError("the budget never tripped")
+    from tests.support.memory import budget_settings, grow_until_stopped
 
-    budget = read_memory().tree + 200 * 1024 * 1024
-    settings = load_settings(flags={"monitor.max_memory": str(budget),
-                                    "monitor.sample_interval_s": 0.01}, environ={})
+    def growing(settings, monitor):
+        grow_until_stopped(monitor)
+
+    settings = budget_settings()
     try:
         with pytest.raises(MemoryBudgetExceeded) as caught:
             execute_stage("train", settings, OutputOptions(quiet=True), growing)

@@ -122,21 +122,14 @@ def test_memory_budget_stops_cleanly_and_keeps_work(tmp_path: Path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     kept = tmp_path / "done.txt"
 
+    from tests.support.memory import budget_settings, grow_until_stopped
+
     def greedy_stage(settings, monitor):
-        hoard = []
         with atomic_write(kept, "w") as fh:
             fh.write("finished unit 1\n")
-        for _ in range(200):
-            hoard.append(np.ones(16 * 1024 * 1024 // 8))  # 16 MiB at a time
-            monitor.check_memory()
-            import time
+        grow_until_stopped(monitor)
 
-            time.sleep(0.03)
-        raise AssertionError("the budget never tripped")
-
-    budget = read_memory().tree + 200 * 1024 * 1024
-    settings = load_settings(flags={"monitor.max_memory": str(budget),
-                                    "monitor.sample_interval_s": 0.01}, environ={})
+    settings = budget_settings()
     with pytest.raises(MemoryBudgetExceeded, match="--max-memory; stopped cleanly"):
         execute_stage("toy", settings, OutputOptions(quiet=True), greedy_stage)
     assert kept.read_text() == "finished unit 1\n"
