@@ -67,10 +67,14 @@ def test_position_effect_is_recovered() -> None:
 
 
 def test_checked_units_hand_computed() -> None:
+    # ratios smoothed by 0.5 on both sides: (4.5/2.5), (5.5/1.5), (1.5/2.5), (2.5/1.5)
     units = calibration.checked_units(np.array([2.0, 0.0, 3.0, -1.0]),
                                       np.array([4.0, 5.0, 1.0, 2.0]),
                                       np.array([2.0, 1.0, 2.0, 1.0]), 0.5)
-    np.testing.assert_allclose(units, [2 * 2 ** 0.5, 0.0, 3 * 0.5 ** 0.5, 0.0])
+    np.testing.assert_allclose(units, [2 * 1.8 ** 0.5, 0.0, 3 * 0.6 ** 0.5, 0.0])
+    # a model that puts the historical price at its choke price: 0.5 / 0.5 + 20, not 1e12
+    assert calibration.checked_units(np.array([3.0]), np.array([20.0]), np.array([1e-12]),
+                                     1.0)[0] == pytest.approx(3 * 20.5 / 0.5)
 
 
 class PowerDemand:
@@ -85,8 +89,9 @@ class PowerDemand:
 
 def test_checked_uplift_hand_computed() -> None:
     """Sold 10 and 12 at 10 (cost 5); the policy charges 9. The model says units x 1/0.81, the
-    held-out slope 0.5 makes it x 1/0.9: profit 4 x 22 / 0.9 = 97.8 against 5 x 22 = 110,
-    -11.1%, where the fitted model alone says 4 x 22 / 0.81 = 108.6, -1.2%."""
+    held-out slope 0.5 takes its square root (of the smoothed ratio, about x 1.106): profit
+    4 x 22 x 1.106 = 97.3 against 5 x 22 = 110, -11.5%, where the fitted model alone says
+    4 x 22 / 0.81 = 108.6, -1.2%."""
     meta = SplitMeta(np.array([0, 0]), np.array(["A", "A"], dtype=object),
                      np.array(["2024-01-01", "2024-01-02"], dtype="datetime64[D]"),
                      np.array([10.0, 10.0]), np.array([10.0, 12.0]), np.full(2, 5.0),
@@ -103,7 +108,8 @@ def test_checked_uplift_hand_computed() -> None:
     overall, per_product = calibration.checked_uplift(
         meta, {"historical": meta.price, "agent": np.full(2, 9.0)}, [PowerDemand()], slope,
         np.full(2, 10.0), profits, 0.9)
-    expected = (4 * 22 / 0.9 / 110 - 1) * 100
+    # the model's ratio, smoothed as the held-out changes are: (10 / 0.81 + 0.5) / (10 + 0.5)
+    expected = (4 * 22 * ((10 / 0.81 + 0.5) / 10.5) ** 0.5 / 110 - 1) * 100  # -11.5%
     assert overall["agent"]["point"] == pytest.approx(expected)
     assert overall["agent"]["low"] == pytest.approx(expected)  # every draw agrees
     assert overall["historical"]["point"] == 0.0

@@ -188,9 +188,15 @@ def move_position(old_price: np.ndarray, new_price: np.ndarray, reference: np.nd
 def checked_units(realized: np.ndarray, model_at_policy: np.ndarray,
                   model_at_historical: np.ndarray, slope: np.ndarray | float) -> np.ndarray:
     """Units at the policy's prices: the realized units at the historical prices times the
-    model's unit ratio to the power ``slope`` (per row)."""
-    ratio = np.divide(model_at_policy, model_at_historical,
-                      out=np.ones_like(model_at_policy), where=model_at_historical > 0)
+    model's unit ratio to the power ``slope`` (per row).
+
+    The ratio is smoothed as the held-out changes that measured the slope were
+    (``checks.UNIT_SMOOTHING`` on both sides): a model that puts the historical price near its
+    choke price would otherwise multiply real sales by thousands."""
+    from pricing_cli.agent.checks import UNIT_SMOOTHING
+
+    ratio = ((np.maximum(model_at_policy, 0.0) + UNIT_SMOOTHING)
+             / (np.maximum(model_at_historical, 0.0) + UNIT_SMOOTHING))
     return np.maximum(realized, 0.0) * ratio ** slope
 
 
