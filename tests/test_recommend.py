@@ -108,7 +108,19 @@ def test_recommend_prices_the_days_after_the_data(market: Path,
         (row["recommended_price"] - cost[row["product_id"]]) * units, rel=0.01)
     assert row["change_pct"] == pytest.approx(
         (row["recommended_price"] / row["current_price"] - 1) * 100, abs=0.1)
-    assert set(prices["binding_rule"]) <= {"none", *RULE_ORDER}
+    assert set(prices["binding_rule"]) <= {"none", "trust_region", *RULE_ORDER}
+    # Do no harm: every price inside the run's trust region, or on the way toward it (only
+    # where today's allowed prices all lie outside it)
+    from pricing_cli.agent.policy import load_trust_region
+
+    region = load_trust_region(Path("models/r1"))
+    assert region is not None
+    for r in prices.iter_rows(named=True):
+        lower, upper = (float(b[index[r["product_id"]]]) for b in region)
+        inside = lower - 0.01 <= r["recommended_price"] <= upper + 0.01
+        toward = (abs(r["recommended_price"] - np.clip(r["recommended_price"], lower, upper))
+                  <= abs(r["current_price"] - np.clip(r["current_price"], lower, upper)) + 0.01)
+        assert inside or toward, r
     # profit_low/high: the 5% and 95% quantiles of the ensemble members' expected profit at
     # the recommended price (recommend.interval 0.9), linear between the 8 members
     from pricing_cli.agent.ensemble import DemandEnsemble

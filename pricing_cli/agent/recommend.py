@@ -23,6 +23,7 @@ explain.json, summary.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from pricing_cli.pricing import (
     is_price_change,
     price_grid,
     resolve_rules,
+    restrict_to_trust_region,
     rule_masks,
     snap_to_rules,
 )
@@ -54,6 +56,8 @@ from pricing_cli.runinfo import StageResult
 from pricing_cli.storage import check_output_dir, staged_dir, write_json
 
 SPLITS = ("train", "val", "test")
+# binding_rule of a move the trust region refused (no merchant rule did).
+TRUST_REGION_RULE = "trust_region"
 # Calendar features moved to the future date; every other feature is carried forward.
 CALENDAR_FEATURES = ("dow_sin", "dow_cos", "doy_sin", "doy_cos", "is_weekend")
 POLICIES = ("agent", "greedy", "planner", "static", "historical")
@@ -216,6 +220,8 @@ class Horizon:
         units: (H, n, C) expected units.
         change_cost: (n,) money per price change (zeros: free).
         competitor: (H, n) competitor prices or None.
+        trust_region: (lower, upper), each (n,): the run's trust region (train.trust_region:
+            the prices the data backed, widened by the margin; NaN: no limit) or None.
     """
 
     state: ProductState
@@ -226,6 +232,7 @@ class Horizon:
     units: np.ndarray
     change_cost: np.ndarray
     competitor: np.ndarray | None
+    trust_region: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def hold_column(self) -> int:
@@ -260,6 +267,14 @@ def build_horizon(state: ProductState, rules: ProductRules, days: np.ndarray, de
     profit = (candidates - state.unit_cost[:, None])[None] * units
     cost = np.zeros(n) if change_cost is None else np.asarray(change_cost)[state.product_index]
     return Horizon(state, rules, days, candidates, profit, units, cost, competitor)
+
+
+def _by_product(bound: np.ndarray, product_index: np.ndarray) -> np.ndarray:
+    """(n,) a bound by product index for the horizon's products (NaN beyond it)."""
+    out = np.full(product_index.size, np.nan)
+    known = product_index < len(bound)
+    out[known] = np.asarray(bound, dtype=np.float64)[product_index[known]]
+    return out
 
 
 def _timeline(horizon: Horizon) -> tuple[np.ndarray, np.ndarray]:
@@ -306,12 +321,21 @@ def walk(horizon: Horizon, choose: ChooseFn) -> Plan:
                            else horizon.competitor[d])
         allowed = combine_rule_masks(masks)
         check_rules_feasible(allowed, masks, rules, day)
+        if horizon.trust_region is not None:
+            # Do no harm: only prices the data backed (a product whose allowed prices all lie
+            # outside keeps the allowed one nearest to the region, and moves toward it).
+            restricted, _ = restrict_to_trust_region(allowed, candidates,
+                                                     *horizon.trust_region)
+            allowed = restricted.astype(bool)
         chosen = np.asarray(choose(d, allowed, previous_column, previous, held), dtype=np.int64)
         free = np.asarray(choose(d, everything, previous_column, previous, held), dtype=np.int64)
         assert allowed[np.arange(n), chosen].all(), "a policy picked a refused price"
         prices = candidates[np.arange(n), chosen]
         plan.columns[d], plan.prices[d] = chosen, prices
         plan.binding[d] = binding_rules(masks, free, chosen)
+        if horizon.trust_region is not None:  # no rule refused the free pick: the region did
+            unexplained = (plan.binding[d] == "none") & (chosen != free)
+            plan.binding[d][unexplained] = TRUST_REGION_RULE
         held = np.where(is_price_change(prices, previous), 1.0, held + 1.0)
         previous, previous_column = prices, chosen
         timeline[:, t] = prices
@@ -554,6 +578,13 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
     change_cost = (np.load(run_dir / CHANGE_COSTS, allow_pickle=False)
                    if (run_dir / CHANGE_COSTS).is_file() else None)
     horizon = build_horizon(state, rules, days, demand, levels, change_cost, competitor)
+    from pricing_cli.agent.policy import load_trust_region
+
+    region = load_trust_region(run_dir)
+    if region is not None:  # the region the run was trained and evaluated in
+        horizon = dataclasses.replace(horizon, trust_region=(
+            _by_product(region[0], state.product_index),
+            _by_product(region[1], state.product_index)))
     monitor.check_memory()
     with tempfile.TemporaryDirectory(prefix="pricectl-recommend-") as scratch:
         policy: str = rec.policy
