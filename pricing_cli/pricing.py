@@ -92,6 +92,20 @@ def trust_region_bounds(min_sold: np.ndarray, max_sold: np.ndarray, margin: floa
     return lo * (1.0 - margin), hi * (1.0 + margin)
 
 
+def trust_region_of(trust_region: tuple[np.ndarray, np.ndarray], product_index: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) for the given products from bounds by product index (NaN, no limit,
+    for a product index beyond them)."""
+    index = np.asarray(product_index, dtype=np.int64)
+    out = []
+    for bound in trust_region:
+        known = index < len(bound)
+        values = np.full(index.size, np.nan)
+        values[known] = np.asarray(bound, dtype=np.float64)[index[known]]
+        out.append(values)
+    return out[0], out[1]
+
+
 def restrict_to_trust_region(mask: np.ndarray, grid: np.ndarray, lower: np.ndarray | float,
                              upper: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     """AND the trust region [lower, upper] into a feasibility mask (from :func:`feasible_mask`).

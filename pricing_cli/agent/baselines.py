@@ -31,6 +31,7 @@ from pricing_cli.pricing import (
     is_price_change,
     price_grid,
     restrict_to_trust_region,
+    trust_region_of,
 )
 
 # Splits in chronological order: the split before ``test`` holds the last price before it.
@@ -275,14 +276,7 @@ def series_bounds(meta: SplitMeta, trust_region: tuple[np.ndarray, np.ndarray]
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) of each series from bounds by product index (NaN, no limit, for a
     product index beyond them)."""
-    index = meta.product_index[meta.series_start]
-    out = []
-    for bound in trust_region:
-        known = index < len(bound)
-        values = np.full(index.size, np.nan)
-        values[known] = np.asarray(bound)[index[known]]
-        out.append(values)
-    return out[0], out[1]
+    return trust_region_of(trust_region, meta.product_index[meta.series_start])
 
 
 def historical_prices(meta: SplitMeta) -> np.ndarray:

@@ -51,6 +51,7 @@ from pricing_cli.pricing import (
     restrict_to_trust_region,
     rule_masks,
     snap_to_rules,
+    trust_region_of,
 )
 from pricing_cli.runinfo import StageResult
 from pricing_cli.storage import check_output_dir, staged_dir, write_json
@@ -267,14 +268,6 @@ def build_horizon(state: ProductState, rules: ProductRules, days: np.ndarray, de
     profit = (candidates - state.unit_cost[:, None])[None] * units
     cost = np.zeros(n) if change_cost is None else np.asarray(change_cost)[state.product_index]
     return Horizon(state, rules, days, candidates, profit, units, cost, competitor)
-
-
-def _by_product(bound: np.ndarray, product_index: np.ndarray) -> np.ndarray:
-    """(n,) a bound by product index for the horizon's products (NaN beyond it)."""
-    out = np.full(product_index.size, np.nan)
-    known = product_index < len(bound)
-    out[known] = np.asarray(bound, dtype=np.float64)[product_index[known]]
-    return out
 
 
 def _timeline(horizon: Horizon) -> tuple[np.ndarray, np.ndarray]:
@@ -582,9 +575,8 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
 
     region = load_trust_region(run_dir)
     if region is not None:  # the region the run was trained and evaluated in
-        horizon = dataclasses.replace(horizon, trust_region=(
-            _by_product(region[0], state.product_index),
-            _by_product(region[1], state.product_index)))
+        horizon = dataclasses.replace(horizon,
+                                      trust_region=trust_region_of(region, state.product_index))
     monitor.check_memory()
     with tempfile.TemporaryDirectory(prefix="pricectl-recommend-") as scratch:
         policy: str = rec.policy
