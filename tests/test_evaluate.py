@@ -434,7 +434,7 @@ def stage_with_stand_in_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     agent = SimpleNamespace(change_cost=change_cost,
                             config={"price_change_cost": 0.0 if change_cost is None else 1.0})
     monkeypatch.setattr(policy, "load_demand_model", lambda run_dir: demand)
-    monkeypatch.setattr(policy, "load_agent", lambda run_dir, stats=None: agent)
+    monkeypatch.setattr(policy, "load_agent", lambda run_dir, stats=None, demand=None: agent)
     monkeypatch.setattr(policy, "rollout_prices",
                         lambda agent, folder, split, settings=None: (None, agent_prices))
 

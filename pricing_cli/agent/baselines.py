@@ -19,12 +19,12 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from pricing_cli.agent.reference import reference_of
-from pricing_cli.errors import BatchError, MissingInputError
+from pricing_cli.errors import BatchError
 from pricing_cli.pricing import (
     apply_rule_levels,
     feasible_mask,
@@ -34,8 +34,8 @@ from pricing_cli.pricing import (
     trust_region_of,
 )
 
-# Splits in chronological order: the split before ``test`` holds the last price before it.
-SPLIT_ORDER = ("train", "val", "test")
+if TYPE_CHECKING:
+    from pricing_cli.agent.processed import ProcessedData
 
 
 class DemandLike(Protocol):
@@ -169,12 +169,15 @@ def _check_order(product_index: np.ndarray, date: np.ndarray, source: str) -> No
         )
 
 
-def load_split_meta(processed_dir: str | Path, split: str, closed: Any = None) -> SplitMeta:
-    """Read ``meta_{split}.parquet`` and ``masks_{split}.npz`` into a :class:`SplitMeta`.
+def load_split_meta(processed_dir: ProcessedData | str | Path, split: str,
+                    closed: Any = None) -> SplitMeta:
+    """``meta_{split}.parquet`` and ``masks_{split}.npz`` as a :class:`SplitMeta`, read
+    through the processed folder's one reader (agent/processed.py; pass the run's reader so
+    nothing is read twice).
 
-    The price before day one comes from the last row of each product in the previous split's
-    meta, when that file exists. ``closed`` (``data.closed_days.ClosedDays``): rows on those
-    days are left out, as :func:`env.load_market` leaves them out.
+    The price before day one is :meth:`ProcessedData.last_prices_before`, the rule the env
+    starts from too. ``closed`` (``data.closed_days.ClosedDays``): rows on those days are left
+    out, as :func:`env.load_market` leaves them out.
 
     Raises:
         MissingInputError: the processed split does not exist.
@@ -182,16 +185,11 @@ def load_split_meta(processed_dir: str | Path, split: str, closed: Any = None) -
     """
     import polars as pl
 
-    from pricing_cli.stages.merge import read_processed_member, read_processed_meta
+    from pricing_cli.agent.processed import as_processed
 
-    folder = Path(processed_dir)
-    meta_path = folder / f"meta_{split}.parquet"
-    masks_path = folder / f"masks_{split}.npz"
-    for path in (meta_path, masks_path):
-        if not path.is_file():
-            raise MissingInputError(f"processed split not found: {path}",
-                                    "Run `pricectl merge` first (after features and preprocess).")
-    frame = read_processed_meta(meta_path)
+    processed = as_processed(processed_dir)
+    meta_path = processed.folder / f"meta_{split}.parquet"
+    frame = processed.meta(split)
     missing = {"product_index", "product_id", "date", "price", "units", "unit_cost", "min_price",
                "max_price"} - set(frame.columns)
     if missing:
@@ -200,10 +198,11 @@ def load_split_meta(processed_dir: str | Path, split: str, closed: Any = None) -
     product_index = frame["product_index"].to_numpy().astype(np.int64)
     date = frame["date"].to_numpy().astype("datetime64[D]")
     _check_order(product_index, date, str(meta_path))
-    level_mask = read_processed_member(masks_path, "price_level")
+    level_mask = processed.masks(split)
     if level_mask.shape[0] != frame.height:
-        raise BatchError(f"{masks_path} has {level_mask.shape[0]} rows but {meta_path} has "
-                         f"{frame.height}", "Re-run `pricectl merge` to rebuild the split.")
+        raise BatchError(f"{processed.folder / f'masks_{split}.npz'} has {level_mask.shape[0]} "
+                         f"rows but {meta_path} has {frame.height}",
+                         "Re-run `pricectl merge` to rebuild the split.")
     from pricing_cli.data.closed_days import open_rows
 
     keep = open_rows(date, closed)
@@ -219,22 +218,24 @@ def load_split_meta(processed_dir: str | Path, split: str, closed: Any = None) -
     return SplitMeta(product_index, product_id, date, floats("price"), floats("units"),
                      floats("unit_cost"), floats("min_price"), floats("max_price"),
                      first_day_mask=np.ascontiguousarray(level_mask[start]),
-                     prev_price=_last_prices_before(folder, split, product_id[start]))
+                     prev_price=processed.last_prices_before(split, product_id[start]))
 
 
-def sold_price_range(processed_dir: str | Path, n_products: int,
+def sold_price_range(processed_dir: ProcessedData | str | Path, n_products: int,
                      splits: tuple[str, ...] = ("train", "val")) -> tuple[np.ndarray, np.ndarray]:
     """(min, max) price per product_index over the rows of ``splits`` that sold (units > 0);
     NaN for a product that never sold there. What the trust region is built from."""
     import polars as pl
 
+    from pricing_cli.agent.processed import as_processed
+
+    processed = as_processed(processed_dir)
     low, high = np.full(n_products, np.nan), np.full(n_products, np.nan)
-    paths = [Path(processed_dir) / f"meta_{s}.parquet" for s in splits]
-    paths = [p for p in paths if p.is_file()]
-    if not paths:
+    parts = [processed.meta(s, ["product_index", "price", "units"]) for s in splits
+             if processed.has_split(s)]
+    if not parts:
         return low, high
-    table = (pl.concat([pl.read_parquet(p, columns=["product_index", "price", "units"])
-                        for p in paths])
+    table = (pl.concat(parts)
              .filter((pl.col("units") > 0) & (pl.col("price") > 0))
              .group_by("product_index")
              .agg(pl.col("price").min().alias("low"), pl.col("price").max().alias("high")))
@@ -243,29 +244,6 @@ def sold_price_range(processed_dir: str | Path, n_products: int,
     low[index[keep]] = table["low"].to_numpy()[keep]
     high[index[keep]] = table["high"].to_numpy()[keep]
     return low, high
-
-
-def _last_prices_before(folder: Path, split: str, product_ids: np.ndarray) -> np.ndarray:
-    """Last price of each product in the split just before ``split``; NaN where unknown."""
-    import polars as pl
-
-    from pricing_cli.stages.merge import read_processed_meta
-
-    prev = np.full(product_ids.size, np.nan)
-    position = SPLIT_ORDER.index(split) if split in SPLIT_ORDER else 0
-    if position == 0:
-        return prev
-    path = folder / f"meta_{SPLIT_ORDER[position - 1]}.parquet"
-    if not path.is_file():
-        return prev
-    last = (read_processed_meta(path, ["product_id", "date", "price"])
-            .group_by("product_id").agg(pl.col("price").sort_by("date").last()))
-    lookup = dict(zip(last["product_id"].to_list(), last["price"].to_list(), strict=True))
-    for i, pid in enumerate(product_ids):
-        value = lookup.get(pid)
-        if value is not None:
-            prev[i] = value
-    return prev
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,16 +752,6 @@ def _check_levels(meta: SplitMeta, K: int) -> None:
         raise BatchError(
             f"the processed masks have {meta.first_day_mask.shape[1]} price levels, expected {K}",
             "Re-run `pricectl preprocess` and `pricectl merge` with the same price_levels.")
-
-
-def read_stats(processed_dir: str | Path) -> dict[str, Any]:
-    """preprocessing_stats.json of the processed folder ({} if absent)."""
-    from pricing_cli.stages.merge import read_processed_stats
-
-    path = Path(processed_dir) / "preprocessing_stats.json"
-    if not path.is_file():
-        return {}
-    return read_processed_stats(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv
 
 from pricing_cli.agent.demand import units_on_grid
-from pricing_cli.errors import BatchError, MissingInputError
+from pricing_cli.errors import BatchError
 from pricing_cli.pricing import (
     CHANGE_TOLERANCE,
     apply_rule_levels,
@@ -64,8 +64,8 @@ from pricing_cli.pricing import (
 
 if TYPE_CHECKING:
     from pricing_cli.agent.demand import DemandModel
+    from pricing_cli.agent.processed import ProcessedData, ProcessedStats
 
-SPLITS = ("train", "val", "test")
 ENDOGENOUS_FEATURES = ("own_log_price_vs_reference", "own_days_held", "own_price_position")
 N_ENDOGENOUS = len(ENDOGENOUS_FEATURES)
 HELD_DAYS_SCALE = 28.0  # days held are reported as min(days, 28) / 28
@@ -78,44 +78,6 @@ META_COLUMNS = ("product_index", "product_id", "date", "price", "unit_cost", "mi
                 "max_price", "ref_price")
 
 Observation = dict[str, np.ndarray]
-
-
-def processed_file(processed_dir: Path, name: str) -> Path:
-    """Path of one processed file; a missing one is an earlier stage not run yet."""
-    path = Path(processed_dir) / name
-    if not path.is_file():
-        raise MissingInputError(f"processed file {path} not found",
-                                "Run `pricectl merge` (after preprocess) to build data/processed/.")
-    return path
-
-
-def read_stats(processed_dir: Path) -> dict[str, Any]:
-    """preprocessing_stats.json, checked for the keys the agent needs."""
-    from pricing_cli.stages.merge import read_processed_stats
-
-    path = processed_file(processed_dir, "preprocessing_stats.json")
-    stats = read_processed_stats(path)
-    for key in ("price_levels", "max_daily_change", "input_dim"):
-        if key not in stats:
-            raise BatchError(f"{path} lacks the key '{key}'", "Re-run `pricectl merge`.")
-    return stats
-
-
-def product_count(processed_dir: Path, stats: dict[str, Any]) -> int:
-    """Size of the product index: stats['products'] (a count) or 1 + the largest index seen."""
-    products = stats.get("products")
-    if isinstance(products, int) and not isinstance(products, bool):
-        return products
-    from pricing_cli.stages.merge import read_processed_meta
-
-    top = -1
-    for split in SPLITS:
-        path = Path(processed_dir) / f"meta_{split}.parquet"
-        if path.is_file():
-            indices = read_processed_meta(path, ["product_index"])["product_index"].to_numpy()
-            if indices.size:
-                top = max(top, int(indices.max()))
-    return top + 1
 
 
 def clip_to_feasible(levels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -378,19 +340,20 @@ def observation_space(n_products: int, n_features: int) -> spaces.Dict:
     })
 
 
-def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
-                stats: dict[str, Any] | None = None,
+def load_market(processed_dir: ProcessedData | str | Path, split: str, demand: DemandModel,
+                stats: ProcessedStats | dict[str, Any] | None = None,
                 change_cost: np.ndarray | None = None, closed: Any = None) -> Market:
     """Open one split of ``processed_dir`` for simulation.
 
     Args:
-        processed_dir: the merge output folder (data/processed).
+        processed_dir: the merge output folder (data/processed), or its reader
+            (agent/processed.py: pass the run's one reader, so nothing is read twice).
         split: train, val or test.
         demand: the fitted demand model, or anything with ``expected_units`` (its expected
             units on every row's price grid are computed once, ``demand.units_on_grid``); its
             ``reference_price`` (if it has one) is the endogenous features' reference,
             otherwise the meta ``ref_price``.
-        stats: preprocessing_stats.json content (read if None).
+        stats: preprocessing_stats.json content (the reader's if None).
         change_cost: (n_products,) money per price change (None: free; see
             :func:`change_costs`).
         closed: closed days (``data.closed_days.ClosedDays``) whose rows are left out: the
@@ -401,29 +364,26 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
         MissingInputError: a processed file is missing.
         BatchError: the files disagree (row counts, K) with each other.
     """
-    from pricing_cli.stages.merge import (
-        read_processed_array,
-        read_processed_member,
-        read_processed_meta,
-    )
+    from pricing_cli.agent.processed import ProcessedStats, as_processed
 
-    processed_dir = Path(processed_dir)
-    stats = stats if stats is not None else read_stats(processed_dir)
-    K = int(stats["price_levels"])
-    meta_path = processed_file(processed_dir, f"meta_{split}.parquet")
-    meta = read_processed_meta(meta_path, list(META_COLUMNS))
-    X_path = processed_file(processed_dir, f"X_{split}.npy")
-    features = read_processed_array(X_path)
-    n = meta.height
+    processed = as_processed(processed_dir)
+    if stats is None:
+        stats = processed.stats
+    elif isinstance(stats, dict):
+        stats = ProcessedStats.from_dict(stats)
+    K = stats.price_levels
+    meta = processed.meta(split, list(META_COLUMNS))
+    features = processed.features(split)
+    meta_path, n = processed.folder / f"meta_{split}.parquet", meta.height
     if features.ndim != 2 or features.shape[0] != n:
-        raise BatchError(f"{X_path} has shape {features.shape} but {meta_path} has {n} rows",
+        raise BatchError(f"{processed.folder / f'X_{split}.npy'} has shape {features.shape} but "
+                         f"{meta_path} has {n} rows",
                          "Re-run `pricectl merge` so the processed files agree.")
-    masks_path = processed_file(processed_dir, f"masks_{split}.npz")
-    masks = read_processed_member(masks_path, "price_level")
+    masks = processed.masks(split)
     if masks.shape != (n, K):
-        raise BatchError(f"{masks_path}: price_level masks have shape {masks.shape}, expected "
-                         f"({n}, {K}) from {meta_path} and price_levels",
-                         "Re-run `pricectl merge` so the processed files agree.")
+        raise BatchError(f"{processed.folder / f'masks_{split}.npz'}: price_level masks have "
+                         f"shape {masks.shape}, expected ({n}, {K}) from {meta_path} and "
+                         "price_levels", "Re-run `pricectl merge` so the processed files agree.")
     from pricing_cli.data.closed_days import open_rows
 
     split_rows = open_rows(meta["date"].to_numpy(), closed)
@@ -436,10 +396,11 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
     price = meta["price"].to_numpy().astype(np.float64)
     first = np.r_[True, product[1:] != product[:-1]] if n else np.zeros(0, dtype=bool)
     previous = np.r_[price[:1], price[:-1]]
-    earlier = _last_prices_before(processed_dir, split)
     first_rows = np.nonzero(first)[0]
-    previous[first_rows] = [earlier.get(int(p), price[r]) for p, r in
-                            zip(product[first_rows], first_rows, strict=True)]
+    # Day one starts from the price before the split (processed.py's one rule), or where
+    # that is unknown from the row's own historical price.
+    before = processed.last_prices_before(split, meta["product_id"].to_numpy()[first_rows])
+    previous[first_rows] = np.where(np.isnan(before), price[first_rows], before)
     held = held_days(price, first)
     starts = np.r_[first_rows, n]
     product_end = np.repeat(starts[1:], np.diff(starts))
@@ -451,12 +412,13 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
     reference = (np.asarray(model_reference, dtype=np.float64)[product]
                  if model_reference is not None else meta["ref_price"].to_numpy())
     ids = meta.select("product_index", "product_id").unique(subset="product_index")
-    n_products = max(product_count(processed_dir, stats), demand.n_products)
+    n_products = max(stats.products if stats.products is not None
+                     else processed.product_count(), demand.n_products)
     from pricing_cli.agent.reference import historical_references, reference_of
 
     effect = reference_of(demand)
     history_reference = (None if effect is None else historical_references(
-        processed_dir, split, product, dates, price, effect.rate))
+        processed, split, product, dates, price, effect.rate))
     return Market(
         split=split, features=features, product_index=product,
         dates=dates, unit_cost=meta["unit_cost"].to_numpy().astype(np.float64),
@@ -467,7 +429,7 @@ def load_market(processed_dir: str | Path, split: str, demand: DemandModel,
         product_ids=dict(zip(ids["product_index"].to_list(), ids["product_id"].to_list(),
                              strict=True)),
         n_products=n_products, price_levels=K,
-        max_daily_change=float(stats["max_daily_change"]),
+        max_daily_change=stats.max_daily_change,
         change_cost=_fit_length(change_cost, n_products), demand=demand,
         split_rows=split_rows, closed=closed if split_rows is not None else None,
         reference_effect=effect, history_reference=history_reference)
@@ -491,21 +453,6 @@ def _fit_length(values: np.ndarray | None, n: int) -> np.ndarray | None:
     k = min(n, len(values))
     out[:k] = values[:k]
     return out
-
-
-def _last_prices_before(processed_dir: Path, split: str) -> dict[int, float]:
-    """Each product's last historical price in the splits before ``split``."""
-    from pricing_cli.stages.merge import read_processed_meta
-
-    last: dict[int, float] = {}
-    for earlier in SPLITS[:SPLITS.index(split)]:
-        path = processed_dir / f"meta_{earlier}.parquet"
-        if path.is_file():
-            table = (read_processed_meta(path, ["product_index", "price"])
-                     .group_by("product_index", maintain_order=True).last())
-            last.update(zip(table["product_index"].to_list(), table["price"].to_list(),
-                            strict=True))
-    return last
 
 
 def held_days(price: np.ndarray, first: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,7 +37,6 @@ from pricing_cli.agent.baselines import (
     oracle_prices,
     planned_prices,
     random_feasible_prices,
-    read_stats,
     series_bounds,
     static_prices,
 )
@@ -59,6 +58,9 @@ PRICE_TOLERANCE = 1e-9
 EXEMPT_POLICIES = ("oracle",)
 # Products whose historical profit is this close to zero have no meaningful uplift in %.
 MIN_BASE_PROFIT = 1e-9
+
+if TYPE_CHECKING:
+    from pricing_cli.agent.processed import ProcessedData
 
 UnitsFn = Callable[[np.ndarray], np.ndarray]
 
@@ -435,24 +437,26 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     check_output_dir(ev.reports_dir, "evaluate",
                      [processed_dir, run_dir, Path(settings.train.models_dir)])
     monitor.log(f"evaluating {run_dir} on the {ev.split} split of {processed_dir}")
-    from pricing_cli.data.closed_days import closed_days_of
+    from pricing_cli.agent.processed import ProcessedData
 
+    # The one reader of the processed folder: every file below is read once and passed down.
+    processed = ProcessedData(processed_dir)
     # Closed days are left out of every policy's rows (the agent's rollout leaves them out
     # the same way): no price is set or scored on a day the store is shut.
-    closed = closed_days_of(processed_dir, settings.data)
-    meta = load_split_meta(processed_dir, ev.split, closed)
-    closed_rows = _closed_rows(processed_dir / f"meta_{ev.split}.parquet", meta)
+    closed = processed.closed_days(settings.data)
+    meta = load_split_meta(processed, ev.split, closed)
+    closed_rows = processed.meta(ev.split).height - meta.n_rows
     if closed_rows:
         monitor.log(f"{closed_rows:,} product-days on closed days left out of the {ev.split} "
                     "split")
-    stats = read_stats(processed_dir)
-    levels = int(stats.get("price_levels", settings.preprocess.price_levels))
+    stats = processed.stats
+    levels = stats.price_levels
     from pricing_cli.agent.guardrails import row_rule_levels
 
     meta = dataclasses.replace(meta, rule_levels=row_rule_levels(
         settings, meta.product_id, meta.date, meta.unit_cost, meta.min_price, meta.max_price,
         levels))  # the merchant rules every grid policy obeys
-    max_daily_change = float(stats.get("max_daily_change", settings.preprocess.max_daily_change))
+    max_daily_change = stats.max_daily_change
     monitor.check_memory()
 
     truth, truth_index, truth_note = _load_truth(settings, meta, monitor)
@@ -464,8 +468,8 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     from pricing_cli.agent.policy import load_agent, load_demand_model, rollout_prices
 
     demand = load_demand_model(run_dir)
-    agent = load_agent(run_dir, stats)
     ensemble = DemandEnsemble.load(run_dir)
+    agent = load_agent(run_dir, stats.raw, demand=(demand, ensemble))
     # The baselines choose prices as the agent was trained to: on the ensemble's
     # decision_quantile when the run has one, else on the point fit.
     decision = decision_demand(demand, ensemble, agent.config.get("decision_quantile"))
@@ -473,7 +477,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     trust = getattr(agent, "trust_region", None)
     if trust is not None:
         meta = dataclasses.replace(meta, trust_region=series_bounds(meta, trust))
-    meta = with_start_reference(meta, demand, processed_dir, ev.split)
+    meta = with_start_reference(meta, demand, processed, ev.split)
     # The agent's objective: greedy and the planner optimise it too, every policy is scored
     # net of it.
     change_cost = agent.change_cost
@@ -493,7 +497,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     monitor.add_bar("policies", "policies priced", 1 + len(makers))
 
     monitor.set_metric("policy", "agent")
-    _, agent_prices = rollout_prices(agent, processed_dir, ev.split, settings=settings)
+    _, agent_prices = rollout_prices(agent, processed, ev.split, settings=settings)
     agent_prices = np.asarray(agent_prices, dtype=np.float64)
     if agent_prices.shape != (meta.n_rows,):
         raise ModelError(f"the agent of {run_dir} priced {agent_prices.shape[0]} rows but "
@@ -543,8 +547,8 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     if slope is not None:
         held_out["response_slope"] = slope.as_dict()
     verdict = checks.verdict(held_out, checked.get("agent"), product_checked, ev)
-    demand_report = demand_model_report(
-        demand, processed_dir / f"meta_{ev.split}.parquet", meta, truth, truth_index, closed)
+    demand_report = demand_model_report(demand, processed, ev.split, meta, truth, truth_index,
+                                        closed)
     if true is not None:
         verdict["ground_truth"] = truth_coverage(
             true["agent"]["uplift_pct"], uplift_true, meta, checked.get("agent"),
@@ -630,16 +634,11 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     return StageResult("evaluate", reports_dir, inputs=inputs, summary=summary, notes=notes)
 
 
-def _closed_rows(meta_path: Path, meta: SplitMeta) -> int:
-    """How many rows of the split's meta file the closed days left out of ``meta``."""
-    import polars as pl
-
-    return int(pl.scan_parquet(meta_path).select(pl.len()).collect().item()) - meta.n_rows
-
-
-def demand_model_report(demand: Any, meta_path: Path, meta: SplitMeta, truth: Any,
-                        truth_index: np.ndarray | None, closed: Any = None) -> dict[str, Any]:
-    """The fitted demand model's quality on this split, and against the truth if known.
+def demand_model_report(demand: Any, processed: ProcessedData, split: str, meta: SplitMeta,
+                        truth: Any, truth_index: np.ndarray | None, closed: Any = None
+                        ) -> dict[str, Any]:
+    """The fitted demand model's quality on ``split`` (its meta from ``processed``), and
+    against the truth if known.
 
     Returns:
         ``fit``: ``DemandModel.fit_report`` on the split (Poisson deviance, MAE and RMSE of
@@ -648,10 +647,8 @@ def demand_model_report(demand: Any, meta_path: Path, meta: SplitMeta, truth: An
         error of the fitted elasticity against the true one, their correlation, and the
         median over products of each product's mean relative error.
     """
-    from pricing_cli.stages.merge import read_processed_meta
-
     # Stand-in demand models (tests, custom callers) may only predict units.
-    frame = read_processed_meta(meta_path) if hasattr(demand, "fit_report") else None
+    frame = processed.meta(split) if hasattr(demand, "fit_report") else None
     if frame is not None and closed is not None:  # as the checks: open days only
         from pricing_cli.data.closed_days import open_rows
 

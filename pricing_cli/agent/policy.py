@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from pricing_cli.agent.baselines import SplitMeta
     from pricing_cli.agent.env import Market, Observation
+    from pricing_cli.agent.processed import ProcessedData
     from pricing_cli.config import Settings
 
 AGENT_JSON = "agent.json"
@@ -168,7 +169,8 @@ def load_demand_model(run_dir: str | Path) -> DemandModel:
     return DemandModel.load(run_dir)
 
 
-def load_agent(run_dir: str | Path, stats: dict[str, Any] | None = None) -> PricingAgent:
+def load_agent(run_dir: str | Path, stats: dict[str, Any] | None = None, *,
+               demand: tuple[DemandModel, Any] | None = None) -> PricingAgent:
     """Rebuild the trained agent of ``models/<run_id>/`` (its best model, ``model.zip``).
 
     agent.json is checked (types, ranges, consistency with ``stats`` when given) and the
@@ -177,6 +179,8 @@ def load_agent(run_dir: str | Path, stats: dict[str, Any] | None = None) -> Pric
 
     Args:
         stats: preprocessing_stats.json of the data the agent will price (None: not checked).
+        demand: (point model, ensemble or None) already loaded from ``run_dir`` (evaluate
+            has them): not read again. None: loaded here.
 
     Raises:
         ModelError: missing, unreadable or forged files, or weights that do not fit agent.json.
@@ -211,9 +215,10 @@ def load_agent(run_dir: str | Path, stats: dict[str, Any] | None = None) -> Pric
                              "Re-run `pricectl train`; the run folder is damaged.") from None
     from pricing_cli.agent.ensemble import DemandEnsemble, decision_demand
 
-    demand = decision_demand(DemandModel.load(run_dir), DemandEnsemble.load(run_dir),
-                             config.get("decision_quantile"))
-    return PricingAgent(policy=policy, config=config, demand=demand,
+    point, ensemble = demand if demand is not None else (DemandModel.load(run_dir),
+                                                         DemandEnsemble.load(run_dir))
+    return PricingAgent(policy=policy, config=config,
+                        demand=decision_demand(point, ensemble, config.get("decision_quantile")),
                         run_dir=run_dir, change_cost=change_cost,
                         trust_region=load_trust_region(run_dir))
 
@@ -381,7 +386,7 @@ def build_policy(config: dict[str, Any]) -> Any:
         spaces.Discrete(int(config["price_levels"])), lambda _: 0.0, **policy_kwargs(config))
 
 
-def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
+def rollout_prices(agent: PricingAgent, processed_dir: ProcessedData | str | Path, split: str,
                    deterministic: bool = True, settings: Settings | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """The agent's price for every row of ``meta_{split}.parquet``, in row order (with
@@ -401,7 +406,9 @@ def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
     import dataclasses
 
     from pricing_cli.agent.env import load_market, simulate
+    from pricing_cli.agent.processed import as_processed
 
+    processed_dir = as_processed(processed_dir)
     published = agent.config.get("published_policy", "agent")
     if published != "agent":  # train chose a joint grid policy over the network on val
         meta = grid_policy_meta(processed_dir, split, agent.trust_region, settings,
@@ -411,11 +418,8 @@ def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
                                     float(agent.config["max_daily_change"]), agent.change_cost)
         levels = np.abs(meta.grid[meta.series_of_row] - prices[:, None]).argmin(axis=1)
         return levels.astype(np.int64), prices
-    closed = None
-    if settings is not None:  # closed days are left out, as in training and evaluate
-        from pricing_cli.data.closed_days import closed_days_of
-
-        closed = closed_days_of(processed_dir, settings.data)
+    # Closed days are left out, as in training and evaluate.
+    closed = None if settings is None else processed_dir.closed_days(settings.data)
     market = load_market(processed_dir, split, agent.demand, change_cost=agent.change_cost,
                          closed=closed)
     if settings is not None:  # the merchant rules that apply to historical rows
@@ -430,7 +434,7 @@ def rollout_prices(agent: PricingAgent, processed_dir: str | Path, split: str,
     return result["levels"], result["prices"]
 
 
-def grid_policy_meta(processed_dir: str | Path, split: str,
+def grid_policy_meta(processed_dir: ProcessedData | str | Path, split: str,
                      trust_region: tuple[np.ndarray, np.ndarray] | None,
                      settings: Settings | None, levels: int, demand: Any = None) -> SplitMeta:
     """The split's rows as the grid policies price them: the merchant rules (when
@@ -439,12 +443,11 @@ def grid_policy_meta(processed_dir: str | Path, split: str,
     import dataclasses
 
     from pricing_cli.agent.baselines import load_split_meta, series_bounds
+    from pricing_cli.agent.processed import as_processed
 
-    closed = None
-    if settings is not None:  # closed days are left out, as in evaluate and the env
-        from pricing_cli.data.closed_days import closed_days_of
-
-        closed = closed_days_of(processed_dir, settings.data)
+    processed_dir = as_processed(processed_dir)
+    # Closed days are left out, as in evaluate and the env.
+    closed = None if settings is None else processed_dir.closed_days(settings.data)
     meta = load_split_meta(processed_dir, split, closed)
     if settings is not None:
         from pricing_cli.agent.guardrails import row_rule_levels
@@ -457,7 +460,7 @@ def grid_policy_meta(processed_dir: str | Path, split: str,
     if demand is not None:  # a reference effect: greedy and the planner roll it from day one
         from pricing_cli.agent.reference import with_start_reference
 
-        meta = with_start_reference(meta, demand, Path(processed_dir), split)
+        meta = with_start_reference(meta, demand, processed_dir, split)
     return meta
 
 

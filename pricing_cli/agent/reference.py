@@ -35,6 +35,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from pricing_cli.agent.baselines import SplitMeta
+    from pricing_cli.agent.processed import ProcessedData
 
 # Held-out deviance the reference term must save (share of the memoryless model's) to stay.
 REFERENCE_MIN_GAIN = 0.03
@@ -134,7 +135,7 @@ def reference_of(demand: Any) -> ReferenceEffect | None:
     return effect if isinstance(effect, ReferenceEffect) else None
 
 
-def start_references(processed_dir: str | Path, split: str, meta: SplitMeta,
+def start_references(processed_dir: ProcessedData | str | Path, split: str, meta: SplitMeta,
                      effect: ReferenceEffect, fallback: np.ndarray) -> np.ndarray:
     """(n_series,) each series' reference on its first day: the EWMA of the product's
     historical prices in the splits before ``split`` (as in the fit: from its first price,
@@ -142,19 +143,16 @@ def start_references(processed_dir: str | Path, split: str, meta: SplitMeta,
     price (as the env and the fit start), or ``fallback`` (by product_index) without one."""
     import polars as pl
 
-    from pricing_cli.stages.batches import SPLITS as SPLIT_ORDER
-    from pricing_cli.stages.merge import read_processed_meta
+    from pricing_cli.agent.processed import as_processed
 
     starts = meta.series_start
     own = meta.price[starts]
     out = np.where(np.isfinite(own) & (own > 0), own,
                    np.asarray(fallback, dtype=np.float64)[meta.product_index[starts]])
-    position = SPLIT_ORDER.index(split) if split in SPLIT_ORDER else 0
-    paths = [Path(processed_dir) / f"meta_{s}.parquet" for s in SPLIT_ORDER[:position]]
-    paths = [p for p in paths if p.is_file()]
-    if not paths:
+    parts = as_processed(processed_dir).earlier_meta(split, ["product_id", "date", "price"])
+    if not parts:
         return out
-    history = pl.concat([read_processed_meta(p, ["product_id", "date", "price"]) for p in paths])
+    history = pl.concat(parts)
     history = history.filter(pl.col("price") > 0).sort("product_id", "date")
     if history.height == 0:
         return out
@@ -177,20 +175,17 @@ def start_references(processed_dir: str | Path, split: str, meta: SplitMeta,
     return out
 
 
-def historical_references(processed_dir: str | Path, split: str, product_index: np.ndarray,
-                          dates: np.ndarray, prices: np.ndarray, rate: float) -> np.ndarray:
+def historical_references(processed_dir: ProcessedData | str | Path, split: str,
+                          product_index: np.ndarray, dates: np.ndarray, prices: np.ndarray,
+                          rate: float) -> np.ndarray:
     """(n,) the reference before each row of ``split`` (rows ``product_index``, ``dates``,
     ``prices``) along the historical prices, the earlier splits' included (as in the fit and
     :func:`start_references`): where the env's episodes start from."""
     import polars as pl
 
-    from pricing_cli.stages.batches import SPLITS as SPLIT_ORDER
-    from pricing_cli.stages.merge import read_processed_meta
+    from pricing_cli.agent.processed import as_processed
 
-    position = SPLIT_ORDER.index(split) if split in SPLIT_ORDER else 0
-    parts = [read_processed_meta(path, ["product_index", "date", "price"]) for path in (
-        Path(processed_dir) / f"meta_{s}.parquet" for s in SPLIT_ORDER[:position])
-        if path.is_file()]
+    parts = as_processed(processed_dir).earlier_meta(split, ["product_index", "date", "price"])
     own = np.asarray(prices, dtype=np.float64)
     if not parts:
         return rolled_reference(product_index, dates, own, rate)
@@ -272,8 +267,8 @@ def select_half_life(fit_rows: Callable[[np.ndarray, float | None], Any],
     return (best_rate if kept else None), info
 
 
-def with_start_reference(meta: SplitMeta, demand: Any, processed_dir: Path, split: str
-                         ) -> SplitMeta:
+def with_start_reference(meta: SplitMeta, demand: Any,
+                         processed_dir: ProcessedData | str | Path, split: str) -> SplitMeta:
     """``meta`` with each series' starting reference price when ``demand`` has a
     reference-price effect (scoring and the grid policies then roll it forward along each
     price path); unchanged otherwise."""

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
     from pricing_cli.agent.env import Market
     from pricing_cli.agent.policy import PricingAgent
+    from pricing_cli.agent.processed import ProcessedData
     from pricing_cli.monitor import RunMonitor
 
 PARTIAL_PREFIX = ".partial-"
@@ -90,10 +91,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         PriceVecEnv,
         change_costs,
         load_market,
-        processed_file,
-        product_count,
         random_feasible_policy,
-        read_stats,
         simulate,
     )
     from pricing_cli.agent.policy import (
@@ -103,45 +101,46 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         PricingAgent,
         save_trust_region,
     )
+    from pricing_cli.agent.processed import ProcessedData
     from pricing_cli.pricing import trust_region_bounds
-    from pricing_cli.stages.merge import read_processed_meta
 
     cfg = settings.train
     started = time.monotonic()
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
     processed_dir = Path(settings.merge.output_dir)
-    stats = read_stats(processed_dir)
-    meta_train_path = processed_file(processed_dir, "meta_train.parquet")
-    meta_val_path = processed_file(processed_dir, "meta_val.parquet")
+    # The one reader of data/processed, through val: train never reads the test split.
+    processed = ProcessedData(processed_dir, through="val")
+    stats = processed.stats
+    meta_train_path = processed.path("meta_train.parquet")
+    meta_val_path = processed.path("meta_val.parquet")
     run_id = cfg.run_id or datetime.now().strftime("%Y%m%d-%H%M%S")
     final_dir, work_dir, checkpoint = _prepare_run_folder(Path(cfg.models_dir), run_id, resume)
 
     # 1. Demand model.
     monitor.log(f"fitting the demand model on {meta_train_path}")
-    meta_train = attach_stock(read_processed_meta(meta_train_path), settings, monitor)
+    meta_train = attach_stock(processed.meta("train"), settings, monitor)
     import polars as pl
 
-    from pricing_cli.data.closed_days import closed_days_of
-
-    closed = closed_days_of(processed_dir, settings.data)
+    closed = processed.closed_days(settings.data)
     shut = closed.is_closed(meta_train["date"].to_numpy())
     if shut.any():
         # A day the store was shut says nothing about how price drives demand.
         monitor.log(f"demand fit: {int(shut.sum()):,} product-days on closed days left out")
         meta_train = meta_train.filter(pl.Series(~shut))
-    n_products = product_count(processed_dir, stats)
+    n_products = processed.product_count()
+    fallback_reference = _later_median_prices(processed, n_products)
     demand = DemandModel.fit(meta_train, settings, n_products=n_products,
-                             fallback_reference=_later_median_prices(processed_dir, n_products),
+                             fallback_reference=fallback_reference,
                              monitor=monitor, source=str(meta_train_path))
-    demand_report = demand.fit_report(read_processed_meta(meta_val_path))
+    demand_report = demand.fit_report(processed.meta("val"))
     monitor.log(f"demand model: {demand.info['newton_iterations']} Newton iterations; val MAE "
                 f"{demand_report.get('mae', float('nan')):.3f} units/day, Poisson deviance "
                 f"{demand_report.get('poisson_deviance', float('nan')):.3f}")
     products = None if product is None else [_product_index(meta_train, product, meta_train_path)]
     ensemble_started = time.monotonic()
     ensemble = fit_ensemble(meta_train, settings, n_products=n_products,
-                            fallback_reference=_later_median_prices(processed_dir, n_products),
+                            fallback_reference=fallback_reference,
                             monitor=monitor, source=str(meta_train_path))
     ensemble_seconds = time.monotonic() - ensemble_started
     if ensemble is not None:
@@ -154,13 +153,13 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     decision = decision_demand(demand, ensemble, cfg.decision_quantile)
     trust_region = None
     if cfg.trust_region is not None:
-        trust_region = trust_region_bounds(*sold_price_range(processed_dir, n_products),
+        trust_region = trust_region_bounds(*sold_price_range(processed, n_products),
                                            cfg.trust_region)
     del meta_train
 
     # 2. Markets and env.
     # Closed days are not decision days: the env leaves their rows out, as the fit does.
-    train_market = load_market(processed_dir, "train", decision, stats, closed=closed)
+    train_market = load_market(processed, "train", decision, stats, closed=closed)
     from pricing_cli.agent.guardrails import market_rule_bits
 
     train_market.rule_bits = market_rule_bits(settings, train_market)  # merchant rules
@@ -168,7 +167,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     if cfg.price_change_cost > 0:
         change_cost = change_costs(train_market, cfg.price_change_cost)
         train_market = dataclasses.replace(train_market, change_cost=change_cost)
-    val_market = load_market(processed_dir, "val", decision, stats, change_cost=change_cost,
+    val_market = load_market(processed, "val", decision, stats, change_cost=change_cost,
                              closed=closed)
     val_market.rule_bits = market_rule_bits(settings, val_market)
     if trust_region is not None:
@@ -226,7 +225,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     # 3. Behaviour cloning, then RL.
     bc_summary: dict[str, Any] | None = None
     if cfg.warm_start != "none" and checkpoint is None and cfg.bc_epochs > 0:
-        bc_summary = behaviour_clone(model.policy, train_market, processed_dir, cfg.bc_epochs,
+        bc_summary = behaviour_clone(model.policy, train_market, processed, cfg.bc_epochs,
                                      cfg.batch_size, cfg.seed, monitor, products,
                                      teacher=cfg.warm_start, learning_rate=cfg.bc_learning_rate,
                                      temperature=cfg.bc_temperature, demand=decision)
@@ -249,7 +248,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         evaluate(model.num_timesteps)
     _checkpoint(model, work_dir, state)
     selection = select_published_policy(settings, model, agent, work_dir / BEST, val_market,
-                                        processed_dir, products)
+                                        processed, products)
     agent_config["published_policy"] = selection["published_policy"]
     if selection["published_policy"] != "agent":
         monitor.log(f"publishing the joint {selection['published_policy']}: it earned more on "
@@ -348,7 +347,7 @@ def resolve_device(wanted: str) -> str:
 
 
 def select_published_policy(settings: Settings, model: Any, agent: PricingAgent, best: Path,
-                            val_market: Market, processed_dir: Path,
+                            val_market: Market, processed_dir: ProcessedData | Path,
                             products: list[int] | None) -> dict[str, Any]:
     """Which policy the run publishes: the network (its best weights, ``best``), or the joint
     greedy or planner when one earns more on ``val_market``'s split under the decision demand,
@@ -591,7 +590,8 @@ def make_training_callback(monitor: RunMonitor, **kwargs: Any) -> Any:
 # Behaviour cloning
 
 
-def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: int,
+def behaviour_clone(policy: Any, market: Market, processed_dir: ProcessedData | Path,
+                    epochs: int,
                     batch_size: int, seed: int, monitor: RunMonitor,
                     products: list[int] | None = None, *, teacher: str = "bc",
                     learning_rate: float = 1e-3, temperature: float = 0.01,
@@ -622,10 +622,9 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
     import torch
     import torch.nn.functional as F
 
-    from pricing_cli.agent.env import processed_file
     from pricing_cli.agent.policy import action_logits
+    from pricing_cli.agent.processed import as_processed
     from pricing_cli.pricing import feasible_mask
-    from pricing_cli.stages.merge import read_processed_member
 
     usable = np.ones(market.n_rows, dtype=bool)
     labels: np.ndarray | None = None
@@ -636,8 +635,7 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
     if teacher == "planner":
         labels, last_price, held, reference = planner_path(market, processed_dir, demand)
     elif teacher == "bc":
-        labels = read_processed_member(processed_file(processed_dir, "labels_train.npz"),
-                                       "price_level").astype(np.int64)
+        labels = as_processed(processed_dir).labels("train").astype(np.int64)
         if market.split_rows is not None:  # closed days left out of the market
             labels = labels[market.split_rows]
         usable = labels >= 0
@@ -708,7 +706,7 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: Path, epochs: in
     return summary
 
 
-def planner_path(market: Market, processed_dir: Path, demand: Any
+def planner_path(market: Market, processed_dir: ProcessedData | Path, demand: Any
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """The planner's levels on the train split, and the state it meets on each row.
 
@@ -727,7 +725,7 @@ def planner_path(market: Market, processed_dir: Path, demand: Any
     from pricing_cli.pricing import nearest_level
 
     meta = with_start_reference(load_split_meta(processed_dir, market.split, market.closed),
-                                demand, Path(processed_dir), market.split)
+                                demand, processed_dir, market.split)
     prices = planned_prices(meta, demand, market.price_levels, market.max_daily_change,
                             market.change_cost)
     first = np.zeros(market.n_rows, dtype=bool)
@@ -835,17 +833,14 @@ def attach_stock(meta: pl.DataFrame, settings: Settings, monitor: RunMonitor) ->
     return joined
 
 
-def _later_median_prices(processed_dir: Path, n_products: int) -> np.ndarray:
-    """Median price per product over val and test: the reference of products new after train."""
+def _later_median_prices(processed: ProcessedData, n_products: int) -> np.ndarray:
+    """Median price per product over val: the reference of products new after train (never
+    the test split: train does not read it)."""
     import polars as pl
 
-    from pricing_cli.stages.merge import read_processed_meta
-
     out = np.full(n_products, np.nan)
-    paths = [processed_dir / f"meta_{s}.parquet" for s in ("val", "test")]
-    paths = [p for p in paths if p.is_file()]
-    if paths:
-        table = (pl.concat([read_processed_meta(p, ["product_index", "price"]) for p in paths])
+    if processed.has_split("val"):
+        table = (processed.meta("val", ["product_index", "price"])
                  .group_by("product_index").agg(pl.col("price").median()))
         out[table["product_index"].to_numpy()] = table["price"].to_numpy()
     return out
