@@ -1,0 +1,140 @@
+"""agent/processed.py: the one reader of data/processed, each file read once per run."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pricing_cli.agent.processed import ProcessedData, ProcessedStats
+from pricing_cli.errors import BatchError, MissingInputError
+
+TINY_TRAIN = {"n_envs": 2, "net_arch": [8], "n_steps": 16, "batch_size": 16, "n_epochs": 1,
+              "timesteps": 32, "eval_every": 1000, "checkpoint_every": 1000,
+              "tensorboard": False, "torch_threads": 1, "embedding_dim": 4,
+              "feature_hidden": 8, "ensemble_size": 2}
+READERS = ("read_processed_meta", "read_processed_member", "read_processed_array",
+           "read_processed_stats")
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Every call of merge's checked readers of processed files, by file name (the readers
+    are imported inside functions, so patching the merge module catches every caller)."""
+    from pricing_cli.stages import merge
+
+    reads: Counter[str] = Counter()
+    for name in READERS:
+        real = getattr(merge, name)
+
+        def counted(path: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            reads[Path(path).name] += 1
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(merge, name, counted)
+    return reads
+
+
+def settings_for(root: Path) -> Any:
+    from pricing_cli.config import load_settings
+
+    return load_settings(preset="tiny", environ={}, flags={
+        "merge.output_dir": str(root / "data" / "processed"),
+        "train.models_dir": str(root / "models"), "train.run_id": "r1",
+        "evaluate.reports_dir": str(root / "reports"),
+        "data.ground_truth": str(root / "no_truth.json"),
+        **{f"train.{k}": v for k, v in TINY_TRAIN.items()}})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pricing_cli.agent.train import run_train
+    from pricing_cli.monitor import RunMonitor
+    from tests.agent_fixtures import write_processed
+
+    root = tmp_path_factory.mktemp("processed")
+    write_processed(root / "data" / "processed", K=11)
+    with pytest.MonkeyPatch.context() as patch, RunMonitor("train", "quiet") as monitor:
+        reads = count_reads(patch)
+        run_train(settings_for(root), monitor)
+    (root / "train_reads.json").write_text(json.dumps(reads))
+    return root
+
+
+def test_train_reads_each_file_once_and_never_the_test_split(trained: Path) -> None:
+    reads = json.loads((trained / "train_reads.json").read_text())
+    # (labels_train.npz only with warm_start bc, not the tiny preset's default)
+    assert reads == {"X_train.npy": 1, "X_val.npy": 1, "masks_train.npz": 1,
+                     "masks_val.npz": 1, "meta_train.parquet": 1, "meta_val.parquet": 1,
+                     "preprocessing_stats.json": 1}
+
+
+def test_one_evaluate_reads_each_processed_file_once(
+        trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pricing_cli.agent.evaluate import run_evaluate
+    from pricing_cli.monitor import RunMonitor
+
+    reads = count_reads(monkeypatch)
+    loads: Counter[str] = Counter()
+    from pricing_cli.agent import demand as demand_module
+
+    real_load = demand_module.DemandModel.load.__func__  # type: ignore[attr-defined]
+
+    def counted_load(cls: Any, folder: Any) -> Any:
+        loads["DemandModel.load"] += 1
+        return real_load(cls, folder)
+
+    monkeypatch.setattr(demand_module.DemandModel, "load", classmethod(counted_load))
+    with RunMonitor("evaluate", "quiet") as monitor:
+        run_evaluate(settings_for(trained), monitor)
+    # The test split's meta was parsed three times and its stats twice before the one reader,
+    # and the demand model loaded twice;
+    # the earlier splits' meta is read once for the price before day one, the closed days and
+    # the reference (each from the same frame).
+    assert dict(reads) == {"meta_train.parquet": 1, "meta_val.parquet": 1,
+                           "meta_test.parquet": 1, "masks_test.npz": 1, "X_test.npy": 1,
+                           "preprocessing_stats.json": 1}
+    assert loads == {"DemandModel.load": 1 + 2}  # the point fit and the 2 ensemble members
+    assert (trained / "reports" / "evaluation.json").is_file()
+
+
+def test_the_price_before_day_one_is_the_latest_earlier_day(tmp_path: Path) -> None:
+    # b has no val rows: its last train price is the price before test; c is new in test.
+    for split, rows in {"train": [("a", 1, 5.0), ("a", 2, 6.0), ("b", 1, 7.0)],
+                        "val": [("a", 4, 8.0), ("a", 3, 9.0)]}.items():
+        pl.DataFrame({"product_id": [r[0] for r in rows],
+                      "date": pl.Series([date(2024, 1, r[1]) for r in rows], dtype=pl.Date),
+                      "price": [r[2] for r in rows],
+                      }).write_parquet(tmp_path / f"meta_{split}.parquet")
+    processed = ProcessedData(tmp_path)
+    before = processed.last_prices_before("test", np.array(["a", "b", "c"], dtype=object))
+    np.testing.assert_array_equal(before, [8.0, 7.0, np.nan])  # a: day 4 (8.0), not row order
+    np.testing.assert_array_equal(processed.last_prices_before("val", np.array(["a"])), [6.0])
+    assert np.isnan(processed.last_prices_before("train", np.array(["a"]))).all()
+    # A reader through val does not see the test split.
+    through_val = ProcessedData(tmp_path, through="val")
+    assert not through_val.has_split("test")
+    with pytest.raises(ValueError, match="the test split is not read here"):
+        through_val.meta("test")
+
+
+def test_stats_are_typed_and_missing_files_say_what_to_run(tmp_path: Path) -> None:
+    stats = ProcessedStats.from_dict({"price_levels": 11, "max_daily_change": 0.25,
+                                      "input_dim": 20, "products": 6,
+                                      "samples": {"train": 3}})
+    assert (stats.price_levels, stats.max_daily_change, stats.input_dim, stats.products,
+            stats.samples) == (11, 0.25, 20, 6, {"train": 3})
+    assert ProcessedStats.from_dict({"price_levels": 3, "max_daily_change": 0.1,
+                                     "products": True}).products is None
+    with pytest.raises(BatchError, match="stats.json lacks the key 'max_daily_change'"):
+        ProcessedStats.from_dict({"price_levels": 3}, "stats.json")
+    with pytest.raises(MissingInputError) as caught:
+        _ = ProcessedData(tmp_path).stats
+    assert caught.value.message == (
+        f"processed file {tmp_path / 'preprocessing_stats.json'} not found")
+    assert caught.value.hint == "Run `pricectl merge` (after preprocess) to build data/processed/."
