@@ -48,6 +48,22 @@ def nearest_level(grid: np.ndarray, price: np.ndarray | float) -> np.ndarray:
     return np.abs(grid - price[..., None]).argmin(axis=-1)
 
 
+# Relative slack of the daily-change rule: a level exactly on the boundary stays feasible
+# despite floating-point rounding.
+FEASIBLE_SLACK = 1e-9
+
+
+def within_daily_change(price: np.ndarray | float, previous: np.ndarray | float,
+                        max_daily_change: np.ndarray | float) -> np.ndarray:
+    """The daily-change rule: True where ``price`` is within ``max_daily_change``
+    (relative) of ``previous`` (broadcast; False where ``previous`` is NaN). The one copy of
+    the rule: the masks (:func:`feasible_mask`), the planners' transitions and evaluate's
+    violation count all call it."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = np.abs(np.asarray(price) / previous - 1.0) <= max_daily_change + FEASIBLE_SLACK
+    return np.asarray(ok)
+
+
 def feasible_mask(grid: np.ndarray, prev_price: np.ndarray | float,
                   max_daily_change: float) -> tuple[np.ndarray, np.ndarray]:
     """Which levels may be chosen today, given yesterday's price.
@@ -61,8 +77,7 @@ def feasible_mask(grid: np.ndarray, prev_price: np.ndarray | float,
         (mask int8 of grid's shape, conflict bool of shape grid.shape[:-1]).
     """
     prev = np.asarray(prev_price, dtype=np.float64)[..., None]
-    # A tiny tolerance keeps a level exactly on the boundary feasible despite rounding.
-    ok = np.abs(grid / prev - 1.0) <= max_daily_change + 1e-9
+    ok = within_daily_change(grid, prev, max_daily_change)
     # Work on a 2-D view so a single (K,) grid and a (n, K) batch take the same path.
     flat = ok.reshape(-1, ok.shape[-1])
     conflict = ~flat.any(axis=1)
@@ -75,11 +90,14 @@ def feasible_mask(grid: np.ndarray, prev_price: np.ndarray | float,
     return mask, conflicts
 
 
-def is_price_change(price: np.ndarray | float, previous: np.ndarray | float) -> np.ndarray:
+def is_price_change(price: np.ndarray | float, previous: np.ndarray | float,
+                    dtype: type[np.floating[Any]] = np.float64) -> np.ndarray:
     """True where ``price`` moves more than CHANGE_TOLERANCE (relative) from ``previous``.
-    A NaN previous price (unknown) is no change."""
+    A NaN previous price (unknown) is no change. ``dtype``: the precision of the arithmetic
+    (the env's per-step forecast runs in float32)."""
     with np.errstate(invalid="ignore"):
-        moved = np.abs(np.asarray(price, dtype=np.float64) / previous - 1.0) > CHANGE_TOLERANCE
+        moved = (np.abs(np.asarray(price, dtype=dtype) / previous - dtype(1.0))
+                 > dtype(CHANGE_TOLERANCE))
     return np.asarray(moved)
 
 

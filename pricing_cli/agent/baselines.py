@@ -32,6 +32,7 @@ from pricing_cli.pricing import (
     price_grid,
     restrict_to_trust_region,
     trust_region_of,
+    within_daily_change,
 )
 
 if TYPE_CHECKING:
@@ -672,7 +673,7 @@ def _plan(meta: SplitMeta, K: int, max_daily_change: float, change_cost: np.ndar
             g = grid[part]
             # allowed[s, j, k]: from level j today to level k tomorrow (pricing.feasible_mask's
             # rule; a level can always be held, so no row is ever all-infeasible).
-            allowed = np.abs(g[:, None, :] / g[:, :, None] - 1.0) <= max_daily_change + 1e-9
+            allowed = within_daily_change(g[:, None, :], g[:, :, None], max_daily_change)
             if meta.rule_levels is not None:  # tomorrow's merchant rules
                 allowed &= meta.rule_levels[rows[part] + 1][:, None, :]
             allowed = meta.trusted(series[part], allowed).astype(bool)
@@ -864,7 +865,7 @@ def planned_prices_with_reference(meta: SplitMeta, demand: Any, K: int, max_dail
             if day == 0:
                 break
             # U_t(j, R) = max over k allowed from j (today's rules) of W_t(k, R) − cost.
-            allowed = np.abs(grid[:, None, :] / grid[:, :, None] - 1.0) <= max_daily_change + 1e-9
+            allowed = within_daily_change(grid[:, None, :], grid[:, :, None], max_daily_change)
             if meta.rule_levels is not None:
                 allowed &= meta.rule_levels[rows][:, None, :]
             allowed = meta.trusted(series, allowed).astype(bool)

@@ -34,7 +34,7 @@ import numpy as np
 
 from pricing_cli.agent import demand_shapes as shapes_module
 from pricing_cli.agent import reference as reference_module
-from pricing_cli.agent.demand_shapes import FORMS
+from pricing_cli.agent.demand_shapes import ETA_MAX, FORMS
 from pricing_cli.errors import DataError, ModelError
 from pricing_cli.storage import atomic_write, write_json
 
@@ -86,7 +86,6 @@ REACTIVE_WEIGHT = 0.02
 # Bounds of a day's elasticity relative to the product's typical one, as other shapes than
 # loglog apply it (DemandModel.calendar_scale).
 CALENDAR_SCALE_BOUNDS = (0.5, 2.0)
-ETA_MAX = 30.0  # exp overflow guard during line searches
 REQUIRED_COLUMNS = ("product_index", "date", "price", "units")
 YEAR_DAYS = 365.25
 
@@ -464,7 +463,7 @@ class DemandModel:
                     FORMS[code], self.shape_params[pi[sel], code], stretched[sel])
                 units[sel] = np.exp(np.minimum(base[sel], ETA_MAX)) * multiplier
         if reference is not None:
-            factor = (np.exp(self.reference_effect.log_factor(prices, reference))
+            factor = (self.reference_effect.factor(prices, reference)
                       if self.reference_effect is not None
                       else np.ones(np.broadcast_shapes(np.shape(prices), np.shape(reference))))
             units = units * factor

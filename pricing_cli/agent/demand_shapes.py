@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMS = ("loglog", "linear", "logit")
+# Largest log-rate: exp overflow guard during line searches (demand.py's too; kept here, as
+# demand imports this module).
+ETA_MAX = 30.0
 N_SHAPE_PARAMS = 3  # widest parameter vector (logit: m, a, b); linear uses the first two
 FISHER_ITERATIONS = 40
 STEP_TOL = 1e-6  # largest parameter move at which a fit counts as converged
@@ -79,7 +82,7 @@ def response(form: str, theta: np.ndarray, r: np.ndarray, *, gradient: bool = Fa
     if form == "logit":
         m, a, b = theta[..., 0], theta[..., 1], theta[..., 2]
         at_price, at_ref = _sigmoid(a - b * r), _sigmoid(a - b)
-        value = np.exp(np.minimum(m, 30.0)) * at_price / np.maximum(at_ref, 1e-300)
+        value = np.exp(np.minimum(m, ETA_MAX)) * at_price / np.maximum(at_ref, 1e-300)
         if not gradient:
             return value, None
         d_a = (1.0 - at_price) - (1.0 - at_ref)

@@ -54,7 +54,6 @@ from stable_baselines3.common.vec_env import VecEnv
 from pricing_cli.agent.demand import units_on_grid
 from pricing_cli.errors import BatchError
 from pricing_cli.pricing import (
-    CHANGE_TOLERANCE,
     apply_rule_levels,
     feasible_mask,
     is_price_change,
@@ -247,8 +246,7 @@ class Market:
         if self.reference_effect is None or reference is None:
             return 1.0
         extra = (None,) * (np.ndim(prices) - 1)
-        return np.exp(self.reference_effect.log_factor(prices, reference[(slice(None),
-                                                                          *extra)]))
+        return self.reference_effect.factor(prices, reference[(slice(None), *extra)])
 
     def profit_forecast(self, rows: np.ndarray, last_price: np.ndarray | None = None,
                         reference: np.ndarray | None = None) -> np.ndarray:
@@ -268,9 +266,8 @@ class Market:
         best = np.maximum(profit.max(axis=1, keepdims=True), np.float32(1e-9))
         if last_price is not None and self._charges_changes:
             change_cost = self._change_cost32[self.product_index[rows]]
-            moves = np.abs(grid / last_price[:, None].astype(np.float32) - np.float32(1.0))
-            profit -= np.where(moves > np.float32(CHANGE_TOLERANCE), change_cost[:, None],
-                               np.float32(0.0))
+            moves = is_price_change(grid, last_price[:, None].astype(np.float32), np.float32)
+            profit -= np.where(moves, change_cost[:, None], np.float32(0.0))
         profit /= best
         return np.clip(profit, np.float32(-1.0), np.float32(1.0), out=profit)
 
@@ -462,7 +459,7 @@ def held_days(price: np.ndarray, first: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.zeros(0)
     prev = np.r_[price[:1], price[:-1]]
-    changed = first | (np.abs(price / prev - 1.0) > CHANGE_TOLERANCE)
+    changed = first | is_price_change(price, prev)
     run_start = np.maximum.accumulate(np.where(changed, np.arange(n), 0))
     run_length = np.arange(n) - run_start + 1  # days at this price, ending at this row
     held = np.r_[1.0, run_length[:-1].astype(np.float64)]

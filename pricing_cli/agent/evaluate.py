@@ -45,7 +45,7 @@ from pricing_cli.agent.reference import units_along_path, with_start_reference
 from pricing_cli.config import Settings
 from pricing_cli.errors import ModelError
 from pricing_cli.monitor import RunMonitor
-from pricing_cli.pricing import feasible_mask, is_price_change
+from pricing_cli.pricing import feasible_mask, is_price_change, within_daily_change
 from pricing_cli.runinfo import StageResult
 from pricing_cli.storage import check_output_dir, staged_dir, write_json
 
@@ -146,7 +146,8 @@ def uplift_pct(profit: float, base_profit: float) -> float | None:
 
 
 def price_changes_per_product_month(meta: SplitMeta, prices: np.ndarray) -> float:
-    """Day-to-day price changes inside the split, per product and month (30.44 days).
+    """Day-to-day price changes inside the split (``pricing.is_price_change``, the rule the
+    change costs and the env count by), per product and month (30.44 days).
 
     The move onto day one (from before the split) is not counted: only the policy's own moves.
     """
@@ -154,8 +155,7 @@ def price_changes_per_product_month(meta: SplitMeta, prices: np.ndarray) -> floa
         return 0.0
     inner = np.ones(meta.n_rows, dtype=bool)
     inner[meta.series_start] = False
-    prev = np.roll(prices, 1)
-    changed = inner & (np.abs(prices - prev) > PRICE_TOLERANCE * np.maximum(1.0, np.abs(prev)))
+    changed = inner & is_price_change(prices, np.roll(prices, 1))
     return float(changed.sum()) / (meta.n_rows / DAYS_PER_MONTH)
 
 
@@ -190,8 +190,9 @@ def count_violations(meta: SplitMeta, prices: np.ndarray, max_daily_change: floa
     prev = np.roll(prices, 1)
     prev[meta.series_start] = meta.prev_price  # NaN where the price before the split is unknown
     with np.errstate(divide="ignore", invalid="ignore"):
-        too_far = np.abs(prices / prev - 1.0) > max_daily_change + PRICE_TOLERANCE
-    rows = np.flatnonzero(too_far)  # NaN compares False: unknown previous prices are skipped
+        # pricing's rule; an unknown previous price (NaN) is skipped, not a violation.
+        too_far = ~within_daily_change(prices, prev, max_daily_change) & ~np.isnan(prices / prev)
+    rows = np.flatnonzero(too_far)
     if rows.size:
         grid = meta.grid[meta.series_of_row[rows]]
         conflict = feasible_mask(grid, prev[rows], max_daily_change)[1]

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,11 +52,15 @@ from pricing_cli.pricing import (
     rule_masks,
     snap_to_rules,
     trust_region_of,
+    within_daily_change,
 )
 from pricing_cli.runinfo import StageResult
+from pricing_cli.stages.batches import SPLITS
 from pricing_cli.storage import check_output_dir, staged_dir, write_json
 
-SPLITS = ("train", "val", "test")
+if TYPE_CHECKING:
+    from pricing_cli.agent.processed import ProcessedData
+
 # binding_rule of a move the trust region refused (no merchant rule did).
 TRUST_REGION_RULE = "trust_region"
 # Calendar features moved to the future date; every other feature is carried forward.
@@ -107,7 +111,7 @@ class ProductState:
                             [self.last_rows[i] for i in rows])
 
 
-def load_state(processed_dir: Path, catalog_path: Path | None,
+def load_state(processed_dir: ProcessedData | Path, catalog_path: Path | None,
                catalog_columns: CatalogColumnMap | None = None) -> ProductState:
     """Each product's last processed row and its last 30 days of prices.
 
@@ -116,15 +120,15 @@ def load_state(processed_dir: Path, catalog_path: Path | None,
     """
     import polars as pl
 
-    frames = []
-    for split in SPLITS:
-        path = processed_dir / f"meta_{split}.parquet"
-        if path.is_file():
-            frames.append(pl.read_parquet(path, columns=[
-                "product_index", "product_id", "date", "price", "unit_cost", "min_price",
-                "max_price"]).with_row_index("row").with_columns(split=pl.lit(split)))
+    from pricing_cli.agent.processed import as_processed
+
+    processed = as_processed(processed_dir)
+    frames = [processed.meta(split, [
+        "product_index", "product_id", "date", "price", "unit_cost", "min_price", "max_price"])
+        .with_row_index("row").with_columns(split=pl.lit(split))
+        for split in SPLITS if processed.has_split(split)]
     if not frames:
-        raise MissingInputError(f"no processed split in {processed_dir}",
+        raise MissingInputError(f"no processed split in {processed.folder}",
                                 "Run `pricectl pipeline` (or features, preprocess, merge) first.")
     meta = pl.concat(frames).sort("product_index", "date")
     last_date = meta["date"].to_numpy().astype("datetime64[D]").max()
@@ -391,8 +395,8 @@ def planner_policy(horizon: Horizon) -> ChooseFn:
     H = len(horizon.days)
     value = np.zeros(horizon.profit.shape)
     moves = is_price_change(cand[:, None, :], cand[:, :, None])  # [s, from j, to k]
-    step = np.abs(cand[:, None, :] / cand[:, :, None] - 1.0) <= (
-        rules.max_change_per_day[:, None, None] + 1e-9)
+    step = within_daily_change(cand[:, None, :], cand[:, :, None],
+                               rules.max_change_per_day[:, None, None])
     for d in reversed(range(H)):
         value[d] = horizon.profit[d]
         if d + 1 < H:
@@ -470,7 +474,8 @@ def agent_policy(horizon: Horizon, agent: Any, market: Any) -> ChooseFn:
     return choose
 
 
-def future_market(processed_dir: Path, horizon: Horizon, folder: Path, demand: Any,
+def future_market(processed_dir: ProcessedData | Path, horizon: Horizon, folder: Path,
+                  demand: Any,
                   scalers: dict[str, Any], settings: Settings) -> Any:
     """The horizon's rows written in the processed-data contract into ``folder`` and opened
     with the env's one reader (:func:`env.load_market`): each row is its product's last
@@ -478,13 +483,15 @@ def future_market(processed_dir: Path, horizon: Horizon, folder: Path, demand: A
     import polars as pl
 
     from pricing_cli.agent.env import load_market
+    from pricing_cli.agent.processed import as_processed
     from pricing_cli.stages.features import feature_definitions
 
+    processed = as_processed(processed_dir)
     state, days, H = horizon.state, horizon.days, len(horizon.days)
-    names = json.loads((processed_dir / "feature_cols.json").read_text(encoding="utf-8"))
-    X = {s: np.load(processed_dir / f"X_{s}.npy", mmap_mode="r") for s in SPLITS
-         if (processed_dir / f"X_{s}.npy").is_file()}
-    last = np.stack([np.asarray(X[s][r], dtype=np.float32) for s, r in state.last_rows])
+    names = json.loads((processed.folder / "feature_cols.json").read_text(encoding="utf-8"))
+    # X through the checked reader (header and size checked, memory-mapped, never unpickled).
+    last = np.stack([np.asarray(processed.features(s)[r], dtype=np.float32)
+                     for s, r in state.last_rows])
     rows = np.repeat(last, H, axis=0)
     definitions = feature_definitions(settings.features)
     calendar = pl.DataFrame({"date": pl.Series(days, dtype=pl.Date)}).select(
@@ -495,7 +502,7 @@ def future_market(processed_dir: Path, horizon: Horizon, folder: Path, demand: A
             scale = scalers[name]
             moved = (calendar[column].to_numpy() - scale["mean"]) / scale["std"]
             rows[:, names.index(name)] = np.tile(moved, state.n).astype(np.float32)
-    stats = json.loads((processed_dir / "preprocessing_stats.json").read_text(encoding="utf-8"))
+    stats = processed.stats.raw
     levels = int(stats["price_levels"])
     np.save(folder / "X_test.npy", rows)
     np.savez(folder / "masks_test.npz", price_level=np.ones((rows.shape[0], levels), np.int8),
@@ -535,15 +542,16 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
 
     rec = settings.recommend
     processed_dir = Path(settings.merge.output_dir)
+    from pricing_cli.agent.processed import STATS_JSON, ProcessedData
+
+    processed = ProcessedData(processed_dir)  # each processed file read once
     if model is not None:
         settings = settings.model_copy(update={"evaluate": settings.evaluate.model_copy(
             update={"model": model})})
     run_dir = find_run_dir(settings)
-    state = select_products(load_state(processed_dir, Path(settings.data.catalog),
+    state = select_products(load_state(processed, Path(settings.data.catalog),
                                        settings.data.catalog_columns), products)
-    from pricing_cli.data.closed_days import closed_days_of
-
-    closed = closed_days_of(processed_dir, settings.data)
+    closed = processed.closed_days(settings.data)
     days, shut = horizon_dates(state.last_date, rec.start, rec.horizon, closed.is_closed)
     if days.size == 0:
         raise ConfigError(f"every day of the horizon from {rec.start or state.last_date + 1} is "
@@ -558,9 +566,8 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
 
         competitor = read_competitor_prices(Path(settings.rules.competitor_prices),
                                             list(state.product_id), days)
-    stats_path = processed_dir / "preprocessing_stats.json"
-    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.is_file() else {}
-    levels = int(stats.get("price_levels", settings.preprocess.price_levels))
+    levels = (processed.stats.price_levels if (processed_dir / STATS_JSON).is_file()
+              else settings.preprocess.price_levels)
     monitor.log(f"pricing {state.n} products for {days.size} open days from {days[0]} with the "
                 f"{rec.policy} policy of {run_dir}"
                 + (f"; {shut.size} closed day(s) left out" if shut.size else ""))
@@ -604,7 +611,7 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
             if not scalers:
                 monitor.log(f"no {scalers_path}: the agent's calendar features are carried "
                             "from the last day instead of moved to each future date")
-            market = future_market(processed_dir, horizon, Path(scratch), demand, scalers,
+            market = future_market(processed, horizon, Path(scratch), demand, scalers,
                                    settings)
             agent.check_compatible(market)
             choose = agent_policy(horizon, agent, market)

@@ -70,6 +70,10 @@ class ReferenceEffect:
         gap = np.log(np.asarray(prices, dtype=np.float64) / np.asarray(reference, np.float64))
         return -(self.loss * np.maximum(gap, 0.0) + self.gain * np.minimum(gap, 0.0))
 
+    def factor(self, prices: Any, reference: Any) -> np.ndarray:
+        """The demand multiplier at ``prices`` against ``reference``: exp(log_factor)."""
+        return np.exp(self.log_factor(prices, reference))
+
     def next_reference(self, reference: Any, prices: Any) -> np.ndarray:
         """Tomorrow's reference after charging ``prices`` today."""
         return ((1.0 - self.rate) * np.asarray(reference, dtype=np.float64)

@@ -13,7 +13,6 @@ over the closed ones, and no policy is scored or counted on them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +21,6 @@ from pricing_cli.config import DataSettings
 # A weekday counts as always closed only when it was seen closed this many times, and never
 # open: two empty Saturdays in a short history could be chance.
 MIN_WEEKS_SEEN = 4
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -68,30 +66,6 @@ def find_closed_days(dates: np.ndarray, units: np.ndarray, data: DataSettings) -
         if on.sum() >= MIN_WEEKS_SEEN and not open_day[on].any():
             weekdays.add(weekday)
     return ClosedDays(np.union1d(empty, configured), frozenset(weekdays), int(empty.size))
-
-
-def closed_days_of(processed_dir: str | Path, data: DataSettings) -> ClosedDays:
-    """:func:`find_closed_days` over every processed split's meta (all that exist)."""
-    import polars as pl
-
-    from pricing_cli.stages.merge import read_processed_meta
-
-    frames = []
-    for split in SPLITS:
-        path = Path(processed_dir) / f"meta_{split}.parquet"
-        if not path.is_file():
-            continue
-        try:
-            columns = set(pl.read_parquet_schema(path))
-        except (pl.exceptions.PolarsError, OSError):
-            columns = {"date", "units"}  # unreadable: read_processed_meta says so (BatchError)
-        # (a meta file without units, e.g. a hand-made earlier split, says nothing of sales)
-        if {"date", "units"} <= columns:
-            frames.append(read_processed_meta(path, ["date", "units"]))
-    if not frames:
-        return find_closed_days(np.zeros(0, dtype="datetime64[D]"), np.zeros(0), data)
-    meta = pl.concat(frames)
-    return find_closed_days(meta["date"].to_numpy(), meta["units"].to_numpy(), data)
 
 
 def open_rows(dates: np.ndarray, closed: ClosedDays | None) -> np.ndarray | None:
