@@ -138,3 +138,69 @@ def test_stats_are_typed_and_missing_files_say_what_to_run(tmp_path: Path) -> No
     assert caught.value.message == (
         f"processed file {tmp_path / 'preprocessing_stats.json'} not found")
     assert caught.value.hint == "Run `pricectl merge` (after preprocess) to build data/processed/."
+
+
+class PowerDemand:
+    """Constant-elasticity demand with a weekday swing: a stand-in for the fitted model."""
+
+    def __init__(self, n_products: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.n_products = n_products
+        self.base = rng.uniform(5.0, 40.0, n_products)
+        self.elasticity = rng.uniform(1.2, 3.0, n_products)
+        self.list_price = rng.uniform(5.0, 50.0, n_products)
+
+    def expected_units(self, product_index: np.ndarray, dates: np.ndarray,
+                       prices: np.ndarray) -> np.ndarray:
+        p = np.asarray(product_index, dtype=np.int64)
+        dow = (np.asarray(dates).astype("datetime64[D]").astype(np.int64) + 3) % 7
+        return (self.base[p] * (1.0 + 0.1 * dow)
+                * (np.asarray(prices, dtype=np.float64) / self.list_price[p])
+                ** -self.elasticity[p])
+
+
+def test_simulator_planner_and_scorer_agree_on_one_random_case(tmp_path: Path) -> None:
+    """The env (simulator), the planner (baselines) and evaluate (scorer) on the same rows and
+    prices: the planner's every price is feasible where the env's mask says so, and the env's
+    units, profit and change costs are evaluate's, from the same price before day one."""
+    from pricing_cli.agent import env as env_module
+    from pricing_cli.agent import evaluate as ev
+    from pricing_cli.agent.baselines import load_split_meta, planned_prices
+    from tests.agent_fixtures import write_processed
+
+    write_processed(tmp_path, n_products=5, n_days=60, K=9, seed=13)
+    processed = ProcessedData(tmp_path)
+    demand = PowerDemand(5, seed=13)
+    change_cost = np.random.default_rng(13).uniform(0.0, 30.0, 5)
+    market = env_module.load_market(processed, "val", demand, change_cost=change_cost)
+    meta = load_split_meta(processed, "val")
+    K, limit = market.price_levels, market.max_daily_change
+    prices = planned_prices(meta, demand, K, limit, change_cost)
+    # Day one of both starts from the same price before the split (processed.py's rule).
+    np.testing.assert_array_equal(market.previous_price[meta.series_start], meta.prev_price)
+    levels = np.abs(meta.grid[meta.series_of_row] - prices[:, None]).argmin(axis=1)
+    np.testing.assert_array_equal(meta.grid[meta.series_of_row, levels], prices)
+    days = [0]
+    feasible_in_env: list[bool] = []
+
+    def replay(obs: Any, mask: np.ndarray) -> np.ndarray:
+        _, rows = meta.rows_on_day(days[0])
+        days[0] += 1
+        feasible_in_env.extend(mask[np.arange(len(rows)), levels[rows]].tolist())
+        return levels[rows]
+
+    result = env_module.simulate(market, replay)
+    assert result["clipped_actions"] == 0 and all(feasible_in_env)
+    assert len(feasible_in_env) == meta.n_rows
+    np.testing.assert_array_equal(result["prices"], prices)
+    units = ev.policy_units(demand, meta, prices)
+    np.testing.assert_allclose(result["units"], units, rtol=1e-6)  # the env's table: float32
+    paid = ev.change_costs_per_row(meta, prices, change_cost)
+    assert np.count_nonzero(paid) > 0  # the planner moved, and paid for it
+    np.testing.assert_allclose(result["profit"], (prices - meta.unit_cost) * units - paid,
+                               rtol=1e-6)
+    assert ev.count_violations(meta, prices, limit).total == 0
+    # Both count a change by pricing.is_price_change (the move onto day one aside).
+    inner_changes = np.count_nonzero(paid) - np.count_nonzero(paid[meta.series_start])
+    assert ev.price_changes_per_product_month(meta, prices) == pytest.approx(
+        inner_changes / (meta.n_rows / ev.DAYS_PER_MONTH))
