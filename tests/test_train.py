@@ -183,7 +183,7 @@ def test_the_forecast_prior_starts_the_agent_at_the_greedy_baseline(processed, t
     train(processed, tmp_path, run_id="prior", timesteps=64)
     run = tmp_path / "models" / "prior"
     agent = load_agent(run)
-    assert agent.config["forecast_prior"] == 100.0
+    assert agent.config.forecast_prior == 100.0
     weight = agent.policy.action_net.weight.detach()
     np.testing.assert_allclose(weight[:, -K:].diagonal(), 100.0, atol=0.5)
     summary = json.loads((run / "train_summary.json").read_text())
@@ -208,7 +208,7 @@ def test_price_change_costs_with_a_planner_warm_start(processed, tmp_path) -> No
           warm_start="planner", bc_epochs=30, forecast_prior=10.0)
     run = tmp_path / "models" / "costly"
     agent = load_agent(run)
-    assert agent.config["price_change_cost"] == 0.1
+    assert agent.config.price_change_cost == 0.1
     # The money per change is half of each product's mean best daily profit on train.
     market = load_market(processed, "train", agent.demand)
     np.testing.assert_allclose(agent.change_cost, 0.1 * market.product_profit_scale())

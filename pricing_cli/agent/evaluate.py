@@ -473,7 +473,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     agent = load_agent(run_dir, stats.raw, demand=(demand, ensemble))
     # The baselines choose prices as the agent was trained to: on the ensemble's
     # decision_quantile when the run has one, else on the point fit.
-    decision = decision_demand(demand, ensemble, agent.config.get("decision_quantile"))
+    decision = decision_demand(demand, ensemble, agent.config.decision_quantile)
     # The baselines keep to the trust region the agent was trained in.
     trust = getattr(agent, "trust_region", None)
     if trust is not None:
@@ -571,7 +571,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         evaluation["policies"][name]["outside_trust_region"] = rows_outside_trust_region(
             meta, prices)
     evaluation["trust_region"] = {
-        "margin": agent.config.get("trust_region") if trust is not None else None,
+        "margin": agent.config.trust_region if trust is not None else None,
         "products_limited": 0 if meta.trust_region is None
         else int(np.isfinite(meta.trust_region[0]).sum())}
     evaluation["agent_uplift_interval_per_product"] = product_intervals
@@ -579,16 +579,16 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     evaluation["held_out_checks"] = held_out
     evaluation["decisions"] = {
         "ensemble_size": 0 if ensemble is None else ensemble.size,
-        "decision_quantile": (agent.config.get("decision_quantile")
+        "decision_quantile": (agent.config.decision_quantile
                               if ensemble is not None else None)}
-    evaluation["price_change_cost"] = float(agent.config.get("price_change_cost", 0.0))
+    evaluation["price_change_cost"] = float(agent.config.price_change_cost)
     evaluation["closed_days"] = {
         "product_days_left_out": closed_rows,
         "weekdays": sorted(closed.weekdays),
         "dates": len(closed.dates), "found_in_data": closed.found_in_data}
     # The "agent" row is what the run published: its network, or the joint greedy/planner
     # that earned more on val (train.publish_best_policy).
-    evaluation["agent_policy"] = agent.config.get("published_policy", "agent")
+    evaluation["agent_policy"] = agent.config.published_policy
     evaluation["demand_model"] = demand_report
     reports_dir = Path(ev.reports_dir)
     _write_reports(reports_dir, meta, policies, evaluation, uplift_true if uplift_true is not None

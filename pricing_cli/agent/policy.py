@@ -8,6 +8,7 @@ historical price, with the same state and masks as in training (:func:`env.simul
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -46,34 +47,86 @@ MASKED_ALGOS = ("maskable-ppo",)
 PUBLISHED_POLICIES = ("agent", "greedy", "planner")
 
 
-def policy_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    """SB3 ``policy_kwargs`` of the multi-product policy, from agent.json-style keys
-    (``net_arch``, ``embedding_dim``, ``feature_hidden``, ``forecast_prior``, ``price_levels``).
+@dataclass(frozen=True)
+class AgentConfig:
+    """agent.json: the network's shape and what it was trained with (train writes it,
+    :func:`load_agent` reads it back after :func:`check_agent_config`).
+
+    Keys that agent.json files of earlier versions lack take the default that version meant
+    (no forecast prior, free price changes, the network published). ``as_json`` writes every
+    field, in train's keys.
+    """
+
+    algo: str
+    n_products: int
+    n_features: int
+    price_levels: int
+    net_arch: list[int]
+    embedding_dim: int
+    feature_hidden: int
+    input_dim: int | None = None
+    max_daily_change: float | None = None
+    forecast_prior: float = 0.0
+    price_change_cost: float = 0.0
+    reward_scale: float | None = None
+    episode_length: int | None = None
+    products: list[int] | None = None  # a single-product agent's product index
+    product_id: str | None = None
+    feature_cols: list[str] | None = None
+    ensemble_size: int = 0
+    decision_quantile: float | None = None  # None: prices chosen on the point fit
+    trust_region: float | None = None  # the margin; the bounds are trust_region.npz
+    published_policy: str = "agent"  # agent, greedy or planner (train.publish_best_policy)
+    timesteps: int | None = None
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, config: AgentConfig | dict[str, Any]) -> AgentConfig:
+        """``config`` itself, or the record of an agent.json-style dict (unknown keys are
+        ignored: check it first with :func:`check_agent_config`)."""
+        if isinstance(config, AgentConfig):
+            return config
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    @property
+    def uses_masks(self) -> bool:
+        return self.algo in MASKED_ALGOS
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def policy_kwargs(config: AgentConfig | dict[str, Any]) -> dict[str, Any]:
+    """SB3 ``policy_kwargs`` of the multi-product policy, from agent.json's ``net_arch``,
+    ``embedding_dim``, ``feature_hidden``, ``forecast_prior`` and ``price_levels``.
     agent.json files written before the forecast prior existed mean ``forecast_prior`` 0."""
     from pricing_cli.agent.extractor import ProductFeaturesExtractor
 
-    prior = float(config.get("forecast_prior", 0.0))
-    levels = int(config["price_levels"]) if prior > 0 else 0
+    config = AgentConfig.of(config)
+    prior = float(config.forecast_prior)
+    levels = int(config.price_levels) if prior > 0 else 0
     kwargs: dict[str, Any] = {
-        "net_arch": list(config["net_arch"]),
+        "net_arch": list(config.net_arch),
         "features_extractor_class": ProductFeaturesExtractor,
-        "features_extractor_kwargs": {"embedding_dim": int(config["embedding_dim"]),
-                                      "hidden": int(config["feature_hidden"]),
+        "features_extractor_kwargs": {"embedding_dim": int(config.embedding_dim),
+                                      "hidden": int(config.feature_hidden),
                                       "forecast_levels": levels}}
     if prior > 0:
         kwargs.update(forecast_prior=prior, forecast_levels=levels)
     return kwargs
 
 
-def policy_class(config: dict[str, Any]) -> type[Any]:
-    """The SB3 policy class for agent.json-style keys ``algo`` and ``forecast_prior``."""
+def policy_class(config: AgentConfig | dict[str, Any]) -> type[Any]:
+    """The SB3 policy class for agent.json's ``algo`` and ``forecast_prior``."""
     from sb3_contrib.common.maskable.policies import MaskableMultiInputActorCriticPolicy
     from stable_baselines3.common.policies import MultiInputActorCriticPolicy
 
     from pricing_cli.agent.extractor import ForecastPriorMaskablePolicy, ForecastPriorPolicy
 
-    masked = config["algo"] in MASKED_ALGOS
-    if float(config.get("forecast_prior", 0.0)) > 0:
+    config = AgentConfig.of(config)
+    masked = config.uses_masks
+    if float(config.forecast_prior) > 0:
         return ForecastPriorMaskablePolicy if masked else ForecastPriorPolicy
     return MaskableMultiInputActorCriticPolicy if masked else MultiInputActorCriticPolicy
 
@@ -95,7 +148,7 @@ class PricingAgent:
 
     Attributes:
         policy: the SB3 actor-critic policy (torch module, eval mode).
-        config: agent.json (algo, n_products, n_features, price_levels, ...).
+        config: agent.json (algo, n_products, n_features, price_levels, ...), typed.
         demand: what it chooses prices on: the demand model fitted with it, or the ensemble's
             ``decision_quantile`` of it (:func:`ensemble.decision_demand`).
         run_dir: where it was loaded from (None while training).
@@ -106,7 +159,7 @@ class PricingAgent:
     """
 
     policy: Any
-    config: dict[str, Any]
+    config: AgentConfig
     demand: Any
     run_dir: Path | None = None
     change_cost: np.ndarray | None = None
@@ -114,7 +167,7 @@ class PricingAgent:
 
     @property
     def uses_masks(self) -> bool:
-        return self.config["algo"] in MASKED_ALGOS
+        return self.config.uses_masks
 
     def choose_levels(self, obs: Observation, mask: np.ndarray, deterministic: bool = True
                       ) -> np.ndarray:
@@ -146,15 +199,15 @@ class PricingAgent:
         """Raise ModelError if the processed data do not match what the agent was trained on."""
         from pricing_cli.agent.env import N_ENDOGENOUS
 
-        expected = (int(self.config["n_features"]), int(self.config["price_levels"]))
+        expected = (self.config.n_features, self.config.price_levels)
         found = (market.n_features, market.price_levels)
-        if expected != found or market.n_products > int(self.config["n_products"]):
+        if expected != found or market.n_products > self.config.n_products:
             where = self.run_dir or "this agent"
             # the observation is the processed features + K forecast columns + N_ENDOGENOUS
             trained, given = (n - k - N_ENDOGENOUS for n, k in (expected, found))
             raise ModelError(
                 f"{where} was trained on {trained} features, K={expected[1]} price levels "
-                f"and {self.config['n_products']} products, but the {market.split} split has "
+                f"and {self.config.n_products} products, but the {market.split} split has "
                 f"{given} features, K={found[1]} and {market.n_products} products",
                 "Evaluate with the processed data the model was trained on, or retrain it.")
 
@@ -189,11 +242,11 @@ def load_agent(run_dir: str | Path, stats: dict[str, Any] | None = None, *,
 
     run_dir = _check_run_dir(run_dir)
     try:
-        config = json.loads((run_dir / AGENT_JSON).read_text(encoding="utf-8"))
+        raw = json.loads((run_dir / AGENT_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {run_dir / AGENT_JSON}: {exc}",
                          "Re-run `pricectl train`; the run folder is incomplete.") from None
-    config = check_agent_config(config, run_dir / AGENT_JSON, stats)
+    config = AgentConfig.of(check_agent_config(raw, run_dir / AGENT_JSON, stats))
     try:
         with zipfile.ZipFile(run_dir / MODEL_ZIP) as archive:
             _check_weights_member(archive.getinfo("policy.pth"), run_dir / MODEL_ZIP)
@@ -218,7 +271,7 @@ def load_agent(run_dir: str | Path, stats: dict[str, Any] | None = None, *,
     point, ensemble = demand if demand is not None else (DemandModel.load(run_dir),
                                                          DemandEnsemble.load(run_dir))
     return PricingAgent(policy=policy, config=config,
-                        demand=decision_demand(point, ensemble, config.get("decision_quantile")),
+                        demand=decision_demand(point, ensemble, config.decision_quantile),
                         run_dir=run_dir, change_cost=change_cost,
                         trust_region=load_trust_region(run_dir))
 
@@ -339,7 +392,7 @@ def _check_weights_member(info: zipfile.ZipInfo, path: Path) -> None:
                          "as forged before inflating it", _RETRAIN)
 
 
-def _check_architecture(config: dict[str, Any], state: Any, run_dir: Path) -> None:
+def _check_architecture(config: AgentConfig, state: Any, run_dir: Path) -> None:
     """Compare the network agent.json describes with the weights, without allocating it.
 
     The network is built on torch's "meta" device (shapes only, no memory); every tensor of
@@ -365,9 +418,9 @@ def _check_architecture(config: dict[str, Any], state: Any, run_dir: Path) -> No
                 f"{run_dir / AGENT_JSON} does not describe the weights in "
                 f"{run_dir / MODEL_ZIP}: tensor {key!r} is {_shape(found.get(key))} in the "
                 f"weights but {_shape(expected.get(key))} from agent.json (n_products "
-                f"{config['n_products']}, n_features {config['n_features']}, price_levels "
-                f"{config['price_levels']}, embedding_dim {config['embedding_dim']}, "
-                f"feature_hidden {config['feature_hidden']}, net_arch {config['net_arch']})",
+                f"{config.n_products}, n_features {config.n_features}, price_levels "
+                f"{config.price_levels}, embedding_dim {config.embedding_dim}, "
+                f"feature_hidden {config.feature_hidden}, net_arch {config.net_arch})",
                 _RETRAIN)
 
 
@@ -375,15 +428,16 @@ def _shape(shape: tuple[int, ...] | None) -> str:
     return "absent" if shape is None else str(list(shape))
 
 
-def build_policy(config: dict[str, Any]) -> Any:
+def build_policy(config: AgentConfig | dict[str, Any]) -> Any:
     """A fresh policy network with the architecture described by agent.json."""
     from gymnasium import spaces
 
     from pricing_cli.agent.env import observation_space
 
+    config = AgentConfig.of(config)
     return policy_class(config)(
-        observation_space(int(config["n_products"]), int(config["n_features"])),
-        spaces.Discrete(int(config["price_levels"])), lambda _: 0.0, **policy_kwargs(config))
+        observation_space(int(config.n_products), int(config.n_features)),
+        spaces.Discrete(int(config.price_levels)), lambda _: 0.0, **policy_kwargs(config))
 
 
 def rollout_prices(agent: PricingAgent, processed_dir: ProcessedData | str | Path, split: str,
@@ -403,19 +457,19 @@ def rollout_prices(agent: PricingAgent, processed_dir: ProcessedData | str | Pat
         MissingInputError: a processed file is missing.
         ModelError: the processed data do not match the agent.
     """
-    import dataclasses
-
     from pricing_cli.agent.env import load_market, simulate
     from pricing_cli.agent.processed import as_processed
 
     processed_dir = as_processed(processed_dir)
-    published = agent.config.get("published_policy", "agent")
+    published = agent.config.published_policy
     if published != "agent":  # train chose a joint grid policy over the network on val
         meta = grid_policy_meta(processed_dir, split, agent.trust_region, settings,
-                                int(agent.config["price_levels"]), agent.demand)
-        prices = grid_policy_prices(published, meta, agent.demand,
-                                    int(agent.config["price_levels"]),
-                                    float(agent.config["max_daily_change"]), agent.change_cost)
+                                agent.config.price_levels, agent.demand)
+        if agent.config.max_daily_change is None:
+            raise ModelError(f"{agent.run_dir or 'the agent'}: agent.json publishes the "
+                             f"{published} but has no max_daily_change", _RETRAIN)
+        prices = grid_policy_prices(published, meta, agent.demand, agent.config.price_levels,
+                                    agent.config.max_daily_change, agent.change_cost)
         levels = np.abs(meta.grid[meta.series_of_row] - prices[:, None]).argmin(axis=1)
         return levels.astype(np.int64), prices
     # Closed days are left out, as in training and evaluate.
@@ -440,8 +494,6 @@ def grid_policy_meta(processed_dir: ProcessedData | str | Path, split: str,
     """The split's rows as the grid policies price them: the merchant rules (when
     ``settings`` is given), the run's trust region (by product index) and, with ``demand``,
     the starting reference price of its reference effect, as in evaluate."""
-    import dataclasses
-
     from pricing_cli.agent.baselines import load_split_meta, series_bounds
     from pricing_cli.agent.processed import as_processed
 

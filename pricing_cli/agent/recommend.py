@@ -588,13 +588,12 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
     with tempfile.TemporaryDirectory(prefix="pricectl-recommend-") as scratch:
         policy: str = rec.policy
         if policy == "agent":
-            from pricing_cli.agent.policy import AGENT_JSON, check_agent_config
+            from pricing_cli.agent.policy import AGENT_JSON, AgentConfig, check_agent_config
 
-            config = check_agent_config(
+            config = AgentConfig.of(check_agent_config(
                 json.loads((run_dir / AGENT_JSON).read_text(encoding="utf-8")),
-                run_dir / AGENT_JSON)
-            policy = "agent" if config.get("published_policy", "agent") == "agent" else str(
-                config["published_policy"])
+                run_dir / AGENT_JSON))
+            policy = config.published_policy
             if policy != "agent":
                 monitor.log(f"the run published its joint {policy} (it earned more on val "
                             "than the network): recommending with it")

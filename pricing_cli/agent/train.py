@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import zipfile
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     import polars as pl
 
     from pricing_cli.agent.env import Market
-    from pricing_cli.agent.policy import PricingAgent
+    from pricing_cli.agent.policy import AgentConfig, PricingAgent
     from pricing_cli.agent.processed import ProcessedData
     from pricing_cli.monitor import RunMonitor
 
@@ -84,44 +85,148 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     monitor.reserve(TORCH_IMPORT_BYTES, "loading torch and stable-baselines3")
     import torch
 
-    from pricing_cli.agent.baselines import sold_price_range
-    from pricing_cli.agent.demand import DemandModel
-    from pricing_cli.agent.ensemble import decision_demand, fit_ensemble
-    from pricing_cli.agent.env import (
-        PriceVecEnv,
-        change_costs,
-        load_market,
-        random_feasible_policy,
-        simulate,
-    )
-    from pricing_cli.agent.policy import (
-        AGENT_JSON,
-        CHANGE_COSTS,
-        MODEL_ZIP,
-        PricingAgent,
-        save_trust_region,
-    )
+    from pricing_cli.agent.env import PriceVecEnv, random_feasible_policy, simulate
+    from pricing_cli.agent.policy import MODEL_ZIP, PricingAgent
     from pricing_cli.agent.processed import ProcessedData
-    from pricing_cli.pricing import trust_region_bounds
 
-    cfg = settings.train
-    started = time.monotonic()
+    cfg, started = settings.train, time.monotonic()
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
     processed_dir = Path(settings.merge.output_dir)
     # The one reader of data/processed, through val: train never reads the test split.
     processed = ProcessedData(processed_dir, through="val")
-    stats = processed.stats
     meta_train_path = processed.path("meta_train.parquet")
     meta_val_path = processed.path("meta_val.parquet")
     run_id = cfg.run_id or datetime.now().strftime("%Y%m%d-%H%M%S")
     final_dir, work_dir, checkpoint = _prepare_run_folder(Path(cfg.models_dir), run_id, resume)
 
-    # 1. Demand model.
-    monitor.log(f"fitting the demand model on {meta_train_path}")
-    meta_train = attach_stock(processed.meta("train"), settings, monitor)
+    fit = _fit_demand(settings, processed, product, monitor)  # 1. demand model
+    # 2. Markets, env, the network.
+    train_market, val_market, change_cost = _load_markets(settings, processed, fit, monitor)
+    env = PriceVecEnv(train_market, cfg.n_envs, episode_length=cfg.episode_length,
+                      reward_scale=cfg.reward_scale, sample_demand=cfg.sample_demand,
+                      normalize_reward=cfg.normalize_reward,
+                      products=fit.products, seed=cfg.seed)
+    config = _agent_config(settings, train_market, fit, product, processed_dir)
+    model = _build_model(settings, env, config, work_dir, device)
+    monitor.log(f"training on {model.device}")
+    state = _resume(model, checkpoint, work_dir, run_id, monitor)
+    agent = PricingAgent(policy=model.policy, config=config, demand=fit.decision,
+                         change_cost=change_cost, trust_region=fit.trust_region)
+    selection = ValSelection(model, agent, val_market, fit.products, work_dir, state, monitor)
+
+    # 3. Behaviour cloning, then RL (checkpoints and val selection), then what to publish.
+    bc_summary = _warm_start(settings, model, train_market, processed, fit, checkpoint, monitor)
+    loop = _learn(settings, model, work_dir, state, selection, checkpoint, monitor)
+    published = select_published_policy(settings, model, agent, work_dir / BEST, val_market,
+                                        processed, fit.products, monitor)
+    config = dataclasses.replace(config, published_policy=published["published_policy"])
+
+    # 4. Baselines for context, under the same fitted demand, on the same rows.
+    random_profit = simulate(val_market, random_feasible_policy(np.random.default_rng(cfg.seed)),
+                             products=fit.products)["mean_profit"]
+    historical_profit = _historical_profit(val_market, fit.products)
+
+    # 5. Write the rest and publish the folder as a whole.
+    _write_run(work_dir, settings, fit, change_cost,
+               dataclasses.replace(config, timesteps=model.num_timesteps, seed=cfg.seed))
+    summary = {
+        "run_id": run_id, "algo": cfg.algo, "timesteps": int(model.num_timesteps),
+        "resumed_from": None if checkpoint is None else str(checkpoint),
+        "products_trained": "all" if product is None else product,
+        "device": str(model.device), **loop, **_selection_summary(state),
+        "val_mean_profit_random_feasible": random_profit,
+        "val_mean_profit_historical": historical_profit, **_env_summary(env),
+        **_fit_summary(fit), "decision_quantile": config.decision_quantile,
+        "published_policy": published["published_policy"],
+        "val_profit_by_policy": published["val_profit"],
+        "behaviour_cloning": bc_summary, "evaluations": state["evaluations"],
+        "seconds": round(time.monotonic() - started, 3)}
+    write_json(work_dir / SUMMARY_JSON, summary)
+    os.replace(work_dir / BEST, work_dir / MODEL_ZIP)
+    _publish(work_dir, final_dir)
+    env.close()
+    return StageResult(stage="train", output_dir=final_dir,
+                       inputs=[meta_train_path, meta_val_path,
+                               processed_dir / "X_train.npy", processed_dir / "X_val.npy"],
+                       summary=_flat_summary(summary),
+                       notes=[f"best model: {final_dir / MODEL_ZIP} (val profit/day "
+                              f"{state['best_val_profit']:,.2f} vs random feasible "
+                              f"{random_profit:,.2f}, historical {historical_profit:,.2f})"])
+
+
+def _selection_summary(state: dict[str, Any]) -> dict[str, Any]:
+    return {"val_mean_profit_best": state["best_val_profit"],
+            "best_timesteps": state["best_timesteps"]}
+
+
+def _env_summary(env: Any) -> dict[str, int]:
+    return {"clipped_actions": int(env.batch.clipped_actions),
+            "trust_region_fallbacks": int(env.batch.trust_fallbacks)}
+
+
+def _fit_summary(fit: DemandFit) -> dict[str, Any]:
+    """train_summary.json's keys about the demand fit."""
+    return {"demand_fit": fit.demand.info, "demand_val": fit.demand_report,
+            "ensemble_size": 0 if fit.ensemble is None else fit.ensemble.size,
+            "ensemble_seconds": round(fit.ensemble_seconds, 3)}
+
+
+def _flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The stage summary (run.json, the console): train_summary.json's scalars, the val fit's
+    MAE and deviance and the behaviour cloning accuracy."""
+    flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list)) and v is not None}
+    flat["demand_val_mae"] = summary["demand_val"].get("mae")
+    flat["demand_val_poisson_deviance"] = summary["demand_val"].get("poisson_deviance")
+    if summary["behaviour_cloning"]:
+        flat["bc_accuracy"] = summary["behaviour_cloning"]["accuracy"]
+    return flat
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps of a run
+
+
+@dataclass
+class DemandFit:
+    """What train fits before any market exists (step 1 of :func:`run_train`).
+
+    Attributes:
+        demand: the point fit (``DemandModel``) and ``demand_report`` its fit on val.
+        ensemble: the bootstrap refits (None below ``train.ensemble_size`` 2), and
+            ``ensemble_seconds`` the time they took.
+        decision: what every price is chosen on (env, val selection, teachers): the
+            ensemble's ``train.decision_quantile``, or the point fit.
+        trust_region: (lower, upper) by product index, or None.
+        closed: the closed days (train's and val's) the fit and the env leave out.
+        n_products: the product index size; ``products``: a single-product run's index.
+    """
+
+    demand: Any
+    demand_report: dict[str, Any]
+    ensemble: Any
+    ensemble_seconds: float
+    decision: Any
+    trust_region: tuple[np.ndarray, np.ndarray] | None
+    closed: Any
+    n_products: int
+    products: list[int] | None
+
+
+def _fit_demand(settings: Settings, processed: ProcessedData, product: str | None,
+                monitor: RunMonitor) -> DemandFit:
+    """Fit the demand model (and its ensemble) on the train split's open days."""
     import polars as pl
 
+    from pricing_cli.agent.baselines import sold_price_range
+    from pricing_cli.agent.demand import DemandModel
+    from pricing_cli.agent.ensemble import decision_demand, fit_ensemble
+    from pricing_cli.pricing import trust_region_bounds
+
+    cfg = settings.train
+    meta_train_path = processed.path("meta_train.parquet")
+    monitor.log(f"fitting the demand model on {meta_train_path}")
+    meta_train = attach_stock(processed.meta("train"), settings, monitor)
     closed = processed.closed_days(settings.data)
     shut = closed.is_closed(meta_train["date"].to_numpy())
     if shut.any():
@@ -149,174 +254,179 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     if cfg.decision_quantile is not None and ensemble is None:
         monitor.log("train.decision_quantile needs train.ensemble_size of 2 or more: prices "
                     "are chosen on the point fit")
-    # What every price is chosen on (env, val selection, teachers): the ensemble's quantile.
-    decision = decision_demand(demand, ensemble, cfg.decision_quantile)
     trust_region = None
     if cfg.trust_region is not None:
         trust_region = trust_region_bounds(*sold_price_range(processed, n_products),
                                            cfg.trust_region)
-    del meta_train
+    return DemandFit(demand, demand_report, ensemble, ensemble_seconds,
+                     decision_demand(demand, ensemble, cfg.decision_quantile), trust_region,
+                     closed, n_products, products)
 
-    # 2. Markets and env.
-    # Closed days are not decision days: the env leaves their rows out, as the fit does.
-    train_market = load_market(processed, "train", decision, stats, closed=closed)
+
+def _load_markets(settings: Settings, processed: ProcessedData, fit: DemandFit,
+                  monitor: RunMonitor) -> tuple[Market, Market, np.ndarray | None]:
+    """(train market, val market, change costs or None) under the decision demand, with the
+    merchant rules and the trust region. Closed days are not decision days: the env leaves
+    their rows out, as the fit does. An empty val split selects on train."""
+    from pricing_cli.agent.env import change_costs, load_market
     from pricing_cli.agent.guardrails import market_rule_bits
 
+    cfg = settings.train
+    train_market = load_market(processed, "train", fit.decision, processed.stats,
+                               closed=fit.closed)
     train_market.rule_bits = market_rule_bits(settings, train_market)  # merchant rules
     change_cost = None
     if cfg.price_change_cost > 0:
         change_cost = change_costs(train_market, cfg.price_change_cost)
         train_market = dataclasses.replace(train_market, change_cost=change_cost)
-    val_market = load_market(processed, "val", decision, stats, change_cost=change_cost,
-                             closed=closed)
+    val_market = load_market(processed, "val", fit.decision, processed.stats,
+                             change_cost=change_cost, closed=fit.closed)
     val_market.rule_bits = market_rule_bits(settings, val_market)
-    if trust_region is not None:
-        train_market = dataclasses.replace(train_market, trust_region=trust_region)
-        val_market = dataclasses.replace(val_market, trust_region=trust_region)
+    if fit.trust_region is not None:
+        train_market = dataclasses.replace(train_market, trust_region=fit.trust_region)
+        val_market = dataclasses.replace(val_market, trust_region=fit.trust_region)
     if val_market.n_rows == 0:
         monitor.log("the val split is empty: model selection uses the train split")
         val_market = train_market
-    env = PriceVecEnv(train_market, cfg.n_envs, episode_length=cfg.episode_length,
-                      reward_scale=cfg.reward_scale, sample_demand=cfg.sample_demand,
-                      normalize_reward=cfg.normalize_reward,
-                      products=products, seed=cfg.seed)
-    agent_config = {
-        "algo": cfg.algo, "n_products": train_market.n_products,
-        "n_features": train_market.n_features, "input_dim": int(train_market.features.shape[1]),
-        "price_levels": train_market.price_levels,
-        "max_daily_change": train_market.max_daily_change, "net_arch": list(cfg.net_arch),
-        "embedding_dim": cfg.embedding_dim, "feature_hidden": cfg.feature_hidden,
-        "forecast_prior": cfg.forecast_prior, "price_change_cost": cfg.price_change_cost,
-        "reward_scale": cfg.reward_scale, "episode_length": cfg.episode_length,
-        "products": products, "product_id": product,
-        "feature_cols": _feature_cols(processed_dir),
-        "ensemble_size": 0 if ensemble is None else ensemble.size,
-        "decision_quantile": None if ensemble is None else cfg.decision_quantile,
-        "trust_region": cfg.trust_region,
-    }
-    model = _build_model(settings, env, agent_config, work_dir, device)
-    monitor.log(f"training on {model.device}")
-    state = _load_state(work_dir) if checkpoint is not None else _fresh_state()
-    if checkpoint is not None:
-        model.set_parameters(str(checkpoint), exact_match=True, device=model.device)
-        model.num_timesteps = _checkpoint_timesteps(checkpoint)
-        exact = _restore_rl_state(model, work_dir / RL_STATE)
-        monitor.log(f"resuming {run_id} from {checkpoint} at {model.num_timesteps} steps"
-                    + ("" if exact else " (no rl_state.npz: the env starts new episodes)"))
-    agent = PricingAgent(policy=model.policy, config=agent_config, demand=decision,
-                         change_cost=change_cost, trust_region=trust_region)
+    return train_market, val_market, change_cost
 
-    eval_seconds = [0.0]  # time spent in evaluate(), kept apart from the RL steps/s
 
-    def evaluate(step: int) -> float:
-        eval_started = time.monotonic()
-        model.policy.set_training_mode(False)
-        profit = simulate(val_market, agent.chooser(True), products=products)["mean_profit"]
-        eval_seconds[0] += time.monotonic() - eval_started
+def _agent_config(settings: Settings, market: Market, fit: DemandFit, product: str | None,
+                  processed_dir: Path) -> AgentConfig:
+    """agent.json of this run (``published_policy``, ``timesteps`` and ``seed`` are set at
+    the end)."""
+    from pricing_cli.agent.policy import AgentConfig
+
+    cfg = settings.train
+    return AgentConfig(
+        algo=cfg.algo, n_products=market.n_products, n_features=market.n_features,
+        input_dim=int(market.features.shape[1]), price_levels=market.price_levels,
+        max_daily_change=market.max_daily_change, net_arch=list(cfg.net_arch),
+        embedding_dim=cfg.embedding_dim, feature_hidden=cfg.feature_hidden,
+        forecast_prior=cfg.forecast_prior, price_change_cost=cfg.price_change_cost,
+        reward_scale=cfg.reward_scale, episode_length=cfg.episode_length,
+        products=fit.products, product_id=product, feature_cols=_feature_cols(processed_dir),
+        ensemble_size=0 if fit.ensemble is None else fit.ensemble.size,
+        decision_quantile=None if fit.ensemble is None else cfg.decision_quantile,
+        trust_region=cfg.trust_region)
+
+
+class ValSelection:
+    """Model selection on val: ``selection(step)`` prices the val split with the network
+    (deterministic), records the evaluation in ``state``, keeps the best weights as
+    ``BEST`` and saves the state (so a resumed run keeps competing with them).
+
+    ``seconds``: the time spent here, kept apart from the RL steps/s.
+    """
+
+    def __init__(self, model: Any, agent: PricingAgent, val_market: Market,
+                 products: list[int] | None, work_dir: Path, state: dict[str, Any],
+                 monitor: RunMonitor) -> None:
+        self.model, self.agent, self.market, self.products = model, agent, val_market, products
+        self.work_dir, self.state, self.monitor = work_dir, state, monitor
+        self.seconds = 0.0
+
+    def __call__(self, step: int) -> float:
+        from pricing_cli.agent.env import simulate
+
+        started = time.monotonic()
+        self.model.policy.set_training_mode(False)
+        profit = simulate(self.market, self.agent.chooser(True),
+                          products=self.products)["mean_profit"]
+        self.seconds += time.monotonic() - started
+        state = self.state
         state["evaluations"].append({"timesteps": step, "val_mean_profit": profit})
         if state["best_val_profit"] is None or profit > state["best_val_profit"]:
             state["best_val_profit"], state["best_timesteps"] = profit, step
-            _save_model(model, work_dir / BEST)
+            _save_model(self.model, self.work_dir / BEST)
         best = state["best_val_profit"]
-        monitor.set_metric("val profit/day", f"{profit:,.2f} (best {best:,.2f})")
-        _save_state(work_dir, state)
+        self.monitor.set_metric("val profit/day", f"{profit:,.2f} (best {best:,.2f})")
+        _save_state(self.work_dir, state)
         return profit
 
-    # 3. Behaviour cloning, then RL.
-    bc_summary: dict[str, Any] | None = None
-    if cfg.warm_start != "none" and checkpoint is None and cfg.bc_epochs > 0:
-        bc_summary = behaviour_clone(model.policy, train_market, processed, cfg.bc_epochs,
-                                     cfg.batch_size, cfg.seed, monitor, products,
-                                     teacher=cfg.warm_start, learning_rate=cfg.bc_learning_rate,
-                                     temperature=cfg.bc_temperature, demand=decision)
+
+def _resume(model: Any, checkpoint: Path | None, work_dir: Path, run_id: str,
+            monitor: RunMonitor) -> dict[str, Any]:
+    """Checkpointing, on the way in: the training state of the run (fresh, or the
+    checkpoint's, with the weights, step count and env/RNG state restored into ``model``)."""
     if checkpoint is None:
-        evaluate(0)
+        return _fresh_state()
+    state = _load_state(work_dir)
+    model.set_parameters(str(checkpoint), exact_match=True, device=model.device)
+    model.num_timesteps = _checkpoint_timesteps(checkpoint)
+    exact = _restore_rl_state(model, work_dir / RL_STATE)
+    monitor.log(f"resuming {run_id} from {checkpoint} at {model.num_timesteps} steps"
+                + ("" if exact else " (no rl_state.npz: the env starts new episodes)"))
+    return state
+
+
+def _warm_start(settings: Settings, model: Any, train_market: Market,
+                processed: ProcessedData, fit: DemandFit, checkpoint: Path | None,
+                monitor: RunMonitor) -> dict[str, Any] | None:
+    """Behaviour cloning of ``train.warm_start``'s teacher before RL (a new run only);
+    its summary, or None when there is none."""
+    cfg = settings.train
+    if cfg.warm_start == "none" or checkpoint is not None or cfg.bc_epochs <= 0:
+        return None
+    return behaviour_clone(model.policy, train_market, processed, cfg.bc_epochs,
+                           cfg.batch_size, cfg.seed, monitor, fit.products,
+                           teacher=cfg.warm_start, learning_rate=cfg.bc_learning_rate,
+                           temperature=cfg.bc_temperature, demand=fit.decision)
+
+
+def _learn(settings: Settings, model: Any, work_dir: Path, state: dict[str, Any],
+           selection: ValSelection, checkpoint: Path | None,
+           monitor: RunMonitor) -> dict[str, float]:
+    """The RL loop: val selection at step 0 (a new run), ``model.learn`` to
+    ``train.timesteps`` with checkpoints and val selections, a last selection and
+    checkpoint. Returns its timings for train_summary.json (``rl_seconds``, ``fps``,
+    ``rl_eval_seconds``, ``fps_without_eval``)."""
+    cfg = settings.train
+    if checkpoint is None:
+        selection(0)
     remaining = max(cfg.timesteps - model.num_timesteps, 0)
     callback = make_training_callback(monitor, total=cfg.timesteps, reward_scale=cfg.reward_scale,
-                                checkpoint_every=cfg.checkpoint_every,
-                                eval_every=cfg.eval_every,
-                                on_checkpoint=lambda step: _checkpoint(model, work_dir, state),
-                                on_evaluate=evaluate)
-    rl_started, rl_start_steps, eval_before = time.monotonic(), model.num_timesteps, eval_seconds[0]
+                                      checkpoint_every=cfg.checkpoint_every,
+                                      eval_every=cfg.eval_every,
+                                      on_checkpoint=lambda step: _checkpoint(model, work_dir,
+                                                                             state),
+                                      on_evaluate=selection)
+    rl_started, rl_start_steps, eval_before = (time.monotonic(), model.num_timesteps,
+                                               selection.seconds)
     if remaining > 0:
         model.learn(total_timesteps=remaining, callback=callback,
                     reset_num_timesteps=checkpoint is None, tb_log_name="agent",
                     progress_bar=False)
     rl_seconds = time.monotonic() - rl_started
-    rl_eval_seconds = eval_seconds[0] - eval_before  # val evaluations inside learn()
+    rl_eval_seconds = selection.seconds - eval_before  # val evaluations inside learn()
     if not state["evaluations"] or state["evaluations"][-1]["timesteps"] != model.num_timesteps:
-        evaluate(model.num_timesteps)
+        selection(model.num_timesteps)
     _checkpoint(model, work_dir, state)
-    selection = select_published_policy(settings, model, agent, work_dir / BEST, val_market,
-                                        processed, products)
-    agent_config["published_policy"] = selection["published_policy"]
-    if selection["published_policy"] != "agent":
-        monitor.log(f"publishing the joint {selection['published_policy']}: it earned more on "
-                    f"{val_market.split} than the network under the fitted demand "
-                    f"({selection['val_profit']})")
+    rl_steps = model.num_timesteps - rl_start_steps
+    # fps_without_eval: rollouts and PPO updates only, what the RL loop itself sustains.
+    return {"rl_seconds": round(rl_seconds, 3),
+            "fps": round(rl_steps / max(rl_seconds, 1e-9), 1),
+            "rl_eval_seconds": round(rl_eval_seconds, 3),
+            "fps_without_eval": round(rl_steps / max(rl_seconds - rl_eval_seconds, 1e-9), 1)}
 
-    # 4. Baselines for context, under the same fitted demand, on the same rows.
-    rng = np.random.default_rng(cfg.seed)
-    random_profit = simulate(val_market, random_feasible_policy(rng), products=products)
-    historical_profit = _historical_profit(val_market, products)
 
-    # 5. Write the rest and publish the folder as a whole.
-    demand.save(work_dir)
-    if ensemble is not None:
-        ensemble.save(work_dir)
-    if trust_region is not None:
-        save_trust_region(work_dir, trust_region)
+def _write_run(work_dir: Path, settings: Settings, fit: DemandFit,
+               change_cost: np.ndarray | None, config: AgentConfig) -> None:
+    """The run folder's model files: the demand model (and ensemble), trust region, change
+    costs, agent.json and config.yaml."""
+    from pricing_cli.agent.policy import AGENT_JSON, CHANGE_COSTS, save_trust_region
+
+    fit.demand.save(work_dir)
+    if fit.ensemble is not None:
+        fit.ensemble.save(work_dir)
+    if fit.trust_region is not None:
+        save_trust_region(work_dir, fit.trust_region)
     if change_cost is not None:
         with atomic_write(work_dir / CHANGE_COSTS) as handle:
             np.save(handle, change_cost, allow_pickle=False)
-    write_json(work_dir / AGENT_JSON, {**agent_config, "timesteps": model.num_timesteps,
-                                       "seed": cfg.seed})
+    write_json(work_dir / AGENT_JSON, config.as_json())
     with atomic_write(work_dir / "config.yaml", "w") as handle:
         handle.write(settings_to_yaml(settings))
-    rl_steps = model.num_timesteps - rl_start_steps
-    fps = rl_steps / max(rl_seconds, 1e-9)
-    # Rollouts and PPO updates only: what the RL loop itself sustains.
-    fps_without_eval = rl_steps / max(rl_seconds - rl_eval_seconds, 1e-9)
-    summary = {
-        "run_id": run_id, "algo": cfg.algo, "timesteps": int(model.num_timesteps),
-        "resumed_from": None if checkpoint is None else str(checkpoint),
-        "products_trained": "all" if product is None else product,
-        "device": str(model.device),
-        "rl_seconds": round(rl_seconds, 3), "fps": round(fps, 1),
-        "rl_eval_seconds": round(rl_eval_seconds, 3),
-        "fps_without_eval": round(fps_without_eval, 1),
-        "val_mean_profit_best": state["best_val_profit"],
-        "best_timesteps": state["best_timesteps"],
-        "val_mean_profit_random_feasible": random_profit["mean_profit"],
-        "val_mean_profit_historical": historical_profit,
-        "clipped_actions": int(env.batch.clipped_actions),
-        "trust_region_fallbacks": int(env.batch.trust_fallbacks),
-        "demand_fit": demand.info, "demand_val": demand_report,
-        "ensemble_size": 0 if ensemble is None else ensemble.size,
-        "ensemble_seconds": round(ensemble_seconds, 3),
-        "decision_quantile": agent_config["decision_quantile"],
-        "published_policy": selection["published_policy"],
-        "val_profit_by_policy": selection["val_profit"],
-        "behaviour_cloning": bc_summary, "evaluations": state["evaluations"],
-        "seconds": round(time.monotonic() - started, 3),
-    }
-    write_json(work_dir / SUMMARY_JSON, summary)
-    os.replace(work_dir / BEST, work_dir / MODEL_ZIP)
-    _publish(work_dir, final_dir)
-    env.close()
-    flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list)) and v is not None}
-    flat["demand_val_mae"] = demand_report.get("mae")
-    flat["demand_val_poisson_deviance"] = demand_report.get("poisson_deviance")
-    if bc_summary:
-        flat["bc_accuracy"] = bc_summary["accuracy"]
-    return StageResult(stage="train", output_dir=final_dir,
-                       inputs=[meta_train_path, meta_val_path,
-                               processed_dir / "X_train.npy", processed_dir / "X_val.npy"],
-                       summary=flat,
-                       notes=[f"best model: {final_dir / MODEL_ZIP} (val profit/day "
-                              f"{state['best_val_profit']:,.2f} vs random feasible "
-                              f"{random_profit['mean_profit']:,.2f}, historical "
-                              f"{historical_profit:,.2f})"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +458,8 @@ def resolve_device(wanted: str) -> str:
 
 def select_published_policy(settings: Settings, model: Any, agent: PricingAgent, best: Path,
                             val_market: Market, processed_dir: ProcessedData | Path,
-                            products: list[int] | None) -> dict[str, Any]:
+                            products: list[int] | None, monitor: RunMonitor | None = None
+                            ) -> dict[str, Any]:
     """Which policy the run publishes: the network (its best weights, ``best``), or the joint
     greedy or planner when one earns more on ``val_market``'s split under the decision demand,
     every policy scored with each row's siblings at that policy's own prices
@@ -394,10 +505,13 @@ def select_published_policy(settings: Settings, model: Any, agent: PricingAgent,
     for name in ("greedy", "planner"):
         if profit[name] > profit[winner] + 1e-9 * max(abs(profit[winner]), 1.0):
             winner = name
+    if winner != "agent" and monitor is not None:
+        monitor.log(f"publishing the joint {winner}: it earned more on {val_market.split} "
+                    f"than the network under the fitted demand ({profit})")
     return {"published_policy": winner, "val_profit": profit}
 
 
-def _build_model(settings: Settings, env: Any, agent_config: dict[str, Any], work_dir: Path,
+def _build_model(settings: Settings, env: Any, agent_config: AgentConfig, work_dir: Path,
                  device: str | None = None) -> Any:
     """MaskablePPO (or PPO) with the multi-input policy and the product-embedding extractor."""
     from pricing_cli.agent.policy import policy_class, policy_kwargs
@@ -620,41 +734,17 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: ProcessedData | 
         teacher, rows used, rows skipped, final-epoch loss and accuracy.
     """
     import torch
-    import torch.nn.functional as F
 
-    from pricing_cli.agent.policy import action_logits
-    from pricing_cli.agent.processed import as_processed
-    from pricing_cli.pricing import feasible_mask
-
-    usable = np.ones(market.n_rows, dtype=bool)
-    labels: np.ndarray | None = None
-    # The state each row is seen in: history's (yesterday's historical price), or for the
-    # planner the teacher's own path.
-    last_price, held = market.previous_price, market.held_days
-    reference = market.history_reference  # the reference-price state (None: memoryless)
-    if teacher == "planner":
-        labels, last_price, held, reference = planner_path(market, processed_dir, demand)
-    elif teacher == "bc":
-        labels = as_processed(processed_dir).labels("train").astype(np.int64)
-        if market.split_rows is not None:  # closed days left out of the market
-            labels = labels[market.split_rows]
-        usable = labels >= 0
-
-    def allowed_levels(rows: np.ndarray) -> np.ndarray:
-        """(len(rows), K) bool: the levels feasible in the state each row is seen in."""
-        if teacher == "planner":
-            grid = market.grid(rows)
-            return feasible_mask(grid, last_price[rows], market.max_daily_change)[0].astype(bool)
-        return market.processed_masks(rows)
-
+    state = Teacher.of(teacher, market, processed_dir, demand)
+    usable = state.usable.copy()
     if products is not None:
         usable &= np.isin(market.product_index, products)
     rows = np.nonzero(usable)[0]
     skipped = int(market.n_rows - len(rows))
-    if labels is not None:
+    if state.labels is not None:
         # A label the row's own mask rules out (history's moves beyond the daily limit; the
         # planner's first move, planned from an unknown previous price) cannot be taught.
-        feasible = allowed_levels(rows)[np.arange(len(rows)), labels[rows]]
+        feasible = state.allowed_levels(rows)[np.arange(len(rows)), state.labels[rows]]
         skipped += int((~feasible).sum())
         rows = rows[feasible]
     if len(rows) == 0:
@@ -673,21 +763,7 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: ProcessedData | 
         for start in range(0, len(order), batch_size):
             # Sorted rows read the memory-mapped features in file order.
             batch = np.sort(order[start:start + batch_size])
-            state_ref = None if reference is None else reference[batch]
-            obs, _ = policy.obs_to_tensor(
-                market.observation(batch, last_price[batch], held[batch], state_ref))
-            allowed = torch.as_tensor(allowed_levels(batch), device=policy.device)
-            logits = action_logits(policy, obs)
-            if labels is None:
-                forecast = market.profit_forecast(batch, last_price[batch], state_ref)
-                relative = torch.as_tensor(forecast,
-                                           dtype=logits.dtype, device=policy.device)
-                soft = torch.softmax((relative - 1.0) / temperature, dim=1)
-                loss = -(soft * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
-                target = relative.masked_fill(~allowed, -torch.inf).argmax(dim=1)
-            else:
-                target = torch.as_tensor(labels[batch], device=policy.device)
-                loss = F.cross_entropy(logits.masked_fill(~allowed, -1e9), target)
+            loss, target, allowed, logits = state.loss(policy, batch, temperature)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
@@ -704,6 +780,82 @@ def behaviour_clone(policy: Any, market: Market, processed_dir: ProcessedData | 
     monitor.log(f"behaviour cloning ({teacher}): accuracy {summary['accuracy']:.3f} on "
                 f"{len(rows)} rows")
     return summary
+
+
+@dataclass
+class Teacher:
+    """What behaviour cloning imitates on the train split, and the state each row is seen in.
+
+    Attributes:
+        name: bc (history's ``price_level`` labels), greedy (soft targets from the market's
+            profit forecast; ``labels`` None) or planner (:func:`planner_path`'s levels).
+        last_price, held, reference: the agent's own last price, days held and reference
+            state on each row: history's (yesterday's historical price), or for the planner
+            the teacher's own path.
+        usable: rows with a label (bc: not -1).
+    """
+
+    name: str
+    market: Market
+    labels: np.ndarray | None
+    last_price: np.ndarray
+    held: np.ndarray
+    reference: np.ndarray | None
+    usable: np.ndarray
+
+    @classmethod
+    def of(cls, name: str, market: Market, processed_dir: ProcessedData | Path,
+           demand: Any) -> Teacher:
+        from pricing_cli.agent.processed import as_processed
+
+        usable = np.ones(market.n_rows, dtype=bool)
+        if name == "planner":
+            planned, last_price, held, reference = planner_path(market, processed_dir, demand)
+            return cls(name, market, planned, last_price, held, reference, usable)
+        labels: np.ndarray | None = None
+        if name == "bc":
+            labels = as_processed(processed_dir).labels("train").astype(np.int64)
+            if market.split_rows is not None:  # closed days left out of the market
+                labels = labels[market.split_rows]
+            usable = labels >= 0
+        return cls(name, market, labels, market.previous_price, market.held_days,
+                   market.history_reference, usable)
+
+    def allowed_levels(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), K) bool: the levels feasible in the state each row is seen in."""
+        from pricing_cli.pricing import feasible_mask
+
+        if self.name == "planner":
+            grid = self.market.grid(rows)
+            return feasible_mask(grid, self.last_price[rows],
+                                 self.market.max_daily_change)[0].astype(bool)
+        return self.market.processed_masks(rows)
+
+    def loss(self, policy: Any, batch: np.ndarray, temperature: float) -> tuple[Any, ...]:
+        """(loss, target levels, allowed levels, logits) of the policy on ``batch``: masked
+        cross-entropy on the labels, or on greedy's soft targets
+        ``softmax((relative profit - 1) / temperature)``."""
+        import torch
+        import torch.nn.functional as F
+
+        from pricing_cli.agent.policy import action_logits
+
+        market, last_price = self.market, self.last_price
+        state_ref = None if self.reference is None else self.reference[batch]
+        obs, _ = policy.obs_to_tensor(
+            market.observation(batch, last_price[batch], self.held[batch], state_ref))
+        allowed = torch.as_tensor(self.allowed_levels(batch), device=policy.device)
+        logits = action_logits(policy, obs)
+        if self.labels is None:
+            forecast = market.profit_forecast(batch, last_price[batch], state_ref)
+            relative = torch.as_tensor(forecast, dtype=logits.dtype, device=policy.device)
+            soft = torch.softmax((relative - 1.0) / temperature, dim=1)
+            loss = -(soft * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+            target = relative.masked_fill(~allowed, -torch.inf).argmax(dim=1)
+        else:
+            target = torch.as_tensor(self.labels[batch], device=policy.device)
+            loss = F.cross_entropy(logits.masked_fill(~allowed, -1e9), target)
+        return loss, target, allowed, logits
 
 
 def planner_path(market: Market, processed_dir: ProcessedData | Path, demand: Any
