@@ -431,8 +431,12 @@ def stage_with_stand_in_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     demand = TruthDemand(make_truth())
     if agent_prices is None:
         agent_prices = bl.greedy_prices(meta, demand, K, MAX_CHANGE, change_cost)
-    agent = SimpleNamespace(change_cost=change_cost,
-                            config={"price_change_cost": 0.0 if change_cost is None else 1.0})
+    from pricing_cli.agent.policy import AgentConfig
+
+    agent = SimpleNamespace(change_cost=change_cost, config=AgentConfig(
+        algo="maskable-ppo", n_products=3, n_features=1, price_levels=K, net_arch=[8],
+        embedding_dim=4, feature_hidden=8,
+        price_change_cost=0.0 if change_cost is None else 1.0))
     monkeypatch.setattr(policy, "load_demand_model", lambda run_dir: demand)
     monkeypatch.setattr(policy, "load_agent", lambda run_dir, stats=None, demand=None: agent)
     monkeypatch.setattr(policy, "rollout_prices",

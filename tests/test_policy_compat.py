@@ -11,12 +11,13 @@ def test_check_compatible_counts_the_processed_features() -> None:
     import pytest
 
     from pricing_cli.agent.env import N_ENDOGENOUS
-    from pricing_cli.agent.policy import PricingAgent
+    from pricing_cli.agent.policy import AgentConfig, PricingAgent
     from pricing_cli.errors import ModelError
 
     assert N_ENDOGENOUS == 3
-    agent = SimpleNamespace(run_dir="models/r1", config={
-        "n_features": 20 + 11 + 3, "price_levels": 11, "n_products": 6})
+    agent = SimpleNamespace(run_dir="models/r1", config=AgentConfig(
+        algo="maskable-ppo", n_features=20 + 11 + 3, price_levels=11, n_products=6,
+        net_arch=[8], embedding_dim=4, feature_hidden=8))
     market = SimpleNamespace(n_features=21 + 11 + 3, price_levels=11, n_products=6,
                              split="test")
     with pytest.raises(ModelError) as info:

@@ -95,6 +95,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     processed_dir = Path(settings.merge.output_dir)
     # The one reader of data/processed, through val: train never reads the test split.
     processed = ProcessedData(processed_dir, through="val")
+    _ = processed.stats  # read first: a folder merge never wrote is named by its stats file
     meta_train_path = processed.path("meta_train.parquet")
     meta_val_path = processed.path("meta_val.parquet")
     run_id = cfg.run_id or datetime.now().strftime("%Y%m%d-%H%M%S")
