@@ -90,6 +90,18 @@ def feasible_mask(grid: np.ndarray, prev_price: np.ndarray | float,
     return mask, conflicts
 
 
+def random_feasible_levels(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """(n,) a level drawn uniformly among each row's feasible levels of ``mask`` ((n, K),
+    nonzero where feasible; every row has one): one uniform draw per row, the ``pick``-th
+    feasible level. The random baseline of both the env (train's context figure) and
+    evaluate."""
+    mask = np.asarray(mask)
+    count = (mask != 0).sum(axis=1)
+    pick = np.minimum((rng.random(mask.shape[0]) * count).astype(np.int64), count - 1)
+    # The pick-th feasible level: the first whose running count of feasible levels passes it.
+    return np.asarray((np.cumsum(mask != 0, axis=1) > pick[:, None]).argmax(axis=1))
+
+
 def is_price_change(price: np.ndarray | float, previous: np.ndarray | float,
                     dtype: type[np.floating[Any]] = np.float64) -> np.ndarray:
     """True where ``price`` moves more than CHANGE_TOLERANCE (relative) from ``previous``.

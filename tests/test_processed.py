@@ -204,3 +204,27 @@ def test_simulator_planner_and_scorer_agree_on_one_random_case(tmp_path: Path) -
     inner_changes = np.count_nonzero(paid) - np.count_nonzero(paid[meta.series_start])
     assert ev.price_changes_per_product_month(meta, prices) == pytest.approx(
         inner_changes / (meta.n_rows / ev.DAYS_PER_MONTH))
+
+
+def test_the_env_and_evaluate_draw_the_same_random_baseline(tmp_path: Path) -> None:
+    """One random-feasible rule (pricing.random_feasible_levels): train's context figure
+    (the env's random policy) and evaluate's random baseline price alike from one seed."""
+    from pricing_cli.agent import env as env_module
+    from pricing_cli.agent.baselines import load_split_meta, random_feasible_prices
+    from pricing_cli.pricing import random_feasible_levels
+    from tests.agent_fixtures import write_processed
+
+    write_processed(tmp_path, n_products=4, n_days=60, K=9, seed=5)
+    processed = ProcessedData(tmp_path)
+    market = env_module.load_market(processed, "val", PowerDemand(4, seed=5))
+    meta = load_split_meta(processed, "val")
+    simulated = env_module.simulate(
+        market, env_module.random_feasible_policy(np.random.default_rng(7)))["prices"]
+    walked = random_feasible_prices(meta, market.price_levels, market.max_daily_change, seed=7)
+    np.testing.assert_array_equal(simulated, walked)
+    # Uniform among the feasible levels, never an infeasible one: 3 of 5 levels allowed.
+    mask = np.tile(np.array([0, 1, 1, 0, 1], dtype=np.int8), (30_000, 1))
+    drawn = random_feasible_levels(np.random.default_rng(0), mask)
+    counts = np.bincount(drawn, minlength=5)
+    assert counts[[0, 3]].sum() == 0
+    np.testing.assert_allclose(counts[[1, 2, 4]] / 30_000, 1 / 3, atol=0.01)

@@ -30,6 +30,7 @@ from pricing_cli.pricing import (
     feasible_mask,
     is_price_change,
     price_grid,
+    random_feasible_levels,
     restrict_to_trust_region,
     trust_region_of,
     within_daily_change,
@@ -705,16 +706,13 @@ def _with_reference(meta: SplitMeta, demand: DemandLike) -> bool:
 
 def random_feasible_prices(meta: SplitMeta, K: int, max_daily_change: float,
                            seed: int) -> np.ndarray:
-    """A uniformly random feasible level each day (the floor any policy should beat)."""
+    """A uniformly random feasible level each day (the floor any policy should beat):
+    ``pricing.random_feasible_levels``, as the env's random policy draws."""
     rng = np.random.default_rng(seed)
 
     def choose(series: np.ndarray, rows: np.ndarray, mask: np.ndarray,
                previous: np.ndarray) -> np.ndarray:
-        count = mask.sum(axis=1)
-        pick = np.minimum((rng.random(series.size) * count).astype(np.int64), count - 1)
-        # The pick-th feasible level: the first level whose running count of feasible levels
-        # passes pick.
-        return (np.cumsum(mask, axis=1) > pick[:, None]).argmax(axis=1)
+        return random_feasible_levels(rng, mask)
 
     return _walk_grid(meta, K, max_daily_change, choose)
 

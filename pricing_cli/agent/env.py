@@ -58,6 +58,7 @@ from pricing_cli.pricing import (
     feasible_mask,
     is_price_change,
     price_grid,
+    random_feasible_levels,
     restrict_to_trust_region,
 )
 
@@ -766,8 +767,8 @@ def simulate(market: Market, choose: Callable[[Observation, np.ndarray], np.ndar
 
 def random_feasible_policy(rng: np.random.Generator) -> Callable[[Observation, np.ndarray],
                                                                   np.ndarray]:
-    """A policy that picks a feasible level uniformly at random (a baseline)."""
+    """A policy that picks a feasible level uniformly at random (a baseline): the draw of
+    evaluate's random baseline (``pricing.random_feasible_levels``)."""
     def choose(obs: Observation, mask: np.ndarray) -> np.ndarray:
-        # The largest of uniform draws over the feasible levels is uniform among them.
-        return np.where(mask, rng.random(mask.shape), -1.0).argmax(axis=1)
+        return random_feasible_levels(rng, mask)
     return choose
