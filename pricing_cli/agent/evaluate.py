@@ -146,7 +146,8 @@ def uplift_pct(profit: float, base_profit: float) -> float | None:
 
 
 def price_changes_per_product_month(meta: SplitMeta, prices: np.ndarray) -> float:
-    """Day-to-day price changes inside the split, per product and month (30.44 days).
+    """Day-to-day price changes inside the split (``pricing.is_price_change``, the rule the
+    change costs and the env count by), per product and month (30.44 days).
 
     The move onto day one (from before the split) is not counted: only the policy's own moves.
     """
@@ -154,8 +155,7 @@ def price_changes_per_product_month(meta: SplitMeta, prices: np.ndarray) -> floa
         return 0.0
     inner = np.ones(meta.n_rows, dtype=bool)
     inner[meta.series_start] = False
-    prev = np.roll(prices, 1)
-    changed = inner & (np.abs(prices - prev) > PRICE_TOLERANCE * np.maximum(1.0, np.abs(prev)))
+    changed = inner & is_price_change(prices, np.roll(prices, 1))
     return float(changed.sum()) / (meta.n_rows / DAYS_PER_MONTH)
 
 
