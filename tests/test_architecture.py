@@ -177,3 +177,33 @@ def test_the_checks_catch_a_planted_cycle_and_private_imports(tmp_path: Path) ->
                        "pricing_cli.e:2 imports pricing_cli.stages.s._q",
                        "pricing_cli.stages.t:2 uses pricing_cli.stages.s._q"]
 
+
+
+def imports_of_test_modules(source: str, where: str) -> list[str]:
+    """Each import of a test module (``tests.test_*``) in ``source``: helpers shared by tests
+    and bench/ live in tests/support/ (or tests/agent_fixtures.py, tests/demand_markets.py)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = ([node.module] if node.module.startswith("tests.test_")
+                     else [f"{node.module}.{alias.name}" for alias in node.names])
+        else:
+            continue
+        found += [f"{where}:{node.lineno} imports {name}" for name in names
+                  if name.startswith("tests.test_")]
+    return found
+
+
+def test_no_test_or_bench_module_imports_a_test_module() -> None:
+    root = PACKAGE.parent
+    paths = sorted([*(root / "tests").rglob("*.py"), *(root / "bench").rglob("*.py")])
+    assert len(paths) > 40
+    assert [hit for p in paths for hit in imports_of_test_modules(
+        p.read_text(encoding="utf-8"), str(p.relative_to(root)))] == []
+    planted = ("from tests.test_checks import checked_market\nimport tests.test_train\n"
+               "from tests import test_merge\nfrom tests.support.raw import CATALOG\n")
+    assert imports_of_test_modules(planted, "x.py") == [
+        "x.py:1 imports tests.test_checks", "x.py:2 imports tests.test_train",
+        "x.py:3 imports tests.test_merge"]

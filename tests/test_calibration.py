@@ -10,7 +10,7 @@ import pytest
 from pricing_cli.agent import calibration
 from pricing_cli.agent.baselines import SplitMeta
 from pricing_cli.agent.checks import PriceChangeEvents
-from tests.test_checks import checked_market
+from tests.support.checked_market import checked_market
 
 
 def events(series: list[int], predicted: list[float], actual: list[float],

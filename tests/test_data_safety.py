@@ -26,6 +26,7 @@ from pricing_cli.storage import (
     lock_path,
     staged_dir,
 )
+from tests.support.markets import copy_parts
 
 USER_CATALOG = ("product_id,unit_cost,min_price,max_price,category\n"
                 "A,1.0,2.0,4.0,x\nB,2.0,3.0,6.0,y\n")
@@ -99,9 +100,9 @@ def test_generate_refuses_a_users_file_added_to_its_transactions(tmp_path: Path,
 # -- output folders: replaced only if the stage made them; never over an input ---------------
 
 def test_features_refuses_a_folder_of_someone_elses_files(tmp_path: Path, monkeypatch,
-                                                          capsys) -> None:
+                                                          capsys, tiny_batches: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    assert run(capsys, "--preset", "tiny", "-q", "generate")[0] == 0
+    copy_parts(tiny_batches, tmp_path, "data/raw")  # a generated market
     (tmp_path / "mydocs").mkdir()
     (tmp_path / "mydocs/thesis.txt").write_text("four years of work")
     code, err = run(capsys, "--preset", "tiny", "features", "--output-dir", "mydocs")
@@ -111,10 +112,10 @@ def test_features_refuses_a_folder_of_someone_elses_files(tmp_path: Path, monkey
     assert (tmp_path / "mydocs/thesis.txt").read_text() == "four years of work"
 
 
-def test_features_refuses_an_output_folder_that_holds_its_input(tmp_path: Path, monkeypatch,
-                                                                capsys) -> None:
+def test_features_refuses_an_output_folder_that_holds_its_input(
+        tmp_path: Path, monkeypatch, capsys, tiny_batches: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    assert run(capsys, "--preset", "tiny", "-q", "generate")[0] == 0
+    copy_parts(tiny_batches, tmp_path, "data/raw")  # a generated market
     before = digest_tree(tmp_path / "data/raw")
     code, err = run(capsys, "--preset", "tiny", "features", "--output-dir", "data")
     assert code == 11, err
@@ -212,7 +213,9 @@ def test_locks_are_reentrant_within_one_run(tmp_path: Path) -> None:
 # -- up to date means the outputs are still there -------------------------------------------
 
 def test_pipeline_reruns_a_stage_whose_outputs_are_missing_or_changed(
-        tmp_path: Path, monkeypatch, capsys) -> None:
+        tmp_path: Path, monkeypatch, capsys, tiny_batches: Path) -> None:
+    # the session's market up to its batches (copied with their times: up to date), merged
+    copy_parts(tiny_batches, tmp_path, "data")
     monkeypatch.chdir(tmp_path)
     code, err = run(capsys, "--preset", "tiny", "pipeline", "--to", "merge")
     assert code == 0, err

@@ -297,14 +297,10 @@ def test_parquet_with_any_column_types_gives_a_report_or_a_data_error(kinds, dat
 
 
 @pytest.fixture(scope="module")
-def batch_folder(tmp_path_factory) -> Path:
-    """A real tiny batch set (generate → features → preprocess), built once."""
-    root = tmp_path_factory.mktemp("batches")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        assert cli.main(["--preset", "tiny", "--no-live", "--quiet", "pipeline", "--to",
-                         "preprocess"]) == 0
-    folder = root / "data" / "intermediate"
+def batch_folder(tiny_batches: Path) -> Path:
+    """A real tiny batch set (generate → features → preprocess), the session's
+    (tests/conftest.py); read only: the tests write their mutated copies elsewhere."""
+    folder = tiny_batches / "data" / "intermediate"
     manifest = read_manifest(folder)
     for path in sorted(folder.glob("batch_*.npz")):
         assert validate_batch(path, manifest) == []

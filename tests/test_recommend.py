@@ -16,34 +16,18 @@ from pricing_cli.agent.demand import policy_expected_units
 from pricing_cli.agent.policy import load_demand_model
 from pricing_cli.pricing import RULE_ORDER
 from pricing_cli.storage import OWNER_MARKER
+from tests.support.markets import BASE, PRICED, copy_parts
 
 PRICES_COLUMNS = ["product_id", "date", "current_price", "recommended_price", "change_pct",
                   "expected_units", "expected_profit", "profit_low", "profit_high",
                   "binding_rule"]
 
 
-# The tiny market has 12 products; the catalog given to the pipeline names 9 of them.
-PRICED = [f"P{i:05d}" for i in range(1, 10)]
-BASE = "train:\n  tensorboard: false\n  run_id: r1\ndata:\n  catalog: subset_catalog.csv\n"
-
-
 @pytest.fixture(scope="module")
-def market(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny generated market, processed and trained with a catalog of 9 of its 12 products
-    (one pipeline run for the module)."""
-    folder = tmp_path_factory.mktemp("recommend")
-    (folder / "base.yaml").write_text(BASE)
-    before = os.getcwd()
-    os.chdir(folder)
-    try:
-        assert cli.main(["--preset", "tiny", "-q", "generate"]) == 0
-        catalog = pl.read_csv("data/raw/catalog.csv")
-        catalog.filter(pl.col("product_id").is_in(PRICED)).write_csv("subset_catalog.csv")
-        assert cli.main(["--preset", "tiny", "--config", "base.yaml", "-q", "pipeline",
-                         "--from", "features", "--to", "train"]) == 0
-    finally:
-        os.chdir(before)
-    return folder
+def market(tmp_path_factory: pytest.TempPathFactory, tiny_market: Path) -> Path:
+    """The session's trained tiny market (tests/conftest.py: a catalog of 9 of its 12
+    products, models/r1), copied once for this module's tests to write into."""
+    return copy_parts(tiny_market, tmp_path_factory.mktemp("recommend"))
 
 
 def test_a_subset_catalog_prices_only_its_products(market: Path,

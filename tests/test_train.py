@@ -41,6 +41,15 @@ def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(processed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete run (SMALL, a plain head: forecast_prior 0) for the tests that compare
+    another run with it, bit for bit; read only."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    train(processed, folder, run_id="whole", forecast_prior=0.0)
+    return folder / "models" / "whole"
+
+
 def train(processed: Path, tmp_path: Path, monitor: RunMonitor | None = None,
           product: str | None = None, resume: bool = False, **flags: object):
     settings = load_settings(preset="tiny", environ={}, flags={
@@ -117,12 +126,12 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
     assert summary["trust_region_fallbacks"] == 0
 
 
-def test_the_same_seed_gives_the_same_learning_curve(processed, tmp_path) -> None:
+def test_the_same_seed_gives_the_same_learning_curve(processed, tmp_path,
+                                                    uninterrupted) -> None:
     # A plain head: with the forecast prior the deterministic policy stays at the greedy
     # choice over 2,000 steps, so its val curve would be flat and prove nothing.
-    train(processed, tmp_path, run_id="a", forecast_prior=0.0)
     train(processed, tmp_path, run_id="b", forecast_prior=0.0)
-    runs = [tmp_path / "models" / name for name in ("a", "b")]
+    runs = [uninterrupted, tmp_path / "models" / "b"]
     curves = [json.loads((r / "train_summary.json").read_text())["evaluations"] for r in runs]
     assert curves[0] == curves[1]
     for name in ("model.zip", "last_checkpoint.zip"):
@@ -246,16 +255,18 @@ class KillAt(RunMonitor):
             raise KeyboardInterrupt
 
 
-def test_a_killed_run_leaves_no_run_folder_and_resumes(processed, tmp_path) -> None:
+def test_a_killed_run_leaves_no_run_folder_and_resumes(processed, tmp_path,
+                                                       uninterrupted) -> None:
+    # The plain head of the uninterrupted run: its curve moves, so equal curves say more.
     with pytest.raises(KeyboardInterrupt):
-        train(processed, tmp_path, KillAt(1500), run_id="k")
+        train(processed, tmp_path, KillAt(1500), run_id="k", forecast_prior=0.0)
     models = tmp_path / "models"
     assert not (models / "k").exists()
     partial = models / ".partial-k"
     assert json.loads((partial / "training_state.json").read_text())["checkpoint_timesteps"] == 1024
     with pytest.raises(ModelError, match="unfinished"):
-        train(processed, tmp_path, run_id="k")
-    result = train(processed, tmp_path, run_id="k", resume=True)
+        train(processed, tmp_path, run_id="k", forecast_prior=0.0)
+    result = train(processed, tmp_path, run_id="k", resume=True, forecast_prior=0.0)
     assert not partial.exists()
     summary = json.loads((models / "k" / "train_summary.json").read_text())
     assert summary["resumed_from"].endswith("last_checkpoint.zip")
@@ -263,14 +274,13 @@ def test_a_killed_run_leaves_no_run_folder_and_resumes(processed, tmp_path) -> N
     assert summary["timesteps"] == 2048 and result.summary["timesteps"] == 2048
     assert [e["timesteps"] for e in summary["evaluations"]] == [0, 1000, 2000, 2048]
     # The resumed run is the uninterrupted one, bit for bit: same curve, same weights.
-    train(processed, tmp_path, run_id="whole")
-    whole = json.loads((models / "whole" / "train_summary.json").read_text())
+    whole = json.loads((uninterrupted / "train_summary.json").read_text())
     assert summary["evaluations"] == whole["evaluations"]
     for name in ("model.zip", "last_checkpoint.zip"):
-        a, b = (policy_weights(models / run / name) for run in ("k", "whole"))
-        assert all(torch.equal(a[key], b[key]) for key in a)
+        a, b = (policy_weights(run / name) for run in (models / "k", uninterrupted))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     # A complete run can be continued for more steps; the folder is replaced as a whole.
-    train(processed, tmp_path, run_id="k", resume=True, timesteps=2500)
+    train(processed, tmp_path, run_id="k", resume=True, timesteps=2500, forecast_prior=0.0)
     assert json.loads((models / "k" / "agent.json").read_text())["timesteps"] >= 2500
     with pytest.raises(ModelError, match="already exists"):
         train(processed, tmp_path, run_id="k")
@@ -370,11 +380,12 @@ def test_a_half_written_checkpoint_is_not_published(processed, tmp_path, monkeyp
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "_checkpoint", killed_mid_save)
+    # the first checkpoint after one rollout of 256 steps, one more rollout after the resume
     with pytest.raises(KeyboardInterrupt):
-        train(processed, tmp_path, run_id="k", timesteps=2048)
+        train(processed, tmp_path, run_id="k", timesteps=512, checkpoint_every=256)
     assert (models / ".partial-k" / ".tmp-0123abcd-last_checkpoint.zip").is_file()
     monkeypatch.setattr(train_module, "_checkpoint", real)
-    train(processed, tmp_path, run_id="k", resume=True, timesteps=2048)
+    train(processed, tmp_path, run_id="k", resume=True, timesteps=512, checkpoint_every=256)
     assert not [p.name for p in (models / "k").iterdir() if p.name.startswith(".tmp-")]
 
 
