@@ -221,9 +221,11 @@ class ShapeCheck:
     deviance: np.ndarray
 
 
-def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_capped: bool
-                     ) -> Any:
-    """``model`` with parameters for every shape of ``demand_shapes.FORMS``.
+def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_capped: bool,
+                     resamples: int = 0, seed: int = 0) -> list[Any]:
+    """``model`` with parameters for every shape of ``demand_shapes.FORMS``, then
+    ``resamples`` copies whose linear and logit parameters were refitted on bootstrap
+    resamples of the train rows (whole product-weeks, as the ensemble's refits).
 
     Why: train fits only the shapes some product chose, so a run whose products all chose
     loglog cannot say what a linear or logit curve through the same history would predict at
@@ -231,45 +233,63 @@ def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_ca
     logit markets). The missing shapes are fitted here as train fits them
     (``demand_shapes.fit_shape`` on the model's calendar level, each price stretched by the
     day's calendar scale, days capped by stock down-weighted), less the demand-surprise
-    controls, which are 0 on a typical day. A model without shapes is returned unchanged.
+    controls, which are 0 on a typical day. The resampled copies carry the shape's own fit
+    uncertainty into the checked interval, as the ensemble members carry the run's. A model
+    without shapes or train rows: ``[model]``.
 
     Args:
         model: a fitted DemandModel.
         train: the train rows it was fitted on (product_index, date, price, units[, on_hand]).
         strength: train.demand_shrinkage.
         detect_capped: train.demand_detect_capped.
+        resamples: refits on resampled product-weeks.
+        seed: of the resampling.
     """
     from dataclasses import replace
 
+    import polars as pl
+
     from pricing_cli.agent import demand_shapes as shapes
     from pricing_cli.agent.demand import capped_day_weights
+    from pricing_cli.agent.ensemble import bootstrap_product_weeks
 
     params = getattr(model, "shape_params", None)
     if params is None or train.height == 0:
-        return model
-    missing = [form for form in shapes.FORMS[1:] if not params[:, shapes.FORMS.index(form)].any()]
-    if not missing:
-        return model
-    product = train["product_index"].to_numpy().astype(np.int64)
-    price = train["price"].to_numpy().astype(np.float64)
-    units = train["units"].to_numpy().astype(np.float64)
-    usable = np.isfinite(price) & (price > 0) & np.isfinite(units)
-    product, price, units = product[usable], price[usable], np.maximum(units[usable], 0.0)
-    dates = train["date"].to_numpy().astype("datetime64[D]")[usable]
-    on_hand = (train["on_hand"].cast(float).to_numpy()[usable] if "on_hand" in train.columns
-               else None)
-    weight, _ = capped_day_weights(product, dates, units, on_hand, detect=detect_capped)
-    relative = price / model.reference_price[product]
-    rows = shapes.ShapeRows(
-        product=product, r=1.0 + model.calendar_scale(product, dates) * (relative - 1.0),
-        log_base=model.log_base_and_elasticity(product, dates)[0], units=units,
-        product_category=model.product_category, weight=weight)
-    params = params.copy()
+        return [model]
     elasticity = model.product_parameters()[:, 3]
-    for form in missing:
-        params[:, shapes.FORMS.index(form)] = shapes.fit_shape(
-            form, rows, shapes.initial_params(form, elasticity), strength)
-    return replace(model, shape_params=params)
+    kept = train.select([c for c in ("product_index", "date", "price", "units", "on_hand")
+                         if c in train.columns]).filter(
+        pl.col("price").is_finite() & (pl.col("price") > 0) & pl.col("units").is_finite())
+
+    def refit(rows_frame: pl.DataFrame, params: np.ndarray, forms: list[str]) -> np.ndarray:
+        product = rows_frame["product_index"].to_numpy().astype(np.int64)
+        price = rows_frame["price"].to_numpy().astype(np.float64)
+        units = np.maximum(rows_frame["units"].to_numpy().astype(np.float64), 0.0)
+        dates = rows_frame["date"].to_numpy().astype("datetime64[D]")
+        on_hand = (rows_frame["on_hand"].cast(float).to_numpy()
+                   if "on_hand" in rows_frame.columns else None)
+        weight, _ = capped_day_weights(product, dates, units, on_hand, detect=detect_capped)
+        relative = price / model.reference_price[product]
+        rows = shapes.ShapeRows(
+            product=product, r=1.0 + model.calendar_scale(product, dates) * (relative - 1.0),
+            log_base=model.log_base_and_elasticity(product, dates)[0], units=units,
+            product_category=model.product_category, weight=weight)
+        params = params.copy()
+        for form in forms:
+            code = shapes.FORMS.index(form)
+            start = params[:, code] if params[:, code].any() else shapes.initial_params(
+                form, elasticity)
+            params[:, code] = shapes.fit_shape(form, rows, start, strength)
+        return params
+
+    missing = [form for form in shapes.FORMS[1:] if not params[:, shapes.FORMS.index(form)].any()]
+    every = replace(model, shape_params=refit(kept, params, missing) if missing else params)
+    out = [every]
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        out.append(replace(model, shape_params=refit(
+            bootstrap_product_weeks(kept, rng), every.shape_params, list(shapes.FORMS[1:]))))
+    return out
 
 
 def shape_variant(model: Any, form: str) -> Any:

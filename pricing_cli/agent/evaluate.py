@@ -59,6 +59,9 @@ PRICE_TOLERANCE = 1e-9
 EXEMPT_POLICIES = ("oracle",)
 # Products whose historical profit is this close to zero have no meaningful uplift in %.
 MIN_BASE_PROFIT = 1e-9
+# Refits of the linear and logit shapes on resampled train weeks: their fit uncertainty in the
+# checked uplift (calibration.with_every_shape), as many as the default ensemble's members.
+SHAPE_RESAMPLES = 8
 
 UnitsFn = Callable[[np.ndarray], np.ndarray]
 
@@ -336,10 +339,11 @@ def checked_uplifts(meta: SplitMeta, policies: dict[str, np.ndarray], point: Any
     calibration.shape_checked_uplift with evaluate's profit rule (change costs for all but the
     oracle). Nothing is checked (None, {}, None) where no price change measured the slope.
 
-    ``shapes_of``: a callable giving the point fit with every demand shape fitted
-    (calibration.with_every_shape); then the claim also weighs each shape given to every
-    product, each with its own held-out slope, by how well it predicts the split's units
-    (calibration.shape_choice). None: the run's own model only. ``window``: of ``events``.
+    ``shapes_of``: a callable giving the point fit with every demand shape fitted, then its
+    refits on resampled train rows (calibration.with_every_shape); then the claim also
+    weighs each shape given to every product, each with its own held-out slope, by how well
+    it predicts the split's units (calibration.shape_choice). None: the run's own model
+    only. ``window``: of ``events``.
     """
     from pricing_cli.agent.demand_shapes import FORMS, deviance_by_product
 
@@ -373,15 +377,18 @@ def checked_uplifts(meta: SplitMeta, policies: dict[str, np.ndarray], point: Any
         held = checks.prices_held(meta)
         own_forms = np.asarray(getattr(point, "product_form", None))
         for form in FORMS:
-            variant = calibration.shape_variant(every, form)
-            if np.array_equal(variant.product_form, own_forms):
+            variants = [calibration.shape_variant(m, form) for m in every]
+            if np.array_equal(variants[0].product_form, own_forms):
                 continue  # the run's own model already
-            at_historical = policy_units(variant, meta, meta.price)
+            if form == FORMS[0]:  # loglog: the ensemble's refits are its fit uncertainty
+                variants = [variants[0], *(calibration.shape_variant(m, form)
+                                           for m in models[1:])]
+            at_historical = policy_units(variants[0], meta, meta.price)
             own = slope_of(checks.price_change_events(meta, at_historical, window,
-                                                      policy_units(variant, meta, held)))
+                                                      policy_units(variants[0], meta, held)))
             if own is not None:
-                candidates.append(calibration.ShapeCheck(form, [variant], own,
-                                                         deviance_of(variant)))
+                candidates.append(calibration.ShapeCheck(form, variants, own,
+                                                         deviance_of(variants[0])))
     best, choice = calibration.shape_choice(np.stack([c.deviance for c in candidates]),
                                             slope.pooled_draws.size, seed)
 
@@ -676,9 +683,10 @@ def _with_every_shape(demand: Any, processed_dir: Path, settings: Settings) -> A
     path = processed_dir / "meta_train.parquet"
     if getattr(demand, "shape_params", None) is None or not path.is_file():
         return None
-    return calibration.with_every_shape(demand, read_processed_meta(path),
-                                        float(settings.train.demand_shrinkage),
-                                        bool(settings.train.demand_detect_capped))
+    return calibration.with_every_shape(
+        demand, read_processed_meta(path), float(settings.train.demand_shrinkage),
+        bool(settings.train.demand_detect_capped), SHAPE_RESAMPLES,
+        settings.train.ensemble_seed)
 
 
 def _closed_rows(meta_path: Path, meta: SplitMeta) -> int:
