@@ -24,6 +24,15 @@ each product's slope toward the pooled one, drawn from its posterior), and the d
 (one member per draw). It is a percentile interval of the draws, moved to centre on the point
 estimate (the point fit at the pooled s).
 
+Shapes (:func:`shape_checked_uplift`): the slope is measured at history's own moves, and the
+policy's moves are larger, where a constant-elasticity curve and a linear or logit one part.
+So the check is repeated with every demand shape given to every product (the shapes train did
+not choose are fitted here on the train rows, :func:`with_every_shape`), each with its own
+held-out slope, and each draw takes the shape with the lowest held-out deviance of the
+split's units over a resample of the products (:func:`shape_choice`): shapes the held-out
+data cannot tell apart share the interval, a shape it rejects gets no draw. The point is the
+best shape's over all products.
+
 Where the held-out changes are too few to measure s, there is no checked uplift (and the
 verdict refuses to claim one).
 """
@@ -52,7 +61,8 @@ POSITION_RIDGE = 0.01
 # Events whose predicted log ratio is this small carry no information on the slope.
 MIN_PREDICTED = 1e-6
 METHOD = ("realized units at historical prices x the model's unit ratio ** the held-out "
-          "response slope; cluster bootstrap over products x ensemble members")
+          "response slope; cluster bootstrap over products x ensemble members x demand shapes "
+          "(each chosen by the held-out deviance of a product resample)")
 
 
 @dataclass(frozen=True)
