@@ -24,6 +24,15 @@ each product's slope toward the pooled one, drawn from its posterior), and the d
 (one member per draw). It is a percentile interval of the draws, moved to centre on the point
 estimate (the point fit at the pooled s).
 
+Shapes (:func:`shape_checked_uplift`): the slope is measured at history's own moves, and the
+policy's moves are larger, where a constant-elasticity curve and a linear or logit one part.
+So the check is repeated with every demand shape given to every product (the shapes train did
+not choose are fitted here on the train rows, :func:`with_every_shape`), each with its own
+held-out slope, and each draw takes the shape with the lowest held-out deviance of the
+split's units over a resample of the products (:func:`shape_choice`): shapes the held-out
+data cannot tell apart share the interval, a shape it rejects gets no draw. The point is the
+best shape's over all products.
+
 Where the held-out changes are too few to measure s, there is no checked uplift (and the
 verdict refuses to claim one).
 """
@@ -36,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    import polars as pl
+
     from pricing_cli.agent.baselines import SplitMeta
     from pricing_cli.agent.checks import PriceChangeEvents
 
@@ -50,7 +61,8 @@ POSITION_RIDGE = 0.01
 # Events whose predicted log ratio is this small carry no information on the slope.
 MIN_PREDICTED = 1e-6
 METHOD = ("realized units at historical prices x the model's unit ratio ** the held-out "
-          "response slope; cluster bootstrap over products x ensemble members")
+          "response slope; cluster bootstrap over products x ensemble members x demand shapes "
+          "(each chosen by the held-out deviance of a product resample)")
 
 
 @dataclass(frozen=True)
@@ -200,11 +212,144 @@ def checked_units(realized: np.ndarray, model_at_policy: np.ndarray,
     return np.maximum(realized, 0.0) * ratio ** slope
 
 
+@dataclass(frozen=True)
+class ShapeCheck:
+    """One demand shape's part in the checked uplift.
+
+    Attributes:
+        name: ``fitted`` (the run's own model, each product at its chosen shape) or a shape of
+            ``demand_shapes.FORMS`` given to every product.
+        models: the point model of that shape first, then ensemble members (may be none).
+        slope: the held-out response slope measured with that shape's predictions.
+        deviance: (n_series,) the shape's Poisson deviance of each product's held-out units at
+            the prices charged.
+    """
+
+    name: str
+    models: list[Any]
+    slope: ResponseSlope
+    deviance: np.ndarray
+
+
+def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_capped: bool,
+                     resamples: int = 0, seed: int = 0) -> list[Any]:
+    """``model`` with parameters for every shape of ``demand_shapes.FORMS``, then
+    ``resamples`` copies whose linear and logit parameters were refitted on bootstrap
+    resamples of the train rows (whole product-weeks, as the ensemble's refits).
+
+    Why: train fits only the shapes some product chose, so a run whose products all chose
+    loglog cannot say what a linear or logit curve through the same history would predict at
+    the policy's prices, and that is where the shapes part (docs/evaluate.md, linear and
+    logit markets). The missing shapes are fitted here as train fits them
+    (``demand_shapes.fit_shape`` on the model's calendar level, each price stretched by the
+    day's calendar scale, days capped by stock down-weighted), less the demand-surprise
+    controls, which are 0 on a typical day. The resampled copies carry the shape's own fit
+    uncertainty into the checked interval, as the ensemble members carry the run's. A model
+    without shapes or train rows: ``[model]``.
+
+    Args:
+        model: a fitted DemandModel.
+        train: the train rows it was fitted on (product_index, date, price, units[, on_hand]).
+        strength: train.demand_shrinkage.
+        detect_capped: train.demand_detect_capped.
+        resamples: refits on resampled product-weeks.
+        seed: of the resampling.
+    """
+    from dataclasses import replace
+
+    import polars as pl
+
+    from pricing_cli.agent import demand_shapes as shapes
+    from pricing_cli.agent.demand import capped_day_weights
+    from pricing_cli.agent.ensemble import bootstrap_product_weeks
+
+    params = getattr(model, "shape_params", None)
+    if params is None or train.height == 0:
+        return [model]
+    elasticity = model.product_parameters()[:, 3]
+    kept = train.select([c for c in ("product_index", "date", "price", "units", "on_hand")
+                         if c in train.columns]).filter(
+        pl.col("price").is_finite() & (pl.col("price") > 0) & pl.col("units").is_finite())
+
+    def refit(rows_frame: pl.DataFrame, params: np.ndarray, forms: list[str]) -> np.ndarray:
+        product = rows_frame["product_index"].to_numpy().astype(np.int64)
+        price = rows_frame["price"].to_numpy().astype(np.float64)
+        units = np.maximum(rows_frame["units"].to_numpy().astype(np.float64), 0.0)
+        dates = rows_frame["date"].to_numpy().astype("datetime64[D]")
+        on_hand = (rows_frame["on_hand"].cast(float).to_numpy()
+                   if "on_hand" in rows_frame.columns else None)
+        weight, _ = capped_day_weights(product, dates, units, on_hand, detect=detect_capped)
+        relative = price / model.reference_price[product]
+        rows = shapes.ShapeRows(
+            product=product, r=1.0 + model.calendar_scale(product, dates) * (relative - 1.0),
+            log_base=model.log_base_and_elasticity(product, dates)[0], units=units,
+            product_category=model.product_category, weight=weight)
+        params = params.copy()
+        for form in forms:
+            code = shapes.FORMS.index(form)
+            start = params[:, code] if params[:, code].any() else shapes.initial_params(
+                form, elasticity)
+            params[:, code] = shapes.fit_shape(form, rows, start, strength)
+        return params
+
+    missing = [form for form in shapes.FORMS[1:] if not params[:, shapes.FORMS.index(form)].any()]
+    every = replace(model, shape_params=refit(kept, params, missing) if missing else params)
+    out = [every]
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        out.append(replace(model, shape_params=refit(
+            bootstrap_product_weeks(kept, rng), every.shape_params, list(shapes.FORMS[1:]))))
+    return out
+
+
+def shape_variant(model: Any, form: str) -> Any:
+    """``model`` with every product at ``form`` (its parameters must be fitted:
+    :func:`with_every_shape`)."""
+    from dataclasses import replace
+
+    from pricing_cli.agent.demand_shapes import FORMS
+
+    return replace(model, product_form=np.full(model.n_products, FORMS.index(form), np.int8))
+
+
+def shape_choice(deviance: np.ndarray, draws: int, seed: int) -> tuple[int, np.ndarray]:
+    """Which shape each draw of the checked uplift uses: the shape with the lowest held-out
+    deviance over a cluster-bootstrap resample of the products.
+
+    Why: the held-out days at the prices charged tell the shapes apart only as far as the
+    history's own prices do, and the policy's prices lie further out, where the shapes part
+    (docs/evaluate.md, measured: at 40 products the loglog fit's checked interval missed the
+    true uplift of a linear market and of a logit one). Resampling the products and taking
+    the best shape of each resample gives every shape the share of draws the data cannot
+    take from it: a shape that fits clearly worse gets none, two shapes the data cannot
+    separate share the interval. The products are resampled as the slope's draws are (whole
+    products, with replacement), since one product's days share its errors.
+
+    Args:
+        deviance: (n_shapes, n_series) each shape's deviance of each product's held-out units.
+        draws: bootstrap draws.
+        seed: of the resampling.
+
+    Returns:
+        (the shape with the lowest deviance over all products, (draws,) the shape of each
+        draw). Ties go to the earlier shape.
+    """
+    deviance = np.asarray(deviance, dtype=np.float64)
+    best = int(np.argmin(deviance.sum(axis=1)))
+    n_series = deviance.shape[1]
+    if deviance.shape[0] == 1 or n_series == 0:
+        return best, np.full(draws, best, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_series, np.full(n_series, 1.0 / n_series), size=draws)
+    return best, np.argmin(counts @ deviance.T, axis=1).astype(np.int64)
+
+
 def checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray], models: list[Any],
                    slope: ResponseSlope, reference: np.ndarray, profits_of: Any, level: float,
                    baseline: str = "historical", units_under: Any = None
                    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Every policy's checked uplift over ``baseline``, overall and (for the agent) per product.
+    """Every policy's checked uplift over ``baseline`` under one model, overall and (for the
+    agent) per product: :func:`shape_checked_uplift` with a single shape.
 
     Args:
         meta: the evaluated split.
@@ -223,6 +368,31 @@ def checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray], models: lis
         level, draws, slope, method, fitted_point (the point fit's own uplift)}, the
         uplifts None where the baseline profit is ~0.
     """
+    check = ShapeCheck("fitted", models, slope, np.zeros(meta.series_start.size))
+    return shape_checked_uplift(meta, policies, [check], 0,
+                                np.zeros(slope.pooled_draws.size, dtype=np.int64), reference,
+                                profits_of, level, baseline, units_under)
+
+
+def shape_checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray],
+                         shapes: list[ShapeCheck], best: int, choice: np.ndarray,
+                         reference: np.ndarray, profits_of: Any, level: float,
+                         baseline: str = "historical", units_under: Any = None
+                         ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every policy's checked uplift over ``baseline`` across demand shapes.
+
+    Each shape gives a point (its point model at its own pooled slope) and draws (cluster
+    bootstrap of its slope x its ensemble members), the draws moved to centre on its point.
+    Draw b takes shape ``choice[b]`` (:func:`shape_choice`); the interval is the percentile
+    range of those draws and the point that of shape ``best``. With one shape this is the
+    interval of the one model, centred on its point. ``shapes[0]`` is the run's own model:
+    ``fitted_point`` is its own uplift.
+
+    Returns:
+        (policy -> entry, product_id -> entry of the agent); an entry is {point, low, high,
+        level, draws, slope, method, fitted_point, shape, shapes (name -> {point, share})},
+        the uplifts None where the baseline profit is ~0.
+    """
     if meta.n_rows == 0:
         return {}, {}
     realized = np.maximum(meta.units, 0.0)
@@ -231,65 +401,82 @@ def checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray], models: lis
     if units_under is None:
         def units_under(model: Any, prices: np.ndarray) -> np.ndarray:
             return model.expected_units(meta.product_index, meta.date, prices)
-    # Unit ratios per model: only the policy's price over the historical one matters.
-    at_base = [np.asarray(units_under(m, base_prices), dtype=np.float64) for m in models]
-    n_draws = slope.pooled_draws.size
-    member = np.arange(n_draws) % max(len(models) - 1, 1) + (1 if len(models) > 1 else 0)
-    tails = [(1 - level) / 2, 0.5, (1 + level) / 2]
+    n_draws = int(choice.size)
+    tails = [(1 - level) / 2, (1 + level) / 2]
     row_series = meta.series_of_row
+    n_series = meta.series_start.size
+    share = np.bincount(choice, minlength=len(shapes)) / max(n_draws, 1)
+    # Unit ratios per model: only the policy's price over the historical one matters.
+    at_base = [[np.asarray(units_under(m, base_prices), dtype=np.float64) for m in s.models]
+               for s in shapes]
+    fitted_base = profits_of(baseline, base_prices, at_base[0][0])
 
-    model_base_profit = profits_of(baseline, base_prices, at_base[0])
-
-    def entry(point: float | None, draws: np.ndarray | None, fitted: float | None
-              ) -> dict[str, Any]:
-        out: dict[str, Any] = {"point": point, "low": None, "high": None, "level": level,
-                               "draws": n_draws, "slope": slope.pooled, "method": METHOD,
-                               "fitted_point": fitted}
-        if point is not None and draws is not None:
-            low, median, high = np.quantile(draws, tails)
-            out.update(low=point - (float(median) - float(low)),
-                       high=point + (float(high) - float(median)))
-        return out
-
-    def pct(gain: np.ndarray, base: np.ndarray) -> np.ndarray | None:
+    def pct(gain: np.ndarray, base: np.ndarray | float) -> np.ndarray | None:
         if np.any(np.abs(base) < 1e-9):
             return None
         return gain / np.abs(base) * 100.0
 
+    def shape_draws(k: int, name: str, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n_series,) the point profit and (n_draws, n_series) the draws' of shape k."""
+        check = shapes[k]
+        models = check.models
+        member = (np.arange(n_draws) % max(len(models) - 1, 1)
+                  + (1 if len(models) > 1 else 0))
+        at_policy = [np.asarray(units_under(m, prices), dtype=np.float64) for m in models]
+        position = move_position(base_prices, prices, reference)
+        point = profits_of(name, prices, checked_units(
+            realized, at_policy[0], at_base[k][0], check.slope.row_slope(row_series, position)))
+        draws = np.zeros((n_draws, n_series))
+        for b in np.flatnonzero(choice == k).tolist():  # only the draws that use this shape
+            j = int(member[b])
+            draws[b] = profits_of(name, prices, checked_units(
+                realized, at_policy[j], at_base[k][j],
+                check.slope.row_slope(row_series, position, b)))
+        return point, draws
+
+    def entry(points: list[np.ndarray | None], draws: list[np.ndarray | None],
+              fitted: np.ndarray | None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "point": None, "low": None, "high": None, "level": level, "draws": n_draws,
+            "slope": shapes[best].slope.pooled, "method": METHOD,
+            "fitted_point": None if fitted is None else float(fitted),
+            "shape": shapes[best].name,
+            "shapes": {s.name: {"point": None if p is None else float(p),
+                                "share": float(share[k])}
+                       for k, (s, p) in enumerate(zip(shapes, points, strict=True))}}
+        if any(p is None for p in points) or any(d is None for d in draws):
+            return out
+        mixed = np.empty(n_draws)
+        for k, (p, d) in enumerate(zip(points, draws, strict=True)):
+            use = choice == k
+            if use.any():  # each shape's draws centred on its own point
+                assert d is not None and p is not None
+                mixed[use] = d[use] - np.median(d[use]) + p
+        low, high = np.quantile(mixed, tails)
+        out.update(point=float(points[best]), low=float(low), high=float(high))  # type: ignore[arg-type]
+        return out
+
     overall: dict[str, dict[str, Any]] = {}
     per_product: dict[str, dict[str, Any]] = {}
     for name, prices in policies.items():
-        at_policy = [np.asarray(units_under(m, prices), dtype=np.float64) for m in models]
-        position = move_position(base_prices, prices, reference)
-        point_units = checked_units(realized, at_policy[0], at_base[0],
-                                    slope.row_slope(row_series, position))
-        point_profit = profits_of(name, prices, point_units)
-        draws = np.empty((n_draws, meta.series_start.size))
-        for b in range(n_draws):
-            k = int(member[b])
-            units = checked_units(realized, at_policy[k], at_base[k],
-                                  slope.row_slope(row_series, position, b))
-            draws[b] = profits_of(name, prices, units)
-        # The fitted model's own uplift (its units for both policies), shown beside.
-        model_profit = profits_of(name, prices, at_policy[0])
-
-        def first(values: np.ndarray | None) -> float | None:
-            return None if values is None else float(values[0])
-
-        total = pct(np.array([point_profit.sum() - base_profit.sum()]),
-                    np.array([base_profit.sum()]))
-        total_draws = pct(draws.sum(axis=1) - base_profit.sum(),
-                          np.full(n_draws, base_profit.sum()))
-        fitted = pct(np.array([model_profit.sum() - model_base_profit.sum()]),
-                     np.array([model_base_profit.sum()]))
-        overall[name] = entry(first(total), total_draws, first(fitted))
+        found = [shape_draws(k, name, prices) for k in range(len(shapes))]
+        fitted_profit = profits_of(name, prices, np.asarray(
+            units_under(shapes[0].models[0], prices), dtype=np.float64))
+        base_total = float(base_profit.sum())
+        fitted = pct(np.array([fitted_profit.sum() - fitted_base.sum()]),
+                     np.array([fitted_base.sum()]))
+        overall[name] = entry(
+            [None if (v := pct(np.array([p.sum() - base_total]), base_total)) is None
+             else v[0] for p, _ in found],
+            [pct(d.sum(axis=1) - base_total, base_total) for _, d in found],
+            None if fitted is None else fitted[0])
         if name == "agent":
             for s, start in enumerate(meta.series_start):
-                own = pct(np.array([point_profit[s] - base_profit[s]]),
-                          np.array([base_profit[s]]))
-                own_draws = pct(draws[:, s] - base_profit[s], np.full(n_draws, base_profit[s]))
-                own_fitted = pct(np.array([model_profit[s] - model_base_profit[s]]),
-                                 np.array([model_base_profit[s]]))
-                per_product[str(meta.product_id[start])] = entry(first(own), own_draws,
-                                                                 first(own_fitted))
+                own_fitted = pct(np.array([fitted_profit[s] - fitted_base[s]]),
+                                 np.array([fitted_base[s]]))
+                per_product[str(meta.product_id[start])] = entry(
+                    [None if (v := pct(np.array([p[s] - base_profit[s]]), base_profit[s]))
+                     is None else v[0] for p, _ in found],
+                    [pct(d[:, s] - base_profit[s], base_profit[s]) for _, d in found],
+                    None if own_fitted is None else own_fitted[0])
     return overall, per_product

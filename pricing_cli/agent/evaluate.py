@@ -58,6 +58,9 @@ PRICE_TOLERANCE = 1e-9
 EXEMPT_POLICIES = ("oracle",)
 # Products whose historical profit is this close to zero have no meaningful uplift in %.
 MIN_BASE_PROFIT = 1e-9
+# Refits of the linear and logit shapes on resampled train weeks: their fit uncertainty in the
+# checked uplift (calibration.with_every_shape), as many as the default ensemble's members.
+SHAPE_RESAMPLES = 8
 
 if TYPE_CHECKING:
     from pricing_cli.agent.processed import ProcessedData
@@ -331,12 +334,22 @@ def uplift_intervals(meta: SplitMeta, policies: dict[str, np.ndarray], ensemble:
 
 def checked_uplifts(meta: SplitMeta, policies: dict[str, np.ndarray], point: Any,
                     ensemble: Any, change_cost: np.ndarray | None,
-                    events: checks.PriceChangeEvents, level: float, seed: int
+                    events: checks.PriceChangeEvents, level: float, seed: int,
+                    shapes_of: Any = None, window: int = 7
                     ) -> tuple[calibration.ResponseSlope | None, dict[str, dict[str, Any]],
                                dict[str, dict[str, Any]] | None]:
     """(the held-out response slope, every policy's checked uplift, the agent's per product):
-    calibration.checked_uplift with evaluate's profit rule (change costs for all but the
-    oracle). Nothing is checked (None, {}, None) where no price change measured the slope."""
+    calibration.shape_checked_uplift with evaluate's profit rule (change costs for all but the
+    oracle). Nothing is checked (None, {}, None) where no price change measured the slope.
+
+    ``shapes_of``: a callable giving the point fit with every demand shape fitted, then its
+    refits on resampled train rows (calibration.with_every_shape); then the claim also
+    weighs each shape given to every product, each with its own held-out slope, by how well
+    it predicts the split's units (calibration.shape_choice). None: the run's own model
+    only. ``window``: of ``events``.
+    """
+    from pricing_cli.agent.demand_shapes import FORMS, deviance_by_product
+
     # Positions on the price scale are relative to the point fit's reference prices (a model
     # without them: each product's median price in the split).
     if hasattr(point, "reference_price"):
@@ -345,21 +358,51 @@ def checked_uplifts(meta: SplitMeta, policies: dict[str, np.ndarray], point: Any
         medians = np.array([np.median(meta.price[start:start + length]) for start, length
                             in zip(meta.series_start, meta.series_length, strict=True)])
         reference = medians[meta.series_of_row]
-    position = calibration.move_position(meta.price[events.row - 1], meta.price[events.row],
-                                         reference[events.row])
-    slope = calibration.response_slope(events, meta.series_start.size, position, seed=seed)
+    n_series = meta.series_start.size
+    realized = np.maximum(meta.units, 0.0)
+
+    def slope_of(found: checks.PriceChangeEvents) -> calibration.ResponseSlope | None:
+        position = calibration.move_position(meta.price[found.row - 1], meta.price[found.row],
+                                             reference[found.row])
+        return calibration.response_slope(found, n_series, position, seed=seed)
+
+    def deviance_of(model: Any) -> np.ndarray:
+        return deviance_by_product(policy_units(model, meta, meta.price), realized,
+                                   meta.series_of_row, n_series)
+
+    slope = slope_of(events)
     if slope is None:
         return None, {}, None
     models = [point, *(ensemble.members if ensemble is not None else [])]
+    candidates = [calibration.ShapeCheck("fitted", models, slope, deviance_of(point))]
+    every = shapes_of() if shapes_of is not None else None
+    if every is not None:
+        held = checks.prices_held(meta)
+        own_forms = np.asarray(getattr(point, "product_form", None))
+        for form in FORMS:
+            variants = [calibration.shape_variant(m, form) for m in every]
+            if np.array_equal(variants[0].product_form, own_forms):
+                continue  # the run's own model already
+            if form == FORMS[0]:  # loglog: the ensemble's refits are its fit uncertainty
+                variants = [variants[0], *(calibration.shape_variant(m, form)
+                                           for m in models[1:])]
+            at_historical = policy_units(variants[0], meta, meta.price)
+            own = slope_of(checks.price_change_events(meta, at_historical, window,
+                                                      policy_units(variants[0], meta, held)))
+            if own is not None:
+                candidates.append(calibration.ShapeCheck(form, variants, own,
+                                                         deviance_of(variants[0])))
+    best, choice = calibration.shape_choice(np.stack([c.deviance for c in candidates]),
+                                            slope.pooled_draws.size, seed)
 
     def profits_of(name: str, prices: np.ndarray, units: np.ndarray) -> np.ndarray:
         return product_profits(meta, prices, units,
                                None if name in EXEMPT_POLICIES else change_cost)
 
-    overall, per_product = calibration.checked_uplift(
-        meta, policies, models, slope, reference, profits_of, level,
+    overall, per_product = calibration.shape_checked_uplift(
+        meta, policies, candidates, best, choice, reference, profits_of, level,
         units_under=lambda model, prices: policy_units(model, meta, prices))
-    return slope, overall, per_product
+    return candidates[best].slope, overall, per_product
 
 
 def truth_coverage(true_uplift: float | None, true_product_uplift: np.ndarray | None,
@@ -543,8 +586,10 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         if ensemble is not None else ({}, None))
     # The claim: the uplift checked against the split's own price changes (calibration.py),
     # not the fitted model's, whose ensemble shares the model's blind spots.
-    slope, checked, product_checked = checked_uplifts(meta, policies, demand, ensemble,
-                                                      change_cost, events, ev.interval, ev.seed)
+    slope, checked, product_checked = checked_uplifts(
+        meta, policies, demand, ensemble, change_cost, events, ev.interval, ev.seed,
+        functools.partial(_with_every_shape, demand, processed, settings),
+        ev.event_window_days)
     if slope is not None:
         held_out["response_slope"] = slope.as_dict()
     verdict = checks.verdict(held_out, checked.get("agent"), product_checked, ev)
@@ -633,6 +678,17 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     if truth is not None:
         inputs.append(Path(settings.data.ground_truth))
     return StageResult("evaluate", reports_dir, inputs=inputs, summary=summary, notes=notes)
+
+
+def _with_every_shape(demand: Any, processed: ProcessedData, settings: Settings) -> Any:
+    """The point fit with every demand shape fitted on the train rows (None: a model without
+    shapes, or no train split to fit them on)."""
+    if getattr(demand, "shape_params", None) is None or not processed.has_split("train"):
+        return None
+    return calibration.with_every_shape(
+        demand, processed.meta("train"), float(settings.train.demand_shrinkage),
+        bool(settings.train.demand_detect_capped), SHAPE_RESAMPLES,
+        settings.train.ensemble_seed)
 
 
 def demand_model_report(demand: Any, processed: ProcessedData, split: str, meta: SplitMeta,

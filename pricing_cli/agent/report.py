@@ -290,6 +290,11 @@ def write_report_md(path: Path, evaluation: dict[str, Any], plots: dict[str, str
             f"{slope['pooled']:.2f}x as much as the model predicted over {slope['events']} "
             f"price changes (90%: {slope['pooled_90pct'][0]:.2f} to "
             f"{slope['pooled_90pct'][1]:.2f}).")
+        if checked.get("shapes"):  # the shapes the held-out units could not tell apart
+            shares = ", ".join(f"{name} {entry['share']:.0%}" for name, entry
+                               in checked["shapes"].items() if entry["share"] > 0)
+            lines.append(f"- Demand shape of the checked uplift: {checked['shape']} (share of "
+                         f"the interval's draws by shape: {shares}).")
     if truth:
         lines.append(f"- Agent share of the oracle's profit (true demand): "
                      f"{_fmt(agent['true']['share_of_oracle_pct'], 1, '%')}.")
