@@ -13,15 +13,19 @@ import pytest
 
 from pricing_cli.config import load_settings
 from pricing_cli.data.generate import run_generate
+from pricing_cli.data.raw_contract import read_catalog, read_transaction_sums, transaction_files
 from pricing_cli.errors import ConfigError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.stages.features import (
     TrainMoments,
     assign_buckets,
     bucket_count,
+    bucket_query,
     product_table,
     run_features,
+    split_bounds,
 )
+from tests.test_features import fallback_nodes
 
 
 def tiny_settings(root: Path, **flags):
@@ -64,6 +68,28 @@ def test_bucketed_features_are_byte_identical_to_one_bucket(tiny_market):
     for name in names:
         assert (tiny_market / "one" / name).read_bytes() == (
             tiny_market / "many" / name).read_bytes(), name
+
+
+def test_a_bucket_runs_on_the_streaming_engine_without_fallback(tiny_market, tmp_path):
+    settings = tiny_settings(tiny_market)
+    catalog = read_catalog(settings.data.catalog)
+    parts: list[pl.DataFrame] = []
+    read_transaction_sums(settings.data, catalog, transaction_files(settings.data.transactions),
+                          parts.append)
+    files = []
+    for i, part in enumerate(parts):
+        files.append(tmp_path / f"sums_{i}.parquet")
+        part.sort("product_id", "date").write_parquet(files[-1])
+    sales = pl.concat(parts)
+    last_day = sales["date"].max()
+    products = assign_buckets(product_table(sales, last_day), 3)
+    bounds = split_bounds(products["first_day"].min(), last_day, settings.features)
+    members = products.filter(pl.col("bucket") == 1)
+    query = bucket_query(files, members, catalog, last_day, settings.features, bounds)
+    dot = query.show_graph(engine="streaming", plan_stage="physical", raw_output=True)
+    assert "multi-scan[parquet]" in dot
+    assert fallback_nodes(query) == []
+    assert set(query.collect()["product_id"]) == set(members["product_id"])
 
 
 def test_buckets_are_consecutive_products_with_balanced_days():

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pricing_cli.config import FeaturesSettings, Settings, parse_size
 from pricing_cli.data.raw_contract import (
@@ -215,7 +215,7 @@ def panel_query(sales: pl.LazyFrame, products: pl.DataFrame, catalog: pl.DataFra
 def daily_panel(sales: pl.DataFrame, catalog: pl.DataFrame) -> pl.DataFrame:
     """:func:`panel_query` of every product in ``sales`` (``DailySales.panel``), collected:
     the whole panel in memory (the stage itself builds it per bucket)."""
-    last_day = sales["date"].max()
+    last_day = cast(date, sales["date"].max())
     products = product_table(sales, last_day)
     return panel_query(sales.lazy(), products, catalog, last_day).collect(engine="streaming")
 
@@ -365,8 +365,8 @@ class TrainMoments:
         return scalers
 
 
-def feature_query(panel: pl.DataFrame, settings: FeaturesSettings, bounds: SplitBounds
-                  ) -> tuple[pl.LazyFrame, list[str]]:
+def feature_query(panel: pl.DataFrame | pl.LazyFrame, settings: FeaturesSettings,
+                  bounds: SplitBounds) -> tuple[pl.LazyFrame, list[str]]:
     """The lazy query that adds the split, ``ref_price`` and every feature to the daily panel
     (from :func:`daily_panel`) and drops warm-up rows.
 
@@ -485,6 +485,28 @@ def build_manifest(counts: dict[int, dict[str, int]], products: pl.DataFrame,
     }
 
 
+def bucket_query(sums_files: list[Path], members: pl.DataFrame, catalog: pl.DataFrame,
+                 last_day: date, settings: FeaturesSettings, bounds: SplitBounds) -> pl.LazyFrame:
+    """One bucket's unscaled features (:func:`feature_query`) from the files' daily sums on
+    disk: only the bucket's product_id range is read and combined.
+
+    Args:
+        sums_files: the reading pass's Parquet files of daily sums (each sorted by product_id).
+        members: the bucket's rows of :func:`product_table` (consecutive product_ids).
+        catalog: from ``read_catalog``.
+        last_day: the last date of the data.
+        settings: the features settings.
+        bounds: the split dates.
+    """
+    import polars as pl
+
+    first_id, last_id = members["product_id"][0], members["product_id"][-1]
+    sales = combine_daily_sums(pl.scan_parquet(sums_files).filter(
+        pl.col("product_id").is_between(pl.lit(first_id), pl.lit(last_id))))
+    query, _ = feature_query(panel_query(sales, members, catalog, last_day), settings, bounds)
+    return query
+
+
 @dataclass
 class _SalesScratch:
     """What the reading pass keeps: each file's daily sums on disk, every product's first
@@ -565,11 +587,7 @@ def run_features(settings: Settings, monitor: RunMonitor) -> StageResult:
         for k, members in enumerate(buckets):
             monitor.set_worker("features", f"bucket {k + 1}/{len(buckets)}: "
                                f"{members.height:,} products, {int(members['days'].sum()):,} days")
-            first_id, last_id = members["product_id"][0], members["product_id"][-1]
-            bucket_sales = combine_daily_sums(pl.scan_parquet(sales.files).filter(
-                pl.col("product_id").is_between(pl.lit(first_id), pl.lit(last_id))))
-            query, _ = feature_query(panel_query(bucket_sales, members, catalog, last_day),
-                                     config, bounds)
+            query = bucket_query(sales.files, members, catalog, last_day, config, bounds)
             # The per-product windows need each product's rows together: the streaming engine
             # runs them as memory-intensive nodes, on one bucket (docs/data-format.md).
             query.sink_parquet(unscaled[k], engine="streaming")
