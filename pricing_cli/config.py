@@ -256,6 +256,17 @@ class FeaturesSettings(Section):
     """Fraction of days (from the end, before test) used for validation."""
     test_fraction: float = Field(0.15, gt=0, lt=1)
     """Fraction of days at the end used for test."""
+    buckets: Literal["auto"] | int = "auto"
+    """Product buckets the daily panel and features are built in, one after the other, so
+    memory stays flat as products grow; auto: from the product-days and --max-memory
+    (docs/scaling.md). Changes memory and time only, never the output files."""
+
+    @field_validator("buckets")
+    @classmethod
+    def _at_least_one_bucket(cls, value: Literal["auto"] | int) -> Literal["auto"] | int:
+        if value != "auto" and not 1 <= value <= 1_000_000:
+            raise ValueError("must be 'auto' or a whole number from 1 to 1,000,000")
+        return value
 
     @field_validator("lags", "windows")
     @classmethod

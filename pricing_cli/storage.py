@@ -353,8 +353,12 @@ def folder_locks(outputs: Sequence[str | Path], inputs: Sequence[str | Path] = (
 
 
 @contextlib.contextmanager
-def staged_dir(final: str | Path, owner: str | None = None) -> Iterator[Path]:
+def staged_dir(final: str | Path, owner: str | None = None, *,
+               sync_filesystem: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces ``final`` as a whole on success.
+
+    ``sync_filesystem``: make the staged files durable with one ``syncfs`` rather than one
+    fsync each (:func:`sync_folder`), for folders of thousands of files.
 
     On any failure (including Ctrl+C) the temporary folder is removed and ``final`` keeps
     what it had before. Staging folders of ``final`` left by a killed run (kill -9 skips this
@@ -376,7 +380,7 @@ def staged_dir(final: str | Path, owner: str | None = None) -> Iterator[Path]:
         yield tmp
         if owner is not None:
             write_owner_marker(tmp, owner, list_files=True)
-        replace_dir(tmp, final)
+        replace_dir(tmp, final, sync_filesystem=sync_filesystem)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         named = _first_disk_full_error(exc)
@@ -401,18 +405,55 @@ def _nearly_full(folder: Path) -> bool:
         return False
 
 
-def replace_dir(src: Path, final: Path) -> None:
+def _syncfs(folder: Path) -> bool:
+    """Flush every dirty page and directory entry of the filesystem holding ``folder``, in one
+    call (Linux ``syncfs(2)``, which reports write-back errors since 5.8). False where the call
+    does not exist (the caller then fsyncs file by file)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return False
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs failed: {os.strerror(code)}", str(folder))
+    finally:
+        os.close(fd)
+    return True
+
+
+def sync_folder(folder: Path, *, whole_filesystem: bool = False) -> None:
+    """Make the files directly in ``folder`` durable before it is renamed into place.
+
+    ``whole_filesystem``: one ``syncfs`` instead of one fsync per file. For a folder of
+    thousands of small files (features writes one per product) this is the difference between
+    0.25 s and 30 s at 7,300 files on this project's machine (docs/scaling.md), because every
+    fsync waits for its own journal commit. The cost is flushing whatever else is dirty on that
+    filesystem, so folders of a few large files keep the per-file fsync.
+    """
+    if whole_filesystem and _syncfs(folder):
+        return
+    for child in folder.iterdir():
+        if child.is_file():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def replace_dir(src: Path, final: Path, *, sync_filesystem: bool = False) -> None:
     """Put the complete folder ``src`` at ``final`` (same filesystem), replacing what was there.
 
-    One rename when ``final`` is new. Otherwise ``final`` first becomes
+    ``src``'s files are made durable first (:func:`sync_folder`; ``sync_filesystem`` as its
+    ``whole_filesystem``). One rename when ``final`` is new. Otherwise ``final`` first becomes
     ``.tmp-old-<hex>-<name>``: a kill between the two renames leaves it under that name, and
     the next :func:`sweep_stale_staging` of ``final`` (every staged_dir starts with one) puts
     it back.
     """
-    for child in src.iterdir():
-        if child.is_file():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
+    sync_folder(src, whole_filesystem=sync_filesystem)
     if final.exists():
         old = final.with_name(f"{TMP_MARK}old-{uuid.uuid4().hex[:8]}-{final.name}")
         os.replace(final, old)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import glob
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -624,35 +624,36 @@ def read_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
     return sums, report
 
 
-def read_daily_sales(data: DataSettings, catalog: pl.DataFrame, files: Sequence[Path],
-                     monitor: RunMonitor | None = None) -> DailySales:
-    """Read every transaction file and aggregate the good rows per product and day.
+def read_transaction_sums(data: DataSettings, catalog: pl.DataFrame, files: Sequence[Path],
+                          keep: Callable[[pl.DataFrame], None],
+                          monitor: RunMonitor | None = None) -> list[FileReport]:
+    """Read every transaction file, one streaming pass each, handing each file's good daily
+    sums (:func:`file_queries`'s ``daily_sums`` without the bad-row group) to ``keep``.
 
     Args:
         data: data settings.
         catalog: from :func:`read_catalog` (only its product_ids are used here).
         files: from :func:`transaction_files`.
+        keep: called once per file, in file order, with its sums; it decides what stays in
+            memory (features writes them to disk, :func:`read_daily_sales` keeps them).
         monitor: progress is reported to it (bar ``files``), and memory checked per file.
 
     Returns:
-        :class:`DailySales`. The mean paid price of a day is revenue / units over its
-        positive-quantity rows, or the mean unit_price when the day only has returns.
+        One report per file, in file order.
 
     Raises:
-        DataError: see :func:`read_transaction_file`; also when no good row is left at all.
+        DataError: see :func:`read_transaction_file`.
     """
-    import polars as pl
-
     product_ids = catalog["product_id"]
     if monitor is not None:
         monitor.add_bar("files", "transaction files", len(files))
-    parts: list[pl.DataFrame] = []
     reports: list[FileReport] = []
     for path in files:
         if monitor is not None:
             monitor.set_worker("reader", f"reading {path.name}")
         sums, report = read_transaction_file(path, data, product_ids)
-        parts.append(sums)
+        keep(sums)
+        del sums
         reports.append(report)
         if monitor is not None:
             monitor.update_bar("files", advance=1)
@@ -662,19 +663,57 @@ def read_daily_sales(data: DataSettings, catalog: pl.DataFrame, files: Sequence[
             monitor.check_memory()
     if monitor is not None:
         monitor.clear_workers()
-    combined = pl.concat(parts).group_by("product_id", "date").agg(
-        pl.col(c).sum() for c in DAILY_SUM_COLUMNS)
-    if combined.height == 0:
-        raise DataError(f"no good transaction rows in {len(files)} file(s) matching "
-                        f"{data.transactions!r}",
-                        "Check the column map (data.columns) and the catalog's product_ids.")
-    panel = combined.select(
+    return reports
+
+
+def no_good_rows(data: DataSettings, n_files: int) -> DataError:
+    """The error for transaction files that hold no good row at all."""
+    return DataError(f"no good transaction rows in {n_files} file(s) matching "
+                     f"{data.transactions!r}",
+                     "Check the column map (data.columns) and the catalog's product_ids.")
+
+
+def combine_daily_sums(sums: pl.LazyFrame) -> pl.LazyFrame:
+    """Files' daily sums (from :func:`read_transaction_sums`) to the rows of
+    ``DailySales.panel``: summed per product and day, with the day's mean paid price
+    (revenue / units over its positive-quantity rows, or the mean unit_price when the day only
+    has returns), sorted by product_id, date."""
+    import polars as pl
+
+    return sums.group_by("product_id", "date").agg(
+        pl.col(c).sum() for c in DAILY_SUM_COLUMNS
+    ).select(
         "product_id", "date", "units", "revenue",
         pl.when(pl.col("sold_units") > 0)
         .then(pl.col("sold_revenue") / pl.col("sold_units"))
         .otherwise(pl.col("price_sum") / pl.col("n_transactions")).alias("price"),
         "n_transactions",
     ).sort("product_id", "date")
+
+
+def read_daily_sales(data: DataSettings, catalog: pl.DataFrame, files: Sequence[Path],
+                     monitor: RunMonitor | None = None) -> DailySales:
+    """Read every transaction file and aggregate the good rows per product and day, in memory.
+
+    Args:
+        data: data settings.
+        catalog: from :func:`read_catalog` (only its product_ids are used here).
+        files: from :func:`transaction_files`.
+        monitor: progress is reported to it (bar ``files``), and memory checked per file.
+
+    Returns:
+        :class:`DailySales` (its panel from :func:`combine_daily_sums`).
+
+    Raises:
+        DataError: see :func:`read_transaction_file`; also when no good row is left at all.
+    """
+    import polars as pl
+
+    parts: list[pl.DataFrame] = []
+    reports = read_transaction_sums(data, catalog, files, parts.append, monitor)
+    panel = combine_daily_sums(pl.concat(parts).lazy()).collect()
+    if panel.height == 0:
+        raise no_good_rows(data, len(files))
     return DailySales(panel, reports)
 
 

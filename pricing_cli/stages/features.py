@@ -2,37 +2,53 @@
 
 Steps (docs/data-format.md has the details and which steps run in memory):
 
-1. read and clean every transaction file in one streaming pass each (data/raw_contract.py),
-   giving the daily sales per product;
-2. fill zero-sale days: a full calendar per product from its first sale to the last day of
-   the data, price carried forward;
-3. past-only time-series features: lags, rolling mean/std (shifted by one day, so a day's
-   units never enter its own features), the reference price and price relative to it,
-   calendar and catalog features;
-4. a chronological train/val/test split by date, warm-up rows (incomplete history) dropped;
-5. scalers (mean/std) fit on train rows only and applied to every split as ``f_*`` columns;
-6. one Parquet file per product, scalers.json and feature_manifest.json, written into a
-   staged folder that replaces ``features.output_dir`` only when everything succeeded.
+1. read and clean every transaction file in one streaming pass each (data/raw_contract.py);
+   each file's daily sums per product go to a scratch Parquet file, so no step holds the
+   sales of every product at once;
+2. split the products into buckets of consecutive product_ids with about the same number of
+   product-days (:func:`bucket_count` says how many, from the size and ``--max-memory``);
+3. per bucket, on the streaming engine: fill zero-sale days (a full calendar per product from
+   its first sale to the last day of the data, price carried forward), add the past-only
+   time-series features (lags, rolling mean/std shifted by one day, so a day's units never
+   enter its own features; the reference price and price relative to it; calendar and
+   catalog features), the chronological train/val/test split, drop warm-up rows (incomplete
+   history), and write the unscaled features to scratch; the train rows' exact sums and sums
+   of squares are added up (:class:`TrainMoments`);
+4. scalers (mean/std) from those sums: train rows only, and the same bits for any bucketing;
+5. per bucket again: scale every split into ``f_*`` columns and write one Parquet file per
+   product; then scalers.json and feature_manifest.json, all in a staged folder that replaces
+   ``features.output_dir`` only when everything succeeded (made durable with one syncfs, not
+   one fsync per file).
 
-The file contract is "features → preprocess" in docs/architecture.md.
+The file contract is "features → preprocess" in docs/architecture.md. The bucketing changes
+memory and time only: the output files are the same bytes for any number of buckets.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from datetime import date, timedelta
+from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from pricing_cli.config import FeaturesSettings, Settings
-from pricing_cli.data.raw_contract import read_catalog, read_daily_sales, transaction_files
+from pricing_cli.config import FeaturesSettings, Settings, parse_size
+from pricing_cli.data.raw_contract import (
+    combine_daily_sums,
+    no_good_rows,
+    read_catalog,
+    read_transaction_sums,
+    transaction_files,
+)
 from pricing_cli.errors import ConfigError, DataError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.runinfo import StageResult
 from pricing_cli.storage import check_output_dir, staged_dir, write_json
 
 if TYPE_CHECKING:
+    import numpy as np
     import polars as pl
 
 SPLITS = ("train", "val", "test")
@@ -44,6 +60,20 @@ RAW_COLUMNS = ("product_index", "product_id", "date", "split", "units", "price",
 CURRENT_PRICE_FEATURES = ("price", "price_rel_ref", "margin", "price_position")
 # Products written per sink call: one progress step and one memory check each.
 PRODUCTS_PER_CHUNK = 500
+# How many buckets `features.buckets: auto` makes (bucket_count; docs/scaling.md, "features in
+# buckets", has the measurements behind these numbers).
+BUCKET_ROWS = 200_000
+"""Product-days of the daily panel per bucket when no memory budget is set."""
+BYTES_PER_BUCKET_ROW = 1024
+"""Peak memory one product-day of a bucket adds while its features are built and written
+(measured: about 600 bytes at the full preset; rounded up)."""
+BASE_BYTES = 384 * 2**20
+"""What features holds besides one bucket: interpreter, Polars, catalog, the reading pass."""
+MIN_BUCKET_ROWS = 20_000
+"""Smallest bucket a tight budget gets: below this, per-bucket overhead dominates."""
+SCRATCH_DIR = ".scratch"
+"""Inside the staged output folder: the files' daily sums and each bucket's unscaled features,
+removed before the folder is renamed into place (and swept with it after a kill)."""
 
 
 @dataclass(frozen=True)
@@ -130,41 +160,213 @@ def feature_definitions(settings: FeaturesSettings) -> dict[str, pl.Expr]:
     return features
 
 
-def daily_panel(sales: pl.DataFrame, catalog: pl.DataFrame) -> pl.DataFrame:
-    """Fill zero-sale days and attach the product index and catalog columns.
+def product_table(sales: pl.LazyFrame | pl.DataFrame, last_day: date) -> pl.DataFrame:
+    """Every product with sales: ``product_index`` (Int32, its position in the sorted
+    product_ids, the contract), ``product_id``, ``first_day`` (its first sale) and ``days``
+    (Int64, its rows in the daily panel: first_day to ``last_day``).
 
     Args:
-        sales: ``DailySales.panel`` (product_id, date, units, revenue, price, n_transactions).
-        catalog: from ``read_catalog``.
-
-    Returns:
-        One row per product and calendar day from the product's first sale to the last date
-        of the data, sorted by product_index then date: the raw columns of the contract
-        except ``split`` and ``ref_price``. Zero-sale days have units, revenue and
-        n_transactions 0 and yesterday's price.
+        sales: rows with ``product_id`` and ``date`` (any number per product).
+        last_day: the last date of the data.
     """
     import polars as pl
 
-    last_day = sales["date"].max()
-    # product_index: position in the sorted product_ids that have sales (the contract).
-    products = (sales.group_by("product_id").agg(pl.col("date").min().alias("first_day"))
-                .sort("product_id")
-                .with_row_index("product_index")
-                .with_columns(pl.col("product_index").cast(pl.Int32)))
-    calendar = products.select(
+    return (sales.lazy().group_by("product_id").agg(pl.col("date").min().alias("first_day"))
+            .sort("product_id")
+            .with_row_index("product_index")
+            .with_columns(pl.col("product_index").cast(pl.Int32),
+                          ((pl.lit(last_day, dtype=pl.Date) - pl.col("first_day")).dt.total_days()
+                           + 1).cast(pl.Int64).alias("days"))
+            .collect())
+
+
+def panel_query(sales: pl.LazyFrame, products: pl.DataFrame, catalog: pl.DataFrame,
+                last_day: date) -> pl.LazyFrame:
+    """The daily panel of ``products`` (rows of :func:`product_table`) as a lazy query: zero-sale
+    days filled, product index and catalog columns attached.
+
+    Args:
+        sales: ``DailySales.panel`` rows (product_id, date, units, revenue, price,
+            n_transactions); rows of other products are left out by the join.
+        products: from :func:`product_table`, all of them or one bucket's.
+        catalog: from ``read_catalog``.
+        last_day: the last date of the whole data (not of these products).
+
+    Returns:
+        One row per product and calendar day from the product's first sale to ``last_day``,
+        sorted by product_index then date: the raw columns of the contract except ``split``
+        and ``ref_price``. Zero-sale days have units, revenue and n_transactions 0 and
+        yesterday's price.
+    """
+    import polars as pl
+
+    calendar = products.lazy().select(
         "product_index", "product_id",
         pl.date_ranges("first_day", pl.lit(last_day, dtype=pl.Date)).alias("date"),
     ).explode("date")
     return (calendar.join(sales, on=["product_id", "date"], how="left")
-            .join(catalog, on="product_id", how="left")
+            .join(catalog.lazy(), on="product_id", how="left")
             .sort("product_index", "date")
             .with_columns(pl.col("units", "revenue").fill_null(0.0),
                           pl.col("n_transactions").fill_null(0),
                           pl.col("price").forward_fill().over("product_index")))
 
 
-def feature_query(panel: pl.DataFrame, settings: FeaturesSettings, bounds: SplitBounds
-                  ) -> tuple[pl.LazyFrame, list[str]]:
+def daily_panel(sales: pl.DataFrame, catalog: pl.DataFrame) -> pl.DataFrame:
+    """:func:`panel_query` of every product in ``sales`` (``DailySales.panel``), collected:
+    the whole panel in memory (the stage itself builds it per bucket)."""
+    last_day = cast(date, sales["date"].max())
+    products = product_table(sales, last_day)
+    return panel_query(sales.lazy(), products, catalog, last_day).collect(engine="streaming")
+
+
+def bucket_count(panel_rows: int, n_products: int, setting: int | str,
+                 budget_bytes: int | None) -> int:
+    """How many buckets the products are split into.
+
+    ``setting`` (``features.buckets``) a number: that many (at most one per product).
+    ``"auto"``: enough that a bucket has at most ``BUCKET_ROWS`` (200,000) product-days; with a
+    memory budget (``--max-memory``), at most ``(budget - BASE_BYTES) / BYTES_PER_BUCKET_ROW``
+    product-days ((budget - 384 MiB) / 1 KiB), but never under ``MIN_BUCKET_ROWS`` (20,000).
+    E.g. the full preset (766,500 product-days) gets 4 buckets, 8 with ``--max-memory 640MB``;
+    four times its products 16.
+
+    Args:
+        panel_rows: product-days of the whole daily panel (zero-sale days included).
+        n_products: products with sales.
+        setting: ``features.buckets``.
+        budget_bytes: ``--max-memory`` in bytes, or None.
+    """
+    if setting != "auto":
+        return max(1, min(int(setting), n_products))
+    rows = BUCKET_ROWS
+    if budget_bytes is not None:
+        rows = min(rows, max(MIN_BUCKET_ROWS, (budget_bytes - BASE_BYTES) // BYTES_PER_BUCKET_ROW))
+    return max(1, min(n_products, math.ceil(panel_rows / rows)))
+
+
+def assign_buckets(products: pl.DataFrame, n_buckets: int) -> pl.DataFrame:
+    """``products`` (from :func:`product_table`) with a ``bucket`` column (Int64, 0..n-1):
+    consecutive product_indexes, about ``sum(days) / n_buckets`` product-days each (a product
+    goes to the bucket its first product-day falls in)."""
+    import polars as pl
+
+    total = max(1, int(products["days"].sum()))
+    before = pl.col("days").cum_sum() - pl.col("days")
+    return products.with_columns((before * n_buckets // total).alias("bucket"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scalers from exact sums: the same bits whatever the bucketing or the order of the rows
+
+# Sums are kept as integers in units of 2**-_SHIFT (2**-_SHIFT2 for squares): below the last
+# bit of any float64 (frexp's exponent is >= -1073, mantissas have 53 bits), so adding is exact.
+_SHIFT = 1200
+_SHIFT2 = 2 * _SHIFT
+# bincount adds in float64; its partial sums stay exact integers below 2**53 when at most
+# 2**25 values of below 2**27 go into one call.
+_BINCOUNT_CHUNK = 1 << 25
+# Dekker's exact square holds where neither x*x nor the split's pieces over- or underflow.
+_DEKKER_RANGE = (2.0**-450, 2.0**450)
+_FLOAT_MAX = Fraction(1.7976931348623157e308)
+
+
+def _exact_sum(values: np.ndarray, shift: int = _SHIFT) -> int:
+    """The exact sum of finite float64 ``values``, as an integer count of ``2**-shift``."""
+    import numpy as np
+
+    mantissa, exponent = np.frexp(values)
+    digits = (mantissa * 2.0**53).astype(np.int64)  # exact: |digits| < 2**53
+    power = exponent.astype(np.int64) - 53 + shift  # values = digits * 2**(power - shift)
+    high, low = digits >> 26, digits & ((1 << 26) - 1)  # digits = high * 2**26 + low
+    total = 0
+    for start in range(0, len(values), _BINCOUNT_CHUNK):
+        part = slice(start, start + _BINCOUNT_CHUNK)
+        offset = int(power[part].min())
+        bins = power[part] - offset
+        highs = np.bincount(bins, weights=high[part])
+        lows = np.bincount(bins, weights=low[part])
+        for index in np.flatnonzero((highs != 0) | (lows != 0)):
+            total += ((int(highs[index]) << 26) + int(lows[index])) << (int(index) + offset)
+    return total
+
+
+def _exact_square_sum(values: np.ndarray) -> int:
+    """The exact sum of the squares of finite float64 ``values``, in units of 2**-_SHIFT2."""
+    import numpy as np
+
+    size = np.abs(values)
+    dekker = (size == 0) | ((size >= _DEKKER_RANGE[0]) & (size <= _DEKKER_RANGE[1]))
+    x = values[dekker]
+    square = x * x
+    split = 134217729.0 * x  # 2**27 + 1: x = big + small, each with at most 26 bits
+    big = split - (split - x)
+    small = x - big
+    error = ((big * big - square) + 2.0 * big * small) + small * small  # square + error = x**2
+    total = _exact_sum(square, _SHIFT2) + _exact_sum(error, _SHIFT2)
+    for value in values[~dekker].tolist():  # far outside any feature's range: rare, slow
+        numerator, denominator = value.as_integer_ratio()
+        total += (numerator * numerator << _SHIFT2) // (denominator * denominator)
+    return total
+
+
+class TrainMoments:
+    """Count, exact sum and exact sum of squares of each feature over the train rows added so
+    far (:meth:`add`, one bucket at a time), so the scalers need no whole-panel state and
+    do not depend on how the rows were split into buckets or ordered."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.rows = 0
+        self.sums = dict.fromkeys(names, 0)
+        self.squares = dict.fromkeys(names, 0)
+        self.non_finite: dict[str, float] = {}
+
+    def add(self, train: pl.DataFrame) -> None:
+        """Add train rows: a frame with one Float64 column ``x_<name>`` per feature, no nulls."""
+        import numpy as np
+
+        self.rows += train.height
+        for name in self.names:
+            values = train[f"x_{name}"].to_numpy()
+            finite = np.isfinite(values)
+            if not finite.all():  # inf or nan: the mean is what float addition makes of them
+                self.non_finite[name] = float(values[~finite].sum()
+                                              + self.non_finite.get(name, 0.0))
+                values = values[finite]
+            self.sums[name] += _exact_sum(values)
+            self.squares[name] += _exact_square_sum(values)
+
+    def scalers(self) -> dict[str, dict[str, Any]]:
+        """``{"f_<name>": {"column": name, "mean": m, "std": s}}``: the mean and the standard
+        deviation (ddof 0) correctly rounded from the exact sums (the std is the square root of
+        the rounded variance); ``s`` is 1.0 for a feature that is constant on train, so scaling
+        never divides by zero.
+
+        Raises:
+            DataError: no train row was added (all were warm-up).
+        """
+        if self.rows == 0:
+            raise DataError(
+                "no train rows are left after dropping the warm-up days (incomplete history)",
+                "Use more history before features.val_start, or shorter features.lags / "
+                "features.windows / features.reference_window.")
+        scalers: dict[str, dict[str, Any]] = {}
+        for name in self.names:
+            if name in self.non_finite:
+                mean, std = self.non_finite[name], math.nan
+            else:
+                exact_mean = Fraction(self.sums[name], self.rows << _SHIFT)
+                variance = Fraction(self.squares[name], self.rows << _SHIFT2) - exact_mean ** 2
+                mean = float(exact_mean)
+                std = math.sqrt(float(variance)) if variance < _FLOAT_MAX else math.inf
+            scalers[f"f_{name}"] = {"column": name, "mean": mean,
+                                    "std": std if std > 0 else 1.0}
+        return scalers
+
+
+def feature_query(panel: pl.DataFrame | pl.LazyFrame, settings: FeaturesSettings,
+                  bounds: SplitBounds) -> tuple[pl.LazyFrame, list[str]]:
     """The lazy query that adds the split, ``ref_price`` and every feature to the daily panel
     (from :func:`daily_panel`) and drops warm-up rows.
 
@@ -190,36 +392,6 @@ def feature_query(panel: pl.DataFrame, settings: FeaturesSettings, bounds: Split
     return query, names
 
 
-def fit_scalers(frame: pl.DataFrame, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Mean and standard deviation (ddof 0) of each feature over the train rows only.
-
-    Returns:
-        ``{"f_<name>": {"column": name, "mean": m, "std": s}}``; ``s`` is 1.0 for a feature
-        that is constant on train, so scaling never divides by zero.
-
-    Raises:
-        DataError: no train row is left after the warm-up.
-    """
-    import polars as pl
-
-    train = frame.filter(pl.col("split") == "train")
-    if train.height == 0:
-        raise DataError(
-            "no train rows are left after dropping the warm-up days (incomplete history)",
-            "Use more history before features.val_start, or shorter features.lags / "
-            "features.windows / features.reference_window.")
-    stats = train.select(
-        *[pl.col(f"x_{n}").mean().alias(f"mean_{n}") for n in names],
-        *[pl.col(f"x_{n}").std(ddof=0).alias(f"std_{n}") for n in names],
-    ).row(0, named=True)
-    scalers: dict[str, dict[str, Any]] = {}
-    for name in names:
-        std = stats[f"std_{name}"]
-        scalers[f"f_{name}"] = {"column": name, "mean": stats[f"mean_{name}"],
-                                "std": std if std and std > 0 else 1.0}
-    return scalers
-
-
 def apply_scalers(frame: pl.DataFrame, scalers: dict[str, dict[str, Any]]) -> pl.DataFrame:
     """The contract's columns: raw columns in order, then ``f_*`` = (x - mean) / std, Float32."""
     import polars as pl
@@ -243,11 +415,12 @@ def write_product_files(frame: pl.DataFrame, products: pl.DataFrame, folder: Pat
     """Write one Parquet file per product into ``folder`` (the staged output folder).
 
     Args:
-        frame: from :func:`apply_scalers`, sorted by product_index then date.
-        products: ``product_index``, ``product_id`` of every product with sales; one whose
+        frame: from :func:`apply_scalers`, sorted by product_index then date; the rows of
+            ``products`` (one bucket's, or more).
+        products: ``product_index`` of every product in ``frame``'s bucket, sorted; one whose
             rows were all warm-up gets a file with no rows, so indexes stay contiguous.
         folder: where the files go.
-        monitor: bar ``products``; memory is checked between chunks.
+        monitor: bar ``products`` (added by the caller); memory is checked between chunks.
     """
     import polars as pl
 
@@ -256,7 +429,6 @@ def write_product_files(frame: pl.DataFrame, products: pl.DataFrame, folder: Pat
             raise RuntimeError("a product's rows were split over several files")
         return product_file_name(int(args.partition_keys["product_index"][0]))
 
-    monitor.add_bar("products", "product files", products.height)
     indexes = products["product_index"]
     for start in range(0, products.height, PRODUCTS_PER_CHUNK):
         chunk = indexes[start:start + PRODUCTS_PER_CHUNK]
@@ -277,17 +449,26 @@ def write_product_files(frame: pl.DataFrame, products: pl.DataFrame, folder: Pat
         monitor.check_memory()
 
 
-def build_manifest(frame: pl.DataFrame, products: pl.DataFrame, bounds: SplitBounds,
-                   scalers: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """feature_manifest.json: columns, products with their rows per split, split dates, rows,
-    scalers (the contract in docs/architecture.md), plus ``current_price_columns``."""
-    import polars as pl
-
-    counts = frame.group_by("product_index", "split").len()
+def split_counts(frame: pl.DataFrame) -> dict[int, dict[str, int]]:
+    """{product_index: {split: rows}} of the products with rows in ``frame``."""
     per_product: dict[int, dict[str, int]] = {}
-    for index, split, n in counts.iter_rows():
+    for index, split, n in frame.group_by("product_index", "split").len().iter_rows():
         per_product.setdefault(index, dict.fromkeys(SPLITS, 0))[split] = n
-    rows = {split: int(frame.filter(pl.col("split") == split).height) for split in SPLITS}
+    return per_product
+
+
+def build_manifest(counts: dict[int, dict[str, int]], products: pl.DataFrame,
+                   bounds: SplitBounds, scalers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """feature_manifest.json: columns, products with their rows per split, split dates, rows,
+    scalers (the contract in docs/architecture.md), plus ``current_price_columns``.
+
+    Args:
+        counts: :func:`split_counts` of every bucket, merged.
+        products: ``product_index``, ``product_id`` of every product with sales.
+        bounds: the split dates.
+        scalers: from :meth:`TrainMoments.scalers`.
+    """
+    rows = {split: sum(c[split] for c in counts.values()) for split in SPLITS}
     return {
         "feature_columns": list(scalers),
         "raw_columns": list(RAW_COLUMNS),
@@ -295,7 +476,7 @@ def build_manifest(frame: pl.DataFrame, products: pl.DataFrame, bounds: SplitBou
         "products": [
             {"product_index": index, "product_id": product_id,
              "file": product_file_name(index),
-             "rows": per_product.get(index, dict.fromkeys(SPLITS, 0))}
+             "rows": counts.get(index, dict.fromkeys(SPLITS, 0))}
             for index, product_id in products.select("product_index", "product_id").iter_rows()
         ],
         "splits": bounds.ranges(),
@@ -304,13 +485,60 @@ def build_manifest(frame: pl.DataFrame, products: pl.DataFrame, bounds: SplitBou
     }
 
 
+def bucket_query(sums_files: list[Path], members: pl.DataFrame, catalog: pl.DataFrame,
+                 last_day: date, settings: FeaturesSettings, bounds: SplitBounds) -> pl.LazyFrame:
+    """One bucket's unscaled features (:func:`feature_query`) from the files' daily sums on
+    disk: only the bucket's product_id range is read and combined.
+
+    Args:
+        sums_files: the reading pass's Parquet files of daily sums (each sorted by product_id).
+        members: the bucket's rows of :func:`product_table` (consecutive product_ids).
+        catalog: from ``read_catalog``.
+        last_day: the last date of the data.
+        settings: the features settings.
+        bounds: the split dates.
+    """
+    import polars as pl
+
+    first_id, last_id = members["product_id"][0], members["product_id"][-1]
+    sales = combine_daily_sums(pl.scan_parquet(sums_files).filter(
+        pl.col("product_id").is_between(pl.lit(first_id), pl.lit(last_id))))
+    query, _ = feature_query(panel_query(sales, members, catalog, last_day), settings, bounds)
+    return query
+
+
+@dataclass
+class _SalesScratch:
+    """What the reading pass keeps: each file's daily sums on disk, every product's first
+    sale and the data's last day in memory (one row per product)."""
+
+    folder: Path
+    files: list[Path]
+    first_days: pl.DataFrame | None = None
+    last_day: date | None = None
+
+    def keep(self, sums: pl.DataFrame) -> None:
+        import polars as pl
+
+        if sums.height == 0:
+            return
+        path = self.folder / f"sums_{len(self.files):05d}.parquet"
+        sums.sort("product_id", "date").write_parquet(path)
+        self.files.append(path)
+        days = sums.group_by("product_id").agg(pl.col("date").min())
+        self.first_days = days if self.first_days is None else pl.concat(
+            [self.first_days, days]).group_by("product_id").agg(pl.col("date").min())
+        last = sums["date"].max()
+        self.last_day = last if self.last_day is None else max(self.last_day, last)  # type: ignore[type-var,assignment]
+
+
 def run_features(settings: Settings, monitor: RunMonitor) -> StageResult:
     """Run the features stage (see the module docstring).
 
     Returns:
         StageResult with summary ``transaction_rows``, ``bad_rows``, ``products``,
-        ``product_days`` {split: rows}, ``feature_columns``, and one note per file that had
-        bad rows.
+        ``product_days`` {split: rows}, ``feature_columns``, ``buckets``, and one note per
+        file that had bad rows.
 
     Raises:
         MissingInputError: no transaction files or no catalog.
@@ -328,43 +556,70 @@ def run_features(settings: Settings, monitor: RunMonitor) -> StageResult:
     catalog = read_catalog(data.catalog, data.catalog_columns)
     monitor.log(f"reading {len(files)} transaction file(s) and {catalog.height:,} catalog "
                 f"products")
-    sales = read_daily_sales(data, catalog, files, monitor)
-    monitor.log(f"read {sales.transaction_rows:,} transaction rows ({sales.bad_rows:,} bad, "
-                f"skipped; {sales.outside_catalog:,} of products outside the catalog, skipped) "
-                f"into {sales.panel.height:,} product-days with sales")
+    budget = parse_size(settings.monitor.max_memory) if settings.monitor.max_memory else None
+    with staged_dir(output_dir, owner="features", sync_filesystem=True) as staging:
+        scratch = staging / SCRATCH_DIR
+        scratch.mkdir()
+        sales = _SalesScratch(scratch, [])
+        reports = read_transaction_sums(data, catalog, files, sales.keep, monitor)
+        rows, bad = sum(r.rows for r in reports), sum(r.bad_rows for r in reports)
+        outside = sum(r.outside_catalog for r in reports)
+        if sales.first_days is None or sales.last_day is None:
+            raise no_good_rows(data, len(files))
+        last_day = sales.last_day
+        products = product_table(sales.first_days, last_day)
+        panel_rows = int(products["days"].sum())
+        n_buckets = bucket_count(panel_rows, products.height, config.buckets, budget)
+        products = assign_buckets(products, n_buckets)
+        bounds = split_bounds(products["first_day"].min(), last_day, config)  # type: ignore[arg-type]
+        monitor.log(f"read {rows:,} transaction rows ({bad:,} bad, skipped; {outside:,} of "
+                    f"products outside the catalog, skipped); {panel_rows:,} product-days with "
+                    f"zero-sale days for {products.height:,} products, in {n_buckets} "
+                    f"bucket(s); splits {bounds.ranges()}")
 
-    panel = daily_panel(sales.panel, catalog)
-    first_day, last_day = panel.select(pl.col("date").min().alias("first"),
-                                       pl.col("date").max().alias("last")).row(0)
-    bounds = split_bounds(first_day, last_day, config)
-    products = panel.select("product_index", "product_id").unique("product_index").sort(
-        "product_index")
-    monitor.log(f"filled zero-sale days: {panel.height:,} product-days for "
-                f"{products.height:,} products; splits {bounds.ranges()}")
-    monitor.set_worker("features", "lags, rolling windows, calendar and catalog features")
-    query, names = feature_query(panel, config, bounds)
-    # The per-product windows need each product's rows together: the streaming engine runs
-    # them as memory-intensive nodes on the daily panel (docs/data-format.md, "in memory").
-    features = query.collect(engine="streaming")
-    del panel
-    scalers = fit_scalers(features, names)
-    frame = apply_scalers(features, scalers)
-    del features
-    monitor.clear_workers()
-    monitor.check_memory()
-    monitor.log(f"{len(names)} features; {frame.height:,} rows after the warm-up; scalers fit "
-                f"on {frame.filter(pl.col('split') == 'train').height:,} train rows")
+        # Pass 1: each bucket's panel and unscaled features, on the streaming engine, to disk;
+        # the train rows' exact sums are all the scalers need.
+        names = list(feature_definitions(config))
+        moments = TrainMoments(names)
+        monitor.add_bar("buckets", "buckets (features, then files)", 2 * n_buckets)
+        buckets = products.partition_by("bucket", maintain_order=True, include_key=False)
+        unscaled = [scratch / f"features_{k:05d}.parquet" for k in range(len(buckets))]
+        for k, members in enumerate(buckets):
+            monitor.set_worker("features", f"bucket {k + 1}/{len(buckets)}: "
+                               f"{members.height:,} products, {int(members['days'].sum()):,} days")
+            query = bucket_query(sales.files, members, catalog, last_day, config, bounds)
+            # The per-product windows need each product's rows together: the streaming engine
+            # runs them as memory-intensive nodes, on one bucket (docs/data-format.md).
+            query.sink_parquet(unscaled[k], engine="streaming")
+            moments.add(pl.scan_parquet(unscaled[k]).filter(pl.col("split") == "train")
+                        .select(f"x_{n}" for n in names).collect(engine="streaming"))
+            monitor.update_bar("buckets", advance=1)
+            monitor.check_memory()
+        for path in sales.files:
+            path.unlink()
+        scalers = moments.scalers()
+        monitor.log(f"{len(names)} features; scalers fit on {moments.rows:,} train rows")
 
-    manifest = build_manifest(frame, products, bounds, scalers)
-    with staged_dir(output_dir, owner="features") as staging:
-        write_product_files(frame, products, staging, monitor)
+        # Pass 2: scale each bucket and write its products' files.
+        monitor.add_bar("products", "product files", products.height)
+        counts: dict[int, dict[str, int]] = {}
+        for k, members in enumerate(buckets):
+            monitor.set_worker("features", f"writing bucket {k + 1}/{len(buckets)}")
+            frame = apply_scalers(pl.read_parquet(unscaled[k]), scalers)
+            counts.update(split_counts(frame))
+            write_product_files(frame, members, staging, monitor)
+            del frame
+            unscaled[k].unlink()
+            monitor.update_bar("buckets", advance=1)
+        shutil.rmtree(scratch)
+        monitor.clear_workers()
+        manifest = build_manifest(counts, products, bounds, scalers)
         write_json(staging / "scalers.json", scalers)
         write_json(staging / "feature_manifest.json", manifest)
     monitor.log(f"wrote {products.height:,} product files to {output_dir}")
 
     empty = [p["product_id"] for p in manifest["products"] if not sum(p["rows"].values())]
-    notes = [report.note() for report in sales.reports
-             if report.bad_rows or report.outside_catalog]
+    notes = [report.note() for report in reports if report.bad_rows or report.outside_catalog]
     if empty:
         notes.append(f"{len(empty)} product(s) have only warm-up days and empty files: "
                      + ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
@@ -373,12 +628,13 @@ def run_features(settings: Settings, monitor: RunMonitor) -> StageResult:
         output_dir=output_dir,
         inputs=[*files, Path(data.catalog)],
         summary={
-            "transaction_rows": sales.transaction_rows,
-            "bad_rows": sales.bad_rows,
-            "outside_catalog_rows": sales.outside_catalog,
+            "transaction_rows": rows,
+            "bad_rows": bad,
+            "outside_catalog_rows": outside,
             "products": products.height,
             "product_days": manifest["rows"],
             "feature_columns": len(scalers),
+            "buckets": n_buckets,
         },
         notes=notes,
     )
