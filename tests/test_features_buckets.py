@@ -25,7 +25,7 @@ from pricing_cli.stages.features import (
     run_features,
     split_bounds,
 )
-from tests.test_features import fallback_nodes
+from tests.support.streaming import fallback_nodes
 
 
 def tiny_settings(root: Path, **flags):
