@@ -542,7 +542,10 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
                                                       change_cost, events, ev.interval, ev.seed)
     if slope is not None:
         held_out["response_slope"] = slope.as_dict()
-    verdict = checks.verdict(held_out, checked.get("agent"), product_checked, ev)
+    # Sales capped by stock: the fit measured the response only where sales were uncapped.
+    capped = checks.capped_sales_reasons(demand.info.get("censoring"),
+                                         int(demand.info.get("rows", 0)), meta, agent_prices)
+    verdict = checks.verdict(held_out, checked.get("agent"), product_checked, ev, capped)
     demand_report = demand_model_report(
         demand, processed_dir / f"meta_{ev.split}.parquet", meta, truth, truth_index, closed)
     if true is not None:
