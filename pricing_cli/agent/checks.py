@@ -335,9 +335,9 @@ def capped_sales_reasons(censoring: dict[str, Any] | None, fit_rows: int, meta: 
     above = capped & (prices > np.where(capped, upper[meta.product_index], np.inf)
                       * (1.0 + CHANGE_TOLERANCE))
     days_pct = 100.0 * low["rows_left_out"] / fit_rows
+    products = "1 product sells" if low["products"] == 1 else f"{low['products']} products sell"
     lead = (f"sales look capped by stock on {days_pct:.0f}% of train days (the low-price "
-            f"days of {low['products']} products sell less than their demand and were left "
-            "out of the fit)")
+            f"days of {products} less than their demand and were left out of the fit)")
     per_product: dict[str, str] = {}
     for product in np.unique(meta.product_index[capped]):
         own = meta.product_index == product

@@ -761,18 +761,18 @@ def capped_low_price_days(product: np.ndarray, dates: np.ndarray, price: np.ndar
     order = np.lexsort((dates, product))
     regular = np.empty(n)
     regular[order] = _regular_prices(product[order], np.round(price[order], 2))
-    low = (price <= (1.0 - LOW_PRICE_CUT) * regular) & (weight > 0)
+    low = price <= (1.0 - LOW_PRICE_CUT) * regular
     stock = np.full(n, np.nan) if on_hand is None else np.asarray(on_hand, dtype=np.float64)
     known = np.isfinite(stock)
     low_days = np.bincount(product, low, n_products)
     # With stock: the share of low-price days that sold out (their weight is already 0).
-    low_known = (price <= (1.0 - LOW_PRICE_CUT) * regular) & known
+    low_known = low & known
     sold_out = low_known & (units >= np.where(known, stock, np.inf) - 1e-9)
     known_days = np.bincount(product, low_known, n_products)
     sold_out_share = np.bincount(product, sold_out, n_products) / np.maximum(known_days, 1)
     by_stock = (known_days >= CAPPED_MIN_LOW_DAYS) & (sold_out_share >= CAPPED_LOW_SHARE)
     # Without stock: under-dispersion of the low-price days around the first fit.
-    judged = low & ~known
+    judged = low & ~known & (weight > 0)
     pearson = (units - expected) ** 2 / np.maximum(expected, 1e-9)
     own_days = np.bincount(product, judged, n_products)
     dispersion = np.bincount(product, np.where(judged, pearson, 0.0), n_products) / np.maximum(
@@ -782,7 +782,7 @@ def capped_low_price_days(product: np.ndarray, dates: np.ndarray, price: np.ndar
                      & (own_days >= CAPPED_MIN_LOW_DAYS)
                      & (dispersion < CAPPED_PRODUCT_DISPERSION))
     capped = by_stock | by_dispersion
-    left_out = capped[product] & (price <= (1.0 - LOW_PRICE_CUT) * regular)
+    left_out = capped[product] & low
     kept = ~left_out & (weight > 0) & (units > 0)
     per_product: dict[str, Any] = {}
     for p in np.nonzero(capped)[0]:
