@@ -69,7 +69,8 @@ ZERO_AFTER_MEAN = 3.0
 # product's regular price (rolling median, REGULAR_WINDOW days either side) is a low-price day.
 # Without stock data, a Poisson count capped at a stock is under-dispersed: the products' low-
 # price days are judged when the pooled Pearson dispersion (Σ (y − λ)² / λ / n around the
-# first fit) of all of them is below CAPPED_MARKET_DISPERSION and a product's own, over
+# first fit) of all of them is below CAPPED_MARKET_DISPERSION (and CAPPED_MARKET_SDS standard
+# errors below 1) and a product's own, over
 # CAPPED_MIN_LOW_DAYS days or more, below CAPPED_PRODUCT_DISPERSION. On the generator's
 # stockouts market (stock planned for demand at the list price): 0.43 pooled, 0.35-0.55 per
 # product, 0.91 on the regular days. With stock data: a product whose stock binds on
@@ -79,6 +80,7 @@ ZERO_AFTER_MEAN = 3.0
 LOW_PRICE_CUT = 0.03
 CAPPED_MIN_LOW_DAYS = 10
 CAPPED_MARKET_DISPERSION = 0.8
+CAPPED_MARKET_SDS = 4.0
 CAPPED_PRODUCT_DISPERSION = 0.9
 CAPPED_LOW_SHARE = 0.3
 # Rounds of the control function (each refits with the lagged surprises of the last fit and
@@ -742,7 +744,8 @@ def capped_low_price_days(product: np.ndarray, dates: np.ndarray, price: np.ndar
     stock (``on_hand``, NaN where unknown) a product qualifies when its stock bound on
     CAPPED_LOW_SHARE of its low-price days or more; without, when its low-price days are
     under-dispersed around ``expected`` (the first fit's units): the pooled Pearson
-    dispersion of every product's low-price days below CAPPED_MARKET_DISPERSION and the
+    dispersion of every product's low-price days below CAPPED_MARKET_DISPERSION (and
+    CAPPED_MARKET_SDS of its standard errors below 1) and the
     product's own (CAPPED_MIN_LOW_DAYS days or more) below CAPPED_PRODUCT_DISPERSION. Poisson
     sales show 1 (more around a wrong fit), so uncapped markets are left alone; a linear
     demand's flatter response at low prices is not under-dispersed either.
@@ -755,7 +758,8 @@ def capped_low_price_days(product: np.ndarray, dates: np.ndarray, price: np.ndar
     n = len(units)
     left_out = np.zeros(n, dtype=bool)
     info: dict[str, Any] = {"low_price_cut": LOW_PRICE_CUT, "products": 0, "rows_left_out": 0,
-                            "pooled_dispersion": None, "per_product": {}}
+                            "pooled_dispersion": None, "pooled_dispersion_limit": None,
+                            "per_product": {}}
     if n == 0:
         return left_out, info
     order = np.lexsort((dates, product))
@@ -778,7 +782,13 @@ def capped_low_price_days(product: np.ndarray, dates: np.ndarray, price: np.ndar
     dispersion = np.bincount(product, np.where(judged, pearson, 0.0), n_products) / np.maximum(
         own_days, 1)
     pooled = float(pearson[judged].mean()) if judged.any() else None
-    by_dispersion = ((pooled is not None and pooled < CAPPED_MARKET_DISPERSION)
+    # A Poisson row's Pearson term has variance 2 + 1/λ: the pooled figure must also lie
+    # CAPPED_MARKET_SDS standard errors below 1 (a few dozen low-price days, or a bootstrap
+    # resample of them, can show 0.7 by chance).
+    pooled_limit = (min(CAPPED_MARKET_DISPERSION, 1.0 - CAPPED_MARKET_SDS * float(np.sqrt(
+        np.mean(2.0 + 1.0 / np.maximum(expected[judged], 1e-9)) / judged.sum())))
+        if judged.any() else 0.0)
+    by_dispersion = ((pooled is not None and pooled < pooled_limit)
                      & (own_days >= CAPPED_MIN_LOW_DAYS)
                      & (dispersion < CAPPED_PRODUCT_DISPERSION))
     capped = by_stock | by_dispersion
@@ -794,6 +804,7 @@ def capped_low_price_days(product: np.ndarray, dates: np.ndarray, price: np.ndar
             "kept_price_range": [float(band.min()), float(band.max())] if band.size else None}
     info.update(products=int(capped.sum()), rows_left_out=int(left_out.sum()),
                 pooled_dispersion=None if pooled is None else round(pooled, 3),
+                pooled_dispersion_limit=round(pooled_limit, 3),
                 per_product=per_product)
     return left_out, info
 
