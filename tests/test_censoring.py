@@ -184,3 +184,18 @@ def test_the_verdict_refuses_a_claim_above_the_uncapped_price_band() -> None:
     assert result["message"] == f"not reliable: {overall}"
     assert result["per_product"]["A"]["message"] == f"not reliable: {per_product['A']}"
     assert result["per_product"]["B"]["status"] == "reliable_uplift"
+
+
+def test_report_md_says_what_the_fit_left_out() -> None:
+    from pricing_cli.agent.report import capped_lines
+
+    low = {"products": 38, "rows_left_out": 2206, "low_price_cut": 0.03,
+           "pooled_dispersion": 0.425}
+    evaluation = {"demand_model": {"censoring": {"low_price_days": low}}}
+    assert capped_lines(evaluation) == [
+        "- Sales capped by stock: 38 products' low-price days (2206 train rows, 3% or more "
+        "below the regular price) were left out of the demand fit: their low-price sales are "
+        "under-dispersed (pooled Pearson dispersion 0.42; Poisson sales give 1)."]
+    assert capped_lines({"demand_model": {"censoring": {"low_price_days": {
+        **low, "products": 0}}}}) == []
+    assert capped_lines({"demand_model": {"censoring": None}}) == []

@@ -646,7 +646,8 @@ def demand_model_report(demand: Any, meta_path: Path, meta: SplitMeta, truth: An
 
     Returns:
         ``fit``: ``DemandModel.fit_report`` on the split (Poisson deviance, MAE and RMSE of
-        daily units, calibration by decile). ``elasticity_vs_truth`` (None without ground
+        daily units, calibration by decile). ``censoring``: the fit's censoring info (None
+        for a stand-in model). ``elasticity_vs_truth`` (None without ground
         truth): over every product-day, the mean absolute error and mean absolute relative
         error of the fitted elasticity against the true one, their correlation, and the
         median over products of each product's mean relative error.
@@ -661,7 +662,10 @@ def demand_model_report(demand: Any, meta_path: Path, meta: SplitMeta, truth: An
         keep = open_rows(frame["date"].to_numpy(), closed)
         frame = frame if keep is None else frame[keep]
     fit = demand.fit_report(frame) if frame is not None else None
-    report: dict[str, Any] = {"fit": fit, "elasticity_vs_truth": None}
+    # What the fit did about sales capped by stock (demand.capped_day_weights and
+    # capped_low_price_days), per product.
+    censoring = (getattr(demand, "info", None) or {}).get("censoring")
+    report: dict[str, Any] = {"fit": fit, "censoring": censoring, "elasticity_vs_truth": None}
     if (truth is None or truth_index is None or meta.n_rows == 0
             or not hasattr(demand, "elasticity")):
         return report
