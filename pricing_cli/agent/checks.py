@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pricing_cli.pricing import is_price_change
+from pricing_cli.pricing import CHANGE_TOLERANCE, is_price_change
 
 if TYPE_CHECKING:
     from pricing_cli.agent.baselines import SplitMeta
@@ -299,6 +299,61 @@ def failed_checks(fit: dict[str, Any], changes: dict[str, Any], cfg: EvaluateSet
     return reasons
 
 
+# Share of a capped product's rows (demand.capped_low_price_days) the policy may price above
+# the band the fit saw uncapped sales in before the verdict refuses the claim: a few rows are
+# the grid's rounding at the band's edge.
+CAPPED_ABOVE_BAND_SHARE = 0.05
+
+
+def capped_sales_reasons(censoring: dict[str, Any] | None, fit_rows: int, meta: SplitMeta,
+                         prices: np.ndarray) -> tuple[str | None, dict[str, str]]:
+    """Why the claim cannot stand when sales look capped by stock and the policy leaves the
+    prices where uncapped sales were seen (overall reason or None, and per product id).
+
+    Capped sales understate demand where stock binds (low prices): the fit then leaves those
+    days out (demand.capped_low_price_days), so its response is measured only over the price
+    band of the days kept. A policy that prices a capped product above that band on more than
+    CAPPED_ABOVE_BAND_SHARE of its rows relies on demand nobody saw uncapped, and the held-out
+    price changes (capped alike) cannot check it.
+
+    Args:
+        censoring: the fit's ``info["censoring"]`` (None: no fit information).
+        fit_rows: rows the demand model was fitted on (``info["rows"]``).
+        meta: the evaluated split.
+        prices: the policy's price of every row of ``meta``.
+    """
+    low = (censoring or {}).get("low_price_days") or {}
+    bands = low.get("per_product") or {}
+    if not bands or fit_rows <= 0:
+        return None, {}
+    upper = np.full(int(meta.product_index.max()) + 1 if meta.n_rows else 0, np.nan)
+    for key, entry in bands.items():
+        band = entry.get("kept_price_range")
+        if band is not None and int(key) < len(upper):
+            upper[int(key)] = band[1]
+    capped = np.isfinite(upper[meta.product_index]) if len(upper) else np.zeros(0, bool)
+    above = capped & (prices > np.where(capped, upper[meta.product_index], np.inf)
+                      * (1.0 + CHANGE_TOLERANCE))
+    days_pct = 100.0 * low["rows_left_out"] / fit_rows
+    products = "1 product sells" if low["products"] == 1 else f"{low['products']} products sell"
+    lead = (f"sales look capped by stock on {days_pct:.0f}% of train days (the low-price "
+            f"days of {products} less than their demand and were left out of the fit)")
+    per_product: dict[str, str] = {}
+    for product in np.unique(meta.product_index[capped]):
+        own = meta.product_index == product
+        share = float(above[own].mean())
+        if share > CAPPED_ABOVE_BAND_SHARE:
+            per_product[str(meta.product_id[own][0])] = (
+                f"{lead}; the policy prices {share:.0%} of this product's days above "
+                f"{upper[product]:.2f}, the highest price its uncapped sales were seen at")
+    share = float(above[capped].mean()) if capped.any() else 0.0
+    if share <= CAPPED_ABOVE_BAND_SHARE:
+        return None, per_product
+    return (f"{lead}; the policy prices {share:.0%} of those products' days above the highest "
+            "price their uncapped sales were seen at, where the response to price is not "
+            "measured", per_product)
+
+
 def call(reasons: list[str], interval: dict[str, Any] | None) -> dict[str, Any]:
     """One reliability call from the failed checks and the uplift interval.
 
@@ -336,19 +391,23 @@ def call(reasons: list[str], interval: dict[str, Any] | None) -> dict[str, Any]:
 
 def verdict(checks: dict[str, Any], interval: dict[str, Any] | None,
             product_intervals: dict[str, dict[str, Any]] | None,
-            cfg: EvaluateSettings) -> dict[str, Any]:
+            cfg: EvaluateSettings,
+            capped: tuple[str | None, dict[str, str]] = (None, {})) -> dict[str, Any]:
     """The overall and per-product reliability calls on the agent's uplift.
 
     A product with fewer than ``evaluate.min_product_price_changes`` price changes is judged on
     the overall sign check (the model pools its products), not refused for its own few.
+    ``capped`` (:func:`capped_sales_reasons`) leads the reasons, overall and per product.
 
     Returns:
         {status, message, reasons, thresholds, per_product: {product_id: {status, message,
         reasons}}, products_by_status}.
     """
     fit, changes = checks["fit"], checks["price_changes"]
-    overall = call(failed_checks(fit["overall"], changes["overall"], cfg, cfg.min_price_changes),
-                   interval)
+    capped_reason, capped_products = capped
+    overall = call([*([capped_reason] if capped_reason else []),
+                    *failed_checks(fit["overall"], changes["overall"], cfg,
+                                   cfg.min_price_changes)], interval)
     overall_changes = changes["overall"]
     per_product: dict[str, Any] = {}
     for product_id, product_fit in fit["per_product"].items():
@@ -357,6 +416,8 @@ def verdict(checks: dict[str, Any], interval: dict[str, Any] | None,
         reasons = failed_checks(product_fit, overall_changes if pooled else own, cfg,
                                 cfg.min_price_changes if pooled else
                                 cfg.min_product_price_changes)
+        if product_id in capped_products:
+            reasons.insert(0, capped_products[product_id])
         per_product[product_id] = call(reasons, (product_intervals or {}).get(product_id))
         per_product[product_id]["sign_check"] = "pooled" if pooled else "own"
     counts: dict[str, int] = {}

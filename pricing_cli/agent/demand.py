@@ -65,6 +65,24 @@ CAPPED_WEIGHT = 0.02
 PILE_UP_DAYS = 3
 ZERO_AFTER_RUN = 3
 ZERO_AFTER_MEAN = 3.0
+# Sales capped at low prices (capped_low_price_days): a day LOW_PRICE_CUT or more below the
+# product's regular price (rolling median, REGULAR_WINDOW days either side) is a low-price day.
+# Without stock data, a Poisson count capped at a stock is under-dispersed: the products' low-
+# price days are judged when the pooled Pearson dispersion (Σ (y − λ)² / λ / n around the
+# first fit) of all of them is below CAPPED_MARKET_DISPERSION (and CAPPED_MARKET_SDS standard
+# errors below 1) and a product's own, over
+# CAPPED_MIN_LOW_DAYS days or more, below CAPPED_PRODUCT_DISPERSION. On the generator's
+# stockouts market (stock planned for demand at the list price): 0.43 pooled, 0.35-0.55 per
+# product, 0.91 on the regular days. With stock data: a product whose stock binds on
+# CAPPED_LOW_SHARE of its low-price days or more (its uncapped ones are the low draws, so
+# leaving out only the stocked-out days still flattens the response: 1.48 fitted against a
+# true 2.54 there). Either way the product's low-price days are left out.
+LOW_PRICE_CUT = 0.03
+CAPPED_MIN_LOW_DAYS = 10
+CAPPED_MARKET_DISPERSION = 0.8
+CAPPED_MARKET_SDS = 4.0
+CAPPED_PRODUCT_DISPERSION = 0.9
+CAPPED_LOW_SHARE = 0.3
 # Rounds of the control function (each refits with the lagged surprises of the last fit and
 # the lagged prices; with the prices one round settles: a second moved the tests' confounded
 # elasticity by under 1%).
@@ -275,51 +293,73 @@ class DemandModel:
         span_days = int(np.ptp(dates.astype(np.int64))) + 1 if len(dates) else 0
         if span_days < 365:  # week-of-year shapes need a whole year of train days
             calendar["year_harmonics"] = 0
-        rows, reference_info = _select_reference(cls, rows, reference, product_category,
-                                                 categories, strength, calendar, settings)
-
-        selection: dict[str, Any] = {}
-        if len(forms) > 1:
-            holdout = _last_days(rows.product, rows.dates, n_products,
-                                 float(settings.train.demand_holdout_fraction))
-            trial = _fit_with_shapes(cls, rows.take(~holdout), reference, product_category,
-                                     categories, strength, forms, None, calendar, monitor)
-            held = rows.take(holdout)
-            deviance: dict[str, np.ndarray] = {}
-            for form in forms:
-                predicted = trial.expected_units(held.product, held.dates, held.price,
-                                                 form=form)
-                deviance[form] = shapes_module.deviance_by_product(
-                    predicted, held.units, held.product, n_products, held.weight)
-            held_rows = np.bincount(held.product, held.weight, n_products)
-            chosen = shapes_module.choose_forms(deviance, held_rows, product_category)
-            selection = {"holdout": (f"last {settings.train.demand_holdout_fraction:.0%} of each "
-                                     "product's train days"),
-                         "holdout_rows": int(holdout.sum()),
-                         "holdout_deviance_per_row": {
-                             f: float(deviance[f].sum() / max(holdout.sum(), 1)) for f in forms}}
-        else:
-            chosen = np.full(n_products, FORMS.index(forms[0]), dtype=np.int8)
-        model = _fit_with_shapes(cls, rows, reference, product_category, categories, strength,
-                                 forms, chosen, calendar, monitor,
-                                 warm=trial if selection else None)
         lags = int(calendar["control_lags"])
         leads = int(calendar.get("control_leads", 0))
-        # The lagged prices beside the surprises absorb the part of a surprise that is the
-        # current fit's own elasticity error (it would otherwise take many rounds to settle).
-        log_rel_price = np.log(rows.price / reference[rows.product])
-        for _ in range(CONTROL_ROUNDS if lags or leads else 0):
-            # The control function: yesterday's (and earlier) demand surprise under the
-            # current fit. A pricer reacting to demand it saw leaves its trace there.
-            surprise = np.log((units + 0.5)
-                              / (model.expected_units(rows.product, rows.dates, rows.price) + 0.5))
+
+        def fit_rows(rows: _FitRows) -> tuple[DemandModel, _FitRows, dict[str, Any],
+                                              dict[str, Any], np.ndarray]:
+            """Reference selection, shape selection, the fit and its control rounds."""
+            rows, reference_info = _select_reference(cls, rows, reference, product_category,
+                                                     categories, strength, calendar, settings)
+
+            selection: dict[str, Any] = {}
+            if len(forms) > 1:
+                holdout = _last_days(rows.product, rows.dates, n_products,
+                                     float(settings.train.demand_holdout_fraction))
+                trial = _fit_with_shapes(cls, rows.take(~holdout), reference,
+                                         product_category, categories, strength, forms, None,
+                                         calendar, monitor)
+                held = rows.take(holdout)
+                deviance: dict[str, np.ndarray] = {}
+                for form in forms:
+                    predicted = trial.expected_units(held.product, held.dates, held.price,
+                                                     form=form)
+                    deviance[form] = shapes_module.deviance_by_product(
+                        predicted, held.units, held.product, n_products, held.weight)
+                held_rows = np.bincount(held.product, held.weight, n_products)
+                chosen = shapes_module.choose_forms(deviance, held_rows, product_category)
+                selection = {"holdout": (f"last {settings.train.demand_holdout_fraction:.0%} "
+                                         "of each product's train days"),
+                             "holdout_rows": int(holdout.sum()),
+                             "holdout_deviance_per_row": {
+                                 f: float(deviance[f].sum() / max(holdout.sum(), 1))
+                                 for f in forms}}
+            else:
+                chosen = np.full(n_products, FORMS.index(forms[0]), dtype=np.int8)
             model = _fit_with_shapes(cls, rows, reference, product_category, categories,
-                                     strength, forms, chosen, calendar, monitor, warm=model,
-                                     controls=np.column_stack([
-                                         lagged(rows, surprise, lags),
-                                         lagged(rows, log_rel_price, lags),
-                                         lagged(rows, surprise, leads, lead=True),
-                                         lagged(rows, log_rel_price, leads, lead=True)]))
+                                     strength, forms, chosen, calendar, monitor,
+                                     warm=trial if selection else None)
+            # The lagged prices beside the surprises absorb the part of a surprise that is the
+            # current fit's own elasticity error (it would otherwise take many rounds to settle).
+            log_rel_price = np.log(rows.price / reference[rows.product])
+            for _ in range(CONTROL_ROUNDS if lags or leads else 0):
+                # The control function: yesterday's (and earlier) demand surprise under the
+                # current fit. A pricer reacting to demand it saw leaves its trace there.
+                surprise = np.log((units + 0.5) / (model.expected_units(
+                    rows.product, rows.dates, rows.price) + 0.5))
+                model = _fit_with_shapes(cls, rows, reference, product_category, categories,
+                                         strength, forms, chosen, calendar, monitor, warm=model,
+                                         controls=np.column_stack([
+                                             lagged(rows, surprise, lags),
+                                             lagged(rows, log_rel_price, lags),
+                                             lagged(rows, surprise, leads, lead=True),
+                                             lagged(rows, log_rel_price, leads, lead=True)]))
+            return model, rows, reference_info, selection, chosen
+
+        model, rows, reference_info, selection, chosen = fit_rows(rows)
+        if settings.train.demand_detect_capped:
+            # Sales capped at low prices understate demand there and flatten the fitted
+            # response; such products' low-price days are left out and the fit redone.
+            expected = model.expected_units(rows.product, rows.dates, rows.price)
+            left_out, low_price_info = capped_low_price_days(
+                rows.product, rows.dates, rows.price, units, weight, expected, on_hand,
+                n_products)
+            censoring["low_price_days"] = low_price_info
+            if left_out.any():
+                weight = np.where(left_out, 0.0, weight)
+                model, rows, reference_info, selection, chosen = fit_rows(
+                    _FitRows(product=product, dates=dates, price=price, units=units,
+                             weight=weight))
         info = {"rows": int(len(units)), "rows_dropped": int((~usable).sum()),
                 "negative_unit_rows_clipped": int((raw_units < 0).sum()),
                 "products": n_products, "products_without_rows": int(no_rows.sum()),
@@ -680,6 +720,94 @@ def capped_day_weights(product: np.ndarray, dates: np.ndarray, units: np.ndarray
     return weight, info
 
 
+def _regular_prices(product: np.ndarray, price: np.ndarray) -> np.ndarray:
+    """Each row's regular price: the rolling median of its product's prices over
+    REGULAR_WINDOW rows either side (rows sorted by product, then date)."""
+    import polars as pl
+
+    return (pl.DataFrame({"p": product, "x": price})
+            .select(pl.col("x").rolling_median(window_size=2 * REGULAR_WINDOW + 1,
+                                               center=True, min_samples=1).over("p"))
+            ["x"].to_numpy())
+
+
+def capped_low_price_days(product: np.ndarray, dates: np.ndarray, price: np.ndarray,
+                          units: np.ndarray, weight: np.ndarray, expected: np.ndarray,
+                          on_hand: np.ndarray | None, n_products: int
+                          ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The low-price days of products whose sales there look capped by stock (to leave out).
+
+    Stock binds where demand is high, i.e. at low prices: the recorded sales there understate
+    demand and the fit reads a flatter response than the true one, so a policy learns to raise
+    prices. A low-price day is LOW_PRICE_CUT or more below the product's regular price. With
+    stock (``on_hand``, NaN where unknown) a product qualifies when its stock bound on
+    CAPPED_LOW_SHARE of its low-price days or more; without, when its low-price days are
+    under-dispersed around ``expected`` (the first fit's units): the pooled Pearson
+    dispersion of every product's low-price days below CAPPED_MARKET_DISPERSION (and
+    CAPPED_MARKET_SDS of its standard errors below 1) and the
+    product's own (CAPPED_MIN_LOW_DAYS days or more) below CAPPED_PRODUCT_DISPERSION. Poisson
+    sales show 1 (more around a wrong fit), so uncapped markets are left alone; a linear
+    demand's flatter response at low prices is not under-dispersed either.
+
+    Returns:
+        (rows to leave out, the fit's info: the rule's numbers and, per product left out,
+        its low-price days, dispersion, stocked-out share and the price range of the days
+        kept: the band the fit saw uncapped sales in).
+    """
+    n = len(units)
+    left_out = np.zeros(n, dtype=bool)
+    info: dict[str, Any] = {"low_price_cut": LOW_PRICE_CUT, "products": 0, "rows_left_out": 0,
+                            "pooled_dispersion": None, "pooled_dispersion_limit": None,
+                            "per_product": {}}
+    if n == 0:
+        return left_out, info
+    order = np.lexsort((dates, product))
+    regular = np.empty(n)
+    regular[order] = _regular_prices(product[order], np.round(price[order], 2))
+    low = price <= (1.0 - LOW_PRICE_CUT) * regular
+    stock = np.full(n, np.nan) if on_hand is None else np.asarray(on_hand, dtype=np.float64)
+    known = np.isfinite(stock)
+    low_days = np.bincount(product, low, n_products)
+    # With stock: the share of low-price days that sold out (their weight is already 0).
+    low_known = low & known
+    sold_out = low_known & (units >= np.where(known, stock, np.inf) - 1e-9)
+    known_days = np.bincount(product, low_known, n_products)
+    sold_out_share = np.bincount(product, sold_out, n_products) / np.maximum(known_days, 1)
+    by_stock = (known_days >= CAPPED_MIN_LOW_DAYS) & (sold_out_share >= CAPPED_LOW_SHARE)
+    # Without stock: under-dispersion of the low-price days around the first fit.
+    judged = low & ~known & (weight > 0)
+    pearson = (units - expected) ** 2 / np.maximum(expected, 1e-9)
+    own_days = np.bincount(product, judged, n_products)
+    dispersion = np.bincount(product, np.where(judged, pearson, 0.0), n_products) / np.maximum(
+        own_days, 1)
+    pooled = float(pearson[judged].mean()) if judged.any() else None
+    # A Poisson row's Pearson term has variance 2 + 1/λ: the pooled figure must also lie
+    # CAPPED_MARKET_SDS standard errors below 1 (a few dozen low-price days, or a bootstrap
+    # resample of them, can show 0.7 by chance).
+    pooled_limit = (min(CAPPED_MARKET_DISPERSION, 1.0 - CAPPED_MARKET_SDS * float(np.sqrt(
+        np.mean(2.0 + 1.0 / np.maximum(expected[judged], 1e-9)) / judged.sum())))
+        if judged.any() else 0.0)
+    by_dispersion = ((pooled is not None and pooled < pooled_limit)
+                     & (own_days >= CAPPED_MIN_LOW_DAYS)
+                     & (dispersion < CAPPED_PRODUCT_DISPERSION))
+    capped = by_stock | by_dispersion
+    left_out = capped[product] & low
+    kept = ~left_out & (weight > 0) & (units > 0)
+    per_product: dict[str, Any] = {}
+    for p in np.nonzero(capped)[0]:
+        band = price[kept & (product == p)]
+        per_product[str(int(p))] = {
+            "low_price_days": int(low_days[p]),
+            "dispersion": round(float(dispersion[p]), 3) if own_days[p] else None,
+            "stocked_out_share": round(float(sold_out_share[p]), 3) if known_days[p] else None,
+            "kept_price_range": [float(band.min()), float(band.max())] if band.size else None}
+    info.update(products=int(capped.sum()), rows_left_out=int(left_out.sum()),
+                pooled_dispersion=None if pooled is None else round(pooled, 3),
+                pooled_dispersion_limit=round(pooled_limit, 3),
+                per_product=per_product)
+    return left_out, info
+
+
 def category_price_index(product: np.ndarray, dates: np.ndarray, log_rel_price: np.ndarray,
                          product_category: np.ndarray) -> np.ndarray:
     """Each row's category price index: the mean log(price / reference) of the other
@@ -780,8 +908,6 @@ def reactive_price_weights(product: np.ndarray, dates: np.ndarray, price: np.nda
     Returns:
         (weight per row, counts for the fit's info).
     """
-    import polars as pl
-
     if len(price) == 0:
         return np.ones(0), {"products": 0, "rows_down_weighted": 0}
     # A bootstrap resample repeats whole weeks: judge each product-day once.
@@ -798,10 +924,7 @@ def reactive_price_weights(product: np.ndarray, dates: np.ndarray, price: np.nda
     weight = np.ones(n)
     order = np.lexsort((dates, product))
     p, day, x = product[order], dates[order].astype(np.int64), np.round(price[order], 2)
-    regular = (pl.DataFrame({"p": p, "x": x})
-               .select(pl.col("x").rolling_median(window_size=2 * REGULAR_WINDOW + 1,
-                                                  center=True, min_samples=1).over("p"))
-               ["x"].to_numpy())
+    regular = _regular_prices(p, x)
     at_regular = np.abs(x - regular) < 0.005
     n_products = int(p.max()) + 1
     new_run = np.ones(n, dtype=bool)

@@ -592,7 +592,10 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         ev.event_window_days)
     if slope is not None:
         held_out["response_slope"] = slope.as_dict()
-    verdict = checks.verdict(held_out, checked.get("agent"), product_checked, ev)
+    # Sales capped by stock: the fit measured the response only where sales were uncapped.
+    capped = checks.capped_sales_reasons(demand.info.get("censoring"),
+                                         int(demand.info.get("rows", 0)), meta, agent_prices)
+    verdict = checks.verdict(held_out, checked.get("agent"), product_checked, ev, capped)
     demand_report = demand_model_report(demand, processed, ev.split, meta, truth, truth_index,
                                         closed)
     if true is not None:
@@ -699,7 +702,8 @@ def demand_model_report(demand: Any, processed: ProcessedData, split: str, meta:
 
     Returns:
         ``fit``: ``DemandModel.fit_report`` on the split (Poisson deviance, MAE and RMSE of
-        daily units, calibration by decile). ``elasticity_vs_truth`` (None without ground
+        daily units, calibration by decile). ``censoring``: the fit's censoring info (None
+        for a stand-in model). ``elasticity_vs_truth`` (None without ground
         truth): over every product-day, the mean absolute error and mean absolute relative
         error of the fitted elasticity against the true one, their correlation, and the
         median over products of each product's mean relative error.
@@ -712,7 +716,10 @@ def demand_model_report(demand: Any, processed: ProcessedData, split: str, meta:
         keep = open_rows(frame["date"].to_numpy(), closed)
         frame = frame if keep is None else frame[keep]
     fit = demand.fit_report(frame) if frame is not None else None
-    report: dict[str, Any] = {"fit": fit, "elasticity_vs_truth": None}
+    # What the fit did about sales capped by stock (demand.capped_day_weights and
+    # capped_low_price_days), per product.
+    censoring = (getattr(demand, "info", None) or {}).get("censoring")
+    report: dict[str, Any] = {"fit": fit, "censoring": censoring, "elasticity_vs_truth": None}
     if (truth is None or truth_index is None or meta.n_rows == 0
             or not hasattr(demand, "elasticity")):
         return report

@@ -228,6 +228,20 @@ def _interval_text(entry: dict[str, Any]) -> str:
     return (f"{entry['level']:.0%} interval {entry['low']:+.1f}% to {entry['high']:+.1f}%")
 
 
+def capped_lines(evaluation: dict[str, Any]) -> list[str]:
+    """report.md's line on sales capped by stock at low prices (none when nothing was)."""
+    censoring = (evaluation.get("demand_model") or {}).get("censoring") or {}
+    low = censoring.get("low_price_days") or {}
+    if not low.get("products"):
+        return []
+    how = ("stock bound on most of their low-price days" if low.get("pooled_dispersion") is None
+           else f"their low-price sales are under-dispersed (pooled Pearson dispersion "
+                f"{low['pooled_dispersion']:.2f}; Poisson sales give 1)")
+    return [f"- Sales capped by stock: {low['products']} products' low-price days "
+            f"({low['rows_left_out']} train rows, {low['low_price_cut']:.0%} or more below "
+            f"the regular price) were left out of the demand fit: {how}."]
+
+
 def held_out_lines(evaluation: dict[str, Any]) -> list[str]:
     """report.md's section on the held-out checks (overall numbers and the decile table)."""
     checks = evaluation.get("held_out_checks")
@@ -246,6 +260,7 @@ def held_out_lines(evaluation: dict[str, Any]) -> list[str]:
              f"{_fmt(changes['mean_abs_error'], 3)}, response slope (actual on predicted) "
              f"{_fmt(changes['response_slope'], 2)}; {checks['price_changes']['window_days']} "
              "days before and after each change.",
+             *capped_lines(evaluation),
              "", "| decile | rows | mean predicted | mean actual |", "|---|---|---|---|"]
     lines += [f"| {c['decile']} | {c['rows']} | {c['mean_predicted']:.2f} | "
               f"{c['mean_actual']:.2f} |" for c in fit["calibration"]]

@@ -1,0 +1,201 @@
+"""Sales capped by stock where demand is high (promotions): the fit and evaluate's verdict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pricing_cli.agent import checks
+from pricing_cli.agent import demand as dm
+from pricing_cli.agent.baselines import SplitMeta
+from pricing_cli.agent.demand import DemandModel
+from pricing_cli.config import load_settings
+
+# The 13-parameter core and one shape (fast); the capped-day detection on unless a test
+# turns it off.
+FIT: dict[str, object] = {"demand_forms": ["loglog"], "demand_events": {},
+                          "demand_year_harmonics": 0, "demand_control_lags": 0,
+                          "demand_control_leads": 0, "demand_cross_price": False,
+                          "demand_reactive_prices": False,
+                          "demand_reference_half_lives": []}
+MONDAY = np.datetime64("2023-01-02")
+
+
+def settings(**train: object) -> Any:
+    flags = {f"train.{k}": v for k, v in {**FIT, **train}.items()}
+    return load_settings(preset="tiny", flags=flags, environ={})
+
+
+def promoted_market(*, stocked: bool, n_products: int = 8, n_days: int = 360, seed: int = 6
+                    ) -> tuple[pl.DataFrame, np.ndarray]:
+    """A retailer's history: list prices that move ±10% about every 60 days, 5-day promotions
+    (10-30% off) about every 30 days, units ~ Poisson(base · (price / list0) ** -e). With
+    ``stocked`` the stock is planned for the day's demand at the list price (times a
+    lognormal(0, 0.1) supply factor, plus 1.5 standard deviations), as the generator's
+    stockouts scenario does, so it binds on most promotion days; the stock goes to column
+    ``on_hand`` (drop it for a fit without stock data).
+
+    Returns:
+        (meta, true elasticity per product).
+    """
+    rng = np.random.default_rng(seed)
+    elasticity = rng.uniform(2.0, 3.0, n_products)
+    base = rng.uniform(15.0, 40.0, n_products)
+    list0 = rng.uniform(5.0, 20.0, n_products)
+    dates = MONDAY + np.arange(n_days)
+    frames = []
+    for p in range(n_products):
+        list_price = np.empty(n_days)
+        level = list0[p]
+        promo_left, discount = 0, 0.0
+        price = np.empty(n_days)
+        for t in range(n_days):
+            if rng.random() < 1 / 60:
+                level = round(level * rng.uniform(0.9, 1.1), 2)
+            if promo_left == 0 and rng.random() < 1 / 30:
+                promo_left, discount = 5, rng.uniform(0.1, 0.3)
+            list_price[t] = level
+            price[t] = round(level * (1 - discount), 2) if promo_left else level
+            promo_left = max(promo_left - 1, 0)
+            if promo_left == 0:
+                discount = 0.0
+        lam = base[p] * (price / list0[p]) ** -elasticity[p]
+        units = rng.poisson(lam).astype(np.float64)
+        plan = base[p] * (list_price / list0[p]) ** -elasticity[p]
+        stock = np.floor(plan * rng.lognormal(0.0, 0.1, n_days) + 1.5 * np.sqrt(plan))
+        if stocked:
+            units = np.minimum(units, stock)
+        frames.append(pl.DataFrame({
+            "product_index": pl.Series([p] * n_days, dtype=pl.Int32), "date": dates,
+            "price": price, "units": units, "on_hand": stock,
+            "category": [f"c{p % 2}"] * n_days}))
+    return pl.concat(frames), elasticity
+
+
+def elasticity_ratio(model: DemandModel, truth: np.ndarray) -> float:
+    """Mean over products of fitted / true elasticity."""
+    n = len(truth)
+    return float((model.elasticity(np.arange(n), np.full(n, MONDAY)) / truth).mean())
+
+
+def test_capped_promotion_sales_without_stock_data_are_found_and_left_out() -> None:
+    """Stock planned for list-price demand binds on 21% of days, most promotion days: read as
+    demand, the promotions look flat and the fit finds 0.61 of the true elasticity (the
+    pile-up and zero-after rules find 3 days: the stock varies by day). The low-price days
+    are under-dispersed around that fit (pooled Pearson 0.64; Poisson sales give 1), so those
+    of 7 of the 8 products are left out and the elasticity comes from the list-price moves:
+    within 5% of the truth."""
+    meta, truth = promoted_market(stocked=True)
+    on_hand = meta["on_hand"].to_numpy()
+    units = meta["units"].to_numpy()
+    assert float((units >= on_hand).mean()) == pytest.approx(0.21, abs=0.005)
+    meta = meta.drop("on_hand")
+    naive = DemandModel.fit(meta, settings(demand_detect_capped=False))
+    assert elasticity_ratio(naive, truth) < 0.65
+    fitted = DemandModel.fit(meta, settings())
+    assert abs(elasticity_ratio(fitted, truth) - 1.0) < 0.05
+    censoring = fitted.info["censoring"]
+    assert censoring["detected_capped_days"]["pile_up_at_max"] == 3
+    low = censoring["low_price_days"]
+    assert low["products"] == 7 and low["pooled_dispersion"] < dm.CAPPED_MARKET_DISPERSION
+    assert sorted(low["per_product"]) == ["1", "2", "3", "4", "5", "6", "7"]
+    assert all(e["dispersion"] < dm.CAPPED_PRODUCT_DISPERSION
+               for e in low["per_product"].values())
+    assert low["rows_left_out"] == sum(e["low_price_days"] for e in low["per_product"].values())
+    # The band the fit saw uncapped sales in: up to the product's highest list price.
+    second = meta.filter(pl.col("product_index") == 1)
+    assert low["per_product"]["1"]["kept_price_range"][1] == second["price"].max()
+
+
+def test_with_stock_data_the_low_price_days_of_a_binding_product_are_left_out() -> None:
+    """With the stock file, leaving out only the sold-out days keeps the promotion days whose
+    demand drew low: the response still looks flat (0.88 of the truth). Stock bound on 30% of
+    a product's low-price days or more (all 8 here), so all of them are left out: within 5%."""
+    meta, truth = promoted_market(stocked=True)
+    sold_out_only = DemandModel.fit(meta, settings(demand_detect_capped=False))
+    assert elasticity_ratio(sold_out_only, truth) < 0.9
+    assert sold_out_only.info["censoring"]["stocked_out_days_left_out"] == int(
+        (meta["units"] >= meta["on_hand"]).sum())
+    fitted = DemandModel.fit(meta, settings())
+    assert abs(elasticity_ratio(fitted, truth) - 1.0) < 0.05
+    low = fitted.info["censoring"]["low_price_days"]
+    assert low["products"] == 8 and low["pooled_dispersion"] is None
+    assert all(e["stocked_out_share"] >= dm.CAPPED_LOW_SHARE for e in low["per_product"].values())
+
+
+def test_uncapped_promotions_are_kept() -> None:
+    """The same market without a stock cap: its low-price days are Poisson (pooled dispersion
+    1.02), nothing is left out and the fit is within 3% of the truth."""
+    meta, truth = promoted_market(stocked=False)
+    fitted = DemandModel.fit(meta.drop("on_hand"), settings())
+    low = fitted.info["censoring"]["low_price_days"]
+    assert low["products"] == 0 and low["rows_left_out"] == 0
+    assert low["pooled_dispersion"] == pytest.approx(1.0, abs=0.1)
+    assert abs(elasticity_ratio(fitted, truth) - 1.0) < 0.03
+
+
+def split(prices: list[float]) -> SplitMeta:
+    """Two products, A (index 0) and B (index 1), two days each."""
+    index = np.array([0, 0, 1, 1])
+    date = np.datetime64("2024-01-01") + np.array([0, 1, 0, 1])
+    return SplitMeta(index, np.array(["A", "A", "B", "B"], dtype=object), date,
+                     np.asarray(prices, float), np.full(4, 5.0), np.full(4, 1.0),
+                     np.full(4, 1.0), np.full(4, 20.0), np.ones((2, 3), dtype=np.int8),
+                     np.full(2, np.nan))
+
+
+def test_the_verdict_refuses_a_claim_above_the_uncapped_price_band() -> None:
+    """A's uncapped sales were seen up to 10.00; the policy prices one of its two days at
+    10.10 (above 10.00 × 1.005): 50% of the capped product's days, 25 of the 200 fit rows
+    left out. B had no capped days and is not judged."""
+    censoring = {"low_price_days": {"products": 1, "rows_left_out": 25, "per_product": {
+        "0": {"low_price_days": 25, "dispersion": 0.4, "stocked_out_share": None,
+              "kept_price_range": [8.0, 10.0]}}}}
+    meta = split([9.0, 9.0, 30.0, 30.0])
+    policy = np.array([10.04, 10.10, 40.0, 40.0])
+    overall, per_product = checks.capped_sales_reasons(censoring, 200, meta, policy)
+    assert overall == (
+        "sales look capped by stock on 12% of train days (the low-price days of 1 product "
+        "sells less than their demand and were left out of the fit); the policy prices 50% of "
+        "those products' days above the highest price their uncapped sales were seen at, "
+        "where the response to price is not measured")
+    assert per_product == {"A": (
+        "sales look capped by stock on 12% of train days (the low-price days of 1 product "
+        "sells less than their demand and were left out of the fit); the policy prices 50% of "
+        "this product's days above 10.00, the highest price its uncapped sales were seen at")}
+    # Within the band (10.04 is inside the 0.5% tolerance): no reason.
+    assert checks.capped_sales_reasons(censoring, 200, meta, np.array(
+        [10.04, 9.0, 40.0, 40.0])) == (None, {})
+    assert checks.capped_sales_reasons({"stock_rows": 0}, 200, meta, policy) == (None, {})
+    # The verdict leads with it, whatever the interval says.
+    fit = {"rows": 4, "bias_pct": 0.0, "wmape": 0.1, "wmape_noise_floor": 0.1}
+    changes = {"with_sign": 40, "right_sign": 40, "sign_accuracy": 1.0}
+    held_out = {"fit": {"overall": fit, "per_product": {"A": fit, "B": fit}},
+                "price_changes": {"overall": changes,
+                                  "per_product": {"A": changes, "B": changes}}}
+    interval = {"low": 10.0, "point": 14.0, "high": 17.7, "level": 0.9}
+    result = checks.verdict(held_out, interval, {"A": interval, "B": interval},
+                            load_settings(preset="tiny", flags={}, environ={}).evaluate,
+                            (overall, per_product))
+    assert result["status"] == "not_reliable"
+    assert result["message"] == f"not reliable: {overall}"
+    assert result["per_product"]["A"]["message"] == f"not reliable: {per_product['A']}"
+    assert result["per_product"]["B"]["status"] == "reliable_uplift"
+
+
+def test_report_md_says_what_the_fit_left_out() -> None:
+    from pricing_cli.agent.report import capped_lines
+
+    low = {"products": 38, "rows_left_out": 2206, "low_price_cut": 0.03,
+           "pooled_dispersion": 0.425}
+    evaluation = {"demand_model": {"censoring": {"low_price_days": low}}}
+    assert capped_lines(evaluation) == [
+        "- Sales capped by stock: 38 products' low-price days (2206 train rows, 3% or more "
+        "below the regular price) were left out of the demand fit: their low-price sales are "
+        "under-dispersed (pooled Pearson dispersion 0.42; Poisson sales give 1)."]
+    assert capped_lines({"demand_model": {"censoring": {"low_price_days": {
+        **low, "products": 0}}}}) == []
+    assert capped_lines({"demand_model": {"censoring": None}}) == []
