@@ -593,8 +593,9 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     if slope is not None:
         held_out["response_slope"] = slope.as_dict()
     # Sales capped by stock: the fit measured the response only where sales were uncapped.
-    capped = checks.capped_sales_reasons(demand.info.get("censoring"),
-                                         int(demand.info.get("rows", 0)), meta, agent_prices)
+    fit_info = getattr(demand, "info", None) or {}  # stand-in models (tests) carry none
+    capped = checks.capped_sales_reasons(fit_info.get("censoring"), int(fit_info.get("rows", 0)),
+                                         meta, agent_prices)
     verdict = checks.verdict(held_out, checked.get("agent"), product_checked, ev, capped)
     demand_report = demand_model_report(demand, processed, ev.split, meta, truth, truth_index,
                                         closed)
