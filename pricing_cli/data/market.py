@@ -809,24 +809,44 @@ def _demand_before_runs(gt: GroundTruth, idx: np.ndarray, day: np.ndarray,
 def _inventory_paths(gt: GroundTruth, idx: np.ndarray, day: np.ndarray, units: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(expected sales, expected units on hand after the day, whether the row is its
-    season's last day) of each row, for uncapped expected demand ``units`` per row.
-
-    A fixed price path does not look at the stock, so the cumulative demand C_t of a season
-    is Poisson with the summed means, sales to date are min(C_t, S0) and a day's sales are
-    E[min(C_t, S0)] - E[min(C_t-1, S0)] (S0 the season's stock): exact, with no stock grid.
-    """
+    season's last day) of each row, for uncapped expected demand ``units`` per row
+    (:func:`sales_from_stock` on each run of a product's days inside a season, from the
+    season's stock less what the history drew from it before the run)."""
     sc = gt.scenario
     assert sc is not None and sc.season_stock is not None
     starts, season = _season_runs(sc, idx, day)
-    length = np.diff(np.append(starts, idx.size))
-    run = np.repeat(np.arange(starts.size), length)
     before = _demand_before_runs(gt, idx, day, starts, season)
+    sales, left = sales_from_stock(units, starts, sc.season_stock[idx[starts], season[starts]],
+                                   before)
+    return sales, left, day == _season_last_day(sc, season)
+
+
+def sales_from_stock(units: np.ndarray, run_start: np.ndarray, stock: np.ndarray,
+                     drawn_before: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(expected sales, expected units left after the day) of each row of runs that sell
+    from one stock each, along a fixed price path.
+
+    A fixed path does not look at the stock, so a run's cumulative demand C_t is Poisson
+    with the summed means, its sales to date min(C_t, S) and a day's expected sales
+    E[min(C_t, S)] - E[min(C_t-1, S)]: exact, with no stock grid.
+
+    Args:
+        units: (n,) uncapped expected demand of each row; runs are consecutive rows.
+        run_start: (n_runs,) the row where each run starts (the first 0, ascending).
+        stock: (n_runs,) units on hand when the run's demand began (integers).
+        drawn_before: (n_runs,) expected demand drawn from that stock before the run's
+            first row (None: 0).
+    """
+    length = np.diff(np.append(run_start, units.size))
+    run = np.repeat(np.arange(run_start.size), length)
     total = np.cumsum(units)
-    cumulative = total - np.repeat(total[starts] - units[starts], length) + before[run]
-    stock = sc.season_stock[idx, season]
-    sold = expected_sales(cumulative, stock)
-    sales = sold - expected_sales(np.maximum(cumulative - units, 0.0), stock)
-    return np.maximum(sales, 0.0), stock - sold, day == _season_last_day(sc, season)
+    cumulative = total - np.repeat(total[run_start] - units[run_start], length)
+    if drawn_before is not None:
+        cumulative = cumulative + drawn_before[run]
+    cap = np.asarray(stock, dtype=np.int64)[run]
+    sold = expected_sales(cumulative, cap)
+    sales = sold - expected_sales(np.maximum(cumulative - units, 0.0), cap)
+    return np.maximum(sales, 0.0), cap - sold
 
 
 def true_leftover_value(gt: GroundTruth, product_idx: ArrayLike, dates: ArrayLike,
