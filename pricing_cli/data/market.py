@@ -904,9 +904,10 @@ def stock_dp(units: np.ndarray, prices: np.ndarray, cost: np.ndarray, terminal: 
             (terminal: value per unit left after the run's last day; length: its days).
 
     Returns:
-        (levels (R, T) along the expected stock path from ``start_stock`` (the policy's
-        open-loop price path: each day the best level at the expected units left), value (R,)
-        the expected profit of the optimal stock-aware policy from ``start_stock``).
+        (levels (R, T): a price path, each day the level whose value is best on average over
+        the distribution of the units the path has left; value (R,): the expected profit of
+        the optimal stock-aware policy from ``start_stock``, which a fixed path can approach
+        but not exceed).
     """
     runs, horizon, levels = units.shape
     chosen = np.zeros((runs, horizon), dtype=np.int64)
@@ -942,32 +943,6 @@ def _stock_dp_block(units: np.ndarray, prices: np.ndarray, cost: np.ndarray,
     if limited:
         move = feasible_mask(np.broadcast_to(prices[:, None, :], (runs, levels, levels)),
                              prices, limit)[0].astype(bool)  # [r, from, to]
-
-    def interp(v: np.ndarray, stock: np.ndarray) -> np.ndarray:
-        """v (R, G, J) at stocks (R, ...) -> (R, ..., J)."""
-        pos = np.clip(stock / step.reshape((-1,) + (1,) * (stock.ndim - 1)), 0.0,
-                      n_points - 1.0)
-        left = np.minimum(np.floor(pos).astype(np.intp), n_points - 2)
-        frac = (pos - left)[..., None]
-        flat = left.reshape(runs, -1, 1)
-        below = np.take_along_axis(v, flat, axis=1)
-        above = np.take_along_axis(v, flat + 1, axis=1)
-        shape = (*stock.shape, v.shape[2])
-        return below.reshape(shape) * (1.0 - frac) + above.reshape(shape) * frac
-
-    def q_values(t: int, stock: np.ndarray, ahead: np.ndarray) -> np.ndarray:
-        """(R, S, K) value of each level at stocks (R, S) on day t, V_t+1 = ``ahead``."""
-        table = _poisson_table(units[:, t, :], n_max)  # (R, K, N)
-        # Contiguous (R, N, K): a transposed view would make matmul leave BLAS.
-        by_outcome = np.ascontiguousarray(table.transpose(0, 2, 1))
-        sold = np.minimum(outcome, stock[:, :, None])  # (R, S, N)
-        sales = sold @ by_outcome  # (R, S, K)
-        later = interp(ahead, np.maximum(stock[:, :, None] - outcome, 0.0))  # (R, S, N, J)
-        if later.shape[3] == 1:
-            expected = np.ascontiguousarray(later[..., 0]) @ by_outcome
-        else:  # choosing level k makes k tomorrow's yesterday
-            expected = np.einsum("rsnk,rkn->rsk", later, table)
-        return margin[:, None, :] * sales + expected
 
     # On the grid, stock s_g - n lies (n / step) grid points below s_g: each outcome's
     # probability splits between two offsets m (linear interpolation), so E[V(s_g - N)] is
@@ -1008,38 +983,60 @@ def _stock_dp_block(units: np.ndarray, prices: np.ndarray, cost: np.ndarray,
     depth = levels if limited else 1
     end_value = np.broadcast_to((terminal[:, None] * grid)[:, :, None],
                                 (runs, n_points, depth))
-    values = np.empty((horizon + 1, runs, n_points, depth))
-    values[horizon] = end_value
+    values = end_value
+    q_table = np.empty((horizon, runs, n_points, levels))
     for t in range(horizon - 1, -1, -1):
-        q = q_grid(t, values[t + 1])  # (R, G, K)
+        q = q_grid(t, values)  # (R, G, K)
+        q_table[t] = q
         if limited:
             best = np.where(move[:, None, :, :], q[:, :, None, :], -np.inf).max(axis=3)
         else:
             best = q.max(axis=2)[:, :, None]
-        values[t] = np.where((length > t)[:, None, None], best, end_value)
+        values = np.where((length > t)[:, None, None], best, end_value)
 
+    # The price path: each day the level with the best value averaged over the distribution
+    # of the units left along the path so far (the path does not look at the stock, so its
+    # cumulative demand C is Poisson and the units left are max(S - C, 0)).
     chosen = np.zeros((runs, horizon), dtype=np.int64)
-    stock = np.maximum(start_stock, 0.0).astype(np.float64)
+    stock = np.rint(np.maximum(start_stock, 0.0)).astype(np.int64)
+    count = np.arange(int(stock.max(initial=0)) + 1)
+    log_factorial = np.cumsum(np.r_[0.0, np.log(np.maximum(count[1:], 1))])
+    drawn = np.zeros(runs)
     value = np.zeros(runs)
-    previous = None
+    previous = np.zeros(runs, dtype=np.int64)
+    row_at = np.arange(runs)
     for t in range(horizon):
-        q = q_values(t, stock[:, None], values[t + 1])[:, 0, :]  # (R, K)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            power = np.where(count == 0, 0.0, count * np.log(drawn[:, None]))
+        pmf = np.where(count < stock[:, None], np.exp(power - drawn[:, None] - log_factorial),
+                       0.0)
+        mass = np.concatenate([pmf, np.clip(1.0 - pmf.sum(axis=1, keepdims=True), 0.0, 1.0)],
+                              axis=1)  # C = j for j < S, then C >= S (nothing left)
+        left = np.concatenate([np.maximum(stock[:, None] - count, 0), np.zeros((runs, 1))],
+                              axis=1) / step[:, None]
+        low_point = np.minimum(np.floor(left).astype(np.intp), n_points - 2)
+        frac = np.clip(left - low_point, 0.0, 1.0)
+        weight = (np.bincount((row_at[:, None] * n_points + low_point).ravel(),
+                              (mass * (1.0 - frac)).ravel(), minlength=runs * n_points)
+                  + np.bincount((row_at[:, None] * n_points + low_point + 1).ravel(),
+                                (mass * frac).ravel(), minlength=runs * n_points)
+                  ).reshape(runs, n_points)
+        q = np.einsum("rg,rgk->rk", weight, q_table[t])
         allowed = np.ones(q.shape, dtype=bool)
         if limited and t == 0 and prev_price is not None:
             known = np.isfinite(prev_price)
             if known.any():
                 allowed[known] = feasible_mask(prices[known], prev_price[known],
                                                limit)[0].astype(bool)
-        elif limited and previous is not None:
-            allowed = move[np.arange(runs), previous]
+        elif limited and t > 0:
+            allowed = move[row_at, previous]
         pick = np.where(allowed, q, -np.inf).argmax(axis=1)
         if t == 0:
-            value = q[np.arange(runs), pick]
-        table = _poisson_table(units[np.arange(runs), t, pick], n_max)  # (R, N)
-        sold = (np.minimum(outcome, stock[:, None]) * table).sum(axis=1)
+            value = q[row_at, pick]
         active = length > t
-        chosen[:, t] = np.where(active, pick, chosen[:, max(t - 1, 0)])
-        stock = np.where(active, stock - sold, stock)
+        pick = np.where(active, pick, previous)
+        chosen[:, t] = pick
+        drawn = np.where(active, drawn + units[row_at, t, pick], drawn)
         previous = pick
     return chosen, value
 
