@@ -601,7 +601,9 @@ def expected_sales(demand: ArrayLike, stock: ArrayLike) -> np.ndarray:
     pmf = np.exp(-safe)
     cdf = pmf.copy()
     total = np.zeros(lam.shape)
-    for k in range(int(cap.max(initial=0))):
+    # P(N > k) is below 1e-30 beyond mean + 12 sd + 12: no need to sum up to a large stock.
+    top = float(safe.max(initial=0.0))
+    for k in range(min(int(cap.max(initial=0)), math.ceil(top + 12.0 * math.sqrt(top) + 12.0))):
         total += np.where(k < cap, 1.0 - cdf, 0.0)
         pmf = pmf * safe / (k + 1)
         cdf = cdf + pmf
