@@ -105,3 +105,13 @@ def test_planner_earns_at_least_every_other_baseline_and_nearly_the_best_path(li
         assert profit(planner) >= best - 0.005 * abs(best)
         steps = np.abs(np.diff(np.r_[14.0, planner[rows]]) / np.r_[14.0, planner[rows]][:-1])
         assert np.all(steps <= limit + 1e-9)
+
+
+def test_ladder_from_a_start_price_holds_it_on_day_one_then_marks_down():
+    meta = _meta(3, 12.0)
+    demand = PowerDemand(np.array([2.0]))
+    table = inventory.level_units(meta, demand, 3)
+    # Starts at 14 (feasible from 12: +16.7%), then 30 units are 24 days of cover > 20.
+    prices = inventory.ladder_prices(meta, _runs(meta, [30], -3.0), table, 0.25, 0.05, 20.0,
+                                     np.full(3, 14.0))
+    np.testing.assert_array_equal(prices, [14.0, 12.0, 12.0])

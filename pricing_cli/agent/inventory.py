@@ -16,7 +16,7 @@ demand is Poisson) as
 * ``greedy``: each day the feasible level with the most profit today given the stock the path
   has left (myopic: blind to the salvage and to the days ahead);
 * ``static``: the best level held the whole split (feasible on day one);
-* ``ladder``: a markdown ladder: from the last price before the split, cut the price by x%
+* ``ladder``: a markdown ladder: from the best constant price (``static``), cut the price by x%
   (the nearest feasible level below it) on every day the days of cover (units left / today's
   expected demand at the current price) exceed y; x and y chosen on the validation split by a grid
   search under the fitted model.
@@ -190,21 +190,28 @@ def greedy_prices(meta: SplitMeta, runs: SeasonRuns, table: np.ndarray,
 
 
 def ladder_prices(meta: SplitMeta, runs: SeasonRuns, table: np.ndarray, max_daily_change: float,
-                  cut: float, cover_days: float) -> np.ndarray:
-    """The markdown ladder: hold the last price before the split (its first historical price
-    where unknown), and on a day whose days of cover (expected units left / the day's
-    expected demand at the held price) exceed ``cover_days`` move to the feasible level
-    nearest ``(1 - cut)`` times it."""
+                  cut: float, cover_days: float, start: np.ndarray | None = None) -> np.ndarray:
+    """The markdown ladder: start from ``start`` (per row, read on each series' first row;
+    None: the last price before the split, else the first historical price), hold it, and on
+    a day whose days of cover (expected units left / the day's expected demand at the held
+    price) exceed ``cover_days`` move to the feasible level nearest ``(1 - cut)`` times it
+    (at least one level down)."""
     from pricing_cli.data.market import expected_sales
 
     def choose(rows: np.ndarray, grid: np.ndarray, mask: np.ndarray, units: np.ndarray,
                drawn: np.ndarray, stock: np.ndarray, previous: np.ndarray) -> np.ndarray:
         at = np.arange(rows.size)
         held = np.where(np.isfinite(previous), previous, meta.price[rows])
+        first = rows == meta.series_start[meta.series_of_row[rows]]
+        if start is not None:  # day one holds the starting price (feasible: it is a level)
+            held = np.where(first, start[rows], held)
+            cutting_today = ~first
+        else:
+            cutting_today = np.ones(rows.size, dtype=bool)
         current = nearest_level(grid, held)
         left = stock - expected_sales(drawn, stock)
         cover = left / np.maximum(units[at, current], 1e-9)
-        cutting = cover > cover_days
+        cutting = (cover > cover_days) & cutting_today
         target = np.where(cutting, held * (1.0 - cut), held)
         distance = np.where(mask == 1, np.abs(grid - target[:, None]), np.inf)
         # A cut smaller than half a grid step still moves one level down.
@@ -257,15 +264,16 @@ def planned_prices(meta: SplitMeta, runs: SeasonRuns, table: np.ndarray,
     return meta.grid[meta.series_of_row, chosen[runs.run_of_row, offset]]
 
 
-def fit_ladder(meta: SplitMeta, runs: SeasonRuns, table: np.ndarray, max_daily_change: float
-               ) -> tuple[float, float, dict[str, float]]:
-    """(cut, cover days, profit of every pair) of the ladder that earns most under the
-    fitted demand on ``meta`` (the validation split); ties: the first pair in grid order."""
+def fit_ladder(meta: SplitMeta, runs: SeasonRuns, table: np.ndarray, max_daily_change: float,
+               start: np.ndarray | None = None) -> tuple[float, float, dict[str, float]]:
+    """(cut, cover days, profit of every pair) of the ladder (from ``start``) that earns most
+    under the fitted demand on ``meta`` (the validation split); ties: the first pair in grid
+    order."""
     scores: dict[str, float] = {}
     best = (LADDER_CUTS[0], float(LADDER_COVER_DAYS[0]), -np.inf)
     for cut in LADDER_CUTS:
         for days in LADDER_COVER_DAYS:
-            prices = ladder_prices(meta, runs, table, max_daily_change, cut, days)
+            prices = ladder_prices(meta, runs, table, max_daily_change, cut, days, start)
             units = table[np.arange(meta.n_rows), nearest_level(
                 meta.grid[meta.series_of_row], prices)]
             profit = runs.profit(meta, prices, units)
@@ -319,7 +327,11 @@ def inventory_baselines(settings: Any, processed_dir: Any, closed: Any, meta: Sp
     val_index = ground_truth_index(val, truth.index)
     assert val_index is not None
     val_runs = season_runs(val, truth, val_index, on_hand_of(val, stock))
-    cut, cover, scores = fit_ladder(val, val_runs, level_units(val, demand, K), max_daily_change)
+    val_table = level_units(val, demand, K)
+    # The ladder starts each season at the best constant price (its full price) and marks
+    # down from there; the last historical price may be far from any good price.
+    cut, cover, scores = fit_ladder(val, val_runs, val_table, max_daily_change,
+                                    static_prices(val, val_runs, val_table, max_daily_change))
     info: dict[str, Any] = {"ladder": {"cut": cut, "cover_days": cover,
                                        "val_profit_fitted": scores}}
 
@@ -332,8 +344,8 @@ def inventory_baselines(settings: Any, processed_dir: Any, closed: Any, meta: Sp
         "static": functools.partial(static_prices, meta, runs, table, max_daily_change),
         "greedy": functools.partial(greedy_prices, meta, runs, table, max_daily_change),
         "planner": functools.partial(planned_prices, meta, runs, table, max_daily_change),
-        "ladder": functools.partial(ladder_prices, meta, runs, table, max_daily_change, cut,
-                                    cover),
+        "ladder": lambda: ladder_prices(meta, runs, table, max_daily_change, cut, cover,
+                                        static_prices(meta, runs, table, max_daily_change)),
         "oracle": oracle,
     }
     return InventoryBaselines(runs, makers, info)
