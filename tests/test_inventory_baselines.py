@@ -61,17 +61,21 @@ def test_greedy_takes_the_most_profitable_level_given_the_stock():
     assert prices[0] == 10.0
 
 
-def test_ladder_cuts_one_level_while_the_cover_exceeds_its_threshold():
-    meta = _meta(4, 14.0)
+def test_ladder_cuts_one_level_a_week_while_the_cover_exceeds_its_threshold():
+    meta = _meta(9, 14.0)
     demand = PowerDemand(np.array([2.0]))
     table = inventory.level_units(meta, demand, 3)
     # Demand at 14 is 1.26/day, at 12 2/day: 30 units are 24 days of cover at 14, 15 at 12.
     prices = inventory.ladder_prices(meta, _runs(meta, [30], -3.0), table, 0.25, 0.05, 20.0)
-    np.testing.assert_array_equal(prices, [12.0, 12.0, 12.0, 12.0])
-    prices = inventory.ladder_prices(meta, _runs(meta, [30], -3.0), table, 0.25, 0.05, 10.0)
-    np.testing.assert_array_equal(prices, [12.0, 10.0, 10.0, 10.0])  # 15 > 10, then 8.7 < 10
+    np.testing.assert_array_equal(prices, [12.0] * 9)  # one cut, then 15 days < 20
+    # 300 units stay above 10 days of cover: a cut on day 0 and the next a week later.
+    prices = inventory.ladder_prices(meta, _runs(meta, [300], -3.0), table, 0.25, 0.05, 10.0)
+    np.testing.assert_array_equal(prices, [12.0] * 7 + [10.0] * 2)
     prices = inventory.ladder_prices(meta, _runs(meta, [30], -3.0), table, 0.25, 0.05, 30.0)
-    np.testing.assert_array_equal(prices, [14.0] * 4)
+    np.testing.assert_array_equal(prices, [14.0] * 9)
+    prices = inventory.ladder_prices(meta, _runs(meta, [30], -3.0), table, 0.25, 0.05,
+                                     math.inf)
+    np.testing.assert_array_equal(prices, [14.0] * 9)
 
 
 @pytest.mark.parametrize("limit", [0.25, 0.15])

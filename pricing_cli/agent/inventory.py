@@ -17,9 +17,9 @@ demand is Poisson) as
   has left (myopic: blind to the salvage and to the days ahead);
 * ``static``: the best level held the whole split (feasible on day one);
 * ``ladder``: a markdown ladder: from the best constant price (``static``), cut the price by x%
-  (the nearest feasible level below it) on every day the days of cover (units left / today's
-  expected demand at the current price) exceed y; x and y chosen on the validation split by a grid
-  search under the fitted model.
+  (the nearest feasible level below it) when the days of cover (units left / today's
+  expected demand at the current price) exceed y, at most once a week; x and y chosen on the
+  validation split by a grid search under the fitted model (y = inf: never, the static price).
 
 The season boundaries and the salvage value come from the ground truth's inventory section
 (a retailer knows its season and its clearance price); the units on hand from stock.csv.
@@ -28,6 +28,7 @@ These baselines keep to the daily-change rule but not to merchant rules or a tru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +41,10 @@ from pricing_cli.pricing import feasible_mask, nearest_level
 
 LADDER_CUTS = (0.05, 0.10, 0.15, 0.20, 0.30)
 """The ladder's candidate cuts (share of the current price)."""
-LADDER_COVER_DAYS = (7, 14, 21, 28, 42, 56, 91)
-"""The ladder's candidate days-of-cover thresholds."""
+LADDER_COVER_DAYS = (7.0, 14.0, 21.0, 28.0, 42.0, 56.0, 91.0, math.inf)
+"""The ladder's candidate days-of-cover thresholds (inf: never cut, the static price)."""
+LADDER_EVERY_DAYS = 7
+"""The ladder cuts at most once in this many days (a weekly markdown cadence)."""
 PLANNER_STOCK_POINTS = 61
 """Stock grid points of the fitted planner's DP (every unit up to 60 units)."""
 
@@ -195,7 +198,7 @@ def ladder_prices(meta: SplitMeta, runs: SeasonRuns, table: np.ndarray, max_dail
     None: the last price before the split, else the first historical price), hold it, and on
     a day whose days of cover (expected units left / the day's expected demand at the held
     price) exceed ``cover_days`` move to the feasible level nearest ``(1 - cut)`` times it
-    (at least one level down)."""
+    (at least one level down), at most once in LADDER_EVERY_DAYS days."""
     from pricing_cli.data.market import expected_sales
 
     def choose(rows: np.ndarray, grid: np.ndarray, mask: np.ndarray, units: np.ndarray,
@@ -211,7 +214,11 @@ def ladder_prices(meta: SplitMeta, runs: SeasonRuns, table: np.ndarray, max_dail
         current = nearest_level(grid, held)
         left = stock - expected_sales(drawn, stock)
         cover = left / np.maximum(units[at, current], 1e-9)
-        cutting = (cover > cover_days) & cutting_today
+        day = rows - meta.series_start[meta.series_of_row[rows]]
+        series = meta.series_of_row[rows]
+        due = day - last_cut[series] >= LADDER_EVERY_DAYS
+        cutting = (cover > cover_days) & cutting_today & due
+        last_cut[series[cutting]] = day[cutting]
         target = np.where(cutting, held * (1.0 - cut), held)
         distance = np.where(mask == 1, np.abs(grid - target[:, None]), np.inf)
         # A cut smaller than half a grid step still moves one level down.
@@ -220,6 +227,7 @@ def ladder_prices(meta: SplitMeta, runs: SeasonRuns, table: np.ndarray, max_dail
                             np.inf, distance)
         return distance.argmin(axis=1)
 
+    last_cut = np.full(meta.series_start.size, -LADDER_EVERY_DAYS)
     return _walk(meta, runs, table, max_daily_change, choose)
 
 
@@ -277,7 +285,7 @@ def fit_ladder(meta: SplitMeta, runs: SeasonRuns, table: np.ndarray, max_daily_c
             units = table[np.arange(meta.n_rows), nearest_level(
                 meta.grid[meta.series_of_row], prices)]
             profit = runs.profit(meta, prices, units)
-            scores[f"{cut:g}/{days}"] = profit
+            scores[f"{cut:g}/{days:g}"] = profit
             if profit > best[2]:
                 best = (cut, float(days), profit)
     return best[0], best[1], scores
@@ -332,7 +340,8 @@ def inventory_baselines(settings: Any, processed_dir: Any, closed: Any, meta: Sp
     # down from there; the last historical price may be far from any good price.
     cut, cover, scores = fit_ladder(val, val_runs, val_table, max_daily_change,
                                     static_prices(val, val_runs, val_table, max_daily_change))
-    info: dict[str, Any] = {"ladder": {"cut": cut, "cover_days": cover,
+    info: dict[str, Any] = {"ladder": {"cut": cut,  # cover None: never cuts (static)
+                                       "cover_days": None if math.isinf(cover) else cover,
                                        "val_profit_fitted": scores}}
 
     def oracle() -> np.ndarray:
