@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         if inventory and inventory.get("share_of_dp_pct"):
             share = inventory["share_of_dp_pct"]
             ladder = inventory["ladder"]
+            cover = ("never (static)" if ladder["cover_days"] is None
+                     else f"at cover > {ladder['cover_days']:g} days")
             lines += ["", f"{name}: true profit as % of the (day, stock) DP optimum "
                       f"({inventory['dp_value_true']:,.0f}); ladder cut {ladder['cut']:g} "
-                      f"at cover > {ladder['cover_days']:g} days (fitted on val)", "",
+                      f"{cover} (fitted on val)", "",
                       "| " + " | ".join(DP_POLICIES) + " |", "|" + "---|" * len(DP_POLICIES),
                       "| " + " | ".join(_pct(share.get(p)) for p in DP_POLICIES) + " |"]
     text = "\n".join(lines) + "\n"
