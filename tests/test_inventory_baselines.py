@@ -119,3 +119,19 @@ def test_ladder_from_a_start_price_holds_it_on_day_one_then_marks_down():
     prices = inventory.ladder_prices(meta, _runs(meta, [30], -3.0), table, 0.25, 0.05, 20.0,
                                      np.full(3, 14.0))
     np.testing.assert_array_equal(prices, [14.0, 12.0, 12.0])
+
+
+def test_evaluate_adds_the_salvage_to_every_profit_and_shares_the_dp_value():
+    from pricing_cli.agent.evaluate import inventory_report, score_policies
+
+    meta = _meta(2, 12.0)
+    policies = {"historical": np.array([12.0, 12.0]), "oracle": np.array([14.0, 14.0])}
+    scores = score_policies(meta, policies, lambda prices: np.array([1.0, 2.0]),
+                            reference="oracle",
+                            leftover=lambda prices: np.array([0.0, -prices[1]]))
+    # historical: (12 - 6) * 3 - 12 = 6; oracle: (14 - 6) * 3 - 14 = 10.
+    assert scores["historical"]["salvage"] == -12.0
+    assert scores["historical"]["profit"] == 6.0 and scores["oracle"]["profit"] == 10.0
+    assert scores["historical"]["share_of_oracle_pct"] == pytest.approx(60.0)
+    report = inventory_report({"dp_value_true": 20.0}, scores)
+    assert report["share_of_dp_pct"] == {"historical": 30.0, "oracle": 50.0}
