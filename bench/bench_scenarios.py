@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIO_CONFIGS = ROOT / "configs" / "scenarios"
 OUT = ROOT / "bench" / "out" / "scenarios"
 POLICIES = ("historical", "static", "greedy", "planner", "agent")
+# An inventory market: every policy's true profit as a share of the stock DP's value.
+DP_POLICIES = ("historical", "static", "greedy", "ladder", "planner", "agent", "oracle")
 QUARTER_DAYS = 91
 
 
@@ -135,6 +137,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         lines.append("| " + table_rows(name, run_scenario(name, args)) + " |")
         print(lines[-1], file=sys.stderr, flush=True)
+    for name in names:
+        inventory = json.loads((OUT / name / "reports" / "evaluation.json").read_text()).get(
+            "inventory")
+        if inventory and inventory.get("share_of_dp_pct"):
+            share = inventory["share_of_dp_pct"]
+            ladder = inventory["ladder"]
+            cover = ("never (static)" if ladder["cover_days"] is None
+                     else f"at cover > {ladder['cover_days']:g} days")
+            lines += ["", f"{name}: true profit as % of the (day, stock) DP optimum "
+                      f"({inventory['dp_value_true']:,.0f}); ladder cut {ladder['cut']:g} "
+                      f"{cover} (fitted on val)", "",
+                      "| " + " | ".join(DP_POLICIES) + " |", "|" + "---|" * len(DP_POLICIES),
+                      "| " + " | ".join(_pct(share.get(p)) for p in DP_POLICIES) + " |"]
     text = "\n".join(lines) + "\n"
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "scenarios.md").write_text(text)

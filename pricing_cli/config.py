@@ -138,7 +138,8 @@ class ScenarioSettings(Section):
     """Switches that make a market break the fitted model's assumptions (docs/market.md,
     "Scenarios"). All off is today's market; they combine, except that substitution takes
     neither demand_form (it is a logit of its own), stockouts nor reference_prices, and
-    stockouts do not combine with reference_prices."""
+    stockouts do not combine with reference_prices, nor inventory with stockouts, substitution
+    or reference_prices."""
 
     price_endogeneity: bool = False
     """An unobserved AR(1) log-demand shock that the historical pricer partly sees: it promotes
@@ -178,12 +179,25 @@ class ScenarioSettings(Section):
     """Log-demand gain per unit of (reference - price) / reference below the reference."""
     reference_loss: float = Field(2.5, ge=0.0)
     """Log-demand loss per unit of (price - reference) / reference above it (loss aversion)."""
+    inventory: Literal["off", "markdown"] = "off"
+    """Season inventory: ``markdown`` gives each product one delivery per season (a fixed
+    season stock, no reorders), sales are min(demand, on hand), and what is left at the
+    season's end is sold off at the salvage value. Writes stock.csv (on hand each day)."""
+    season_days: int = Field(91, ge=7, le=3660)
+    """Inventory: season length in days, counted back from the history's last day (the last
+    quarter is one season); the history's first season may be shorter."""
+    season_stock_ratio: float = Field(1.3, gt=0.0, le=5.0)
+    """Inventory: a season's stock as a share of its expected demand at the list prices
+    (below 1: stock binds unless the price goes up; above 1: a markdown clears it)."""
+    salvage_fraction: float = Field(0.4, ge=0.0, le=1.0)
+    """Inventory: what a unit left at the season's end fetches, as a share of its unit cost."""
 
     @property
     def active(self) -> bool:
         """Whether any switch is on (off: the market is byte for byte today's)."""
         return (self.price_endogeneity or self.demand_form != "loglog" or self.substitution
-                or self.stockouts or self.holidays or self.reference_prices)
+                or self.stockouts or self.holidays or self.reference_prices
+                or self.inventory != "off")
 
     @model_validator(mode="after")
     def _combinable(self) -> ScenarioSettings:
@@ -193,6 +207,10 @@ class ScenarioSettings(Section):
             raise ValueError("substitution does not combine with stockouts or reference_prices")
         if self.stockouts and self.reference_prices:
             raise ValueError("stockouts do not combine with reference_prices")
+        if self.inventory != "off" and (self.stockouts or self.substitution
+                                        or self.reference_prices):
+            raise ValueError("inventory does not combine with stockouts, substitution or "
+                             "reference_prices (it has a stock of its own)")
         if self.stock_file and not self.stockouts:
             raise ValueError("stock_file needs stockouts: true")
         return self

@@ -22,7 +22,7 @@ from pricing_cli.monitor import RunMonitor
 
 SCENARIOS_DIR = Path(__file__).resolve().parents[1] / "configs" / "scenarios"
 SCENARIOS = ("price_endogeneity", "linear", "logit", "substitution", "stockouts", "holidays",
-             "reference_prices")
+             "reference_prices", "markdown")
 # sha256 over (relative path, NUL, bytes) of every file `pricectl --preset tiny generate` wrote
 # (run.json and ownership markers aside), computed with the generator from before any scenario
 # existed (e30acf4^), by (numpy, polars) version: the drawn numbers and the CSV bytes may change
@@ -369,7 +369,7 @@ def test_reference_price_oracle_within_a_daily_change_limit_beats_every_feasible
     profit = _path_profit(gt, idx, days, oracle[None, :], start_ref)[0]
     assert best * (1 - 1e-12) <= profit <= unlimited * (1 + 1e-12)
     assert np.any(np.abs(np.diff(free) / free[:-1]) > limit)  # the unlimited path breaks it
-    with pytest.raises(ValueError, match="reference-price DP only"):
+    with pytest.raises(ValueError, match="reference-price and inventory DPs only"):
         market.true_optimum(_market("linear")[0], [0], [days[0]], max_daily_change=limit)
 
 

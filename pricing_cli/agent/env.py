@@ -57,6 +57,7 @@ from pricing_cli.pricing import (
     apply_rule_levels,
     feasible_mask,
     is_price_change,
+    nearest_level,
     price_grid,
     random_feasible_levels,
     restrict_to_trust_region,
@@ -139,6 +140,13 @@ class Market:
     # each row along the historical prices (where episodes start from).
     reference_effect: Any = None
     history_reference: np.ndarray | None = None
+    # Inventory (agent/inventory.py): (n,) units on hand at each row's opening (stock.csv;
+    # NaN: unknown, no cap), (n,) whether a season's delivery arrives that morning (on_hand
+    # then replaces what is left) and (n,) days to the season's last day, that day included.
+    # None: sales are demand.
+    on_hand: np.ndarray | None = None
+    delivery: np.ndarray | None = None
+    days_to_season_end: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.change_cost is None:
@@ -492,6 +500,8 @@ class EpisodeBatch:
         self.held = np.ones(size)
         # The reference-price state (used only when the market's model has the effect).
         self.reference = np.ones(size)
+        # Units on hand (inventory markets; inf: no cap).
+        self.stock = np.full(size, np.inf)
         self.mask = np.ones((size, market.price_levels), dtype=bool)
         self.episode_return = np.zeros(size)
         self.episode_profit = np.zeros(size)
@@ -520,6 +530,9 @@ class EpisodeBatch:
         self.held[slots] = m.held_days[start_rows]
         if m.history_reference is not None:
             self.reference[slots] = m.history_reference[start_rows]
+        if m.on_hand is not None:
+            known = m.on_hand[start_rows]
+            self.stock[slots] = np.where(np.isfinite(known), known, np.inf)
         self.mask[slots] = self._trusted(start_rows, apply_rule_levels(
             m.processed_masks(start_rows), m.rule_levels(start_rows), m.grid(start_rows),
             m.previous_price[start_rows]))
@@ -554,9 +567,27 @@ class EpisodeBatch:
             units = units * m.reference_factor(rows, prices, self.reference[slots])
             self.reference[slots] = m.reference_effect.next_reference(self.reference[slots],
                                                                       prices)
+        capped = m.on_hand is not None
+        if capped:
+            assert m.on_hand is not None and m.delivery is not None
+            arrived = m.delivery[rows] & np.isfinite(m.on_hand[rows])
+            self.stock[slots] = np.where(arrived, m.on_hand[rows], self.stock[slots])
         if self.sample_demand:
             units = (rng if rng is not None else np.random.default_rng()).poisson(units)
             units = units.astype(np.float64)
+            if capped:
+                units = np.minimum(units, self.stock[slots])
+        elif capped:  # expected recorded sales E[min(N, stock)] (market.expected_sales)
+            from pricing_cli.data.market import expected_sales
+
+            stock = self.stock[slots]
+            finite = np.isfinite(stock)
+            if finite.any():
+                units = units.copy()
+                units[finite] = np.minimum(expected_sales(units[finite], np.floor(stock[finite])),
+                                           stock[finite])
+        if capped:
+            self.stock[slots] = np.maximum(self.stock[slots] - units, 0.0)
         changed = is_price_change(prices, self.last_price[slots])
         assert m.change_cost is not None
         change_cost = m.change_cost[m.product_index[rows]] * changed
@@ -579,6 +610,21 @@ class EpisodeBatch:
         return {"rows": rows, "levels": levels, "prices": prices, "units": units,
                 "profit": profit, "change_cost": change_cost, "reward": reward,
                 "clipped": clipped, "done": done}
+
+    def stock_state(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """The inventory state of these slots: units on hand (inf: no cap), days of cover
+        (on hand / the expected demand at the last price on the next row) and days to the
+        season's end (inf without a season). Not yet part of the observation."""
+        m = self.market
+        rows = np.minimum(self.row[slots], m.n_rows - 1)
+        level = nearest_level(m.grid(rows), self.last_price[slots])
+        demand = m.units_table[rows, level].astype(np.float64)
+        stock = self.stock[slots]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cover = np.where(np.isfinite(stock), stock / np.maximum(demand, 1e-9), np.inf)
+        ahead = (np.full(slots.size, np.inf) if m.days_to_season_end is None
+                 else m.days_to_season_end[rows].astype(np.float64))
+        return {"on_hand": stock, "days_of_cover": cover, "days_to_season_end": ahead}
 
 
 class PriceEnv(gym.Env):

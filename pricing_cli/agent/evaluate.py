@@ -229,7 +229,8 @@ def product_uplift_pct(meta: SplitMeta, prices: np.ndarray, base_prices: np.ndar
 
 def score_policies(meta: SplitMeta, policies: dict[str, np.ndarray], units_fn: UnitsFn,
                    baseline: str = "historical", reference: str | None = None,
-                   change_cost: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+                   change_cost: np.ndarray | None = None,
+                   leftover: UnitsFn | None = None) -> dict[str, dict[str, Any]]:
     """Profit metrics of every policy under one demand function.
 
     Args:
@@ -239,6 +240,8 @@ def score_policies(meta: SplitMeta, policies: dict[str, np.ndarray], units_fn: U
         reference: a policy (the oracle) whose profit every policy is shown as a share of.
         change_cost: (n_products,) money per price change, charged to every policy but the
             oracle (exempt from the rules, it stays an upper bound).
+        leftover: prices -> (n,) money the stock left at a season's end adds (inventory:
+            (salvage - unit_cost) * units left); added to profit as ``salvage``.
 
     Returns:
         name -> {profit, revenue, units, margin, change_costs, uplift_pct[,
@@ -248,6 +251,12 @@ def score_policies(meta: SplitMeta, policies: dict[str, np.ndarray], units_fn: U
         name: dict(profit_metrics(meta, prices, units_fn(prices),
                                   None if name in EXEMPT_POLICIES else change_cost))
         for name, prices in policies.items()}
+    if leftover is not None:
+        for name, prices in policies.items():
+            values = scores[name]
+            values["salvage"] = float(np.sum(leftover(prices)))
+            values["profit"] += values["salvage"]
+            values["margin"] = values["profit"] / values["revenue"] if values["revenue"] else 0.0
     base = scores[baseline]["profit"]
     for values in scores.values():
         values["uplift_pct"] = uplift_pct(values["profit"], base)
@@ -257,6 +266,18 @@ def score_policies(meta: SplitMeta, policies: dict[str, np.ndarray], units_fn: U
             values["share_of_oracle_pct"] = (values["profit"] / best * 100.0
                                              if abs(best) >= MIN_BASE_PROFIT else None)
     return scores
+
+
+def inventory_report(info: dict[str, Any], true: dict[str, dict[str, Any]] | None
+                     ) -> dict[str, Any]:
+    """evaluation.json's ``inventory``: the ladder's fit, the true DP value (the optimum of a
+    stock-aware policy) and each policy's true profit as a share of it."""
+    report = dict(info)
+    value = info.get("dp_value_true")
+    if true is not None and value:
+        report["share_of_dp_pct"] = {name: entry["profit"] / value * 100.0
+                                     for name, entry in true.items()}
+    return report
 
 
 def rows_outside_trust_region(meta: SplitMeta, prices: np.ndarray) -> int | None:
@@ -538,6 +559,13 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     }
     if truth_index is not None:
         makers["oracle"] = functools.partial(oracle_prices, meta, truth, truth_index)
+    from pricing_cli.agent.inventory import inventory_baselines
+
+    # An inventory market: stock-aware baselines, the markdown ladder, and stock-capped scores.
+    stocked = inventory_baselines(settings, processed_dir, closed, meta, truth, truth_index,
+                                  decision, levels, max_daily_change)
+    if stocked is not None:
+        makers.update(stocked.makers)
     monitor.add_bar("policies", "policies priced", 1 + len(makers))
 
     monitor.set_metric("policy", "agent")
@@ -556,9 +584,15 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
         monitor.check_memory()
 
     def fitted_units(prices: np.ndarray) -> np.ndarray:
-        return policy_units(demand, meta, prices)
+        units = policy_units(demand, meta, prices)
+        return units if stocked is None else stocked.runs.sales_and_left(units)[0]
 
-    fitted = score_policies(meta, policies, fitted_units, change_cost=change_cost)
+    def fitted_leftover(prices: np.ndarray) -> np.ndarray:
+        assert stocked is not None
+        return stocked.runs.leftover_value(policy_units(demand, meta, prices))
+
+    fitted = score_policies(meta, policies, fitted_units, change_cost=change_cost,
+                            leftover=None if stocked is None else fitted_leftover)
     true: dict[str, dict[str, Any]] | None = None
     uplift_true = None
     if truth is not None:
@@ -569,8 +603,14 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
             return np.asarray(true_expected_units(truth, truth_index, meta.date, prices),
                               dtype=np.float64)
 
+        def true_leftover(prices: np.ndarray) -> np.ndarray:
+            from pricing_cli.data.market import true_leftover_value
+
+            return true_leftover_value(truth, truth_index, meta.date, prices)
+
         true = score_policies(meta, policies, true_units, reference="oracle",
-                              change_cost=change_cost)
+                              change_cost=change_cost,
+                              leftover=None if stocked is None else true_leftover)
         uplift_true = product_uplift_pct(meta, agent_prices, policies["historical"], true_units,
                                          change_cost)
     uplift_fitted = product_uplift_pct(meta, agent_prices, policies["historical"], fitted_units,
@@ -639,6 +679,8 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     # that earned more on val (train.publish_best_policy).
     evaluation["agent_policy"] = agent.config.published_policy
     evaluation["demand_model"] = demand_report
+    if stocked is not None:
+        evaluation["inventory"] = inventory_report(stocked.info, true)
     reports_dir = Path(ev.reports_dir)
     _write_reports(reports_dir, meta, policies, evaluation, uplift_true if uplift_true is not None
                    else uplift_fitted, ev.plot_products)

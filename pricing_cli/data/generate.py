@@ -257,6 +257,27 @@ def draw_stock(gt: GroundTruth, cfg: GenerateSettings, list_prices: np.ndarray) 
         np.int64)
 
 
+def season_starts(n_days: int, season_days: int) -> np.ndarray:
+    """First day of each season: seasons of ``season_days`` counted back from the history's
+    last day, so the last quarter is one season; what is left at the start is a season of
+    its own if at least half a season long, else it joins the first full one."""
+    starts = list(range(n_days - season_days, 0, -season_days))[::-1]
+    if starts and starts[0] < season_days / 2:
+        starts = starts[1:]
+    return np.asarray([0, *starts], dtype=np.int64)
+
+
+def draw_season_stock(gt: GroundTruth, cfg: GenerateSettings, list_prices: np.ndarray,
+                      starts: np.ndarray) -> np.ndarray:
+    """(n_products, n_seasons) units delivered at each season's start: season_stock_ratio of
+    the season's expected demand at the list prices, rounded down (no random draw: the buyer
+    plans from the list prices, and the markdown is what clears a wrong plan)."""
+    idx, dates = all_product_days(gt, cfg)
+    plan = market.true_units(gt, idx, dates, list_prices.reshape(-1)).reshape(list_prices.shape)
+    per_season = np.add.reduceat(plan, starts, axis=1)
+    return np.floor(cfg.scenario.season_stock_ratio * per_season).astype(np.int64)
+
+
 def scenario_market(gt: GroundTruth, cfg: GenerateSettings, out: Path
                     ) -> tuple[GroundTruth, np.ndarray]:
     """The scenario's ground truth and historical prices, from today's market ``gt``.
@@ -285,6 +306,13 @@ def scenario_market(gt: GroundTruth, cfg: GenerateSettings, out: Path
         stock = draw_stock(replace(gt, scenario=scenario), cfg, list_prices)
         scenario = replace(scenario, stock=stock,
                            stock_file=str(out / STOCK_FILE) if sc.stock_file else None)
+    if sc.inventory == "markdown":
+        starts = season_starts(cfg.n_days, sc.season_days)
+        season_stock = draw_season_stock(replace(gt, scenario=scenario), cfg, list_prices,
+                                         starts)
+        scenario = replace(scenario, season_start=starts, season_stock=season_stock,
+                           salvage=np.round(sc.salvage_fraction * gt.unit_cost, 2),
+                           inventory_prices=prices, stock_file=str(out / STOCK_FILE))
     return replace(gt, scenario=scenario), prices
 
 
@@ -461,18 +489,25 @@ def write_table(frame: Any, path: Path, file_format: str) -> None:
 
 
 def _write_transactions(staging: Path, final_dir: Path, gt: GroundTruth, cfg: GenerateSettings,
-                        prices: np.ndarray, monitor: RunMonitor, stockouts: list[int]
-                        ) -> tuple[list[Path], int, int, int]:
+                        prices: np.ndarray, monitor: RunMonitor, stockouts: list[int],
+                        on_hand: np.ndarray | None = None) -> tuple[list[Path], int, int, int]:
     """Simulate the market day by day and write one transaction file per period into
     ``staging``. Returns (final paths of the files, rows, return rows, gross units sold);
-    appends each day's stocked-out product count to ``stockouts``."""
-    demand = stock = None
+    appends each day's stocked-out product count to ``stockouts``. With inventory, fills
+    ``on_hand`` ((n_products, n_days)) with the units on hand at each day's opening."""
+    demand = stock = season_stock = None
     if gt.scenario is not None:
         idx, dates = all_product_days(gt, cfg)
         # Uncapped demand (the stock cap is applied to the draw).
-        demand = market.true_units(replace(gt, scenario=replace(gt.scenario, stock=None)),
+        uncapped = replace(gt.scenario, stock=None, season_stock=None)
+        demand = market.true_units(replace(gt, scenario=uncapped),
                                    idx, dates, prices.reshape(-1)).reshape(prices.shape)
         stock = gt.scenario.stock
+        season_stock = gt.scenario.season_stock
+    if season_stock is not None:
+        assert gt.scenario is not None and gt.scenario.season_start is not None
+        delivery = {int(day): i for i, day in enumerate(gt.scenario.season_start)}
+        left = np.zeros(gt.n_products, dtype=np.int64)
     periods = file_periods(cfg.start_date, cfg.n_days, cfg.file_period)
     monitor.add_bar("files", "transaction files", len(periods))
     started = time.monotonic()
@@ -482,9 +517,19 @@ def _write_transactions(staging: Path, final_dir: Path, gt: GroundTruth, cfg: Ge
     for name, first_day, end_day in periods:
         parts = []
         for day in range(first_day, end_day):
+            today = None if stock is None else stock[:, day]
+            if season_stock is not None:
+                if day in delivery:  # the season's one delivery; the rest was sold off
+                    left = season_stock[:, delivery[day]].copy()
+                today = left
+                if on_hand is not None:
+                    on_hand[:, day] = left
             sales, returns = simulate_day(
                 gt, cfg, day, prices[:, day], None if demand is None else demand[:, day],
-                None if stock is None else stock[:, day], stockouts)
+                today, stockouts)
+            if season_stock is not None:
+                left = left - np.bincount(sales.product, sales.quantity,
+                                          minlength=gt.n_products).astype(np.int64)
             parts.append(sales)
             gross_units += int(sales.quantity.sum())
             pending = TransactionRows.concat(
@@ -543,6 +588,10 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
     else:
         prices = historical_prices(gt, cfg)
     stock = None if gt.scenario is None else gt.scenario.stock
+    on_hand = None
+    if gt.scenario is not None and gt.scenario.season_stock is not None:
+        # Inventory: on hand follows the sales, so the simulation fills it in.
+        on_hand = stock = np.zeros((gt.n_products, cfg.n_days), dtype=np.int64)
     stockouts: list[int] = []
 
     # Transactions are staged as a folder; the catalog and ground truth of the same market are
@@ -551,14 +600,14 @@ def run_generate(settings: Settings, monitor: RunMonitor) -> StageResult:
     # raw reader refuses such a folder (a kill there is the only way to see it).
     staged_files = {out / CATALOG_FILE: tmp_path_for(out / CATALOG_FILE),
                     out / GROUND_TRUTH_FILE: tmp_path_for(out / GROUND_TRUTH_FILE)}
-    if stock is not None and cfg.scenario.stock_file:
+    if stock is not None and (cfg.scenario.stock_file or on_hand is not None):
         staged_files[out / STOCK_FILE] = tmp_path_for(out / STOCK_FILE)
     marker = out / INCOMPLETE_MARKER
     swapped = False  # True once the new transactions/ replaced the old
     try:
         with staged_dir(out / TRANSACTIONS_DIR, owner="generate") as staging:
             written, n_rows, n_returns, gross_units = _write_transactions(
-                staging, out / TRANSACTIONS_DIR, gt, cfg, prices, monitor, stockouts)
+                staging, out / TRANSACTIONS_DIR, gt, cfg, prices, monitor, stockouts, on_hand)
 
             catalog = pl.DataFrame({
                 "product_id": list(gt.product_ids), "unit_cost": gt.unit_cost,

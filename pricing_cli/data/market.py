@@ -321,7 +321,8 @@ def optimal_price(gt: GroundTruth, product_idx: ArrayLike, dates: ArrayLike) -> 
     """
     if gt.scenario is not None:
         _memoryless(gt, "optimal_price")
-        if gt.scenario.demand_form == "logit" or gt.scenario.stock is not None:
+        if (gt.scenario.demand_form == "logit" or gt.scenario.stock is not None
+                or gt.scenario.season_stock is not None):
             raise ValueError("optimal_price has closed forms for loglog and linear demand "
                              "without stock-outs; use market.true_optimum")
     idx, _, e = _scenario_terms(gt, product_idx, dates)
@@ -386,6 +387,14 @@ class Scenario:
             reference below the reference (gain) and above it (loss).
         history: the historical prices (reference prices on), to rebuild the reference
             before any day.
+        season_start: inventory on: the first day (index) of each season, ascending, the
+            first 0; a season ends the day before the next starts (the last at the history's
+            end); None: off.
+        season_stock: inventory: (n_products, n_seasons) units delivered at each season's
+            start (the only delivery: no reorders).
+        salvage: inventory: (n_products,) what each unit left at a season's end fetches.
+        inventory_prices: inventory: the historical prices, so a run of rows that starts
+            inside a season starts from the stock the history left (in expectation).
     """
 
     start_date: str
@@ -401,6 +410,10 @@ class Scenario:
     reference_gain: float = 0.0
     reference_loss: float = 0.0
     history: np.ndarray | None = None
+    season_start: np.ndarray | None = None
+    season_stock: np.ndarray | None = None
+    salvage: np.ndarray | None = None
+    inventory_prices: np.ndarray | None = None
 
     @property
     def start(self) -> np.datetime64:
@@ -427,6 +440,12 @@ class Scenario:
                 "rate": self.reference_rate, "gain": self.reference_gain,
                 "loss": self.reference_loss,
                 "historical_prices": rows(self.history, 2)},  # type: ignore[arg-type]
+            "inventory": None if self.season_start is None else {
+                "mode": "markdown", "stock_file": self.stock_file,
+                "season_start": [int(v) for v in self.season_start],
+                "season_stock": rows(self.season_stock, None),  # type: ignore[arg-type]
+                "salvage": [round(float(v), 2) for v in self.salvage],  # type: ignore[union-attr]
+                "historical_prices": rows(self.inventory_prices, 2)},  # type: ignore[arg-type]
         }
 
     @classmethod
@@ -472,6 +491,21 @@ class Scenario:
                               history=path(ref, "historical_prices", np.float64))
                 if not 0 < fields["reference_rate"] <= 1:
                     raise ValueError("reference_prices.rate must be in (0, 1]")
+            if (inv := payload.get("inventory")) is not None:
+                starts = np.asarray(inv["season_start"], dtype=np.int64)
+                prices = path(inv, "historical_prices", np.float64)
+                season_stock = path(inv, "season_stock", np.int64)
+                salvage = np.asarray(inv["salvage"], dtype=np.float64)
+                if (starts.ndim != 1 or starts.size < 1 or starts[0] != 0
+                        or np.any(np.diff(starts) <= 0) or starts[-1] >= prices.shape[1]):
+                    raise ValueError("inventory.season_start must rise from 0 inside the history")
+                if season_stock.shape[1] != starts.size or np.any(season_stock < 0):
+                    raise ValueError("inventory.season_stock needs one count >= 0 per season")
+                if salvage.shape != (n_products,) or not np.all(np.isfinite(salvage)
+                                                                & (salvage >= 0)):
+                    raise ValueError(f"inventory.salvage must be {n_products} values >= 0")
+                fields.update(season_start=starts, season_stock=season_stock, salvage=salvage,
+                              inventory_prices=prices, stock_file=inv.get("stock_file"))
         except (KeyError, TypeError, ValueError) as exc:
             what = f"missing key {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
             raise DataError(f"{source}: {what}", hint) from None
@@ -567,11 +601,36 @@ def expected_sales(demand: ArrayLike, stock: ArrayLike) -> np.ndarray:
     pmf = np.exp(-safe)
     cdf = pmf.copy()
     total = np.zeros(lam.shape)
-    for k in range(int(cap.max(initial=0))):
+    # P(N > k) is below 1e-30 beyond mean + 12 sd + 12: no need to sum up to a large stock.
+    top = float(safe.max(initial=0.0))
+    for k in range(min(int(cap.max(initial=0)), math.ceil(top + 12.0 * math.sqrt(top) + 12.0))):
         total += np.where(k < cap, 1.0 - cdf, 0.0)
         pmf = pmf * safe / (k + 1)
         cdf = cdf + pmf
-    return np.where(exact, np.maximum(total, 0.0), np.minimum(lam, cap))
+    out = np.where(exact, np.maximum(total, 0.0), 0.0)
+    if not exact.all():  # a season's cumulative demand: sum the pmf around its mean instead
+        out[~exact] = _large_mean_sales(lam[~exact], cap[~exact])
+    return out
+
+
+def _large_mean_sales(lam: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """E[min(N, cap)] for means above _POISSON_EXACT_MAX (1-D arrays): P(N > k) is 1 (to
+    1e-30) below mean - 12 sd and 0 above mean + 12 sd, so only the window between is summed,
+    its pmf started in log space at the window's low end."""
+    sd = np.sqrt(lam)
+    low = np.maximum(np.floor(lam - 12.0 * sd), 0.0)
+    width = int(np.ceil(24.0 * sd.max(initial=0.0))) + 2
+    log_start = (low * np.log(lam) - lam
+                 - np.asarray([math.lgamma(v + 1.0) for v in low.tolist()]))
+    pmf = np.exp(log_start)
+    cdf = pmf.copy()
+    total = np.minimum(low, cap).astype(np.float64)
+    for j in range(width):
+        k = low + j
+        total += np.where(k < cap, 1.0 - cdf, 0.0)
+        pmf = pmf * lam / (k + 1.0)
+        cdf = cdf + pmf
+    return np.maximum(total, 0.0)
 
 
 def _series_starts(idx: np.ndarray, day: np.ndarray) -> np.ndarray:
@@ -689,8 +748,9 @@ def true_units(gt: GroundTruth, product_idx: ArrayLike, dates: ArrayLike,
     prices each category-day jointly (a sibling without a row is at its ref_price); reference
     prices roll the reference forward over each product's consecutive days from the
     historical one; the demand shock is the stored one; with stock-outs the result is the
-    expected *recorded* sales E[min(demand draw, stock)] (lost sales are lost).
-    Without a scenario this equals :func:`expected_units`.
+    expected *recorded* sales E[min(demand draw, stock)] (lost sales are lost); with inventory
+    the expected sales from each season's stock along the path (what is left at the season's
+    end is :func:`true_leftover_value`). Without a scenario this equals :func:`expected_units`.
     """
     idx = np.asarray(product_idx, dtype=np.intp).reshape(-1)
     days = np.asarray(dates, dtype="datetime64[D]").reshape(-1)
@@ -701,7 +761,323 @@ def true_units(gt: GroundTruth, product_idx: ArrayLike, dates: ArrayLike,
     sc = gt.scenario
     if sc is not None and sc.stock is not None:
         units = expected_sales(units, _path_at(sc.stock, idx, _day_index(sc, days), "stock"))
+    if sc is not None and sc.season_stock is not None:
+        units = _inventory_paths(gt, idx, _day_index(sc, days), units)[0]
     return units
+
+
+# ----------------------------------------------------------------------------------------------
+# Inventory (markdown): one delivery per season, sales capped by what is left
+
+
+def _season_runs(sc: Scenario, idx: np.ndarray, day: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(row where each run of one product on consecutive days inside one season starts, the
+    season of every row)."""
+    assert sc.season_start is not None
+    season = np.searchsorted(sc.season_start, day, side="right") - 1
+    breaks = np.zeros(idx.size, dtype=bool)
+    breaks[_series_starts(idx, day)] = True
+    breaks[1:] |= season[1:] != season[:-1]
+    return np.flatnonzero(breaks), season
+
+
+def _season_last_day(sc: Scenario, season: np.ndarray) -> np.ndarray:
+    assert sc.season_start is not None and sc.inventory_prices is not None
+    ends = np.r_[sc.season_start[1:], sc.inventory_prices.shape[1]] - 1
+    return ends[season]
+
+
+def _demand_before_runs(gt: GroundTruth, idx: np.ndarray, day: np.ndarray,
+                        starts: np.ndarray, season: np.ndarray) -> np.ndarray:
+    """(n_runs,) expected demand of each run's product from its season's start to the day
+    before the run, at the historical prices (0 for a run that starts a season)."""
+    sc = gt.scenario
+    assert sc is not None and sc.season_start is not None and sc.inventory_prices is not None
+    first = sc.season_start[season[starts]]
+    before = day[starts] - first
+    out = np.zeros(starts.size)
+    inside = np.flatnonzero(before > 0)
+    if inside.size:
+        count = before[inside]
+        product = np.repeat(idx[starts][inside], count)
+        offset = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+        past = np.repeat(first[inside], count) + offset
+        demand = _units_at(gt, product, sc.start + past, sc.inventory_prices[product, past])
+        out[inside] = np.add.reduceat(demand, np.cumsum(count) - count)
+    return out
+
+
+def _inventory_paths(gt: GroundTruth, idx: np.ndarray, day: np.ndarray, units: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(expected sales, expected units on hand after the day, whether the row is its
+    season's last day) of each row, for uncapped expected demand ``units`` per row
+    (:func:`sales_from_stock` on each run of a product's days inside a season, from the
+    season's stock less what the history drew from it before the run)."""
+    sc = gt.scenario
+    assert sc is not None and sc.season_stock is not None
+    starts, season = _season_runs(sc, idx, day)
+    before = _demand_before_runs(gt, idx, day, starts, season)
+    sales, left = sales_from_stock(units, starts, sc.season_stock[idx[starts], season[starts]],
+                                   before)
+    return sales, left, day == _season_last_day(sc, season)
+
+
+def sales_from_stock(units: np.ndarray, run_start: np.ndarray, stock: np.ndarray,
+                     drawn_before: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(expected sales, expected units left after the day) of each row of runs that sell
+    from one stock each, along a fixed price path.
+
+    A fixed path does not look at the stock, so a run's cumulative demand C_t is Poisson
+    with the summed means, its sales to date min(C_t, S) and a day's expected sales
+    E[min(C_t, S)] - E[min(C_t-1, S)]: exact, with no stock grid.
+
+    Args:
+        units: (n,) uncapped expected demand of each row; runs are consecutive rows.
+        run_start: (n_runs,) the row where each run starts (the first 0, ascending).
+        stock: (n_runs,) units on hand when the run's demand began (integers).
+        drawn_before: (n_runs,) expected demand drawn from that stock before the run's
+            first row (None: 0).
+    """
+    length = np.diff(np.append(run_start, units.size))
+    run = np.repeat(np.arange(run_start.size), length)
+    total = np.cumsum(units)
+    cumulative = total - np.repeat(total[run_start] - units[run_start], length)
+    if drawn_before is not None:
+        cumulative = cumulative + drawn_before[run]
+    cap = np.asarray(stock, dtype=np.int64)[run]
+    sold = expected_sales(cumulative, cap)
+    sales = sold - expected_sales(np.maximum(cumulative - units, 0.0), cap)
+    return np.maximum(sales, 0.0), cap - sold
+
+
+def true_leftover_value(gt: GroundTruth, product_idx: ArrayLike, dates: ArrayLike,
+                        prices: ArrayLike) -> np.ndarray:
+    """(n,) what each row adds to profit beyond (price - unit_cost) * true_units: on a
+    season's last day (inventory) the units expected to be left, times (salvage - unit_cost)
+    (bought at cost, sold off at the salvage value); 0 on every other row and market.
+
+    Rows as in :func:`true_units` (1-D, ordered by product, then date)."""
+    idx = np.asarray(product_idx, dtype=np.intp).reshape(-1)
+    days = np.asarray(dates, dtype="datetime64[D]").reshape(-1)
+    x = np.asarray(prices, dtype=np.float64).reshape(-1)
+    sc = gt.scenario
+    if sc is None or sc.season_start is None or sc.salvage is None:
+        return np.zeros(idx.size)
+    _, left, last = _inventory_paths(gt, idx, _day_index(sc, days), _units_at(gt, idx, days, x))
+    return np.where(last, (sc.salvage[idx] - gt.unit_cost[idx]) * left, 0.0)
+
+
+STOCK_DP_LEVELS = 41
+"""Price levels (between min and max price) of the inventory oracle's DP."""
+STOCK_DP_POINTS = 101
+"""Stock grid points of the inventory DP (every unit when the stock is at most 100)."""
+_DP_RUNS_PER_BLOCK = 16  # (runs, stock points, demand outcomes) arrays of about 8 MB
+
+
+def _poisson_table(lam: np.ndarray, n_max: int) -> np.ndarray:
+    """(..., n_max + 1): P(N = n) for n < n_max and P(N >= n_max) in the last column."""
+    n = np.arange(n_max)
+    log_factorial = np.cumsum(np.r_[0.0, np.log(np.arange(1, max(n_max, 1)))])[:n_max]
+    lam = np.asarray(lam, dtype=np.float64)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_power = np.where(n == 0, 0.0, n * np.log(lam))
+    pmf = np.exp(log_power - lam - log_factorial)
+    tail = np.clip(1.0 - pmf.sum(axis=-1, keepdims=True), 0.0, 1.0)
+    return np.concatenate([pmf, tail], axis=-1)
+
+
+def stock_dp(units: np.ndarray, prices: np.ndarray, cost: np.ndarray, terminal: np.ndarray,
+             start_stock: np.ndarray, length: np.ndarray, *, points: int = STOCK_DP_POINTS,
+             max_daily_change: float | None = None,
+             prev_price: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The best pricing of runs of days that sell from one stock: backward induction over
+    (day, units on hand on a grid[, yesterday's level]) with Poisson demand.
+
+    ``V_t(s) = max_k (x_k - c) E[min(N_tk, s)] + E[V_t+1(max(s - N_tk, 0))]`` and
+    ``V_T(s) = terminal * s``, the value between stock grid points interpolated linearly (a
+    grid of every unit, exact, when the start stock is below ``points``). With
+    ``max_daily_change`` the state also holds yesterday's level and only the levels
+    ``pricing.feasible_mask`` allows from it follow (day one: from ``prev_price``, NaN: any).
+
+    Args:
+        units: (R, T, K) expected demand (Poisson mean) of run r's day t at level k.
+        prices: (R, K) the levels' prices; cost, terminal, start_stock, length: (R,)
+            (terminal: value per unit left after the run's last day; length: its days).
+
+    Returns:
+        (levels (R, T): a price path, each day the level whose value is best on average over
+        the distribution of the units the path has left; value (R,): the expected profit of
+        the optimal stock-aware policy from ``start_stock``, which a fixed path can approach
+        but not exceed).
+    """
+    runs, horizon, levels = units.shape
+    chosen = np.zeros((runs, horizon), dtype=np.int64)
+    value = np.zeros(runs)
+    for lo in range(0, runs, _DP_RUNS_PER_BLOCK):
+        block = slice(lo, min(lo + _DP_RUNS_PER_BLOCK, runs))
+        chosen[block], value[block] = _stock_dp_block(
+            units[block], prices[block], cost[block], terminal[block], start_stock[block],
+            length[block], points, max_daily_change,
+            None if prev_price is None else prev_price[block])
+    return chosen, value
+
+
+def _stock_dp_block(units: np.ndarray, prices: np.ndarray, cost: np.ndarray,
+                    terminal: np.ndarray, start_stock: np.ndarray, length: np.ndarray,
+                    points: int, max_daily_change: float | None,
+                    prev_price: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    from pricing_cli.pricing import feasible_mask
+
+    runs, horizon, levels = units.shape
+    top = np.ceil(np.maximum(start_stock, 0.0))
+    n_points = max(2, min(points, int(top.max(initial=0.0)) + 1))
+    step = np.maximum(top / (n_points - 1), 1.0)  # unit steps while the stock is small
+    grid = step[:, None] * np.arange(n_points)  # (R, G)
+    lam_max = float(units.max(initial=0.0))
+    # Outcomes 0..n_max, the last holding N >= n_max: exact once n_max exceeds every stock,
+    # else its mass is below 1e-20.
+    n_max = int(min(grid.max() + 1.0, math.ceil(lam_max + 12.0 * math.sqrt(lam_max) + 12.0)))
+    outcome = np.arange(n_max + 1, dtype=np.float64)
+    margin = prices - cost[:, None]  # (R, K)
+    limited = max_daily_change is not None
+    limit = 0.0 if max_daily_change is None else float(max_daily_change)
+    if limited:
+        move = feasible_mask(np.broadcast_to(prices[:, None, :], (runs, levels, levels)),
+                             prices, limit)[0].astype(bool)  # [r, from, to]
+
+    # On the grid, stock s_g - n lies (n / step) grid points below s_g: each outcome's
+    # probability splits between two offsets m (linear interpolation), so E[V(s_g - N)] is
+    # a sum over G + 1 offsets (the last: nothing left) instead of over every outcome.
+    shift = outcome[None, :] / step[:, None]  # (R, N)
+    low = np.minimum(np.floor(shift).astype(np.intp), n_points)
+    high = np.minimum(low + 1, n_points)
+    upper = shift - np.floor(shift)
+    offsets = n_points + 1
+    run_at = np.arange(runs)[:, None, None] * levels + np.arange(levels)[None, :, None]
+    toeplitz = np.maximum(np.arange(n_points)[:, None] - np.arange(offsets)[None, :], 0)
+
+    def q_grid(t: int, ahead: np.ndarray) -> np.ndarray:
+        """(R, G, K) :func:`q_values` at every grid stock."""
+        table = _poisson_table(units[:, t, :], n_max)  # (R, K, N)
+        cdf = np.cumsum(table, axis=2)
+        partial = np.cumsum(table * outcome, axis=2)  # E[N; N <= n]
+        below = np.ceil(grid - 1e-9).astype(np.intp) - 1  # largest outcome under each stock
+        at = np.broadcast_to(np.clip(below, 0, n_max)[:, None, :], (runs, levels, n_points))
+        sales = np.where(below[:, None, :] >= 0,
+                         np.take_along_axis(partial, at, axis=2)
+                         + grid[:, None, :] * (1.0 - np.take_along_axis(cdf, at, axis=2)),
+                         0.0).transpose(0, 2, 1)  # (R, G, K)
+        weight = (np.bincount((run_at * offsets + low[:, None, :]).ravel(),
+                              (table * (1.0 - upper[:, None, :])).ravel(),
+                              minlength=runs * levels * offsets)
+                  + np.bincount((run_at * offsets + high[:, None, :]).ravel(),
+                                (table * upper[:, None, :]).ravel(),
+                                minlength=runs * levels * offsets)
+                  ).reshape(runs, levels, offsets)
+        later = ahead[:, toeplitz, :]  # (R, G, M, J): V(max(g - m, 0))
+        if later.shape[3] == 1:
+            expected = later[..., 0] @ np.ascontiguousarray(weight.transpose(0, 2, 1))
+        else:
+            expected = np.einsum("rgmk,rkm->rgk", later, weight)
+        return margin[:, None, :] * sales + expected
+
+    depth = levels if limited else 1
+    end_value = np.broadcast_to((terminal[:, None] * grid)[:, :, None],
+                                (runs, n_points, depth))
+    values = end_value
+    q_table = np.empty((horizon, runs, n_points, levels))
+    for t in range(horizon - 1, -1, -1):
+        q = q_grid(t, values)  # (R, G, K)
+        q_table[t] = q
+        if limited:
+            best = np.where(move[:, None, :, :], q[:, :, None, :], -np.inf).max(axis=3)
+        else:
+            best = q.max(axis=2)[:, :, None]
+        values = np.where((length > t)[:, None, None], best, end_value)
+
+    # The price path: each day the level with the best value averaged over the distribution
+    # of the units left along the path so far (the path does not look at the stock, so its
+    # cumulative demand C is Poisson and the units left are max(S - C, 0)).
+    chosen = np.zeros((runs, horizon), dtype=np.int64)
+    stock = np.rint(np.maximum(start_stock, 0.0)).astype(np.int64)
+    count = np.arange(int(stock.max(initial=0)) + 1)
+    log_factorial = np.cumsum(np.r_[0.0, np.log(np.maximum(count[1:], 1))])
+    drawn = np.zeros(runs)
+    value = np.zeros(runs)
+    previous = np.zeros(runs, dtype=np.int64)
+    row_at = np.arange(runs)
+    for t in range(horizon):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            power = np.where(count == 0, 0.0, count * np.log(drawn[:, None]))
+        pmf = np.where(count < stock[:, None], np.exp(power - drawn[:, None] - log_factorial),
+                       0.0)
+        mass = np.concatenate([pmf, np.clip(1.0 - pmf.sum(axis=1, keepdims=True), 0.0, 1.0)],
+                              axis=1)  # C = j for j < S, then C >= S (nothing left)
+        left = np.concatenate([np.maximum(stock[:, None] - count, 0), np.zeros((runs, 1))],
+                              axis=1) / step[:, None]
+        low_point = np.minimum(np.floor(left).astype(np.intp), n_points - 2)
+        frac = np.clip(left - low_point, 0.0, 1.0)
+        weight = (np.bincount((row_at[:, None] * n_points + low_point).ravel(),
+                              (mass * (1.0 - frac)).ravel(), minlength=runs * n_points)
+                  + np.bincount((row_at[:, None] * n_points + low_point + 1).ravel(),
+                                (mass * frac).ravel(), minlength=runs * n_points)
+                  ).reshape(runs, n_points)
+        q = np.einsum("rg,rgk->rk", weight, q_table[t])
+        allowed = np.ones(q.shape, dtype=bool)
+        if limited and t == 0 and prev_price is not None:
+            known = np.isfinite(prev_price)
+            if known.any():
+                allowed[known] = feasible_mask(prices[known], prev_price[known],
+                                               limit)[0].astype(bool)
+        elif limited and t > 0:
+            allowed = move[row_at, previous]
+        pick = np.where(allowed, q, -np.inf).argmax(axis=1)
+        if t == 0:
+            value = q[row_at, pick]
+        active = length > t
+        pick = np.where(active, pick, previous)
+        chosen[:, t] = pick
+        drawn = np.where(active, drawn + units[row_at, t, pick], drawn)
+        previous = pick
+    return chosen, value
+
+
+def inventory_optimum(gt: GroundTruth, idx: np.ndarray, days: np.ndarray,
+                      max_daily_change: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(price per row, DP value per run) of the true inventory optimum: :func:`stock_dp` on
+    each run of a product's days inside one season, on STOCK_DP_LEVELS prices in
+    [min_price, max_price], from the units the history left on the run's first day (in
+    expectation; the whole season stock for a run that starts the season, where the DP is
+    exact), the leftover worth (salvage - unit_cost) per unit when the run reaches the
+    season's end. With ``max_daily_change``: within the limit, day one from the last
+    historical price."""
+    sc = gt.scenario
+    assert sc is not None and sc.season_stock is not None and sc.inventory_prices is not None
+    assert sc.salvage is not None
+    day = _day_index(sc, days)
+    starts, season = _season_runs(sc, idx, day)
+    length = np.diff(np.append(starts, idx.size))
+    run = np.repeat(np.arange(starts.size), length)
+    offset = np.arange(idx.size) - starts[run]
+    product = idx[starts]
+    lo, hi = gt.min_price[product], gt.max_price[product]
+    grid = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, STOCK_DP_LEVELS)[None, :]
+    units = np.zeros((starts.size, int(length.max(initial=1)), STOCK_DP_LEVELS))
+    units[run, offset] = _units_at(gt, idx[:, None], days[:, None], grid[run])
+    stock0 = sc.season_stock[product, season[starts]]
+    before = _demand_before_runs(gt, idx, day, starts, season)
+    start_stock = stock0 - expected_sales(before, stock0)
+    ends = np.append(starts[1:], idx.size) - 1
+    reaches_end = day[ends] == _season_last_day(sc, season[starts])
+    terminal = np.where(reaches_end, sc.salvage[product] - gt.unit_cost[product], 0.0)
+    prev = None
+    if max_daily_change is not None:
+        first = day[starts] - 1
+        prev = np.where(first >= 0, sc.inventory_prices[product, np.maximum(first, 0)], np.nan)
+    chosen, value = stock_dp(units, grid, gt.unit_cost[product], terminal, start_stock, length,
+                             max_daily_change=max_daily_change, prev_price=prev)
+    return grid[run, chosen[run, offset]], value
 
 
 def _golden_max(profit: Any, lo: np.ndarray, hi: np.ndarray, n_grid: int = 16,
@@ -909,15 +1285,19 @@ def true_optimum(gt: GroundTruth, product_idx: ArrayLike, dates: ArrayLike,
     Memoryless markets: each product-day's optimum (closed form for loglog and linear, a scan
     plus golden section for logit and under a stock cap, given the day's stock). Substitution:
     the joint optimum of each category-day. Reference prices: the DP optimum of each
-    product's run of days (:func:`_reference_optimum`), optionally within a relative
-    ``max_daily_change`` (reference prices only; ValueError otherwise).
+    product's run of days (:func:`_reference_optimum`). Inventory: the DP over (day, stock)
+    of each product's season (:func:`inventory_optimum`). Both optionally within a relative
+    ``max_daily_change`` (ValueError for any other market).
     """
     idx = np.asarray(product_idx, dtype=np.intp).reshape(-1)
     days = np.asarray(dates, dtype="datetime64[D]").reshape(-1)
     sc = gt.scenario
+    if sc is not None and sc.season_stock is not None:
+        return inventory_optimum(gt, idx, days, max_daily_change)[0]
     if max_daily_change is not None:
         if sc is None or sc.reference_rate is None:
-            raise ValueError("the daily-change limit is an option of the reference-price DP only")
+            raise ValueError("the daily-change limit is an option of the reference-price and "
+                             "inventory DPs only")
         return _reference_optimum(gt, idx, days, max_daily_change)
     if sc is None or (sc.demand_form in ("loglog", "linear") and sc.stock is None
                       and sc.outside_share is None and sc.reference_rate is None):
