@@ -129,3 +129,16 @@ def test_checked_interval_covers_the_truth_where_the_fitted_one_claims_too_much(
     assert checked["low"] <= true <= checked["high"]
     assert 0.3 < found["slope"].pooled < 0.55
     assert verdict["status"] == "not_reliable"  # the level check fails too (bias +40%)
+
+
+def test_a_not_reliable_verdict_claims_no_uplift_against_the_truth():
+    from pricing_cli.agent.evaluate import truth_coverage
+
+    interval = {"point": 7.6, "low": 5.1, "high": 10.9}
+    claimed = truth_coverage(-2.7, None, None, interval, None, None, claimed=True)
+    refused = truth_coverage(-2.7, None, None, interval, None, None, claimed=False)
+    assert claimed["claimed_uplift_where_true_is_not_positive"] is True
+    assert refused["claimed_uplift_where_true_is_not_positive"] is False
+    assert claimed["interval_covers_true_uplift"] is refused["interval_covers_true_uplift"] is False
+    assert truth_coverage(6.0, None, None, interval, None, None)[
+        "claimed_uplift_where_true_is_not_positive"] is False

@@ -429,10 +429,12 @@ def checked_uplifts(meta: SplitMeta, policies: dict[str, np.ndarray], point: Any
 def truth_coverage(true_uplift: float | None, true_product_uplift: np.ndarray | None,
                    meta: SplitMeta, interval: dict[str, Any] | None,
                    product_intervals: dict[str, dict[str, Any]] | None,
-                   elasticity: dict[str, Any] | None) -> dict[str, Any]:
+                   elasticity: dict[str, Any] | None, *, claimed: bool = True
+                   ) -> dict[str, Any]:
     """With ground truth: the agent's true uplift, whether the interval covered it (overall and
     the share of products), whether a positive uplift was claimed where the true one is not,
-    and the fitted vs true elasticity."""
+    and the fitted vs true elasticity. ``claimed``: whether the verdict claims the uplift (a
+    "not reliable" verdict claims nothing, whatever its interval says)."""
 
     def covers(entry: dict[str, Any] | None, value: float | None) -> bool | None:
         if entry is None or entry.get("low") is None or value is None or not np.isfinite(value):
@@ -451,7 +453,8 @@ def truth_coverage(true_uplift: float | None, true_product_uplift: np.ndarray | 
         "products_covered_share": sum(judged) / len(judged) if judged else None,
         "products_judged": len(judged),
         "claimed_uplift_where_true_is_not_positive": bool(
-            low is not None and low > 0 and true_uplift is not None and true_uplift <= 0),
+            claimed and low is not None and low > 0
+            and true_uplift is not None and true_uplift <= 0),
         "elasticity_fitted_mean": None if elasticity is None else elasticity["mean_fitted"],
         "elasticity_true_mean": None if elasticity is None else elasticity["mean_true"],
         "elasticity_mean_abs_relative_error_pct": None if elasticity is None
@@ -642,7 +645,8 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     if true is not None:
         verdict["ground_truth"] = truth_coverage(
             true["agent"]["uplift_pct"], uplift_true, meta, checked.get("agent"),
-            product_checked, demand_report["elasticity_vs_truth"])
+            product_checked, demand_report["elasticity_vs_truth"],
+            claimed=verdict["status"] == "reliable_uplift")
         verdict["ground_truth"]["fitted_interval_covers_true_uplift"] = truth_coverage(
             true["agent"]["uplift_pct"], uplift_true, meta, intervals.get("agent"),
             product_intervals, None)["interval_covers_true_uplift"]
