@@ -45,13 +45,13 @@ from pricing_cli.data.raw_contract import (
 from pricing_cli.errors import ConfigError, DataError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.runinfo import StageResult
+from pricing_cli.stages.batches import SPLITS  # the one list of split names
 from pricing_cli.storage import check_output_dir, staged_dir, write_json
 
 if TYPE_CHECKING:
     import numpy as np
     import polars as pl
 
-SPLITS = ("train", "val", "test")
 # Columns every product file carries before the f_* features, in this order (the contract).
 RAW_COLUMNS = ("product_index", "product_id", "date", "split", "units", "price", "revenue",
                "n_transactions", "ref_price", "unit_cost", "min_price", "max_price", "category")
