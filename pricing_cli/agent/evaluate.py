@@ -565,7 +565,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     from pricing_cli.agent.inventory import inventory_baselines
 
     # An inventory market: stock-aware baselines, the markdown ladder, and stock-capped scores.
-    stocked = inventory_baselines(settings, processed_dir, closed, meta, truth, truth_index,
+    stocked = inventory_baselines(settings, processed, closed, meta, truth, truth_index,
                                   decision, levels, max_daily_change)
     if stocked is not None:
         makers.update(stocked.makers)

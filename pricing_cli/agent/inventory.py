@@ -307,11 +307,12 @@ class InventoryBaselines:
     info: dict[str, Any]
 
 
-def inventory_baselines(settings: Any, processed_dir: Any, closed: Any, meta: SplitMeta,
+def inventory_baselines(settings: Any, processed: Any, closed: Any, meta: SplitMeta,
                         truth: Any, truth_index: np.ndarray | None, demand: Any, K: int,
                         max_daily_change: float) -> InventoryBaselines | None:
     """The inventory baselines of ``meta`` under ``demand``; None unless the ground truth
-    has an inventory section. The ladder's cut and cover are fitted on the val split.
+    has an inventory section. The ladder's cut and cover are fitted on the val split, read
+    through the run's one reader (``processed``: agent/processed.py).
 
     Raises:
         MissingInputError: no data.stock, or it lacks a run's first day.
@@ -331,7 +332,7 @@ def inventory_baselines(settings: Any, processed_dir: Any, closed: Any, meta: Sp
     stock, _ = read_stock(settings.data.stock, settings.data)
     runs = season_runs(meta, truth, truth_index, on_hand_of(meta, stock))
     table = level_units(meta, demand, K)
-    val = load_split_meta(processed_dir, "val", closed)
+    val = load_split_meta(processed, "val", closed)
     val_index = ground_truth_index(val, truth.index)
     assert val_index is not None
     val_runs = season_runs(val, truth, val_index, on_hand_of(val, stock))
