@@ -19,7 +19,7 @@ def test_check_compatible_counts_the_processed_features() -> None:
         algo="maskable-ppo", n_features=20 + 11 + 3, price_levels=11, n_products=6,
         net_arch=[8], embedding_dim=4, feature_hidden=8))
     market = SimpleNamespace(n_features=21 + 11 + 3, price_levels=11, n_products=6,
-                             split="test")
+                             n_stock_features=0, split="test")
     with pytest.raises(ModelError) as info:
         PricingAgent.check_compatible(agent, market)  # type: ignore[arg-type]
     assert info.value.message == (

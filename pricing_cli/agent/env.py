@@ -70,6 +70,15 @@ if TYPE_CHECKING:
 ENDOGENOUS_FEATURES = ("own_log_price_vs_reference", "own_days_held", "own_price_position")
 N_ENDOGENOUS = len(ENDOGENOUS_FEATURES)
 HELD_DAYS_SCALE = 28.0  # days held are reported as min(days, 28) / 28
+# Inventory markets only (Market.on_hand given): the stock state, between the processed
+# features and the forecast columns (so the forecast stays the K columns before the
+# endogenous ones, where the extractor reads it). Memoryless markets keep F + K + 3.
+STOCK_FEATURES = ("days_of_cover", "days_to_season_end")
+N_STOCK = len(STOCK_FEATURES)
+# Both in days, reported as min(days, 2 x 91) / 91: a season is 91 days by default, and cover
+# beyond two seasons says the same (far too much stock) as at two.
+STOCK_DAYS_SCALE = 91.0
+STOCK_DAYS_CLIP = 2.0 * STOCK_DAYS_SCALE
 # Resident feature pages are dropped after this many rows were read (Market.release_pages):
 # RSS stays bounded (16k rows x 4 KB = 64 MB at the full preset's width) at the cost of minor
 # page faults from the page cache.
@@ -147,6 +156,9 @@ class Market:
     on_hand: np.ndarray | None = None
     delivery: np.ndarray | None = None
     days_to_season_end: np.ndarray | None = None
+    # (n,) money per unit left after a season's last day (days_to_season_end 1): salvage -
+    # unit cost (agent/inventory.py, MarketStock); None: what is left is worth nothing.
+    salvage_margin: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.change_cost is None:
@@ -169,8 +181,14 @@ class Market:
         return len(self.product_index)
 
     @property
+    def n_stock_features(self) -> int:
+        """N_STOCK in an inventory market (``on_hand`` given), else 0."""
+        return 0 if self.on_hand is None else N_STOCK
+
+    @property
     def n_features(self) -> int:
-        return int(self.features.shape[1]) + self.price_levels + N_ENDOGENOUS
+        return (int(self.features.shape[1]) + self.n_stock_features + self.price_levels
+                + N_ENDOGENOUS)
 
     def grid(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), K) candidate prices; the same arithmetic as pricing.price_grid (a test
@@ -293,11 +311,37 @@ class Market:
             np.clip((last_price - self.min_price[rows]) / span, 0.0, 1.0),
         ])
 
+    def stock_days(self, rows: np.ndarray, last_price: np.ndarray, stock: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(days of cover, days to the season's end) of these rows: units on hand / the
+        demand model's expected units at the last price (its nearest level) on the row (inf
+        where the stock is unknown), and the season's days left, the row included (inf
+        without a season)."""
+        level = nearest_level(self.grid(rows), last_price)
+        demand = self.units_table[rows, level].astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cover = np.where(np.isfinite(stock), stock / np.maximum(demand, 1e-9), np.inf)
+        ahead = (np.full(len(rows), np.inf) if self.days_to_season_end is None
+                 else self.days_to_season_end[rows].astype(np.float64))
+        return cover, ahead
+
+    def stock_features(self, rows: np.ndarray, last_price: np.ndarray, stock: np.ndarray
+                       ) -> np.ndarray:
+        """(len(rows), N_STOCK): :meth:`stock_days` clipped at STOCK_DAYS_CLIP and divided by
+        STOCK_DAYS_SCALE."""
+        return np.column_stack([np.minimum(days, STOCK_DAYS_CLIP) / STOCK_DAYS_SCALE
+                                for days in self.stock_days(rows, last_price, stock)])
+
     def observation(self, rows: np.ndarray, last_price: np.ndarray, held: np.ndarray,
-                    reference: np.ndarray | None = None) -> Observation:
-        """The Dict observation of a batch of rows."""
+                    reference: np.ndarray | None = None, stock: np.ndarray | None = None
+                    ) -> Observation:
+        """The Dict observation of a batch of rows (``stock``: units on hand of each, used
+        in an inventory market; None there: unknown, no cap)."""
         features = np.empty((len(rows), self.n_features), dtype=np.float32)
         width = self.features.shape[1]
+        n_stock = self.n_stock_features
+        if n_stock and stock is None:
+            stock = np.full(len(rows), np.inf)
         self._rows_since_release += len(rows)
         if self._rows_since_release > RELEASE_EVERY_ROWS:
             self.release_pages()
@@ -309,7 +353,12 @@ class Market:
             block, last = rows[part], last_price[part]
             ref = None if reference is None else reference[part]
             np.take(self._rows, source[part], axis=0, out=features[part, :width])
-            features[part, width:-N_ENDOGENOUS] = self.profit_forecast(block, last, ref)
+            if n_stock:
+                assert stock is not None
+                features[part, width:width + n_stock] = self.stock_features(block, last,
+                                                                            stock[part])
+            features[part, width + n_stock:-N_ENDOGENOUS] = self.profit_forecast(block, last,
+                                                                                 ref)
             features[part, -N_ENDOGENOUS:] = self.endogenous(block, last, held[part], ref)
         return {"product_id": self.product_index[rows].astype(np.float32)[:, None],
                 "features": features}
@@ -348,7 +397,8 @@ def observation_space(n_products: int, n_features: int) -> spaces.Dict:
 
 def load_market(processed_dir: ProcessedData | str | Path, split: str, demand: DemandModel,
                 stats: ProcessedStats | dict[str, Any] | None = None,
-                change_cost: np.ndarray | None = None, closed: Any = None) -> Market:
+                change_cost: np.ndarray | None = None, closed: Any = None,
+                stock: Any = None) -> Market:
     """Open one split of ``processed_dir`` for simulation.
 
     Args:
@@ -365,10 +415,15 @@ def load_market(processed_dir: ProcessedData | str | Path, split: str, demand: D
         closed: closed days (``data.closed_days.ClosedDays``) whose rows are left out: the
             market's rows are the open days (``Market.split_rows`` maps them to the split's
             rows; the feature matrix stays mapped, not copied). None: every row.
+        stock: an inventory market's stock state of the split's (open) rows
+            (``inventory.MarketStock``, from ``StockData.market_stock``): sales are capped
+            by the units on hand, which carry from day to day, the season's leftovers fetch
+            the salvage, and the observation carries days of cover and days to the season's
+            end. None: sales are demand.
 
     Raises:
         MissingInputError: a processed file is missing.
-        BatchError: the files disagree (row counts, K) with each other.
+        BatchError: the files disagree (row counts, K) with each other, or with ``stock``.
     """
     from pricing_cli.agent.processed import ProcessedStats, as_processed
 
@@ -425,6 +480,9 @@ def load_market(processed_dir: ProcessedData | str | Path, split: str, demand: D
     effect = reference_of(demand)
     history_reference = (None if effect is None else historical_references(
         processed, split, product, dates, price, effect.rate))
+    if stock is not None and len(stock.on_hand) != n:
+        raise BatchError(f"the stock state has {len(stock.on_hand)} rows but {meta_path} has "
+                         f"{n} open rows", "Build it from the same split and closed days.")
     return Market(
         split=split, features=features, product_index=product,
         dates=dates, unit_cost=meta["unit_cost"].to_numpy().astype(np.float64),
@@ -438,7 +496,11 @@ def load_market(processed_dir: ProcessedData | str | Path, split: str, demand: D
         max_daily_change=stats.max_daily_change,
         change_cost=_fit_length(change_cost, n_products), demand=demand,
         split_rows=split_rows, closed=closed if split_rows is not None else None,
-        reference_effect=effect, history_reference=history_reference)
+        reference_effect=effect, history_reference=history_reference,
+        on_hand=None if stock is None else np.asarray(stock.on_hand, np.float64),
+        delivery=None if stock is None else np.asarray(stock.delivery, bool),
+        days_to_season_end=None if stock is None else stock.days_to_season_end,
+        salvage_margin=None if stock is None else np.asarray(stock.salvage_margin, np.float64))
 
 
 def change_costs(market: Market, share: float) -> np.ndarray:
@@ -545,7 +607,7 @@ class EpisodeBatch:
         rows = np.minimum(self.row[slots], self.market.product_end[self.row[slots] - 1] - 1)
         rows = np.where(self.episode_length[slots] == 0, self.row[slots], rows)
         return self.market.observation(rows, self.last_price[slots], self.held[slots],
-                                       self.reference[slots])
+                                       self.reference[slots], self.stock[slots])
 
     def step(self, slots: np.ndarray, levels: np.ndarray, rng: np.random.Generator | None = None
              ) -> dict[str, np.ndarray]:
@@ -592,6 +654,13 @@ class EpisodeBatch:
         assert m.change_cost is not None
         change_cost = m.change_cost[m.product_index[rows]] * changed
         profit = (prices - m.unit_cost[rows]) * units - change_cost
+        if capped and m.salvage_margin is not None and m.days_to_season_end is not None:
+            # The season's last day: what is left is sold off at the salvage value.
+            ending = (m.days_to_season_end[rows] == 1) & np.isfinite(self.stock[slots])
+            if ending.any():
+                left = np.where(ending, self.stock[slots], 0.0)
+                profit = profit + m.salvage_margin[rows] * left
+                self.stock[slots] = np.where(ending, 0.0, self.stock[slots])
         reward = profit * self.reward_scale / self.profit_scale[m.product_index[rows]]
         self.held[slots] = np.where(changed, 1.0, self.held[slots] + 1.0)
         self.last_price[slots] = prices
@@ -614,16 +683,12 @@ class EpisodeBatch:
     def stock_state(self, slots: np.ndarray) -> dict[str, np.ndarray]:
         """The inventory state of these slots: units on hand (inf: no cap), days of cover
         (on hand / the expected demand at the last price on the next row) and days to the
-        season's end (inf without a season). Not yet part of the observation."""
+        season's end (inf without a season); the observation carries the last two, scaled
+        (``Market.stock_features``)."""
         m = self.market
         rows = np.minimum(self.row[slots], m.n_rows - 1)
-        level = nearest_level(m.grid(rows), self.last_price[slots])
-        demand = m.units_table[rows, level].astype(np.float64)
         stock = self.stock[slots]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cover = np.where(np.isfinite(stock), stock / np.maximum(demand, 1e-9), np.inf)
-        ahead = (np.full(slots.size, np.inf) if m.days_to_season_end is None
-                 else m.days_to_season_end[rows].astype(np.float64))
+        cover, ahead = m.stock_days(rows, self.last_price[slots], stock)
         return {"on_hand": stock, "days_of_cover": cover, "days_to_season_end": ahead}
 
 

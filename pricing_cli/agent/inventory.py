@@ -93,6 +93,16 @@ class SeasonRuns:
                      + np.sum(self.leftover_value(units)))
 
 
+def _season_days(meta: SplitMeta, truth: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(day index of every row, its season, each season's last day index) from the ground
+    truth's inventory section (the one reading of the season calendar)."""
+    sc = truth.scenario
+    day = (meta.date - np.datetime64(sc.start_date, "D")).astype(np.int64)
+    season = np.searchsorted(sc.season_start, day, side="right") - 1
+    ends = np.r_[sc.season_start[1:], sc.inventory_prices.shape[1]] - 1
+    return day, season, ends
+
+
 def season_runs(meta: SplitMeta, truth: Any, truth_index: np.ndarray,
                 on_hand: np.ndarray) -> SeasonRuns:
     """The runs of ``meta``'s rows: seasons and salvage from the ground truth's inventory
@@ -102,8 +112,7 @@ def season_runs(meta: SplitMeta, truth: Any, truth_index: np.ndarray,
         MissingInputError: a run's first day has no on_hand row in the stock file.
     """
     sc = truth.scenario
-    day = (meta.date - np.datetime64(sc.start_date, "D")).astype(np.int64)
-    season = np.searchsorted(sc.season_start, day, side="right") - 1
+    day, season, ends = _season_days(meta, truth)
     new = np.zeros(meta.n_rows, dtype=bool)
     new[meta.series_start] = True
     new[1:] |= season[1:] != season[:-1]
@@ -116,7 +125,6 @@ def season_runs(meta: SplitMeta, truth: Any, truth_index: np.ndarray,
             f"{meta.date[row]} (the first day of its season in the split)",
             "An inventory market needs data.stock: point it at the stock.csv `pricectl "
             "generate` wrote beside the transactions.")
-    ends = np.r_[sc.season_start[1:], sc.inventory_prices.shape[1]] - 1
     last = np.append(start[1:], meta.n_rows) - 1
     product = truth_index[start]
     terminal = np.where(day[last] == ends[season[last]],
@@ -124,6 +132,101 @@ def season_runs(meta: SplitMeta, truth: Any, truth_index: np.ndarray,
     counts = np.diff(np.append(start, meta.n_rows))
     return SeasonRuns(start, np.floor(stock), terminal, meta.series_of_row[start],
                       np.repeat(np.arange(start.size), counts))
+
+
+@dataclass(frozen=True)
+class MarketStock:
+    """An inventory market's stock state per row of a split, for the env (``Market``).
+
+    Attributes:
+        on_hand: (n,) units on hand at the row's opening (stock.csv; NaN: unknown); on a run's
+            first day the season stock the run sells from.
+        delivery: (n,) whether the row starts a run (a season's delivery, or the split's first
+            day): the env then takes ``on_hand`` instead of what is left.
+        days_to_season_end: (n,) days left in the row's season, the row included (1 on its
+            last day).
+        salvage_margin: (n,) money per unit left after a season's last day: salvage - unit
+            cost of the row's product (applied where ``days_to_season_end`` is 1).
+    """
+
+    on_hand: np.ndarray
+    delivery: np.ndarray
+    days_to_season_end: np.ndarray
+    salvage_margin: np.ndarray
+
+
+@dataclass(frozen=True)
+class StockData:
+    """What stock-aware pricing reads in an inventory market: the season calendar and the
+    salvage values (the ground truth's inventory section: a retailer knows its season and
+    its clearance price) and the units on hand (``data.stock``, read once)."""
+
+    truth: Any
+    stock: Any  # raw_contract.read_stock's frame
+
+    def index(self, meta: SplitMeta) -> np.ndarray:
+        """The ground truth's product index of every row of ``meta``.
+
+        Raises:
+            MissingInputError: the ground truth does not cover the split's products.
+        """
+        from pricing_cli.agent.baselines import ground_truth_index
+
+        found = ground_truth_index(meta, self.truth.index)
+        if found is None:
+            raise MissingInputError(
+                "the ground truth's inventory section does not cover the processed products",
+                "Point data.ground_truth at the ground_truth.json generated with the data.")
+        return found
+
+    def runs(self, meta: SplitMeta) -> SeasonRuns:
+        """The season runs of ``meta``'s rows (:func:`season_runs`)."""
+        return season_runs(meta, self.truth, self.index(meta), on_hand_of(meta, self.stock))
+
+    def market_stock(self, meta: SplitMeta) -> MarketStock:
+        """The env's stock state of ``meta``'s rows (the rows of ``env.load_market`` for the
+        same split and closed days)."""
+        index = self.index(meta)
+        on_hand = np.array(on_hand_of(meta, self.stock), dtype=np.float64)  # writable
+        runs = season_runs(meta, self.truth, index, on_hand)
+        day, season, ends = _season_days(meta, self.truth)
+        delivery = np.zeros(meta.n_rows, dtype=bool)
+        delivery[runs.start] = True
+        on_hand[runs.start] = runs.stock
+        sc = self.truth.scenario
+        return MarketStock(on_hand, delivery, (ends[season] - day + 1).astype(np.int64),
+                           sc.salvage[index] - self.truth.unit_cost[index])
+
+
+def stock_data_of(settings: Any, truth: Any) -> StockData | None:
+    """The inventory market's stock data under ``truth``; None unless it has an inventory
+    section.
+
+    Raises:
+        MissingInputError: an inventory market without data.stock.
+    """
+    if truth is None or truth.scenario is None or truth.scenario.season_start is None:
+        return None
+    if settings.data.stock is None:
+        raise MissingInputError("an inventory market needs the units on hand (data.stock)",
+                                "Point data.stock at the stock.csv `pricectl generate` wrote.")
+    from pricing_cli.data.raw_contract import read_stock
+
+    stock, _ = read_stock(settings.data.stock, settings.data)
+    return StockData(truth, stock)
+
+
+def stock_data(settings: Any) -> StockData | None:
+    """:func:`stock_data_of` under ``data.ground_truth``; None without stock data
+    (``data.stock`` unset), a ground truth file, or an inventory section in it."""
+    from pathlib import Path
+
+    path = Path(settings.data.ground_truth)
+    if settings.data.stock is None or not path.is_file():
+        return None
+    from pricing_cli.data.market import load_ground_truth
+
+    return stock_data_of(settings, load_ground_truth(path))
 
 
 def on_hand_of(meta: SplitMeta, stock: Any) -> np.ndarray:
@@ -307,6 +410,56 @@ class InventoryBaselines:
     info: dict[str, Any]
 
 
+STOCK_POLICIES = ("static", "greedy", "planner", "ladder")
+"""The stock-aware policies a run may publish in an inventory market (train)."""
+
+
+def stock_policies(meta: SplitMeta, runs: SeasonRuns, table: np.ndarray,
+                   max_daily_change: float, ladder: tuple[float, float]
+                   ) -> dict[str, Callable[[], np.ndarray]]:
+    """name -> price path of every stock-aware policy (:data:`STOCK_POLICIES`) on ``meta``
+    under the fitted demand ``table``; the ladder with its fitted (cut, cover days)."""
+    import functools
+
+    cut, cover = ladder
+    return {
+        "static": functools.partial(static_prices, meta, runs, table, max_daily_change),
+        "greedy": functools.partial(greedy_prices, meta, runs, table, max_daily_change),
+        "planner": functools.partial(planned_prices, meta, runs, table, max_daily_change),
+        "ladder": lambda: ladder_prices(meta, runs, table, max_daily_change, cut, cover,
+                                        static_prices(meta, runs, table, max_daily_change)),
+    }
+
+
+def fit_val_ladder(data: StockData, processed: Any, closed: Any, demand: Any, K: int,
+                   max_daily_change: float) -> tuple[float, float, dict[str, float]]:
+    """The ladder's (cut, cover days, val profit of every pair) fitted on the val split,
+    read through the run's one reader (``processed``: agent/processed.py). It starts each
+    season at the best constant price (its full price) and marks down from there; the last
+    historical price may be far from any good price."""
+    from pricing_cli.agent.baselines import load_split_meta
+
+    val = load_split_meta(processed, "val", closed)
+    val_runs = data.runs(val)
+    val_table = level_units(val, demand, K)
+    return fit_ladder(val, val_runs, val_table, max_daily_change,
+                      static_prices(val, val_runs, val_table, max_daily_change))
+
+
+def stock_policy_prices(name: str, data: StockData, processed: Any, closed: Any,
+                        meta: SplitMeta, demand: Any, K: int, max_daily_change: float
+                        ) -> np.ndarray:
+    """The prices of the stock-aware policy ``name`` on ``meta`` (what a run that published
+    it prices; the ladder fitted on val, as evaluate fits it)."""
+    ladder = (LADDER_CUTS[0], math.inf)
+    if name == "ladder":
+        cut, cover, _ = fit_val_ladder(data, processed, closed, demand, K, max_daily_change)
+        ladder = (cut, cover)
+    makers = stock_policies(meta, data.runs(meta), level_units(meta, demand, K),
+                            max_daily_change, ladder)
+    return makers[name]()
+
+
 def inventory_baselines(settings: Any, processed: Any, closed: Any, meta: SplitMeta,
                         truth: Any, truth_index: np.ndarray | None, demand: Any, K: int,
                         max_daily_change: float) -> InventoryBaselines | None:
@@ -317,30 +470,16 @@ def inventory_baselines(settings: Any, processed: Any, closed: Any, meta: SplitM
     Raises:
         MissingInputError: no data.stock, or it lacks a run's first day.
     """
-    if truth is None or truth_index is None or truth.scenario is None \
-            or truth.scenario.season_start is None:
+    if truth_index is None:
         return None
-    if settings.data.stock is None:
-        raise MissingInputError("an inventory market needs the units on hand (data.stock)",
-                                "Point data.stock at the stock.csv `pricectl generate` wrote.")
-    import functools
-
-    from pricing_cli.agent.baselines import ground_truth_index, load_split_meta
+    data = stock_data_of(settings, truth)
+    if data is None:
+        return None
     from pricing_cli.data.market import inventory_optimum
-    from pricing_cli.data.raw_contract import read_stock
 
-    stock, _ = read_stock(settings.data.stock, settings.data)
-    runs = season_runs(meta, truth, truth_index, on_hand_of(meta, stock))
+    runs = season_runs(meta, truth, truth_index, on_hand_of(meta, data.stock))
     table = level_units(meta, demand, K)
-    val = load_split_meta(processed, "val", closed)
-    val_index = ground_truth_index(val, truth.index)
-    assert val_index is not None
-    val_runs = season_runs(val, truth, val_index, on_hand_of(val, stock))
-    val_table = level_units(val, demand, K)
-    # The ladder starts each season at the best constant price (its full price) and marks
-    # down from there; the last historical price may be far from any good price.
-    cut, cover, scores = fit_ladder(val, val_runs, val_table, max_daily_change,
-                                    static_prices(val, val_runs, val_table, max_daily_change))
+    cut, cover, scores = fit_val_ladder(data, processed, closed, demand, K, max_daily_change)
     info: dict[str, Any] = {"ladder": {"cut": cut,  # cover None: never cuts (static)
                                        "cover_days": None if math.isinf(cover) else cover,
                                        "val_profit_fitted": scores}}
@@ -350,12 +489,6 @@ def inventory_baselines(settings: Any, processed: Any, closed: Any, meta: SplitM
         info["dp_value_true"] = float(value.sum())
         return np.clip(prices, meta.min_price, meta.max_price)
 
-    makers: dict[str, Callable[[], np.ndarray]] = {
-        "static": functools.partial(static_prices, meta, runs, table, max_daily_change),
-        "greedy": functools.partial(greedy_prices, meta, runs, table, max_daily_change),
-        "planner": functools.partial(planned_prices, meta, runs, table, max_daily_change),
-        "ladder": lambda: ladder_prices(meta, runs, table, max_daily_change, cut, cover,
-                                        static_prices(meta, runs, table, max_daily_change)),
-        "oracle": oracle,
-    }
+    makers = stock_policies(meta, runs, table, max_daily_change, (cut, cover))
+    makers["oracle"] = oracle
     return InventoryBaselines(runs, makers, info)

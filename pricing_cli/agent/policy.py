@@ -43,8 +43,10 @@ CHANGE_COSTS = "change_costs.npy"  # (n_products,) money per price change; absen
 TRUST_REGION = "trust_region.npz"
 MASKED_ALGOS = ("maskable-ppo",)
 # What a run publishes (agent.json "published_policy"): the network, or the joint greedy or
-# planner when it earned more on val under the fitted demand (train.publish_best_policy).
-PUBLISHED_POLICIES = ("agent", "greedy", "planner")
+# planner when it earned more on val under the fitted demand (train.publish_best_policy). In
+# an inventory run (AgentConfig.stock_features) greedy and planner are the stock-aware ones
+# of agent/inventory.py, and static and the fitted markdown ladder may win too.
+PUBLISHED_POLICIES = ("agent", "greedy", "planner", "static", "ladder")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,17 @@ class AgentConfig:
     @property
     def uses_masks(self) -> bool:
         return self.algo in MASKED_ALGOS
+
+    @property
+    def stock_features(self) -> int:
+        """How many stock features the observation carries: ``env.N_STOCK`` for a run
+        trained on an inventory market (its prices come from the season's stock), else 0
+        (agent.json has no key of its own: memoryless runs keep their bytes)."""
+        if self.input_dim is None:
+            return 0
+        from pricing_cli.agent.env import N_ENDOGENOUS
+
+        return int(self.n_features) - int(self.input_dim) - int(self.price_levels) - N_ENDOGENOUS
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,10 +214,19 @@ class PricingAgent:
 
         expected = (self.config.n_features, self.config.price_levels)
         found = (market.n_features, market.price_levels)
+        where = self.run_dir or "this agent"
+        if self.config.stock_features != market.n_stock_features:
+            raise ModelError(
+                f"{where} was trained " + ("with" if self.config.stock_features else "without")
+                + f" the stock state of an inventory market, but the {market.split} split is "
+                + ("not stocked" if self.config.stock_features else "stocked"),
+                "Price it with the data.stock and data.ground_truth it was trained with, or "
+                "retrain.")
         if expected != found or market.n_products > self.config.n_products:
-            where = self.run_dir or "this agent"
-            # the observation is the processed features + K forecast columns + N_ENDOGENOUS
-            trained, given = (n - k - N_ENDOGENOUS for n, k in (expected, found))
+            # the observation is the processed features [+ stock state] + K forecast
+            # columns + N_ENDOGENOUS
+            trained, given = (n - k - N_ENDOGENOUS - market.n_stock_features
+                              for n, k in (expected, found))
             raise ModelError(
                 f"{where} was trained on {trained} features, K={expected[1]} price levels "
                 f"and {self.config.n_products} products, but the {market.split} split has "
@@ -332,7 +354,7 @@ def check_agent_config(config: Any, path: Path, stats: dict[str, Any] | None = N
         ModelError: naming the file and the key: a wrong type, a value out of range, keys
             that disagree with each other, or with ``stats``.
     """
-    from pricing_cli.agent.env import N_ENDOGENOUS
+    from pricing_cli.agent.env import N_ENDOGENOUS, N_STOCK
 
     if not isinstance(config, dict):
         raise ModelError(f"{path}: expected a JSON object", _RETRAIN)
@@ -362,10 +384,11 @@ def check_agent_config(config: Any, path: Path, stats: dict[str, Any] | None = N
             or not all(isinstance(u, int) and not isinstance(u, bool) and 1 <= u <= 65536
                        for u in arch)):
         raise bad("net_arch", "expected a list of at most 16 layer widths, each 1 to 65,536")
-    if "input_dim" in config and (config["n_features"] != config["input_dim"]
-                                  + config["price_levels"] + N_ENDOGENOUS):
+    if "input_dim" in config and (config["n_features"] - config["input_dim"]
+                                  - config["price_levels"] - N_ENDOGENOUS) not in (0, N_STOCK):
         raise bad("n_features", f"expected input_dim + price_levels + {N_ENDOGENOUS} = "
-                  f"{config['input_dim'] + config['price_levels'] + N_ENDOGENOUS}")
+                  f"{config['input_dim'] + config['price_levels'] + N_ENDOGENOUS} (or "
+                  f"{N_STOCK} more with the stock state of an inventory market)")
     if stats is not None:
         for key in ("input_dim", "price_levels"):
             if key in config and key in stats and stats[key] != config[key]:
@@ -462,20 +485,38 @@ def rollout_prices(agent: PricingAgent, processed_dir: ProcessedData | str | Pat
 
     processed_dir = as_processed(processed_dir)
     published = agent.config.published_policy
-    if published != "agent":  # train chose a joint grid policy over the network on val
+    # Closed days are left out, as in training and evaluate.
+    closed = None if settings is None else processed_dir.closed_days(settings.data)
+    stocked = run_stock_data(agent.config, settings, agent.run_dir)
+    if published != "agent":  # train chose a grid policy over the network on val
         meta = grid_policy_meta(processed_dir, split, agent.trust_region, settings,
                                 agent.config.price_levels, agent.demand)
         if agent.config.max_daily_change is None:
             raise ModelError(f"{agent.run_dir or 'the agent'}: agent.json publishes the "
                              f"{published} but has no max_daily_change", _RETRAIN)
-        prices = grid_policy_prices(published, meta, agent.demand, agent.config.price_levels,
-                                    agent.config.max_daily_change, agent.change_cost)
+        if stocked is not None:  # the stock-aware policy train compared on val
+            from pricing_cli.agent.inventory import stock_policy_prices
+
+            prices = stock_policy_prices(published, stocked, processed_dir, closed, meta,
+                                         agent.demand, agent.config.price_levels,
+                                         agent.config.max_daily_change)
+        elif published in ("greedy", "planner"):
+            prices = grid_policy_prices(published, meta, agent.demand,
+                                        agent.config.price_levels,
+                                        agent.config.max_daily_change, agent.change_cost)
+        else:
+            raise ModelError(f"{agent.run_dir or 'the agent'}: agent.json publishes the "
+                             f"{published}, a stock-aware policy, but the run has no stock "
+                             "state", _RETRAIN)
         levels = np.abs(meta.grid[meta.series_of_row] - prices[:, None]).argmin(axis=1)
         return levels.astype(np.int64), prices
-    # Closed days are left out, as in training and evaluate.
-    closed = None if settings is None else processed_dir.closed_days(settings.data)
+    stock = None
+    if stocked is not None:  # the network sees its stock, as in training
+        from pricing_cli.agent.baselines import load_split_meta
+
+        stock = stocked.market_stock(load_split_meta(processed_dir, split, closed))
     market = load_market(processed_dir, split, agent.demand, change_cost=agent.change_cost,
-                         closed=closed)
+                         closed=closed, stock=stock)
     if settings is not None:  # the merchant rules that apply to historical rows
         from pricing_cli.agent.guardrails import market_rule_bits
 
@@ -486,6 +527,28 @@ def rollout_prices(agent: PricingAgent, processed_dir: ProcessedData | str | Pat
                                                                       market.n_products))
     result = simulate(market, agent.chooser(deterministic))
     return result["levels"], result["prices"]
+
+
+def run_stock_data(config: AgentConfig, settings: Settings | None,
+                   run_dir: str | Path | None = None) -> Any:
+    """The stock data (``inventory.StockData``) a run trained on an inventory market prices
+    from; None for a run without the stock state.
+
+    Raises:
+        ModelError: the run has the stock state but ``settings`` give no stock data.
+    """
+    if config.stock_features == 0:
+        return None
+    from pricing_cli.agent.inventory import stock_data
+
+    data = None if settings is None else stock_data(settings)
+    if data is None:
+        raise ModelError(
+            f"{run_dir or 'the agent'} was trained on an inventory market (it prices from the "
+            "season's stock), but no stock data are configured",
+            "Set data.stock and data.ground_truth (the season calendar and salvage) as in "
+            "training.")
+    return data
 
 
 def grid_policy_meta(processed_dir: ProcessedData | str | Path, split: str,

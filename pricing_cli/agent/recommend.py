@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pricing_cli.config import CatalogColumnMap, Settings
-from pricing_cli.errors import ConfigError, MissingInputError
+from pricing_cli.errors import ConfigError, MissingInputError, ModelError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.pricing import (
     MONTH_DAYS,
@@ -587,12 +587,22 @@ def run_recommend(settings: Settings, monitor: RunMonitor, *, products: str | No
     monitor.check_memory()
     with tempfile.TemporaryDirectory(prefix="pricectl-recommend-") as scratch:
         policy: str = rec.policy
-        if policy == "agent":
+        if policy != "historical":
             from pricing_cli.agent.policy import AGENT_JSON, AgentConfig, check_agent_config
 
             config = AgentConfig.of(check_agent_config(
                 json.loads((run_dir / AGENT_JSON).read_text(encoding="utf-8")),
                 run_dir / AGENT_JSON))
+            if config.stock_features:
+                # The run prices from the season's stock; the horizon has no stock state, and
+                # recommend's own policies are stock-blind: no silent stock-blind prices.
+                raise ModelError(
+                    f"{run_dir} was trained on an inventory market: its published "
+                    f"{config.published_policy} prices from the season's stock, and recommend "
+                    "does not carry the stock over the days ahead yet",
+                    "Use the prices of `pricectl evaluate` (reports/recommendations.csv, the "
+                    "published policy on the evaluated split), or --policy historical.")
+        if policy == "agent":
             policy = config.published_policy
             if policy != "agent":
                 monitor.log(f"the run published its joint {policy} (it earned more on val "

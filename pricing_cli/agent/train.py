@@ -17,6 +17,7 @@ features are already scaled by the features stage.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -273,15 +274,16 @@ def _load_markets(settings: Settings, processed: ProcessedData, fit: DemandFit,
     from pricing_cli.agent.guardrails import market_rule_bits
 
     cfg = settings.train
+    stock = _stock_states(settings, processed, fit.closed, monitor)
     train_market = load_market(processed, "train", fit.decision, processed.stats,
-                               closed=fit.closed)
+                               closed=fit.closed, stock=stock.get("train"))
     train_market.rule_bits = market_rule_bits(settings, train_market)  # merchant rules
     change_cost = None
     if cfg.price_change_cost > 0:
         change_cost = change_costs(train_market, cfg.price_change_cost)
         train_market = dataclasses.replace(train_market, change_cost=change_cost)
     val_market = load_market(processed, "val", fit.decision, processed.stats,
-                             change_cost=change_cost, closed=fit.closed)
+                             change_cost=change_cost, closed=fit.closed, stock=stock.get("val"))
     val_market.rule_bits = market_rule_bits(settings, val_market)
     if fit.trust_region is not None:
         train_market = dataclasses.replace(train_market, trust_region=fit.trust_region)
@@ -290,6 +292,22 @@ def _load_markets(settings: Settings, processed: ProcessedData, fit: DemandFit,
         monitor.log("the val split is empty: model selection uses the train split")
         val_market = train_market
     return train_market, val_market, change_cost
+
+
+def _stock_states(settings: Settings, processed: ProcessedData, closed: Any,
+                  monitor: RunMonitor) -> dict[str, Any]:
+    """split -> the env's stock state (``inventory.MarketStock``) of train and val in an
+    inventory market (data.stock and a ground truth with a season calendar); {} otherwise."""
+    from pricing_cli.agent.baselines import load_split_meta
+    from pricing_cli.agent.inventory import stock_data
+
+    data = stock_data(settings)
+    if data is None:
+        return {}
+    monitor.log("inventory market: the env sells from the season stock of "
+                f"{settings.data.stock} and the observation carries the stock state")
+    return {split: data.market_stock(load_split_meta(processed, split, closed))
+            for split in ("train", "val")}
 
 
 def _agent_config(settings: Settings, market: Market, fit: DemandFit, product: str | None,
@@ -461,15 +479,21 @@ def select_published_policy(settings: Settings, model: Any, agent: PricingAgent,
                             val_market: Market, processed_dir: ProcessedData | Path,
                             products: list[int] | None, monitor: RunMonitor | None = None
                             ) -> dict[str, Any]:
-    """Which policy the run publishes: the network (its best weights, ``best``), or the joint
-    greedy or planner when one earns more on ``val_market``'s split under the decision demand,
-    every policy scored with each row's siblings at that policy's own prices
-    (``demand.policy_expected_units``) and net of the change costs. Ties go to the network.
+    """Which policy the run publishes: the network (its best weights, ``best``), or a grid
+    policy when one earns more on ``val_market``'s split under the decision demand, net of
+    the change costs. Ties go to the network.
+
+    Memoryless-stock markets: the joint greedy or planner, every policy scored with each
+    row's siblings at that policy's own prices (``demand.policy_expected_units``; with a
+    reference effect, the reference rolled along each path: ``evaluate.policy_units``). An
+    inventory market (``val_market`` has the stock state): the stock-aware static, greedy,
+    planner and fitted markdown ladder of agent/inventory.py, every policy's units capped by
+    the season stock with its leftovers at the salvage value, as evaluate scores them.
 
     Only when ``train.publish_best_policy`` is on, the demand model prices categories
-    jointly (``baselines.prices_jointly``) or has a reference-price effect, and every product
-    was trained (``products`` None); otherwise the network, with ``val_profit`` None. Scored
-    as evaluate scores (``evaluate.policy_units``: the reference rolled along each path).
+    jointly (``baselines.prices_jointly``), has a reference-price effect or the market is an
+    inventory market, and every product was trained (``products`` None); otherwise the
+    network, with ``val_profit`` None.
 
     Returns:
         {"published_policy": name, "val_profit": {policy: total profit} or None}.
@@ -481,9 +505,10 @@ def select_published_policy(settings: Settings, model: Any, agent: PricingAgent,
     from pricing_cli.agent.reference import reference_of
 
     demand = agent.demand
-    # Where greedy is not already the network's start: joint categories, or demand with a
-    # memory (the planner's path can beat the network's).
-    grid_can_win = prices_jointly(demand) or reference_of(demand) is not None
+    stocked = val_market.on_hand is not None
+    # Where greedy is not already the network's start: joint categories, demand with a
+    # memory, or a season's stock (the planner's path can beat the network's).
+    grid_can_win = prices_jointly(demand) or reference_of(demand) is not None or stocked
     if not (settings.train.publish_best_policy and grid_can_win and products is None
             and val_market.n_rows):
         return {"published_policy": "agent", "val_profit": None}
@@ -493,21 +518,47 @@ def select_published_policy(settings: Settings, model: Any, agent: PricingAgent,
     meta = grid_policy_meta(processed_dir, val_market.split, agent.trust_region, settings,
                             levels, demand)
     candidates = {"agent": simulate(val_market, agent.chooser(True))["prices"]}
-    for name in ("greedy", "planner"):
-        candidates[name] = grid_policy_prices(name, meta, demand, levels,
-                                              val_market.max_daily_change, agent.change_cost)
+    units_of: Any = functools.partial(policy_units, demand, meta)
+    leftover: Any = None
+    if stocked:  # the stock-aware policies, scored with the stock cap and the salvage
+        from pricing_cli.agent import inventory
+
+        data = inventory.stock_data(settings)
+        assert data is not None
+        runs = data.runs(meta)
+        table = inventory.level_units(meta, demand, levels)
+        cut, cover, _ = inventory.fit_ladder(
+            meta, runs, table, val_market.max_daily_change,
+            inventory.static_prices(meta, runs, table, val_market.max_daily_change))
+        makers = inventory.stock_policies(meta, runs, table, val_market.max_daily_change,
+                                          (cut, cover))
+        for name in inventory.STOCK_POLICIES:
+            candidates[name] = makers[name]()
+
+        def units_of(prices: np.ndarray) -> np.ndarray:
+            return runs.sales_and_left(policy_units(demand, meta, prices))[0]
+
+        def leftover(prices: np.ndarray) -> np.ndarray:
+            return runs.leftover_value(policy_units(demand, meta, prices))
+    else:
+        for name in ("greedy", "planner"):
+            candidates[name] = grid_policy_prices(name, meta, demand, levels,
+                                                  val_market.max_daily_change,
+                                                  agent.change_cost)
     profit = {}
     for name, prices in candidates.items():
-        units = policy_units(demand, meta, prices)
-        profit[name] = round(float(((prices - meta.unit_cost) * units
-                                    - change_costs_per_row(meta, prices, agent.change_cost)
-                                    ).sum()), 4)
+        total = ((prices - meta.unit_cost) * units_of(prices)
+                 - change_costs_per_row(meta, prices, agent.change_cost)).sum()
+        if leftover is not None:
+            total += leftover(prices).sum()
+        profit[name] = round(float(total), 4)
     winner = "agent"
-    for name in ("greedy", "planner"):
+    for name in candidates:
         if profit[name] > profit[winner] + 1e-9 * max(abs(profit[winner]), 1.0):
             winner = name
     if winner != "agent" and monitor is not None:
-        monitor.log(f"publishing the joint {winner}: it earned more on {val_market.split} "
+        kind = "stock-aware" if stocked else "joint"
+        monitor.log(f"publishing the {kind} {winner}: it earned more on {val_market.split} "
                     f"than the network under the fitted demand ({profit})")
     return {"published_policy": winner, "val_profit": profit}
 
@@ -558,6 +609,12 @@ _BATCH_ARRAYS = ("row", "end", "last_price", "held", "mask", "episode_return", "
                  "episode_length")
 
 
+def _batch_arrays(env: Any) -> tuple[str, ...]:
+    """The EpisodeBatch arrays of the env's state: with the units on hand in an inventory
+    market (memoryless runs keep rl_state.npz as it was)."""
+    return _BATCH_ARRAYS + (("stock",) if env.market.on_hand is not None else ())
+
+
 def _save_rl_state(model: Any, path: Path) -> None:
     """rl_state.npz: arrays only (no pickle). RNG states are integers, kept as JSON text."""
     import random
@@ -573,7 +630,7 @@ def _save_rl_state(model: Any, path: Path) -> None:
         "episode_num": int(model._episode_num), "n_updates": int(model._n_updates),
         "clipped_actions": int(env.batch.clipped_actions),
     }
-    arrays = {f"batch_{name}": getattr(env.batch, name) for name in _BATCH_ARRAYS}
+    arrays = {f"batch_{name}": getattr(env.batch, name) for name in _batch_arrays(env)}
     with atomic_write(path) as handle:
         np.savez(handle, **arrays, numpy_rng_keys=np_state[1],
                  torch_rng=torch.get_rng_state().numpy(),
@@ -592,7 +649,7 @@ def _restore_rl_state(model: Any, path: Path) -> bool:
     env = model.get_env()
     with np.load(path, allow_pickle=False) as saved:
         scalars = json.loads(str(saved["scalars"]))
-        for name in _BATCH_ARRAYS:
+        for name in _batch_arrays(env):
             getattr(env.batch, name)[...] = saved[f"batch_{name}"]
         kind, pos, has_gauss, gauss = scalars["numpy_rng"]
         np.random.set_state((kind, saved["numpy_rng_keys"], pos, has_gauss, gauss))
