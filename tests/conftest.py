@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.markets import build_batches, build_trained_market
+from tests.support.markets import build_batches, build_markdown_market, build_trained_market
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +25,10 @@ def tiny_market(tmp_path_factory: pytest.TempPathFactory, tiny_batches: Path) ->
     products: base.yaml, subset_catalog.csv, data/ (features, intermediate, processed) and
     models/r1. Run pricectl there with ``--config base.yaml``."""
     return build_trained_market(tmp_path_factory.mktemp("tiny_market"), tiny_batches)
+
+
+@pytest.fixture(scope="session")
+def tiny_markdown(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset's markdown market through the whole pipeline (generate to evaluate):
+    markdown.yaml, data/, models/r1, reports/ (tests.support.markets.build_markdown_market)."""
+    return build_markdown_market(tmp_path_factory.mktemp("tiny_markdown"))

@@ -12,7 +12,8 @@ operation; :class:`PriceEnv` (gymnasium, one episode) and :class:`PriceVecEnv` (
 ``n_envs`` episodes) are thin shells around it, and :func:`simulate` runs a policy over every
 product of a split (used by evaluation and rollouts).
 
-Observation: ``{"product_id": Box (1,), "features": Box (F + K + 3,)}``. The product is a Box
+Observation: ``{"product_id": Box (1,), "features": Box (F + K + 3,)}`` (F + 2 + K + 3 in an
+inventory market, below). The product is a Box
 index, not Discrete, so SB3 does not one-hot it (7,000 products); the extractor embeds it.
 The K forecast features are the demand model's expected profit at each candidate level
 relative to the day's best level (1 at the best): the model's view of today, which the policy
@@ -36,6 +37,14 @@ every episode carries the product's reference price, starting from the historica
 forward with the agent's own prices. Units are the demand table's times the effect's factor
 at today's reference; the forecast columns are today's (myopic) profits at that reference; and
 the first endogenous feature is log(last price / the reference state), the reference gap.
+
+Inventory (a markdown market: ``load_market(stock=...)``, agent/inventory.py): each episode
+carries its units on hand, from the history's on hand at its first row; a season's delivery
+replaces what is left; sales are min(demand, on hand) (the expectation E[min(N, on hand)], or
+a capped Poisson draw) and the stock carries from day to day; on a season's last day what is
+left is sold off at the salvage value (its margin is added to that day's profit). Two stock
+features follow the processed ones: the days of cover (on hand / the demand model's units at
+the last price) and the days to the season's end, each min(days, 182) / 91.
 """
 
 from __future__ import annotations

@@ -76,3 +76,22 @@ def copy_parts(source: Path, dest: Path, *parts: str) -> Path:
         else:
             shutil.copy2(src, dst)
     return dest
+
+
+# The tiny preset's markdown market (configs/scenarios/markdown.yaml) with seasons as long as
+# its val and test splits (18 days each), so val holds one whole season as in the bench, and
+# 16 transactions a day so 120 days fit a usable demand model; runs go to models/r1.
+MARKDOWN_CONFIG = "markdown.yaml"
+MARKDOWN = ("generate:\n  mean_transactions_per_day: 16.0\n  scenario:\n"
+            "    inventory: markdown\n    season_days: 18\n"
+            "data:\n  stock: data/raw/stock.csv\n"
+            "train:\n  tensorboard: false\n  run_id: r1\n")
+
+
+def build_markdown_market(folder: Path) -> Path:
+    """The whole pipeline (generate to evaluate) of :data:`MARKDOWN` in ``folder``: data/,
+    models/r1 and reports/. Run pricectl there with ``--config markdown.yaml``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKDOWN_CONFIG).write_text(MARKDOWN)
+    pricectl(folder, "--config", MARKDOWN_CONFIG, "--no-live", "pipeline")
+    return folder
