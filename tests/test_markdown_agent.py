@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from pricing_cli.config import load_settings
 from pricing_cli.monitor import RunMonitor
+from tests.support.kill import KillAt
 from tests.support.markets import MARKDOWN_CONFIG, copy_parts, working_dir
 
 STOCK_POLICIES = ("static", "greedy", "planner", "ladder")
@@ -167,19 +168,6 @@ def test_recommend_refuses_a_stock_run_instead_of_pricing_stock_blind(tiny_markd
         f"models/r1 was trained on an inventory market: its published {published} prices "
         "from the season's stock, and recommend does not carry the stock over the days ahead "
         "yet")
-
-
-class KillAt(RunMonitor):
-    """A monitor whose timesteps bar raises Ctrl+C once training passes ``steps``."""
-
-    def __init__(self, steps: int) -> None:
-        super().__init__("train", "quiet")
-        self.steps = steps
-
-    def update_bar(self, key: str, **kwargs: object) -> None:
-        super().update_bar(key, **kwargs)
-        if key == "timesteps" and (kwargs.get("completed") or 0) >= self.steps:
-            raise KeyboardInterrupt
 
 
 def test_a_killed_markdown_run_resumes_bit_for_bit_with_its_stock_state(tiny_markdown: Path,

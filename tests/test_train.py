@@ -23,6 +23,7 @@ from pricing_cli.errors import ConfigError, MissingInputError, ModelError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.storage import OWNER_MARKER
 from tests.agent_fixtures import write_processed
+from tests.support.kill import KillAt
 
 K = 11
 SMALL = {"train.n_envs": 4, "train.net_arch": [16], "train.n_steps": 64, "train.batch_size": 64,
@@ -240,19 +241,6 @@ def test_price_change_costs_with_a_planner_warm_start(processed, tmp_path) -> No
     # Measured: agent 54,360, planner 54,372, greedy 53,591.
     assert net(prices) >= 0.995 * net(planned)
     assert net(prices) > net(greedy) * 1.005
-
-
-class KillAt(RunMonitor):
-    """A monitor whose timesteps bar raises Ctrl+C once training passes ``steps``."""
-
-    def __init__(self, steps: int) -> None:
-        super().__init__("train", "quiet")
-        self.steps = steps
-
-    def update_bar(self, key: str, **kwargs: object) -> None:
-        super().update_bar(key, **kwargs)
-        if key == "timesteps" and (kwargs.get("completed") or 0) >= self.steps:
-            raise KeyboardInterrupt
 
 
 def test_a_killed_run_leaves_no_run_folder_and_resumes(processed, tmp_path,
