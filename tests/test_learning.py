@@ -140,3 +140,35 @@ def test_resume_is_bit_for_bit_with_the_reference_state(reference_market, tmp_pa
     for name in ("model.zip", "last_checkpoint.zip"):
         a, b = (policy_weights(run / name) for run in (resumed, whole))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_each_episode_is_paid_by_one_ensemble_member(tmp_path) -> None:
+    import dataclasses
+
+    from pricing_cli.agent.demand import DemandModel
+    from pricing_cli.agent.env import PriceVecEnv, load_market
+    from pricing_cli.agent.ensemble import DemandEnsemble
+    from pricing_cli.agent.learning import with_member_tables
+    from pricing_cli.agent.processed import ProcessedData
+
+    folder = tmp_path / "processed"
+    write_processed(folder, n_products=3, n_days=60, K=11, seed=1)
+    processed = ProcessedData(folder)
+    demand = DemandModel.fit(processed.meta("train"), load_settings(preset="tiny", environ={}))
+    market = load_market(processed, "train", demand)
+    # Two members: the fit, and the fit with every product's level doubled (log 2 more).
+    doubled = dataclasses.replace(demand, mean=demand.mean + np.array([np.log(2.0), 0, 0, 0]))
+    market = with_member_tables(market, DemandEnsemble([demand, doubled]))
+    assert market.member_tables is not None
+    np.testing.assert_array_equal(market.member_tables[0], market.units_table)
+    np.testing.assert_allclose(market.member_tables[1], 2.0 * market.units_table, rtol=1e-6)
+    env = PriceVecEnv(market, 8, episode_length=5, reward_scale=1.0, seed=3)
+    env.reset()
+    members = env.batch.member.copy()
+    assert set(members) == {0, 1}  # both drawn among 8 episodes (seed 3)
+    rows = env.batch.row.copy()
+    levels = env.batch.mask.argmax(axis=1)
+    _, reward, _, _ = env.step(levels)
+    price = market.prices(rows, levels)
+    paid = (price - market.unit_cost[rows]) * market.units_table[rows, levels] * (1 + members)
+    np.testing.assert_allclose(reward, paid, rtol=1e-5)

@@ -167,3 +167,28 @@ def read_train_curve(run_dir: str | Path) -> dict[str, Any] | None:
     if not isinstance(rows, list) or not rows:
         return None
     return {"rows": rows, "best_timesteps": summary.get("best_timesteps")}
+
+
+def with_member_tables(market: Market, ensemble: Any, monitor: Any = None) -> Market:
+    """``market`` with ``member_tables``: every ensemble member's expected units at each row's
+    K levels (``demand.units_on_grid``, as the decision table), so env episodes can be paid by
+    one member each (``train.ensemble_rewards``). Each member's own price response, the
+    decision demand's reference effect (as the decision quantile has: the point fit's).
+    Unchanged without an ensemble."""
+    import dataclasses
+
+    from pricing_cli.agent.demand import units_on_grid
+
+    if ensemble is None:
+        if monitor is not None:
+            monitor.log("train.ensemble_rewards needs train.ensemble_size of 2 or more: "
+                        "rewards come from the decision demand")
+        return market
+    rows = np.arange(market.n_rows)
+    grid = market.grid(rows)
+    tables = np.stack([units_on_grid(member, market.product_index, market.dates, grid)
+                       for member in ensemble.members])
+    if monitor is not None:
+        monitor.log(f"RL rewards from {len(tables)} ensemble members, one per episode "
+                    f"({tables.nbytes / 2**20:,.1f} MiB of demand tables)")
+    return dataclasses.replace(market, member_tables=tables)

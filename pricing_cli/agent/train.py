@@ -105,6 +105,10 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     fit = _fit_demand(settings, processed, product, monitor)  # 1. demand model
     # 2. Markets, env, the network.
     train_market, val_market, change_cost = _load_markets(settings, processed, fit, monitor)
+    if cfg.ensemble_rewards:
+        from pricing_cli.agent.learning import with_member_tables
+
+        train_market = with_member_tables(train_market, fit.ensemble, monitor)
     env = PriceVecEnv(train_market, cfg.n_envs, episode_length=cfg.episode_length,
                       reward_scale=cfg.reward_scale, sample_demand=cfg.sample_demand,
                       normalize_reward=cfg.normalize_reward,
@@ -168,8 +172,10 @@ def _selection_summary(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _env_summary(env: Any) -> dict[str, int]:
+    tables = env.market.member_tables  # train.ensemble_rewards
     return {"clipped_actions": int(env.batch.clipped_actions),
-            "trust_region_fallbacks": int(env.batch.trust_fallbacks)}
+            "trust_region_fallbacks": int(env.batch.trust_fallbacks),
+            "reward_members": 0 if tables is None else len(tables)}
 
 
 def _fit_summary(fit: DemandFit) -> dict[str, Any]:
@@ -582,7 +588,7 @@ def _checkpoint(model: Any, work_dir: Path, state: dict[str, Any]) -> None:
 # reference-price state, without which a resumed reference market restarted every episode's
 # reference at 1.0).
 _BATCH_ARRAYS = ("row", "end", "last_price", "held", "mask", "episode_return", "episode_profit",
-                 "episode_length", "reference")
+                 "episode_length", "reference", "member")
 
 
 def _save_rl_state(model: Any, path: Path) -> None:
