@@ -96,20 +96,31 @@ def test_rl_beats_greedy_on_val_where_demand_has_a_memory(curve_run) -> None:
     assert best == max(row["network"] for row in summary["learning_curve"])
     # Measured (seed 0): 491.72 greedy, 495.44 at step 5000, 497.89 the planner.
     assert best > greedy * 1.005
+    # The planner is the best path under the same fitted model (up to its reference grid):
+    # on val, in its own env, no policy should beat it.
+    assert best < planner
     # Under evaluate's scoring of whole val paths too (train's published-policy choice).
     scored = summary["val_profit_by_policy"]
     assert scored["agent"] > scored["greedy"]
 
 
-def test_a_fixed_path_replays_to_its_hand_computed_profit(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def memoryless(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(ProcessedData, its point fit) of a 3-product memoryless market."""
     from pricing_cli.agent.demand import DemandModel
-    from pricing_cli.agent.env import load_market, simulate
     from pricing_cli.agent.processed import ProcessedData
 
-    folder = tmp_path / "processed"
+    folder = tmp_path_factory.mktemp("memoryless") / "processed"
     write_processed(folder, n_products=3, n_days=60, K=11, seed=1)
     processed = ProcessedData(folder)
-    demand = DemandModel.fit(processed.meta("train"), load_settings(preset="tiny", environ={}))
+    return processed, DemandModel.fit(processed.meta("train"),
+                                      load_settings(preset="tiny", environ={}))
+
+
+def test_a_fixed_path_replays_to_its_hand_computed_profit(memoryless) -> None:
+    from pricing_cli.agent.env import load_market, simulate
+
+    processed, demand = memoryless
     market = load_market(processed, "val", demand)
     # Each product holds the level its first day's mask allows nearest the middle: feasible
     # every day (holding), so nothing is clipped and the profit is the table's.
@@ -142,19 +153,14 @@ def test_resume_is_bit_for_bit_with_the_reference_state(reference_market, tmp_pa
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_each_episode_is_paid_by_one_ensemble_member(tmp_path) -> None:
+def test_each_episode_is_paid_by_one_ensemble_member(memoryless) -> None:
     import dataclasses
 
-    from pricing_cli.agent.demand import DemandModel
-    from pricing_cli.agent.env import PriceVecEnv, load_market
     from pricing_cli.agent.ensemble import DemandEnsemble
+    from pricing_cli.agent.env import PriceVecEnv, load_market
     from pricing_cli.agent.learning import with_member_tables
-    from pricing_cli.agent.processed import ProcessedData
 
-    folder = tmp_path / "processed"
-    write_processed(folder, n_products=3, n_days=60, K=11, seed=1)
-    processed = ProcessedData(folder)
-    demand = DemandModel.fit(processed.meta("train"), load_settings(preset="tiny", environ={}))
+    processed, demand = memoryless
     market = load_market(processed, "train", demand)
     # Two members: the fit, and the fit with every product's level doubled (log 2 more).
     doubled = dataclasses.replace(demand, mean=demand.mean + np.array([np.log(2.0), 0, 0, 0]))
