@@ -14,7 +14,7 @@ from pricing_cli.agent.train import run_train
 from pricing_cli.config import load_settings
 from pricing_cli.monitor import RunMonitor
 from tests.agent_fixtures import write_processed
-from tests.test_train import SMALL, KillAt, policy_weights
+from tests.support.training import SMALL, KillAt, policy_weights
 
 # Loss aversion 2.5, gain 1.0, the reference an EWMA at rate 0.1 (half-life 6.6 days).
 REFERENCE = (0.1, 2.5, 1.0)
