@@ -527,6 +527,11 @@ class TrainSettings(Section):
     """A recommended price stays within the product's sold range (min to max price over train
     and val days with units > 0) widened by this share on each side; every policy's masks
     enforce it. null: no trust region (the whole [min_price, max_price] grid)."""
+    ensemble_rewards: bool = False
+    """RL rewards from the demand ensemble: each training episode draws one member (uniformly)
+    and is paid by its expected units, so the agent cannot exploit one model's errors; the
+    observation's forecast stays the decision demand. Holds every member's demand table
+    (ensemble_size x the env's table in memory). Needs ensemble_size of 2 or more."""
     publish_best_policy: bool = True
     """When the demand model links a product to its siblings (a fitted cross-price term),
     publish whichever of the network, the joint greedy and the joint planner earns most on

@@ -52,7 +52,8 @@ def write_processed(folder: str | Path, n_products: int = 6, n_days: int = 90, K
                     F: int = 20, seed: int = 0, true_elasticity: Any = None, *,
                     max_daily_change: float = 0.25, base_units: tuple[float, float] = (20.0, 60.0),
                     start: date = date(2023, 1, 2),
-                    price_multipliers: np.ndarray | None = None) -> dict[str, Any]:
+                    price_multipliers: np.ndarray | None = None,
+                    reference_effect: tuple[float, float, float] | None = None) -> dict[str, Any]:
     """Simulate a small market and write it as ``data/processed`` (docs/architecture.md).
 
     Each product has a list price L in [5, 50], a unit cost of 0.5-0.6 L, a price range
@@ -75,6 +76,10 @@ def write_processed(folder: str | Path, n_products: int = 6, n_days: int = 90, K
         start: first date.
         price_multipliers: the ladder of historical price / list price (default
             PRICE_MULTIPLIERS); prices start at its middle rung.
+        reference_effect: (rate, loss, gain): demand with a memory, the agent/reference.py
+            effect: units times exp(-loss·max(g, 0) - gain·min(g, 0)), g = log(price / R),
+            R an EWMA of the product's earlier prices at ``rate`` (from its first price).
+            None: memoryless (:func:`true_expected_units` holds only then).
 
     Returns:
         The truth: ``elasticity``, ``log_base``, ``list_price``, ``unit_cost``, ``min_price``,
@@ -108,6 +113,14 @@ def write_processed(folder: str | Path, n_products: int = 6, n_days: int = 90, K
         price = list_price[p] * ladder[level]
         lam = (np.exp(log_base[p] + TRUE_DOW_EFFECT[dow])
                * ladder[level] ** -elasticity[p])
+        if reference_effect is not None:
+            rate, loss, gain = reference_effect
+            seen = np.empty(n_days)
+            seen[0] = price[0]
+            for t in range(1, n_days):
+                seen[t] = (1.0 - rate) * seen[t - 1] + rate * price[t - 1]
+            gap = np.log(price / seen)
+            lam = lam * np.exp(-loss * np.maximum(gap, 0.0) - gain * np.minimum(gap, 0.0))
         units = rng.poisson(lam).astype(np.float64)
         prev_price = np.concatenate([[price[0]], price[:-1]])
         prev_units = np.concatenate([[np.exp(log_base[p])], units[:-1]])

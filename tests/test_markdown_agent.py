@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from pricing_cli.config import load_settings
 from pricing_cli.monitor import RunMonitor
-from tests.support.kill import KillAt
+from tests.support.training import KillAt
 from tests.support.markets import MARKDOWN_CONFIG, copy_parts, working_dir
 
 STOCK_POLICIES = ("static", "greedy", "planner", "ladder")

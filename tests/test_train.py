@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +21,9 @@ from pricing_cli.errors import ConfigError, MissingInputError, ModelError
 from pricing_cli.monitor import RunMonitor
 from pricing_cli.storage import OWNER_MARKER
 from tests.agent_fixtures import write_processed
-from tests.support.kill import KillAt
+from tests.support.training import SMALL, KillAt, policy_weights
 
 K = 11
-SMALL = {"train.n_envs": 4, "train.net_arch": [16], "train.n_steps": 64, "train.batch_size": 64,
-         "train.n_epochs": 4, "train.timesteps": 2000, "train.eval_every": 1000,
-         "train.checkpoint_every": 1000, "train.tensorboard": False, "train.torch_threads": 1,
-         # The point fit: these tests compare the env with evaluate's baselines exactly, and the
-         # env takes a constant-elasticity view of an ensemble quantile (until it reads units
-         # on the grid). The CLI test below trains with the default ensemble.
-         "train.ensemble_size": 0}
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +49,6 @@ def train(processed: Path, tmp_path: Path, monitor: RunMonitor | None = None,
         **{f"train.{k}": v for k, v in flags.items()}})
     with monitor or RunMonitor("train", "quiet") as m:
         return run_train(settings, m, product=product, resume=resume)
-
-
-def policy_weights(zip_path: Path) -> dict[str, torch.Tensor]:
-    with zipfile.ZipFile(zip_path) as archive:
-        return torch.load(io.BytesIO(archive.read("policy.pth")), weights_only=True)
 
 
 def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed, tmp_path,

@@ -168,6 +168,10 @@ class Market:
     # (n,) money per unit left after a season's last day (days_to_season_end 1): salvage -
     # unit cost (agent/inventory.py, MarketStock); None: what is left is worth nothing.
     salvage_margin: np.ndarray | None = None
+    # (M, n, K) float32: each demand-ensemble member's units_table (train.ensemble_rewards,
+    # agent/learning.py); an episode's rewards come from one member drawn at its start, its
+    # observation still from units_table. None: rewards from units_table.
+    member_tables: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.change_cost is None:
@@ -573,6 +577,8 @@ class EpisodeBatch:
         self.reference = np.ones(size)
         # Units on hand (inventory markets; inf: no cap).
         self.stock = np.full(size, np.inf)
+        # The ensemble member each episode's rewards come from (with Market.member_tables).
+        self.member = np.zeros(size, dtype=np.int64)
         self.mask = np.ones((size, market.price_levels), dtype=bool)
         self.episode_return = np.zeros(size)
         self.episode_profit = np.zeros(size)
@@ -633,7 +639,8 @@ class EpisodeBatch:
         self.clipped_actions += int(clipped.sum())
         grid = m.grid(rows)
         prices = grid[np.arange(len(rows)), levels]
-        units = m.units_table[rows, levels].astype(np.float64)
+        units = (m.units_table[rows, levels] if m.member_tables is None
+                 else m.member_tables[self.member[slots], rows, levels]).astype(np.float64)
         if m.reference_effect is not None:  # today's reference, then roll it forward
             units = units * m.reference_factor(rows, prices, self.reference[slots])
             self.reference[slots] = m.reference_effect.next_reference(self.reference[slots],
@@ -781,6 +788,9 @@ class PriceVecEnv(VecEnv):
         starts = self.starts[self.rng.integers(len(self.starts), size=len(slots))]
         ends = np.minimum(starts + self.episode_length, self.market.product_end[starts])
         self.batch.begin(slots, starts, ends)
+        if self.market.member_tables is not None:  # a member per episode, drawn uniformly
+            members = len(self.market.member_tables)
+            self.batch.member[slots] = self.rng.integers(members, size=len(slots))
 
     def reset(self) -> Observation:
         if self._seeds[0] is not None:

@@ -682,6 +682,9 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
     # The "agent" row is what the run published: its network, or the joint greedy/planner
     # that earned more on val (train.publish_best_policy).
     evaluation["agent_policy"] = agent.config.published_policy
+    from pricing_cli.agent.learning import read_train_curve
+
+    evaluation["learning_curve"] = read_train_curve(run_dir)  # val profit against RL steps
     evaluation["demand_model"] = demand_report
     if stocked is not None:
         evaluation["inventory"] = inventory_report(stocked.info, true)

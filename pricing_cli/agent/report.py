@@ -332,6 +332,10 @@ def write_report_md(path: Path, evaluation: dict[str, Any], plots: dict[str, str
     if footnote:
         lines += ["", footnote.replace("*", "\\*", 1).replace("\n", "\n\n")]
     lines += held_out_lines(evaluation)
+    from pricing_cli.agent.learning import curve_table_lines
+
+    curve = evaluation.get("learning_curve") or {}
+    lines += curve_table_lines(curve.get("rows"), curve.get("best_timesteps"))
     titles = {"profit_by_policy": "Profit by policy", "price_paths": "Price paths",
               "uplift_histogram": "Per-product uplift"}
     if plots:

@@ -87,6 +87,7 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     import torch
 
     from pricing_cli.agent.env import PriceVecEnv, random_feasible_policy, simulate
+    from pricing_cli.agent.learning import learning_curve
     from pricing_cli.agent.policy import MODEL_ZIP, PricingAgent
     from pricing_cli.agent.processed import ProcessedData
 
@@ -105,6 +106,10 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     fit = _fit_demand(settings, processed, product, monitor)  # 1. demand model
     # 2. Markets, env, the network.
     train_market, val_market, change_cost = _load_markets(settings, processed, fit, monitor)
+    if cfg.ensemble_rewards:
+        from pricing_cli.agent.learning import with_member_tables
+
+        train_market = with_member_tables(train_market, fit.ensemble, monitor)
     env = PriceVecEnv(train_market, cfg.n_envs, episode_length=cfg.episode_length,
                       reward_scale=cfg.reward_scale, sample_demand=cfg.sample_demand,
                       normalize_reward=cfg.normalize_reward,
@@ -115,11 +120,14 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
     state = _resume(model, checkpoint, work_dir, run_id, monitor)
     agent = PricingAgent(policy=model.policy, config=config, demand=fit.decision,
                          change_cost=change_cost, trust_region=fit.trust_region)
-    selection = ValSelection(model, agent, val_market, fit.products, work_dir, state, monitor)
+    lines, curve_log = _curve_lines(settings, val_market, processed, fit, work_dir, monitor)
+    selection = ValSelection(model, agent, val_market, fit.products, work_dir, state, monitor,
+                             curve_log)
 
     # 3. Behaviour cloning, then RL (checkpoints and val selection), then what to publish.
     bc_summary = _warm_start(settings, model, train_market, processed, fit, checkpoint, monitor)
     loop = _learn(settings, model, work_dir, state, selection, checkpoint, monitor)
+    curve_log.close()
     published = select_published_policy(settings, model, agent, work_dir / BEST, val_market,
                                         processed, fit.products, monitor)
     config = dataclasses.replace(config, published_policy=published["published_policy"])
@@ -143,6 +151,8 @@ def run_train(settings: Settings, monitor: RunMonitor, *, product: str | None = 
         "published_policy": published["published_policy"],
         "val_profit_by_policy": published["val_profit"],
         "behaviour_cloning": bc_summary, "evaluations": state["evaluations"],
+        **{f"val_mean_profit_{name}": value for name, value in lines.items()},
+        "learning_curve": learning_curve(state["evaluations"], lines),
         "seconds": round(time.monotonic() - started, 3)}
     write_json(work_dir / SUMMARY_JSON, summary)
     os.replace(work_dir / BEST, work_dir / MODEL_ZIP)
@@ -163,8 +173,10 @@ def _selection_summary(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _env_summary(env: Any) -> dict[str, int]:
+    tables = env.market.member_tables  # train.ensemble_rewards
     return {"clipped_actions": int(env.batch.clipped_actions),
-            "trust_region_fallbacks": int(env.batch.trust_fallbacks)}
+            "trust_region_fallbacks": int(env.batch.trust_fallbacks),
+            "reward_members": 0 if tables is None else len(tables)}
 
 
 def _fit_summary(fit: DemandFit) -> dict[str, Any]:
@@ -330,19 +342,36 @@ def _agent_config(settings: Settings, market: Market, fit: DemandFit, product: s
         trust_region=cfg.trust_region)
 
 
+def _curve_lines(settings: Settings, val_market: Market, processed: ProcessedData,
+                 fit: DemandFit, work_dir: Path, monitor: RunMonitor
+                 ) -> tuple[dict[str, float], Any]:
+    """The learning curve's flat lines (greedy's and the planner's val profit in the env,
+    agent/learning.py) and its TensorBoard log (``tensorboard/val/``)."""
+    from pricing_cli.agent.learning import CurveLog, baseline_val_profits
+
+    lines = baseline_val_profits(settings, val_market, processed, fit.decision,
+                                 fit.trust_region, fit.products)
+    if lines:
+        monitor.log("val profit/day of the baselines in the env: "
+                    + ", ".join(f"{name} {value:,.2f}" for name, value in lines.items()))
+    folder = work_dir / "tensorboard" / "val" if settings.train.tensorboard else None
+    return lines, CurveLog(folder, lines)
+
+
 class ValSelection:
     """Model selection on val: ``selection(step)`` prices the val split with the network
     (deterministic), records the evaluation in ``state``, keeps the best weights as
-    ``BEST`` and saves the state (so a resumed run keeps competing with them).
+    ``BEST`` and saves the state (so a resumed run keeps competing with them); ``curve``
+    (agent/learning.py) draws each check in TensorBoard.
 
     ``seconds``: the time spent here, kept apart from the RL steps/s.
     """
 
     def __init__(self, model: Any, agent: PricingAgent, val_market: Market,
                  products: list[int] | None, work_dir: Path, state: dict[str, Any],
-                 monitor: RunMonitor) -> None:
+                 monitor: RunMonitor, curve: Any = None) -> None:
         self.model, self.agent, self.market, self.products = model, agent, val_market, products
-        self.work_dir, self.state, self.monitor = work_dir, state, monitor
+        self.work_dir, self.state, self.monitor, self.curve = work_dir, state, monitor, curve
         self.seconds = 0.0
 
     def __call__(self, step: int) -> float:
@@ -355,6 +384,8 @@ class ValSelection:
         self.seconds += time.monotonic() - started
         state = self.state
         state["evaluations"].append({"timesteps": step, "val_mean_profit": profit})
+        if self.curve is not None:
+            self.curve.add(step, profit)
         if state["best_val_profit"] is None or profit > state["best_val_profit"]:
             state["best_val_profit"], state["best_timesteps"] = profit, step
             _save_model(self.model, self.work_dir / BEST)
@@ -604,9 +635,11 @@ def _checkpoint(model: Any, work_dir: Path, state: dict[str, Any]) -> None:
     _save_state(work_dir, state)
 
 
-# EpisodeBatch arrays that make up the env's state between steps.
+# EpisodeBatch arrays that make up the env's state between steps (reference: the
+# reference-price state, without which a resumed reference market restarted every episode's
+# reference at 1.0).
 _BATCH_ARRAYS = ("row", "end", "last_price", "held", "mask", "episode_return", "episode_profit",
-                 "episode_length")
+                 "episode_length", "reference", "member")
 
 
 def _batch_arrays(env: Any) -> tuple[str, ...]:
@@ -650,7 +683,8 @@ def _restore_rl_state(model: Any, path: Path) -> bool:
     with np.load(path, allow_pickle=False) as saved:
         scalars = json.loads(str(saved["scalars"]))
         for name in _batch_arrays(env):
-            getattr(env.batch, name)[...] = saved[f"batch_{name}"]
+            if f"batch_{name}" in saved.files:  # a checkpoint from before the array was saved
+                getattr(env.batch, name)[...] = saved[f"batch_{name}"]
         kind, pos, has_gauss, gauss = scalars["numpy_rng"]
         np.random.set_state((kind, saved["numpy_rng_keys"], pos, has_gauss, gauss))
         torch.set_rng_state(torch.from_numpy(saved["torch_rng"].copy()))
