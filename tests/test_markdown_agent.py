@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from pricing_cli.config import load_settings
 from pricing_cli.monitor import RunMonitor
-from tests.support.training import KillAt
 from tests.support.markets import MARKDOWN_CONFIG, copy_parts, working_dir
+from tests.support.training import KillAt
 
 STOCK_POLICIES = ("static", "greedy", "planner", "ladder")
 
