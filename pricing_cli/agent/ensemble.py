@@ -223,6 +223,43 @@ class QuantileDemand:
         return at[1], (at[0] - at[2]) / (2 * spread)
 
 
+def agreed_best_prices(ensemble: DemandEnsemble, meta: Any, agreement: float,
+                       n_products: int) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) by product index: the interval of the members' best prices where they
+    agree on one, NaN where they do not (what the adaptive trust region may grow to reach,
+    :func:`pricing.trust_region_bounds`).
+
+    Each member's best price of a product is the grid level with the largest summed expected
+    profit over the product's rows of ``meta`` (a ``baselines.SplitMeta``, every level of the
+    whole [min_price, max_price] grid, no trust region). The members agree where every one's
+    best level is interior (not the grid's lowest or highest: a best price at the edge says
+    only "further", not where the optimum is) and the interval's width is at most
+    ``agreement`` times the members' median best price.
+    """
+    low, high = np.full(n_products, np.nan), np.full(n_products, np.nan)
+    if meta.n_rows == 0:
+        return low, high
+    start, levels = meta.series_start, meta.grid.shape[1]
+    best = np.empty((ensemble.size, start.size), dtype=np.int64)
+    for m, member in enumerate(ensemble.members):
+        total = np.zeros(meta.grid.shape)
+        # One call per level over every row keeps memory at n floats, whatever K is.
+        for level in range(levels):
+            prices = meta.grid[meta.series_of_row, level]
+            units = np.asarray(member.expected_units(meta.product_index, meta.date, prices),
+                               dtype=np.float64)
+            total[:, level] = np.add.reduceat((prices - meta.unit_cost) * units, start)
+        best[m] = total.argmax(axis=1)
+    prices = np.take_along_axis(meta.grid, best.T, axis=1)  # (n_series, members)
+    interior = ((best > 0) & (best < levels - 1)).all(axis=0)
+    lowest, highest = prices.min(axis=1), prices.max(axis=1)
+    agree = interior & (highest - lowest <= agreement * np.median(prices, axis=1))
+    index = meta.product_index[start]
+    keep = agree & (index < n_products)
+    low[index[keep]], high[index[keep]] = lowest[keep], highest[keep]
+    return low, high
+
+
 def decision_demand(point: Any, ensemble: DemandEnsemble | None, quantile: float | None) -> Any:
     """What prices are chosen on: the ensemble's ``quantile`` when both are given, else the
     point fit."""

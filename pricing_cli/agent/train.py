@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pricing_cli.config import Settings, settings_to_yaml
+from pricing_cli.config import Settings, TrainSettings, settings_to_yaml
 from pricing_cli.errors import ConfigError, ModelError
 from pricing_cli.runinfo import StageResult
 from pricing_cli.storage import (
@@ -257,11 +257,35 @@ def _fit_demand(settings: Settings, processed: ProcessedData, product: str | Non
                     "are chosen on the point fit")
     trust_region = None
     if cfg.trust_region is not None:
-        trust_region = trust_region_bounds(*sold_price_range(processed, n_products),
-                                           cfg.trust_region)
+        trust_region = trust_region_bounds(
+            *sold_price_range(processed, n_products), cfg.trust_region,
+            agreed=_agreed_best_prices(cfg, processed, ensemble, closed, n_products, monitor),
+            cap=cfg.trust_region_adaptive)
     return DemandFit(demand, demand_report, ensemble, ensemble_seconds,
                      decision_demand(demand, ensemble, cfg.decision_quantile), trust_region,
                      closed, n_products, products)
+
+
+def _agreed_best_prices(cfg: TrainSettings, processed: ProcessedData, ensemble: Any, closed: Any,
+                        n_products: int, monitor: RunMonitor
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ensemble's agreed best prices the adaptive trust region may grow to (None: a fixed
+    region), from the val split's days (the train split's without one)."""
+    if cfg.trust_region_adaptive is None:
+        return None
+    if ensemble is None:
+        monitor.log("train.trust_region_adaptive needs train.ensemble_size of 2 or more: the "
+                    "trust region keeps its fixed margin")
+        return None
+    from pricing_cli.agent.baselines import load_split_meta
+    from pricing_cli.agent.ensemble import agreed_best_prices
+
+    split = "val" if processed.has_split("val") and processed.meta("val").height else "train"
+    agreed = agreed_best_prices(ensemble, load_split_meta(processed, split, closed),
+                                cfg.trust_region_agreement, n_products)
+    monitor.log(f"adaptive trust region: the ensemble agrees on the best price of "
+                f"{int(np.isfinite(agreed[0]).sum())} of {n_products} products ({split} days)")
+    return agreed
 
 
 def _load_markets(settings: Settings, processed: ProcessedData, fit: DemandFit,
