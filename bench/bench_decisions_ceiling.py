@@ -57,7 +57,7 @@ class Scored:
     ensemble: Any
     change_cost: np.ndarray | None
     sold: tuple[np.ndarray, np.ndarray]
-    val_meta: Any
+    fit_metas: list[Any]
     n_products: int
     margin: float
     quantile: float | None
@@ -92,8 +92,8 @@ def load(folder: str) -> Scored:
     return Scored(folder, meta, stats.price_levels, stats.max_daily_change, truth, truth_index,
                   load_demand_model(run_dir), DemandEnsemble.load(run_dir),
                   np.load(cost_path, allow_pickle=False) if cost_path.is_file() else None,
-                  sold_price_range(processed, n_products), load_split_meta(processed, "val",
-                                                                           closed),
+                  sold_price_range(processed, n_products),
+                  [load_split_meta(processed, split, closed) for split in ("train", "val")],
                   n_products, float(settings.train.trust_region or 0.0),
                   settings.train.decision_quantile,
                   json.loads((work / "reports" / "evaluation.json").read_text()))
@@ -127,7 +127,7 @@ def region(run: Scored, margin: float, adaptive: float | None = None,
     from pricing_cli.pricing import trust_region_bounds
 
     agreed = (None if adaptive is None else
-              agreed_best_prices(run.ensemble, run.val_meta, agreement, run.n_products))
+              agreed_best_prices(run.ensemble, run.fit_metas, agreement, run.n_products))
     bounds = trust_region_bounds(*run.sold, margin, agreed=agreed, cap=adaptive)
     return dataclasses.replace(run.meta, trust_region=series_bounds(run.meta, bounds))
 

@@ -41,7 +41,8 @@ def one_product_meta(days: int = 7, sold: float = 16.0) -> SplitMeta:
                      np.datetime64("2024-03-01") + np.arange(n), np.full(n, sold), np.ones(n),
                      np.full(n, 10.0), np.full(n, 5.0), np.full(n, 40.0),
                      np.ones((1, 36), dtype=np.int8), np.array([sold]))
-    np.testing.assert_allclose(meta.grid[0], np.arange(5.0, 41.0))
+    if days:
+        np.testing.assert_allclose(meta.grid[0], np.arange(5.0, 41.0))
     return meta
 
 
@@ -56,20 +57,20 @@ def test_a_tight_ensemble_widens_the_region_and_a_loose_one_does_not() -> None:
     tight = ensemble_of([2.0, 21 / 11, 19 / 9])  # best prices 20, 21, 19: width 2/20 = 0.1
     loose = ensemble_of([2.0, 1.5, 3.0])  # 20, 30, 15: width 15/20 = 0.75
     edge = ensemble_of([1.05, 1.06])  # 210 and 187: both at the grid's top level (40)
-    low, high = agreed_best_prices(tight, meta, 0.15, 1)
+    low, high = agreed_best_prices(tight, [meta], 0.15, 1)
     np.testing.assert_allclose([low[0], high[0]], [19.0, 21.0])
-    assert np.isnan(agreed_best_prices(tight, meta, 0.05, 1)[0]).all()  # 0.1 > 0.05
-    assert np.isnan(agreed_best_prices(loose, meta, 0.15, 1)[0]).all()
+    assert np.isnan(agreed_best_prices(tight, [meta], 0.05, 1)[0]).all()  # 0.1 > 0.05
+    assert np.isnan(agreed_best_prices(loose, [meta], 0.15, 1)[0]).all()
     # At the edge a member says only "further", not where the optimum is.
-    assert np.isnan(agreed_best_prices(edge, meta, 0.15, 1)[0]).all()
+    assert np.isnan(agreed_best_prices(edge, [meta], 0.15, 1)[0]).all()
 
     # Sold at 10..16: the fixed 10% region ends at 17.6; the tight ensemble's reaches 21
     # (cap 0.5: 24), the loose one's stays at 17.6.
     sold = (np.array([10.0]), np.array([16.0]))
     tight_region = trust_region_bounds(*sold, 0.1, cap=0.5,
-                                       agreed=agreed_best_prices(tight, meta, 0.15, 1))
+                                       agreed=agreed_best_prices(tight, [meta], 0.15, 1))
     loose_region = trust_region_bounds(*sold, 0.1, cap=0.5,
-                                       agreed=agreed_best_prices(loose, meta, 0.15, 1))
+                                       agreed=agreed_best_prices(loose, [meta], 0.15, 1))
     np.testing.assert_allclose(np.ravel(tight_region), [9.0, 21.0])
     np.testing.assert_allclose(np.ravel(loose_region), [9.0, 17.6])
     # Greedy under the point fit (e = 2, best price 20) reaches 20 only in the grown region.
@@ -77,6 +78,33 @@ def test_a_tight_ensemble_widens_the_region_and_a_loose_one_does_not() -> None:
     for bounds, expected in ((tight_region, 20.0), (loose_region, 17.0)):
         trusted = dataclasses.replace(meta, trust_region=bounds)
         np.testing.assert_allclose(bl.greedy_prices(trusted, point, 36, 0.25), expected)
+
+
+class DayElasticity:
+    """Constant elasticity that changes by day (a calendar the fit knows)."""
+
+    def __init__(self, by_day: list[float]) -> None:
+        self.by_day = np.array(by_day)
+
+    def expected_units(self, product_index: np.ndarray, dates: np.ndarray,
+                       prices: np.ndarray) -> np.ndarray:
+        day = (np.asarray(dates) - np.datetime64("2024-03-01")).astype(np.int64)
+        return 1000.0 * np.asarray(prices) ** -self.by_day[day]
+
+
+def test_agreement_is_day_by_day() -> None:
+    meta = one_product_meta(days=3)
+    # Day 0: best 20 and 21 (agreed); day 1: 15 and 15 (agreed, an event's higher
+    # elasticity); day 2: 30 and 15 (no agreement, left out).
+    members = [DayElasticity([2.0, 3.0, 1.5]), DayElasticity([21 / 11, 3.0, 3.0])]
+    low, high = agreed_best_prices(DemandEnsemble(members=members), [meta], 0.1, 2)
+    np.testing.assert_allclose(low, [15.0, np.nan])  # product 1 has no rows: no agreement
+    np.testing.assert_allclose(high, [21.0, np.nan])
+    # A second split folds in: its agreed day 0 at 20/21 keeps (15, 21); an empty one is skipped.
+    low, high = agreed_best_prices(DemandEnsemble(members=members),
+                                   [meta, one_product_meta(days=1), one_product_meta(days=0)],
+                                   0.1, 1)
+    np.testing.assert_allclose([low[0], high[0]], [15.0, 21.0])
 
 
 @settings(max_examples=150, deadline=None)

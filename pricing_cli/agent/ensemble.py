@@ -223,41 +223,55 @@ class QuantileDemand:
         return at[1], (at[0] - at[2]) / (2 * spread)
 
 
-def agreed_best_prices(ensemble: DemandEnsemble, meta: Any, agreement: float,
+def agreed_best_prices(ensemble: DemandEnsemble, metas: list[Any], agreement: float,
                        n_products: int) -> tuple[np.ndarray, np.ndarray]:
-    """(low, high) by product index: the interval of the members' best prices where they
-    agree on one, NaN where they do not (what the adaptive trust region may grow to reach,
-    :func:`pricing.trust_region_bounds`).
+    """(low, high) by product index: the lowest and highest best price the members agreed on,
+    NaN for a product without an agreed day (what the adaptive trust region may grow to
+    reach, :func:`pricing.trust_region_bounds`).
 
-    Each member's best price of a product is the grid level with the largest summed expected
-    profit over the product's rows of ``meta`` (a ``baselines.SplitMeta``, every level of the
-    whole [min_price, max_price] grid, no trust region). The members agree where every one's
-    best level is interior (not the grid's lowest or highest: a best price at the edge says
-    only "further", not where the optimum is) and the interval's width is at most
-    ``agreement`` times the members' median best price.
+    Each member's best price on each row of ``metas`` (``baselines.SplitMeta``; train takes
+    its train and val splits, the days the sold range comes from) is the grid
+    level with the largest expected profit there (the whole [min_price, max_price] grid, no
+    trust region): day by day, so a calendar the fit knows (an event window's higher
+    elasticity) moves it. The members agree on a row where every one's best level is
+    interior (not the grid's lowest or highest: a best price at the edge says only "further",
+    not where the optimum is) and their interval (highest - lowest) is at most ``agreement``
+    times their median best price.
     """
     low, high = np.full(n_products, np.nan), np.full(n_products, np.nan)
-    if meta.n_rows == 0:
-        return low, high
-    start, levels = meta.series_start, meta.grid.shape[1]
-    best = np.empty((ensemble.size, start.size), dtype=np.int64)
-    for m, member in enumerate(ensemble.members):
-        total = np.zeros(meta.grid.shape)
-        # One call per level over every row keeps memory at n floats, whatever K is.
-        for level in range(levels):
-            prices = meta.grid[meta.series_of_row, level]
-            units = np.asarray(member.expected_units(meta.product_index, meta.date, prices),
-                               dtype=np.float64)
-            total[:, level] = np.add.reduceat((prices - meta.unit_cost) * units, start)
-        best[m] = total.argmax(axis=1)
-    prices = np.take_along_axis(meta.grid, best.T, axis=1)  # (n_series, members)
-    interior = ((best > 0) & (best < levels - 1)).all(axis=0)
-    lowest, highest = prices.min(axis=1), prices.max(axis=1)
-    agree = interior & (highest - lowest <= agreement * np.median(prices, axis=1))
-    index = meta.product_index[start]
-    keep = agree & (index < n_products)
-    low[index[keep]], high[index[keep]] = lowest[keep], highest[keep]
+    for meta in metas:
+        if meta.n_rows:
+            _agreed_rows(ensemble, meta, agreement, low, high)
     return low, high
+
+
+def _agreed_rows(ensemble: DemandEnsemble, meta: Any, agreement: float, low: np.ndarray,
+                 high: np.ndarray) -> None:
+    """:func:`agreed_best_prices` of one split, folded into ``low`` and ``high`` in place."""
+    grid = meta.grid[meta.series_of_row]  # (n, K)
+    levels = grid.shape[1]
+    best = np.zeros((ensemble.size, meta.n_rows), dtype=np.int64)
+    for m, member in enumerate(ensemble.members):
+        value = np.full(meta.n_rows, -np.inf)
+        # A running argmax over the levels keeps memory at a few n-vectors, whatever K is.
+        for level in range(levels):
+            units = np.asarray(member.expected_units(meta.product_index, meta.date,
+                                                     grid[:, level]), dtype=np.float64)
+            profit = (grid[:, level] - meta.unit_cost) * units
+            better = profit > value  # ties keep the lower price
+            best[m, better], value[better] = level, profit[better]
+    prices = np.take_along_axis(grid, best.T, axis=1)  # (n, members)
+    lowest, highest = prices.min(axis=1), prices.max(axis=1)
+    agree = (((best > 0) & (best < levels - 1)).all(axis=0)
+             & (highest - lowest <= agreement * np.median(prices, axis=1)))
+    start = meta.series_start
+    series_low = np.minimum.reduceat(np.where(agree, lowest, np.inf), start)
+    series_high = np.maximum.reduceat(np.where(agree, highest, -np.inf), start)
+    index = meta.product_index[start]
+    keep = np.isfinite(series_low) & (index < low.size)
+    # A product in several series (or splits) keeps its widest agreed interval.
+    np.fmin.at(low, index[keep], series_low[keep])
+    np.fmax.at(high, index[keep], series_high[keep])
 
 
 def decision_demand(point: Any, ensemble: DemandEnsemble | None, quantile: float | None) -> Any:

@@ -266,11 +266,11 @@ def _fit_demand(settings: Settings, processed: ProcessedData, product: str | Non
                      closed, n_products, products)
 
 
-def _agreed_best_prices(cfg: TrainSettings, processed: ProcessedData, ensemble: Any, closed: Any,
-                        n_products: int, monitor: RunMonitor
+def _agreed_best_prices(cfg: TrainSettings, processed: ProcessedData, ensemble: Any,
+                        closed: Any, n_products: int, monitor: RunMonitor
                         ) -> tuple[np.ndarray, np.ndarray] | None:
-    """The ensemble's agreed best prices the adaptive trust region may grow to (None: a fixed
-    region), from the val split's days (the train split's without one)."""
+    """The best prices the ensemble agrees on (``ensemble.agreed_best_prices``) over the
+    train and val days, the days the sold range is taken from; None: a fixed region."""
     if cfg.trust_region_adaptive is None:
         return None
     if ensemble is None:
@@ -280,12 +280,12 @@ def _agreed_best_prices(cfg: TrainSettings, processed: ProcessedData, ensemble: 
     from pricing_cli.agent.baselines import load_split_meta
     from pricing_cli.agent.ensemble import agreed_best_prices
 
-    split = "val" if processed.has_split("val") and processed.meta("val").height else "train"
-    agreed = agreed_best_prices(ensemble, load_split_meta(processed, split, closed),
-                                cfg.trust_region_agreement, n_products)
-    monitor.log(f"adaptive trust region: the ensemble agrees on the best price of "
-                f"{int(np.isfinite(agreed[0]).sum())} of {n_products} products ({split} days)")
-    return agreed
+    metas = [load_split_meta(processed, split, closed) for split in ("train", "val")
+             if processed.has_split(split)]
+    low, high = agreed_best_prices(ensemble, metas, cfg.trust_region_agreement, n_products)
+    monitor.log(f"adaptive trust region: the ensemble agrees on a best price of "
+                f"{int(np.isfinite(low).sum())} of {n_products} products on some day")
+    return low, high
 
 
 def _load_markets(settings: Settings, processed: ProcessedData, fit: DemandFit,
