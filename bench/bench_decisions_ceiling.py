@@ -200,25 +200,32 @@ def ceiling(run: Scored) -> dict[str, Any]:
     return out
 
 
-def sweep(run: Scored, cap: float, agreement: float) -> list[dict[str, Any]]:
+def sweep(run: Scored, margins: list[str], quantiles: list[float],
+          agreement: float) -> list[dict[str, Any]]:
+    """Every margin ("0.2", or "adaptive:0.3", base 0.10 up to that cap) x quantile."""
     from pricing_cli.agent.ensemble import decision_demand
 
     cells: list[dict[str, Any]] = []
-    regions: list[tuple[str, Any]] = [(f"{m:.2f}", region(run, m)) for m in MARGINS]
-    regions.append((f"adaptive 0.10..{cap:.2f}",
-                    region(run, 0.10, adaptive=cap, agreement=agreement)))
+    regions: list[tuple[str, Any]] = []
+    for margin in margins:
+        kind, _, cap = margin.partition(":")
+        if kind == "adaptive":
+            regions.append((f"adaptive 0.10..{float(cap):.2f}",
+                            region(run, 0.10, adaptive=float(cap), agreement=agreement)))
+        else:
+            regions.append((f"{float(margin):.2f}", region(run, float(margin))))
+    low, high = (bound[run.meta.product_index[run.meta.series_start]] for bound in run.sold)
     for label, meta in regions:
         lower, upper = meta.trust_region
-        for quantile in QUANTILES:
+        for quantile in quantiles:
             demand = decision_demand(run.demand, run.ensemble, quantile)
             prices = price(run, meta, demand)
             true = score(run, {"cell": prices})["cell"]
             cells.append({"scenario": run.name, "margin": label, "quantile": quantile,
                           "share_pct": round(true["share_of_oracle_pct"], 2),
                           "uplift_pct": round(true["uplift_pct"], 2),
-                          "mean_upper_over_max_sold": round(float(np.nanmean(
-                              upper / run.sold[1][run.meta.product_index[
-                                  run.meta.series_start]])), 3)})
+                          "mean_upper_over_max_sold": round(float(np.nanmean(upper / high)), 3),
+                          "mean_lower_over_min_sold": round(float(np.nanmean(lower / low)), 3)})
             print(json.dumps(cells[-1]), file=sys.stderr, flush=True)
     return cells
 
@@ -228,7 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folders", nargs="+", help="folders under bench/out/scenarios/")
     parser.add_argument("--ceiling", action="store_true")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--cap", type=float, default=0.30, help="the adaptive region's cap")
+    parser.add_argument("--margins", nargs="+",
+                        default=[*(f"{m:g}" for m in MARGINS), "adaptive:0.3"],
+                        help="fixed margins, and adaptive:<cap> (base 0.10)")
+    parser.add_argument("--quantiles", nargs="+", type=float, default=list(QUANTILES))
+    parser.add_argument("--out", default="decisions_ceiling.json",
+                        help="file name under bench/out/scenarios/")
     parser.add_argument("--agreement", type=float, default=0.10)
     args = parser.parse_args(argv)
     result: dict[str, Any] = {}
@@ -239,10 +251,10 @@ def main(argv: list[str] | None = None) -> None:
             entry["ceiling"] = ceiling(run)
             print(folder, json.dumps(entry["ceiling"]), file=sys.stderr, flush=True)
         if args.sweep:
-            entry["sweep"] = sweep(run, args.cap, args.agreement)
+            entry["sweep"] = sweep(run, args.margins, args.quantiles, args.agreement)
         result[folder] = entry
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "decisions_ceiling.json").write_text(json.dumps(result, indent=1))
+    (OUT / args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 
