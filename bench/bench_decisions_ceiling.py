@@ -196,6 +196,9 @@ def ceiling(run: Scored) -> dict[str, Any]:
             out[f"(c)->(d) loss, {label}"] = round(
                 (part["(c) + trust region"]["profit"] - part["(d) fitted point"]["profit"])
                 / total * 100, 2)
+            out[f"(b)->(c) loss, {label}"] = round(
+                (part["(b) + daily limit"]["profit"] - part["(c) + trust region"]["profit"])
+                / total * 100, 2)
         out["event-window share of rows %"] = round(float(inside.mean() * 100), 1)
     return out
 
