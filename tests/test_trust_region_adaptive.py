@@ -107,6 +107,23 @@ def test_agreement_is_day_by_day() -> None:
     np.testing.assert_allclose([low[0], high[0]], [15.0, 21.0])
 
 
+def test_a_large_market_is_searched_coarse_to_fine_on_fewer_days() -> None:
+    meta = one_product_meta(days=3)
+    members = [DayElasticity([2.0, 3.0, 1.5]), DayElasticity([21 / 11, 3.0, 3.0])]
+    ensemble = DemandEnsemble(members=members)
+    # 2 members x 3 rows x 36 levels = 216 predictions; a budget of 100 uses every 3rd day
+    # (day 0 only: best 20 and 21).
+    low, high = agreed_best_prices(ensemble, [meta], 0.1, 1, max_evaluations=100)
+    np.testing.assert_allclose([low[0], high[0]], [20.0, 21.0])
+    # 101 levels 0.5 apart from 10 to 60: searched every 5th level, then +-4 around the best
+    # (29 of 101), and the same optimum as the full scan: 15 .. 21.
+    wide = dataclasses.replace(meta, min_price=np.full(3, 10.0), max_price=np.full(3, 60.0),
+                               first_day_mask=np.ones((1, 101), dtype=np.int8))
+    np.testing.assert_allclose(wide.grid[0][[10, 18, 20, 22]], [15.0, 19.0, 20.0, 21.0])
+    low, high = agreed_best_prices(ensemble, [wide], 0.1, 1)
+    np.testing.assert_allclose([low[0], high[0]], [15.0, 21.0])
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_prices_never_leave_the_adaptive_region(data: st.DataObject) -> None:
