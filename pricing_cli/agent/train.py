@@ -333,7 +333,9 @@ def _agent_config(settings: Settings, market: Market, fit: DemandFit, product: s
         products=fit.products, product_id=product, feature_cols=_feature_cols(processed_dir),
         ensemble_size=0 if fit.ensemble is None else fit.ensemble.size,
         decision_quantile=None if fit.ensemble is None else cfg.decision_quantile,
-        trust_region=cfg.trust_region)
+        trust_region=cfg.trust_region,
+        trust_region_adaptive=(cfg.trust_region_adaptive if cfg.trust_region is not None
+                               and fit.ensemble is not None else None))
 
 
 class ValSelection:
