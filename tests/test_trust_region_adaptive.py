@@ -16,7 +16,7 @@ from pricing_cli.agent.ensemble import DemandEnsemble, agreed_best_prices
 from pricing_cli.config import load_settings
 from pricing_cli.errors import ConfigError
 from pricing_cli.pricing import price_grid, trust_region_bounds
-from tests.test_trust_region import ConstantElasticity, in_region, none_reachable
+from tests.support.regions import ConstantElasticity, in_region, none_reachable
 
 
 def test_adaptive_bounds_by_hand() -> None:
