@@ -12,6 +12,12 @@ validation split the quarter before it.
 
     python -m bench.bench_scenarios                      # 150 products x 730 days (slow)
     python -m bench.bench_scenarios --products 20 --days 365 --timesteps 2048   # a quick check
+    python -m bench.bench_scenarios --only default --overlay configs/change-cost.yaml \
+        --set train.trust_region=0.2 --tag cc-tr20    # a config on top, out in default+cc-tr20/
+
+``--overlay`` (a config file) and ``--set section.key=value`` (YAML values) go on top of the
+scenario's config, before the bench's sizes and paths; ``--tag`` names the output folder
+``<name>+<tag>`` so a variant does not overwrite the scenario's own run.
 """
 
 from __future__ import annotations
@@ -41,12 +47,32 @@ def scenario_names() -> list[str]:
     return ["default", *sorted(p.stem for p in SCENARIO_CONFIGS.glob("*.yaml"))]
 
 
+def overrides(overlay: list[str], assignments: list[str]) -> dict[str, Any]:
+    """The sections of the ``--overlay`` files, then the ``--set section.key=value`` items
+    (the value read as YAML: 0.2, null, true), later ones winning."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in overlay:
+        for section, values in (yaml.safe_load(Path(path).read_text()) or {}).items():
+            out.setdefault(section, {}).update(values or {})
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise SystemExit(f"--set {item!r}: expected section.key=value, e.g. "
+                             "train.trust_region=0.2")
+        out.setdefault(section, {})[field] = yaml.safe_load(value)
+    return out
+
+
 def bench_config(name: str, work: Path, products: int, days: int,
-                 timesteps: int | None) -> dict[str, Any]:
-    """The scenario's config with sizes, splits and every input/output path under ``work``."""
+                 timesteps: int | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The scenario's config with ``extra`` (see :func:`overrides`) on top, then sizes, splits
+    and every input/output path under ``work``."""
     config: dict[str, Any] = {}
     if name != "default":
         config = yaml.safe_load((SCENARIO_CONFIGS / f"{name}.yaml").read_text()) or {}
+    for section, values in (extra or {}).items():
+        config.setdefault(section, {}).update(values)
     start = date(2023, 1, 1)
     test_start = start + timedelta(days=days - QUARTER_DAYS)
     raw = work / "data" / "raw"
@@ -75,11 +101,12 @@ def bench_config(name: str, work: Path, products: int, days: int,
 
 def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run the pipeline of one scenario; returns its evaluation.json (plus wall_s)."""
-    work = OUT / name
+    work = OUT / folder_name(name, args.tag)
     work.mkdir(parents=True, exist_ok=True)
     config_path = work / "config.yaml"
     config_path.write_text(yaml.safe_dump(
-        bench_config(name, work, args.products, args.days, args.timesteps), sort_keys=False))
+        bench_config(name, work, args.products, args.days, args.timesteps,
+                     overrides(args.overlay, args.set)), sort_keys=False))
     command = [sys.executable, "-m", "pricing_cli", "--preset", args.preset, "--config",
                str(config_path), "--no-live", "pipeline", "--generate", "--force"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -93,6 +120,10 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     evaluation = json.loads((work / "reports" / "evaluation.json").read_text())
     evaluation["wall_s"] = wall
     return evaluation
+
+
+def folder_name(name: str, tag: str | None) -> str:
+    return name if not tag else f"{name}+{tag}"
 
 
 def _pct(value: float | None) -> str:
@@ -123,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="RL steps (default: the preset's)")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--only", nargs="*", default=None, help="scenario names to run")
+    parser.add_argument("--overlay", action="append", default=[],
+                        help="a config file on top of each scenario's (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="one setting on top (repeatable), e.g. train.trust_region=0.2")
+    parser.add_argument("--tag", default=None,
+                        help="output folder <scenario>+<tag> (default: <scenario>)")
     args = parser.parse_args(argv)
     names = args.only or scenario_names()
     header = ("scenario | " + " | ".join(f"{p} % of optimum" for p in POLICIES)
@@ -135,11 +172,12 @@ def main(argv: list[str] | None = None) -> None:
              "| " + header + " |", "|" + "---|" * (header.count("|") + 1)]
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        lines.append("| " + table_rows(name, run_scenario(name, args)) + " |")
+        lines.append("| " + table_rows(folder_name(name, args.tag), run_scenario(name, args))
+                     + " |")
         print(lines[-1], file=sys.stderr, flush=True)
     for name in names:
-        inventory = json.loads((OUT / name / "reports" / "evaluation.json").read_text()).get(
-            "inventory")
+        evaluation_path = OUT / folder_name(name, args.tag) / "reports" / "evaluation.json"
+        inventory = json.loads(evaluation_path.read_text()).get("inventory")
         if inventory and inventory.get("share_of_dp_pct"):
             share = inventory["share_of_dp_pct"]
             ladder = inventory["ladder"]
@@ -152,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                       "| " + " | ".join(_pct(share.get(p)) for p in DP_POLICIES) + " |"]
     text = "\n".join(lines) + "\n"
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "scenarios.md").write_text(text)
+    (OUT / ("scenarios.md" if not args.tag else f"scenarios+{args.tag}.md")).write_text(text)
     print(text)
 
 

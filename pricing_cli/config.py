@@ -532,6 +532,15 @@ class TrainSettings(Section):
     and is paid by its expected units, so the agent cannot exploit one model's errors; the
     observation's forecast stays the decision demand. Holds every member's demand table
     (ensemble_size x the env's table in memory). Needs ensemble_size of 2 or more."""
+    trust_region_adaptive: float | None = Field(0.30, ge=0)
+    """The adaptive trust region's cap: on a train or val day where every ensemble member's
+    best price of a product (its most profitable grid level under that member) is interior
+    and within trust_region_agreement of the others', the region grows on that side to reach
+    it, up to the sold range widened by this share. null: the fixed trust_region margin
+    everywhere. Needs trust_region and ensemble_size of 2 or more."""
+    trust_region_agreement: float = Field(0.10, gt=0)
+    """How close the members' best prices must be for the adaptive region to grow: the width
+    of their interval on a day (highest - lowest) as a share of their median."""
     publish_best_policy: bool = True
     """When the demand model links a product to its siblings (a fitted cross-price term),
     publish whichever of the network, the joint greedy and the joint planner earns most on

@@ -113,13 +113,29 @@ def is_price_change(price: np.ndarray | float, previous: np.ndarray | float,
     return np.asarray(moved)
 
 
-def trust_region_bounds(min_sold: np.ndarray, max_sold: np.ndarray, margin: float
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def trust_region_bounds(min_sold: np.ndarray, max_sold: np.ndarray, margin: float, *,
+                        agreed: tuple[np.ndarray, np.ndarray] | None = None,
+                        cap: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper): the range a product has been sold at, widened by ``margin`` (a share)
-    on each side. NaN (never sold) stays NaN: no limit."""
+    on each side. NaN (never sold) stays NaN: no limit.
+
+    The adaptive region (``train.trust_region_adaptive``): ``agreed`` is (low, high) by
+    product, the interval of the ensemble members' best prices where they agree on one (NaN
+    where they do not, :func:`ensemble.agreed_best_prices`). Where it lies beyond the fixed
+    region, that side grows to reach it, but never past the sold range widened by ``cap``: a
+    well-identified optimum outside the history can be reached, a guess cannot.
+    """
     lo = np.asarray(min_sold, dtype=np.float64)
     hi = np.asarray(max_sold, dtype=np.float64)
-    return lo * (1.0 - margin), hi * (1.0 + margin)
+    lower, upper = lo * (1.0 - margin), hi * (1.0 + margin)
+    if agreed is None or cap is None or cap <= margin:
+        return lower, upper
+    low, high = (np.asarray(bound, dtype=np.float64) for bound in agreed)
+    # NaN (no agreement) compares False: those products keep the fixed margin.
+    with np.errstate(invalid="ignore"):
+        lower = np.where(low < lower, np.maximum(low, lo * (1.0 - cap)), lower)
+        upper = np.where(high > upper, np.minimum(high, hi * (1.0 + cap)), upper)
+    return lower, upper
 
 
 def trust_region_of(trust_region: tuple[np.ndarray, np.ndarray], product_index: np.ndarray

@@ -723,7 +723,8 @@ def test_pricectl_evaluate_after_a_real_training_run(tmp_path: Path,
     # The trust region holds for every grid policy (no fallback on this market).
     for name in ("agent", "static", "greedy", "planner", "random"):
         assert policies[name]["outside_trust_region"] == 0, name
-    assert evaluation["trust_region"] == {"margin": 0.1, "products_limited": n_products}
+    assert evaluation["trust_region"] == {"margin": 0.1, "adaptive_cap": 0.3,
+                                          "products_limited": n_products}
     assert evaluation["decisions"] == {"ensemble_size": 8, "decision_quantile": 0.25}
 
 

@@ -99,15 +99,28 @@ def test_cli_train_writes_a_complete_run_folder_that_evaluate_can_use(processed,
     # The agent chooses on the ensemble's 0.25 quantile; its point fit is the run's model.
     assert agent.demand.quantile == 0.25 and agent.demand.ensemble.size == 8
     assert load_demand_model(run).info == agent.demand.point.info
-    # The default trust region: the sold range of train + val, 10% wider on each side; every
-    # recommended price stays in it (or is a counted fallback, none here).
+    # The default trust region: the sold range of train + val, 10% wider on each side, and up
+    # to 30% wider where the ensemble agrees on a best price beyond that
+    # (train.trust_region_adaptive); every recommended price stays in it (or is a counted
+    # fallback, none here).
     sold = pl.concat([pl.read_parquet(processed / f"meta_{s}.parquet") for s in ("train", "val")])
     sold = sold.filter(pl.col("units") > 0).group_by("product_index").agg(
         pl.col("price").min().alias("low"), pl.col("price").max().alias("high")
     ).sort("product_index")
+    low, high = sold["low"].to_numpy(), sold["high"].to_numpy()
     lower, upper = agent.trust_region
-    np.testing.assert_allclose(lower, 0.9 * sold["low"].to_numpy())
-    np.testing.assert_allclose(upper, 1.1 * sold["high"].to_numpy())
+    assert np.all((lower <= 0.9 * low + 1e-9) & (lower >= 0.7 * low - 1e-9))
+    assert np.all((upper >= 1.1 * high - 1e-9) & (upper <= 1.3 * high + 1e-9))
+    from pricing_cli.agent.baselines import load_split_meta
+    from pricing_cli.agent.ensemble import agreed_best_prices
+    from pricing_cli.pricing import trust_region_bounds
+
+    agreed = agreed_best_prices(agent.demand.ensemble, [load_split_meta(processed, s)
+                                                        for s in ("train", "val")],
+                                0.1, lower.size)
+    expected = trust_region_bounds(low, high, 0.1, agreed=agreed, cap=0.3)
+    np.testing.assert_allclose(lower, expected[0])
+    np.testing.assert_allclose(upper, expected[1])
     product = meta["product_index"].to_numpy()
     assert np.all((prices >= lower[product] - 1e-9) & (prices <= upper[product] + 1e-9))
     assert summary["trust_region_fallbacks"] == 0

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 
 ENSEMBLE_DIR = "ensemble"
 ENSEMBLE_JSON = "ensemble.json"
+# agreed_best_prices: the most member predictions it makes (about 10 s on one core), and
+# the widest grid it scans level by level.
+AGREEMENT_EVALUATIONS = 2e7
+COARSE_LEVELS = 20
 RESAMPLING = "bootstrap of whole product-weeks (Monday-Sunday), with replacement within product"
 
 
@@ -221,6 +225,78 @@ class QuantileDemand:
         at = [np.log(self.expected_units(index, dates, reference * np.exp(k * spread)))
               for k in (-1.0, 0.0, 1.0)]
         return at[1], (at[0] - at[2]) / (2 * spread)
+
+
+def agreed_best_prices(ensemble: DemandEnsemble, metas: list[Any], agreement: float,
+                       n_products: int, max_evaluations: float = AGREEMENT_EVALUATIONS
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) by product index: the lowest and highest best price the members agreed on,
+    NaN for a product without an agreed day (what the adaptive trust region may grow to
+    reach, :func:`pricing.trust_region_bounds`).
+
+    Each member's best price on each row of ``metas`` (``baselines.SplitMeta``; train takes
+    its train and val splits, the days the sold range comes from) is the grid
+    level with the largest expected profit there (the whole [min_price, max_price] grid, no
+    trust region): day by day, so a calendar the fit knows (an event window's higher
+    elasticity) moves it. The members agree on a row where every one's best level is
+    interior (not the grid's lowest or highest: a best price at the edge says only "further",
+    not where the optimum is) and their interval (highest - lowest) is at most ``agreement``
+    times their median best price.
+
+    Cost: members x rows x levels predictions. Above ``max_evaluations`` of them, every s-th
+    day of each product is used (the smallest s that fits), and a grid of more than
+    ``COARSE_LEVELS`` levels is searched coarse to fine (every level of the best coarse
+    level's neighbourhood): the small and 150-product markets are scanned in full, the full
+    preset (7,300 products, 101 levels) in seconds.
+    """
+    low, high = np.full(n_products, np.nan), np.full(n_products, np.nan)
+    rows = sum(meta.n_rows for meta in metas)
+    if not rows:
+        return low, high
+    levels = metas[0].first_day_mask.shape[1]
+    stride = max(1, levels // COARSE_LEVELS)
+    searched = levels if stride == 1 else -(-levels // stride) + 2 * (stride - 1)
+    every = max(1, int(np.ceil(ensemble.size * rows * searched / max_evaluations)))
+    for meta in metas:
+        if meta.n_rows:
+            _agreed_rows(ensemble, meta, agreement, low, high, every, stride)
+    return low, high
+
+
+def _agreed_rows(ensemble: DemandEnsemble, meta: Any, agreement: float, low: np.ndarray,
+                 high: np.ndarray, every: int, stride: int) -> None:
+    """:func:`agreed_best_prices` of one split (every ``every``-th day of each product, levels
+    searched at ``stride`` then refined), folded into ``low`` and ``high`` in place."""
+    position = np.arange(meta.n_rows) - meta.series_start[meta.series_of_row]
+    rows = np.flatnonzero(position % every == 0)
+    grid = meta.grid[meta.series_of_row[rows]]  # (n, K)
+    product, dates, cost = meta.product_index[rows], meta.date[rows], meta.unit_cost[rows]
+    n, levels = grid.shape
+    best = np.zeros((ensemble.size, n), dtype=np.int64)
+    at = np.arange(n)
+    offsets = [o for o in range(-(stride - 1), stride) if o]
+    for m, member in enumerate(ensemble.members):
+        value = np.full(n, -np.inf)
+        candidates = [np.full(n, level) for level in range(0, levels, stride)]
+        for phase in ("coarse", "fine"):
+            if phase == "fine":  # every level within a coarse step of the coarse best
+                candidates = [np.clip(best[m] + o, 0, levels - 1) for o in offsets]
+            for level in candidates:
+                # A running argmax keeps memory at a few n-vectors, whatever K is.
+                price = grid[at, level]
+                units = np.asarray(member.expected_units(product, dates, price),
+                                   dtype=np.float64)
+                profit = (price - cost) * units
+                better = profit > value  # a tie keeps the level found first
+                best[m, better], value[better] = level[better], profit[better]
+    prices = np.take_along_axis(grid, best.T, axis=1)  # (n, members)
+    lowest, highest = prices.min(axis=1), prices.max(axis=1)
+    agree = (((best > 0) & (best < levels - 1)).all(axis=0)
+             & (highest - lowest <= agreement * np.median(prices, axis=1)))
+    keep = agree & (product < low.size)
+    # A product keeps the widest interval agreed on any of its days (and splits).
+    np.fmin.at(low, product[keep], lowest[keep])
+    np.fmax.at(high, product[keep], highest[keep])
 
 
 def decision_demand(point: Any, ensemble: DemandEnsemble | None, quantile: float | None) -> Any:

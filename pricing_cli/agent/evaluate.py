@@ -665,6 +665,7 @@ def run_evaluate(settings: Settings, monitor: RunMonitor) -> StageResult:
             meta, prices)
     evaluation["trust_region"] = {
         "margin": agent.config.trust_region if trust is not None else None,
+        "adaptive_cap": agent.config.trust_region_adaptive if trust is not None else None,
         "products_limited": 0 if meta.trust_region is None
         else int(np.isfinite(meta.trust_region[0]).sum())}
     evaluation["agent_uplift_interval_per_product"] = product_intervals

@@ -78,6 +78,8 @@ class AgentConfig:
     ensemble_size: int = 0
     decision_quantile: float | None = None  # None: prices chosen on the point fit
     trust_region: float | None = None  # the margin; the bounds are trust_region.npz
+    # The adaptive region's cap (train.trust_region_adaptive); None: the fixed margin only.
+    trust_region_adaptive: float | None = None
     published_policy: str = "agent"  # agent, greedy or planner (train.publish_best_policy)
     timesteps: int | None = None
     seed: int | None = None

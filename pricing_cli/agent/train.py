@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pricing_cli.config import Settings, settings_to_yaml
+from pricing_cli.config import Settings, TrainSettings, settings_to_yaml
 from pricing_cli.errors import ConfigError, ModelError
 from pricing_cli.runinfo import StageResult
 from pricing_cli.storage import (
@@ -270,11 +270,35 @@ def _fit_demand(settings: Settings, processed: ProcessedData, product: str | Non
                     "are chosen on the point fit")
     trust_region = None
     if cfg.trust_region is not None:
-        trust_region = trust_region_bounds(*sold_price_range(processed, n_products),
-                                           cfg.trust_region)
+        trust_region = trust_region_bounds(
+            *sold_price_range(processed, n_products), cfg.trust_region,
+            agreed=_agreed_best_prices(cfg, processed, ensemble, closed, n_products, monitor),
+            cap=cfg.trust_region_adaptive)
     return DemandFit(demand, demand_report, ensemble, ensemble_seconds,
                      decision_demand(demand, ensemble, cfg.decision_quantile), trust_region,
                      closed, n_products, products)
+
+
+def _agreed_best_prices(cfg: TrainSettings, processed: ProcessedData, ensemble: Any,
+                        closed: Any, n_products: int, monitor: RunMonitor
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The best prices the ensemble agrees on (``ensemble.agreed_best_prices``) over the
+    train and val days, the days the sold range is taken from; None: a fixed region."""
+    if cfg.trust_region_adaptive is None:
+        return None
+    if ensemble is None:
+        monitor.log("train.trust_region_adaptive needs train.ensemble_size of 2 or more: the "
+                    "trust region keeps its fixed margin")
+        return None
+    from pricing_cli.agent.baselines import load_split_meta
+    from pricing_cli.agent.ensemble import agreed_best_prices
+
+    metas = [load_split_meta(processed, split, closed) for split in ("train", "val")
+             if processed.has_split(split)]
+    low, high = agreed_best_prices(ensemble, metas, cfg.trust_region_agreement, n_products)
+    monitor.log(f"adaptive trust region: the ensemble agrees on a best price of "
+                f"{int(np.isfinite(low).sum())} of {n_products} products on some day")
+    return low, high
 
 
 def _load_markets(settings: Settings, processed: ProcessedData, fit: DemandFit,
@@ -339,7 +363,9 @@ def _agent_config(settings: Settings, market: Market, fit: DemandFit, product: s
         products=fit.products, product_id=product, feature_cols=_feature_cols(processed_dir),
         ensemble_size=0 if fit.ensemble is None else fit.ensemble.size,
         decision_quantile=None if fit.ensemble is None else cfg.decision_quantile,
-        trust_region=cfg.trust_region)
+        trust_region=cfg.trust_region,
+        trust_region_adaptive=(cfg.trust_region_adaptive if cfg.trust_region is not None
+                               and fit.ensemble is not None else None))
 
 
 def _curve_lines(settings: Settings, val_market: Market, processed: ProcessedData,
