@@ -153,7 +153,7 @@ def test_a_category_wide_move_the_held_out_days_never_made_is_not_claimed() -> N
     assert old["agent"]["low"] > true  # the old interval misses the truth
     both, best, choice = calibration.with_cross_price_range(
         shapes, 0, np.zeros(draws, dtype=np.int64), low, high)
-    assert [s.name for s in both] == ["fitted", "fitted, cross-price within the held-out range"]
+    assert [(s.name, s.held_range) for s in both] == [("fitted", False), ("fitted", True)]
     assert best == [0, 1] and np.bincount(choice).tolist() == [20, 20]
     new, per_product = calibration.shape_checked_uplift(meta, prices, both, best, choice,
                                                         np.ones(8), profits, 0.9,
@@ -162,6 +162,9 @@ def test_a_category_wide_move_the_held_out_days_never_made_is_not_claimed() -> N
     assert agent["low"] == pytest.approx(within) and agent["high"] == pytest.approx(extrapolated)
     assert agent["low"] <= true <= agent["high"] and agent["low"] < 0  # no claim
     assert agent["point"] == pytest.approx((within + extrapolated) / 2)
-    assert agent["shapes"]["fitted"]["share"] == 0.5
+    assert agent["shapes"] == {"fitted": {"point": agent["point"], "share": 1.0}}
+    assert agent["cross_price"] == {
+        "extrapolated": {"point": pytest.approx(extrapolated), "share": 0.5},
+        "held_out_range": {"point": pytest.approx(within), "share": 0.5}}
     # B's own uplift: its index never left its range, so both forms agree
     assert per_product["B"]["low"] == pytest.approx(per_product["B"]["high"])

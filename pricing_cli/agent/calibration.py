@@ -235,12 +235,15 @@ class ShapeCheck:
         slope: the held-out response slope measured with that shape's predictions.
         deviance: (n_series,) the shape's Poisson deviance of each product's held-out units at
             the prices charged.
+        held_range: the models hold the category price index inside its held-out range
+            (:func:`with_cross_price_range`).
     """
 
     name: str
     models: list[Any]
     slope: ResponseSlope
     deviance: np.ndarray
+    held_range: bool = False
 
 
 def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_capped: bool,
@@ -386,9 +389,9 @@ def with_cross_price_range(shapes: list[ShapeCheck], best: int, choice: np.ndarr
     out: list[ShapeCheck] = []
     for check in shapes:
         out.append(check)
-        out.append(ShapeCheck(f"{check.name}, cross-price within the held-out range",
+        out.append(ShapeCheck(check.name,
                               [CrossPriceWithin(m, low, high) for m in check.models],
-                              check.slope, check.deviance))
+                              check.slope, check.deviance, held_range=True))
     held = np.random.default_rng(seed).permutation(choice.size) % 2
     return out, [2 * best, 2 * best + 1], 2 * np.asarray(choice, dtype=np.int64) + held
 
@@ -528,6 +531,12 @@ def shape_checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray],
                 check.slope.row_slope(row_series, position, b)))
         return point, draws
 
+    forms = range(len(shapes))
+
+    def mean_point(ks: list[int], points: list[Any]) -> float | None:
+        found = [points[k] for k in ks]
+        return None if not found or any(p is None for p in found) else float(np.mean(found))
+
     def entry(points: list[np.ndarray | None], draws: list[np.ndarray | None],
               fitted: np.ndarray | None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -535,9 +544,19 @@ def shape_checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray],
             "slope": shapes[first].slope.pooled, "method": METHOD,
             "fitted_point": None if fitted is None else float(fitted),
             "shape": shapes[first].name,
-            "shapes": {s.name: {"point": None if p is None else float(p),
-                                "share": float(share[k])}
-                       for k, (s, p) in enumerate(zip(shapes, points, strict=True))}}
+            "shapes": {name: {"point": mean_point([k for k in forms if shapes[k].name == name],
+                                                  points),
+                              "share": float(sum(share[k] for k in forms
+                                                 if shapes[k].name == name))}
+                       for name in dict.fromkeys(s.name for s in shapes)}}
+        if any(s.held_range for s in shapes):
+            # The cross-price term's two forms, each for the best shape.
+            out["cross_price"] = {
+                key: {"point": mean_point([k for k in best_of if shapes[k].held_range == held],
+                                          points),
+                      "share": float(sum(share[k] for k in forms
+                                         if shapes[k].held_range == held))}
+                for key, held in (("extrapolated", False), ("held_out_range", True))}
         if any(p is None for p in points) or any(d is None for d in draws):
             return out
         mixed = np.empty(n_draws)
@@ -547,8 +566,7 @@ def shape_checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray],
                 assert d is not None and p is not None
                 mixed[use] = d[use] - np.median(d[use]) + p
         low, high = np.quantile(mixed, tails)
-        point = float(np.mean([points[k] for k in best_of]))  # type: ignore[misc]
-        out.update(point=point, low=float(low), high=float(high))
+        out.update(point=mean_point(best_of, points), low=float(low), high=float(high))
         return out
 
     overall: dict[str, dict[str, Any]] = {}
