@@ -33,6 +33,18 @@ split's units over a resample of the products (:func:`shape_choice`): shapes the
 data cannot tell apart share the interval, a shape it rejects gets no draw. The point is the
 best shape's over all products.
 
+Category-wide moves (:func:`with_cross_price_range`): a product's units also answer its
+siblings' prices, through the fitted cross-price term on the category price index (the mean
+log price of its siblings relative to their reference prices). The held-out days show that
+term only over the range of the index they had (history promotes one product at a time, so a
+product's index moves a few percent); a policy that moves a whole category moves the index
+further, where the term's straight line is an extrapolation no held-out day checked (on the
+substitution market it credited the agent with +10 points of uplift that the true choice
+model does not give). So every shape is taken twice: as fitted, and with each row's index held
+inside its product's held-out range (the siblings' effect stops where the data stopped). The
+held-out units at the prices charged cannot tell the two apart (inside the range they are the
+same model), so they share the draws half and half and the point is the mean of their points.
+
 Where the held-out changes are too few to measure s, there is no checked uplift (and the
 verdict refuses to claim one).
 """
@@ -223,12 +235,15 @@ class ShapeCheck:
         slope: the held-out response slope measured with that shape's predictions.
         deviance: (n_series,) the shape's Poisson deviance of each product's held-out units at
             the prices charged.
+        held_range: the models hold the category price index inside its held-out range
+            (:func:`with_cross_price_range`).
     """
 
     name: str
     models: list[Any]
     slope: ResponseSlope
     deviance: np.ndarray
+    held_range: bool = False
 
 
 def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_capped: bool,
@@ -260,7 +275,7 @@ def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_ca
     import polars as pl
 
     from pricing_cli.agent import demand_shapes as shapes
-    from pricing_cli.agent.demand import capped_day_weights
+    from pricing_cli.agent.demand import capped_day_weights, cross_price_term
     from pricing_cli.agent.ensemble import bootstrap_product_weeks
 
     params = getattr(model, "shape_params", None)
@@ -270,6 +285,12 @@ def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_ca
     kept = train.select([c for c in ("product_index", "date", "price", "units", "on_hand")
                          if c in train.columns]).filter(
         pl.col("price").is_finite() & (pl.col("price") > 0) & pl.col("units").is_finite())
+    # The siblings' part of each row's level, from the whole category-day's prices (a
+    # resample below repeats or drops product-weeks, so it is taken along, not recomputed).
+    kept = kept.with_columns(pl.Series("cross_term", np.broadcast_to(cross_price_term(
+        model, kept["product_index"].to_numpy().astype(np.int64),
+        kept["date"].to_numpy().astype("datetime64[D]"),
+        kept["price"].to_numpy().astype(np.float64)), kept.height).astype(np.float64)))
 
     def refit(rows_frame: pl.DataFrame, params: np.ndarray, forms: list[str]) -> np.ndarray:
         product = rows_frame["product_index"].to_numpy().astype(np.int64)
@@ -282,7 +303,8 @@ def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_ca
         relative = price / model.reference_price[product]
         rows = shapes.ShapeRows(
             product=product, r=1.0 + model.calendar_scale(product, dates) * (relative - 1.0),
-            log_base=model.log_base_and_elasticity(product, dates)[0], units=units,
+            log_base=(model.log_base_and_elasticity(product, dates)[0]
+                      + rows_frame["cross_term"].to_numpy()), units=units,
             product_category=model.product_category, weight=weight)
         params = params.copy()
         for form in forms:
@@ -300,6 +322,78 @@ def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_ca
         out.append(replace(model, shape_params=refit(
             bootstrap_product_weeks(kept, rng), every.shape_params, list(shapes.FORMS[1:]))))
     return out
+
+
+@dataclass(frozen=True)
+class CrossPriceWithin:
+    """``model`` with each row's category price index held inside its product's range
+    ``[low, high]`` (by product index): beyond the range the held-out days measured, the
+    siblings' prices move this model's units no further. Every other attribute is the
+    model's."""
+
+    model: Any
+    low: np.ndarray
+    high: np.ndarray
+
+    def expected_units(self, product_index: np.ndarray, dates: np.ndarray, prices: np.ndarray,
+                       **options: Any) -> np.ndarray:
+        index = options.get("category_index")
+        if index is not None:
+            product = np.asarray(product_index, dtype=np.int64)
+            options["category_index"] = np.clip(index, self.low[product], self.high[product])
+        return self.model.expected_units(product_index, dates, prices, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def held_out_index_range(model: Any, meta: SplitMeta) -> tuple[np.ndarray, np.ndarray] | None:
+    """(low, high), by product index: the range of each product's category price index on
+    the split's days at the prices charged (0 to 0 for a product without rows); None where
+    ``model`` has no cross-price term."""
+    from pricing_cli.agent.demand import policy_category_index
+
+    index = policy_category_index(model, meta.product_index, meta.date, meta.price)
+    if index is None:
+        return None
+    size = max(int(model.n_products), int(meta.product_index.max()) + 1 if meta.n_rows else 0)
+    low, high = np.full(size, np.inf), np.full(size, -np.inf)
+    np.minimum.at(low, meta.product_index, index)
+    np.maximum.at(high, meta.product_index, index)
+    seen = np.isfinite(low)
+    return np.where(seen, low, 0.0), np.where(seen, high, 0.0)
+
+
+def with_cross_price_range(shapes: list[ShapeCheck], best: int, choice: np.ndarray,
+                           low: np.ndarray, high: np.ndarray, seed: int = 0
+                           ) -> tuple[list[ShapeCheck], list[int], np.ndarray]:
+    """Every shape twice: as fitted (the cross-price term extrapolated along its line) and
+    with the category price index held inside each product's held-out range
+    (:class:`CrossPriceWithin`).
+
+    Why: the held-out units at the prices charged are the same under both (the index stays
+    inside its range there), so they cannot say which holds at a policy's category-wide moves;
+    like two shapes the data cannot separate (:func:`shape_choice`), they share the draws.
+
+    Args:
+        shapes, best, choice: the candidates, the best one and each draw's
+            (:func:`shape_choice`).
+        low, high: (n_products,) :func:`held_out_index_range`.
+        seed: which half of the draws takes the held range (a seeded permutation, so each
+            half still meets every ensemble member).
+
+    Returns:
+        (candidates: shape k at 2k, its held-range twin at 2k + 1; the best pair (both points
+        count, equally); each draw's candidate).
+    """
+    out: list[ShapeCheck] = []
+    for check in shapes:
+        out.append(check)
+        out.append(ShapeCheck(check.name,
+                              [CrossPriceWithin(m, low, high) for m in check.models],
+                              check.slope, check.deviance, held_range=True))
+    held = np.random.default_rng(seed).permutation(choice.size) % 2
+    return out, [2 * best, 2 * best + 1], 2 * np.asarray(choice, dtype=np.int64) + held
 
 
 def shape_variant(model: Any, form: str) -> Any:
@@ -375,7 +469,7 @@ def checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray], models: lis
 
 
 def shape_checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray],
-                         shapes: list[ShapeCheck], best: int, choice: np.ndarray,
+                         shapes: list[ShapeCheck], best: int | list[int], choice: np.ndarray,
                          reference: np.ndarray, profits_of: Any, level: float,
                          baseline: str = "historical", units_under: Any = None
                          ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
@@ -384,7 +478,8 @@ def shape_checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray],
     Each shape gives a point (its point model at its own pooled slope) and draws (cluster
     bootstrap of its slope x its ensemble members), the draws moved to centre on its point.
     Draw b takes shape ``choice[b]`` (:func:`shape_choice`); the interval is the percentile
-    range of those draws and the point that of shape ``best``. With one shape this is the
+    range of those draws and the point that of shape ``best`` (a list: the mean of their
+    points, :func:`with_cross_price_range`). With one shape this is the
     interval of the one model, centred on its point. ``shapes[0]`` is the run's own model:
     ``fitted_point`` is its own uplift.
 
@@ -395,6 +490,8 @@ def shape_checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray],
     """
     if meta.n_rows == 0:
         return {}, {}
+    best_of = [best] if isinstance(best, int) else list(best)
+    first = best_of[0]
     realized = np.maximum(meta.units, 0.0)
     base_prices = policies[baseline]
     base_profit = profits_of(baseline, base_prices, realized)  # what was actually earned
@@ -434,16 +531,32 @@ def shape_checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray],
                 check.slope.row_slope(row_series, position, b)))
         return point, draws
 
+    forms = range(len(shapes))
+
+    def mean_point(ks: list[int], points: list[Any]) -> float | None:
+        found = [points[k] for k in ks]
+        return None if not found or any(p is None for p in found) else float(np.mean(found))
+
     def entry(points: list[np.ndarray | None], draws: list[np.ndarray | None],
               fitted: np.ndarray | None) -> dict[str, Any]:
         out: dict[str, Any] = {
             "point": None, "low": None, "high": None, "level": level, "draws": n_draws,
-            "slope": shapes[best].slope.pooled, "method": METHOD,
+            "slope": shapes[first].slope.pooled, "method": METHOD,
             "fitted_point": None if fitted is None else float(fitted),
-            "shape": shapes[best].name,
-            "shapes": {s.name: {"point": None if p is None else float(p),
-                                "share": float(share[k])}
-                       for k, (s, p) in enumerate(zip(shapes, points, strict=True))}}
+            "shape": shapes[first].name,
+            "shapes": {name: {"point": mean_point([k for k in forms if shapes[k].name == name],
+                                                  points),
+                              "share": float(sum(share[k] for k in forms
+                                                 if shapes[k].name == name))}
+                       for name in dict.fromkeys(s.name for s in shapes)}}
+        if any(s.held_range for s in shapes):
+            # The cross-price term's two forms, each for the best shape.
+            out["cross_price"] = {
+                key: {"point": mean_point([k for k in best_of if shapes[k].held_range == held],
+                                          points),
+                      "share": float(sum(share[k] for k in forms
+                                         if shapes[k].held_range == held))}
+                for key, held in (("extrapolated", False), ("held_out_range", True))}
         if any(p is None for p in points) or any(d is None for d in draws):
             return out
         mixed = np.empty(n_draws)
@@ -453,7 +566,7 @@ def shape_checked_uplift(meta: SplitMeta, policies: dict[str, np.ndarray],
                 assert d is not None and p is not None
                 mixed[use] = d[use] - np.median(d[use]) + p
         low, high = np.quantile(mixed, tails)
-        out.update(point=float(points[best]), low=float(low), high=float(high))  # type: ignore[arg-type]
+        out.update(point=mean_point(best_of, points), low=float(low), high=float(high))
         return out
 
     overall: dict[str, dict[str, Any]] = {}

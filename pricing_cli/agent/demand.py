@@ -310,10 +310,14 @@ class DemandModel:
                                          product_category, categories, strength, forms, None,
                                          calendar, monitor)
                 held = rows.take(holdout)
+                # Every shape is judged with the siblings' part of the level, as it was fitted
+                # and as it predicts (the index from the whole category-day's prices).
+                index = policy_category_index(trial, rows.product, rows.dates, rows.price)
+                held_index = None if index is None else index[holdout]
                 deviance: dict[str, np.ndarray] = {}
                 for form in forms:
                     predicted = trial.expected_units(held.product, held.dates, held.price,
-                                                     form=form)
+                                                     form=form, category_index=held_index)
                     deviance[form] = shapes_module.deviance_by_product(
                         predicted, held.units, held.product, n_products, held.weight)
                 held_rows = np.bincount(held.product, held.weight, n_products)
@@ -834,6 +838,36 @@ def category_price_index(product: np.ndarray, dates: np.ndarray, log_rel_price: 
     return out
 
 
+def policy_category_index(model: Any, product_index: np.ndarray, dates: np.ndarray,
+                          prices: np.ndarray) -> np.ndarray | None:
+    """(n,) each row's category price index from the rows' own prices (the siblings of a
+    category-day are the rows of that category and day), or None where ``model`` has no
+    fitted cross-price term (``cross_price`` None or 0, or no ``product_category``)."""
+    product_index = np.asarray(product_index, dtype=np.int64)
+    prices = np.asarray(prices, dtype=np.float64)
+    category = getattr(model, "product_category", None)
+    if not getattr(model, "cross_price", None) or category is None or product_index.size == 0:
+        return None
+    reference = np.asarray(model.reference_price, dtype=np.float64)[product_index]
+    positive = (prices > 0) & (reference > 0)
+    log_rel = np.log(np.where(positive, prices, 1.0) / np.where(positive, reference, 1.0))
+    return category_price_index(product_index, np.asarray(dates).astype("datetime64[D]"),
+                                log_rel, np.asarray(category, dtype=np.int64))
+
+
+def cross_price_term(model: Any, product_index: np.ndarray, dates: np.ndarray,
+                     prices: np.ndarray) -> np.ndarray | float:
+    """Each row's fitted cross-price term in log units (``cross_price`` x its category price
+    index from the rows' own prices; 0.0 without a cross-price term).
+
+    Why: the shapes other than loglog are fitted on top of the base fit's calendar level
+    (``log_base``), and prediction adds this term to that level for every shape; a shape fitted
+    without it would take the siblings' promotions for noise around its own curve, and be
+    judged on held-out days (where the term is added) with a curve fitted without it."""
+    index = policy_category_index(model, product_index, dates, prices)
+    return 0.0 if index is None else float(model.cross_price) * index
+
+
 def policy_expected_units(model: Any, product_index: np.ndarray, dates: np.ndarray,
                           prices: np.ndarray) -> np.ndarray:
     """(n,) float64 expected units of a policy's rows, each with its category price index
@@ -846,17 +880,9 @@ def policy_expected_units(model: Any, product_index: np.ndarray, dates: np.ndarr
     ``model.expected_units`` unchanged. A model without its own ``reference_price`` (an
     ensemble wrapper) uses the attributes it forwards (the point fit's).
     """
-    product_index = np.asarray(product_index, dtype=np.int64)
-    prices = np.asarray(prices, dtype=np.float64)
-    cross = getattr(model, "cross_price", None)
-    category = getattr(model, "product_category", None)
-    if not cross or category is None or product_index.size == 0:
+    index = policy_category_index(model, product_index, dates, prices)
+    if index is None:
         return np.asarray(model.expected_units(product_index, dates, prices), dtype=np.float64)
-    reference = np.asarray(model.reference_price, dtype=np.float64)[product_index]
-    positive = (prices > 0) & (reference > 0)
-    log_rel = np.log(np.where(positive, prices, 1.0) / np.where(positive, reference, 1.0))
-    index = category_price_index(product_index, np.asarray(dates).astype("datetime64[D]"),
-                                 log_rel, np.asarray(category, dtype=np.int64))
     return np.asarray(model.expected_units(product_index, dates, prices, category_index=index),
                       dtype=np.float64)
 
@@ -1025,7 +1051,8 @@ def _fit_with_shapes(cls: type[DemandModel], rows: _FitRows, reference: np.ndarr
     wanted = [f for f in forms if f != "loglog"
               and (chosen is None or (chosen == FORMS.index(f)).any())]
     if wanted:
-        log_base = model.log_base_and_elasticity(rows.product, rows.dates)[0] + control_term
+        log_base = (model.log_base_and_elasticity(rows.product, rows.dates)[0] + control_term
+                    + cross_price_term(model, rows.product, rows.dates, rows.price))
         r = rows.price / reference[rows.product]
         stretched = 1.0 + model.calendar_scale(rows.product, rows.dates) * (r - 1.0)
         shape_rows = shapes_module.ShapeRows(

@@ -415,15 +415,22 @@ def checked_uplifts(meta: SplitMeta, policies: dict[str, np.ndarray], point: Any
                                                          deviance_of(variants[0])))
     best, choice = calibration.shape_choice(np.stack([c.deviance for c in candidates]),
                                             slope.pooled_draws.size, seed)
+    # Category-wide moves beyond the held-out range of the category price index: the
+    # cross-price term extrapolated, or held at the range's edge (calibration.py).
+    best_of: int | list[int] = best
+    held_range = calibration.held_out_index_range(point, meta)
+    if held_range is not None:
+        candidates, best_of, choice = calibration.with_cross_price_range(
+            candidates, best, choice, *held_range, seed=seed)
 
     def profits_of(name: str, prices: np.ndarray, units: np.ndarray) -> np.ndarray:
         return product_profits(meta, prices, units,
                                None if name in EXEMPT_POLICIES else change_cost)
 
     overall, per_product = calibration.shape_checked_uplift(
-        meta, policies, candidates, best, choice, reference, profits_of, level,
+        meta, policies, candidates, best_of, choice, reference, profits_of, level,
         units_under=lambda model, prices: policy_units(model, meta, prices))
-    return candidates[best].slope, overall, per_product
+    return candidates[best if held_range is None else 2 * best].slope, overall, per_product
 
 
 def truth_coverage(true_uplift: float | None, true_product_uplift: np.ndarray | None,

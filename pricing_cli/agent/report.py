@@ -310,6 +310,15 @@ def write_report_md(path: Path, evaluation: dict[str, Any], plots: dict[str, str
                                in checked["shapes"].items() if entry["share"] > 0)
             lines.append(f"- Demand shape of the checked uplift: {checked['shape']} (share of "
                          f"the interval's draws by shape: {shares}).")
+        cross = checked.get("cross_price")
+        if cross and None not in (cross["extrapolated"]["point"],
+                                  cross["held_out_range"]["point"]):
+            lines.append(
+                f"- Siblings' prices beyond the held-out range of the category price index: "
+                f"{_fmt(cross['extrapolated']['point'], 1, '%')} with the cross-price term "
+                f"extrapolated, {_fmt(cross['held_out_range']['point'], 1, '%')} with it held "
+                f"at the range (the held-out days cannot tell them apart; half the draws "
+                f"each).")
     if truth:
         lines.append(f"- Agent share of the oracle's profit (true demand): "
                      f"{_fmt(agent['true']['share_of_oracle_pct'], 1, '%')}.")
