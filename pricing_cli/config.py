@@ -472,6 +472,12 @@ class TrainSettings(Section):
     """Without stock data for a day, down-weight days whose sales look capped by a stock-out
     (a pile-up at the product's maximum, a zero right after a run of sales). With data.stock,
     days that sold all the stock are left out of the fit (their demand was higher)."""
+    demand_censored: bool = True
+    """Days whose sales were capped by stock (sold all of data.stock, or found capped without
+    it: a pile-up at the maximum, the low-price days of a product whose sales there are
+    under-dispersed) enter the constant-elasticity fit as lower bounds on demand, a censored
+    Poisson term P(units >= sales), rather than being left out. The linear and logit shape
+    fits still leave them out. Off: left out (weight 0), the stop-17 rule."""
 
     @field_validator("demand_reference_half_lives")
     @classmethod
