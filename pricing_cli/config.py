@@ -533,6 +533,11 @@ class TrainSettings(Section):
     """A recommended price stays within the product's sold range (min to max price over train
     and val days with units > 0) widened by this share on each side; every policy's masks
     enforce it. null: no trust region (the whole [min_price, max_price] grid)."""
+    capped_price_band: bool = True
+    """For a product whose low-price sales look capped by stock (the fit's low-price days
+    left out, train.demand_detect_capped), the trust region is narrowed to the price band of
+    the days the fit kept (lowest to highest), where its response was measured uncapped.
+    Needs trust_region. false: the trust region alone."""
     publish_best_policy: bool = True
     """When the demand model links a product to its siblings (a fitted cross-price term),
     publish whichever of the network, the joint greedy and the joint planner earns most on

@@ -322,15 +322,13 @@ def capped_sales_reasons(censoring: dict[str, Any] | None, fit_rows: int, meta: 
         meta: the evaluated split.
         prices: the policy's price of every row of ``meta``.
     """
+    from pricing_cli.agent.demand import uncapped_price_band
+
     low = (censoring or {}).get("low_price_days") or {}
-    bands = low.get("per_product") or {}
-    if not bands or fit_rows <= 0:
+    if not low.get("per_product") or fit_rows <= 0:
         return None, {}
-    upper = np.full(int(meta.product_index.max()) + 1 if meta.n_rows else 0, np.nan)
-    for key, entry in bands.items():
-        band = entry.get("kept_price_range")
-        if band is not None and int(key) < len(upper):
-            upper[int(key)] = band[1]
+    upper = uncapped_price_band(censoring, int(meta.product_index.max()) + 1
+                                if meta.n_rows else 0)[1]
     capped = np.isfinite(upper[meta.product_index]) if len(upper) else np.zeros(0, bool)
     above = capped & (prices > np.where(capped, upper[meta.product_index], np.inf)
                       * (1.0 + CHANGE_TOLERANCE))

@@ -918,6 +918,20 @@ def capped_low_price_days(product: np.ndarray, dates: np.ndarray, price: np.ndar
     return left_out, info
 
 
+def uncapped_price_band(censoring: dict[str, Any] | None, n_products: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest, highest) price of the days the fit kept of each product whose low-price sales
+    looked capped (``info["censoring"]["low_price_days"]``, :func:`capped_low_price_days`):
+    the band its response was measured in uncapped. NaN for the other products."""
+    lower, upper = np.full(n_products, np.nan), np.full(n_products, np.nan)
+    bands = (((censoring or {}).get("low_price_days") or {}).get("per_product") or {})
+    for key, entry in bands.items():
+        band = entry.get("kept_price_range")
+        if band is not None and 0 <= int(key) < n_products:
+            lower[int(key)], upper[int(key)] = band
+    return lower, upper
+
+
 def category_price_index(product: np.ndarray, dates: np.ndarray, log_rel_price: np.ndarray,
                          product_category: np.ndarray) -> np.ndarray:
     """Each row's category price index: the mean log(price / reference) of the other

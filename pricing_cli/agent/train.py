@@ -220,9 +220,9 @@ def _fit_demand(settings: Settings, processed: ProcessedData, product: str | Non
     import polars as pl
 
     from pricing_cli.agent.baselines import sold_price_range
-    from pricing_cli.agent.demand import DemandModel
+    from pricing_cli.agent.demand import DemandModel, uncapped_price_band
     from pricing_cli.agent.ensemble import decision_demand, fit_ensemble
-    from pricing_cli.pricing import trust_region_bounds
+    from pricing_cli.pricing import restrict_to_band, trust_region_bounds
 
     cfg = settings.train
     meta_train_path = processed.path("meta_train.parquet")
@@ -259,6 +259,10 @@ def _fit_demand(settings: Settings, processed: ProcessedData, product: str | Non
     if cfg.trust_region is not None:
         trust_region = trust_region_bounds(*sold_price_range(processed, n_products),
                                            cfg.trust_region)
+        if cfg.capped_price_band:
+            # Do no harm where sales look capped: only the band of uncapped sales is measured.
+            trust_region = restrict_to_band(trust_region, uncapped_price_band(
+                demand.info.get("censoring"), n_products))
     return DemandFit(demand, demand_report, ensemble, ensemble_seconds,
                      decision_demand(demand, ensemble, cfg.decision_quantile), trust_region,
                      closed, n_products, products)
