@@ -268,3 +268,29 @@ def test_report_md_says_what_the_fit_left_out() -> None:
     assert capped_lines({"demand_model": {"censoring": {"low_price_days": {
         **low, "products": 0}}}}) == []
     assert capped_lines({"demand_model": {"censoring": None}}) == []
+
+
+def test_the_trust_region_of_a_capped_product_is_its_uncapped_band() -> None:
+    """Product 0's sales looked capped at low prices; the fit kept its days priced 8.00 to
+    10.00. Its trust region (from the sold range 6.00-11.00 widened 10%: 5.40-12.10) narrows
+    to that band; product 1 (not capped) keeps its region; product 2 (no region, NaN) stays
+    unlimited. Masked on a grid of 5.00..13.00 by 1.00, product 0 keeps only 8, 9 and 10."""
+    from pricing_cli.pricing import restrict_to_band, restrict_to_trust_region, trust_region_bounds
+
+    censoring = {"low_price_days": {"products": 1, "rows_left_out": 25, "per_product": {
+        "0": {"low_price_days": 25, "dispersion": 0.4, "stocked_out_share": None,
+              "kept_price_range": [8.0, 10.0]}}}}
+    band = dm.uncapped_price_band(censoring, 3)
+    np.testing.assert_array_equal(band[0], [8.0, np.nan, np.nan])
+    np.testing.assert_array_equal(band[1], [10.0, np.nan, np.nan])
+    region = trust_region_bounds(np.array([6.0, 4.0, np.nan]), np.array([11.0, 5.0, np.nan]),
+                                 0.1)
+    lower, upper = restrict_to_band(region, band)
+    np.testing.assert_allclose(lower, [8.0, 3.6, np.nan])
+    np.testing.assert_allclose(upper, [10.0, 5.5, np.nan])
+    assert all(np.isnan(b).all() for b in dm.uncapped_price_band(None, 2))  # nothing known
+    grid = np.tile(np.arange(5.0, 14.0), (3, 1))
+    mask, fallback = restrict_to_trust_region(np.ones((3, 9), np.int8), grid, lower, upper)
+    assert grid[0][mask[0] == 1].tolist() == [8.0, 9.0, 10.0]
+    assert grid[1][mask[1] == 1].tolist() == [5.0]
+    assert mask[2].all() and not fallback.any()
