@@ -128,11 +128,11 @@ def test_with_stock_data_the_censored_fit_recovers_the_elasticity() -> None:
     assert elasticity_ratio(naive, truth) < 0.9
     assert naive.info["censoring"]["stocked_out_days_left_out"] == int(
         (meta["units"] >= meta["on_hand"]).sum())
-    censored = DemandModel.fit(meta, settings())
+    censored = DemandModel.fit(meta, settings(demand_censored=True))
     assert abs(elasticity_ratio(censored, truth) - 1.0) < 0.03
     assert censored.info["censoring"]["censored_rows"] == int(
         ((meta["units"] >= meta["on_hand"]) & (meta["units"] > 0)).sum())
-    left_out = DemandModel.fit(meta, settings(demand_censored=False))
+    left_out = DemandModel.fit(meta, settings())
     assert abs(elasticity_ratio(left_out, truth) - 1.0) < 0.03
     assert per_product_error(censored) < 0.07 < per_product_error(left_out)
     low = censored.info["censoring"]["low_price_days"]

@@ -282,6 +282,7 @@ class DemandModel:
         dates = meta["date"].to_numpy().astype("datetime64[D]")[usable]
         on_hand = (meta["on_hand"].cast(float).to_numpy()[usable] if "on_hand" in meta.columns
                    else None)
+        dispersion = float(settings.train.demand_censored_dispersion)
         row_flags = {"detect": bool(settings.train.demand_detect_capped),
                      "reactive": bool(settings.train.demand_reactive_prices),
                      "censor": bool(settings.train.demand_censored)}
@@ -289,7 +290,8 @@ class DemandModel:
                                              **row_flags)
         reactive_info: dict[str, Any] = censoring.pop("reactive_prices", {})
         rows = _FitRows(product=product, dates=dates, price=price, units=units,
-                        weight=weights.weight, censored=weights.censored)
+                        weight=weights.weight, censored=weights.censored,
+                        exact=weights.exact, dispersion=dispersion)
         strength = float(settings.train.demand_shrinkage)
         forms: list[str] = list(dict.fromkeys(settings.train.demand_forms))
         calendar = calendar_spec(settings)
@@ -367,7 +369,8 @@ class DemandModel:
                 censoring.pop("reactive_prices", None)
                 model, rows, reference_info, selection, chosen = fit_rows(
                     _FitRows(product=product, dates=dates, price=price, units=units,
-                             weight=weights.weight, censored=weights.censored))
+                             weight=weights.weight, censored=weights.censored,
+                             exact=weights.exact, dispersion=dispersion))
             censoring["low_price_days"] = low_price_info
         info = {"rows": int(len(units)), "rows_dropped": int((~usable).sum()),
                 "negative_unit_rows_clipped": int((raw_units < 0).sum()),
@@ -650,22 +653,28 @@ class _FitRows:
     # constant-elasticity fit; the shape fits and held-out deviances leave them out). None:
     # none.
     censored: np.ndarray | None = None
+    exact: np.ndarray | None = None  # RowWeights.exact (None: weight with censored rows 0)
     # The reference-price columns (reference.design_columns) and their EWMA rate, when the
     # fit has the term.
     reference_columns: np.ndarray | None = None
     reference_rate: float | None = None
+    # The counts' dispersion (variance / mean) the censored term is scaled by (_Design).
+    dispersion: float = 1.0
 
     def take(self, keep: np.ndarray) -> _FitRows:
         return _FitRows(self.product[keep], self.dates[keep], self.price[keep], self.units[keep],
                         self.weight[keep],
                         None if self.censored is None else self.censored[keep],
+                        None if self.exact is None else self.exact[keep],
                         None if self.reference_columns is None else self.reference_columns[keep],
-                        self.reference_rate)
+                        self.reference_rate, self.dispersion)
 
     @property
     def exact_weight(self) -> np.ndarray:
-        """The weight of the rows whose sales are demand (censored rows 0): what the shape
-        fits and the held-out deviances use."""
+        """The weight of the rows without censoring (RowWeights.exact): what the shape fits
+        and the held-out deviances use."""
+        if self.exact is not None:
+            return self.exact
         return self.weight if self.censored is None else np.where(self.censored, 0.0,
                                                                    self.weight)
 
@@ -745,14 +754,13 @@ def capped_day_weights(product: np.ndarray, dates: np.ndarray, units: np.ndarray
 class RowWeights:
     """How each train row enters the demand fit (:func:`fit_row_weights`)."""
 
-    weight: np.ndarray  # likelihood weight
+    weight: np.ndarray  # likelihood weight of the constant-elasticity fit
     censored: np.ndarray  # sales a lower bound on demand: the term P(Y >= y), not P(Y = y)
-
-    @property
-    def exact(self) -> np.ndarray:
-        """The weight of rows whose sales count as demand (censored rows 0): what the shape
-        fits (linear, logit) use, in the fit and in calibration.with_every_shape."""
-        return np.where(self.censored, 0.0, self.weight)
+    # The weights without censoring: capped rows left out (weight 0). What the shape fits
+    # (linear, logit) and the held-out deviances use, in the fit and in
+    # calibration.with_every_shape: they have no censored term, and keeping a capped
+    # product's uncapped low-price days without its capped ones flattens their response.
+    exact: np.ndarray
 
 
 def fit_row_weights(product: np.ndarray, dates: np.ndarray, price: np.ndarray,
@@ -776,22 +784,21 @@ def fit_row_weights(product: np.ndarray, dates: np.ndarray, price: np.ndarray,
         (the weights, the fit's censoring info and, when ``reactive``, the reactive-price
         info under "reactive_prices").
     """
-    weight, stocked_out, info = capped_day_weights(product, dates, units, on_hand,
-                                                   detect=detect)
-    censored = np.zeros(len(units), dtype=bool)
+    exact, stocked_out, info = capped_day_weights(product, dates, units, on_hand,
+                                                  detect=detect)
     known = (np.zeros(len(units), dtype=bool) if on_hand is None
              else np.isfinite(np.asarray(on_hand, dtype=np.float64)))
-    if censor:
-        # A day that sold all its stock says demand was at least that much: keep it as such.
-        weight = np.where(stocked_out, 1.0, weight)
-        censored |= stocked_out
+    # A day that sold all its stock says demand was at least that much: kept as such.
+    censored = stocked_out & censor
+    weight = np.where(censored, 1.0, exact)
     if reactive:
         price_weight, reactive_info = reactive_price_weights(product, dates, price)
-        weight = np.minimum(weight, price_weight)
+        weight, exact = np.minimum(weight, price_weight), np.minimum(exact, price_weight)
         info = {**info, "reactive_prices": reactive_info}
     if capped_products is not None and capped_products.any():
         rows = np.asarray(capped_products, dtype=bool)[product] & low_price_rows(
             product, dates, price)
+        exact = np.where(rows, 0.0, exact)
         # With the stock known and censoring on, the stocked-out days are censored and the
         # others are demand: nothing more to do. Without the stock, which low-price days
         # bound is unknown, and censoring all of them is biased (an uncapped day's sales are
@@ -800,7 +807,7 @@ def fit_row_weights(product: np.ndarray, dates: np.ndarray, price: np.ndarray,
         weight = np.where(rows & ~(known & censor), 0.0, weight)
     info["censored_rows"] = int((censored & (units > 0)).sum())
     info["censored_likelihood"] = bool(censor)
-    return RowWeights(weight, censored), info
+    return RowWeights(weight, censored, exact), info
 
 
 def model_row_weights(model: Any, product: np.ndarray, dates: np.ndarray, price: np.ndarray,
@@ -1098,7 +1105,8 @@ def _fit_base(rows: _FitRows, reference: np.ndarray, product_category: np.ndarra
                                         neg_x[:, None] * shifts,
                                         calendar_level_columns(rows.dates, calendar),
                                         cross, controls, reference_columns]),
-                     units=rows.units, weight=rows.weight, censored=rows.censored)
+                     units=rows.units, weight=rows.weight, censored=rows.censored,
+                     dispersion=rows.dispersion)
     start = _Params.initial(design)
     if warm is not None:  # a fit of nearly the same rows: Newton starts next to its optimum
         core = warm.core_vector()[:design.n_core]
@@ -1250,7 +1258,8 @@ class _Design:
 
     def __init__(self, *, product: np.ndarray, product_category: np.ndarray, dow: np.ndarray,
                  z: np.ndarray, v: np.ndarray, units: np.ndarray,
-                 weight: np.ndarray | None = None, censored: np.ndarray | None = None) -> None:
+                 weight: np.ndarray | None = None, censored: np.ndarray | None = None,
+                 dispersion: float = 1.0) -> None:
         self.product = product
         self.dow = dow
         self.product_category = product_category
@@ -1266,6 +1275,10 @@ class _Design:
         self.censored = np.nonzero(censored)[0] if censored.any() else None
         self.exact_weight = np.where(censored, 0.0, self.weight)
         self.exact_weighted_units = self.exact_weight * units
+        # Counts more dispersed than Poisson (units summed over baskets of several) have a
+        # fatter upper tail: the censored term is that of the count / dispersion, a Poisson
+        # of mean λ / dispersion (quasi-likelihood), times the dispersion.
+        self.dispersion = float(dispersion)
         self.n_core = self.q.shape[1]
         self.n_products = len(product_category)
         self.n_categories = int(product_category.max() + 1) if len(product_category) else 0
@@ -1305,39 +1318,57 @@ class _Params:
 
 
 def poisson_upper_tail(y: np.ndarray, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(log P(Y >= y), h = P(Y = y - 1) / P(Y >= y)) for Y ~ Poisson(lam), y counts >= 0.
+    """(log P(Y >= y), h = P(Y = y - 1) / P(Y >= y)) for Y ~ Poisson(lam), y >= 0.
 
-    h gives the censored term's derivatives in eta = log lam: d log P(Y >= y) / d eta =
-    lam·h and E[Y | Y >= y] = lam·(1 + h). Summed by series (no scipy): for y >= lam the
-    upper tail from pmf(y) (ratios lam / (y + i) < 1), for y < lam one minus the lower tail
-    from pmf(y - 1) down (ratios (y - j) / lam < 1); TAIL_SDS standard deviations of terms
-    cover either to double precision.
+    P(Y >= y) is the regularized lower incomplete gamma P(y, lam), so y need not be a whole
+    count (a count scaled by its dispersion, _Design); h = lam^(y-1) e^-lam / Γ(y) / P(y, lam)
+    gives the censored term's derivatives in eta = log lam: d log P / d eta = lam·h, and
+    d² log P / d eta² = -lam·h·(lam·(1 + h) - y). No scipy: for lam < y + 1 the series
+    P = pmf(y)·Σ_j Π_i lam / (y + i), else 1 - Q with Q(y, lam) by its continued fraction
+    (modified Lentz, as Numerical Recipes' gcf); TAIL_SDS standard deviations of terms
+    (plus 30) reach double precision either way.
     """
     import math
 
-    y = np.rint(np.asarray(y, dtype=np.float64))
+    y = np.asarray(y, dtype=np.float64)
     lam = np.maximum(np.asarray(lam, dtype=np.float64), 1e-300)
     log_tail, h = np.zeros(y.shape), np.zeros(y.shape)
     positive = y > 0
     if not positive.any():
         return log_tail, h
-    yp, lp = y[positive], lam[positive]
-    log_fact = np.array([math.lgamma(v + 1.0) for v in yp.tolist()])
-    log_pmf_below = (yp - 1.0) * np.log(lp) - lp - (log_fact - np.log(yp))  # log pmf(y - 1)
-    terms = int(np.ceil(TAIL_SDS * np.sqrt(max(float(yp.max()), float(lp.max()))))) + 20
-    upper = yp >= lp
-    total, term = np.ones(yp.shape), np.ones(yp.shape)
-    for j in range(1, terms):
-        term = term * np.where(upper, lp / (yp + j), np.maximum(yp - j, 0.0) / lp)
+    a, x = y[positive], lam[positive]
+    log_gamma_a = np.array([math.lgamma(v) for v in a.tolist()])
+    log_density = (a - 1.0) * np.log(x) - x - log_gamma_a  # x^(a-1) e^-x / Γ(a)
+    steps = int(np.ceil(TAIL_SDS * np.sqrt(max(float(a.max()), float(x.max()))))) + 30
+    series = x < a + 1.0
+    # Series: P(a, x) = x^a e^-x / Γ(a + 1) · Σ_j Π_{i=1..j} x / (a + i).
+    total, term = np.ones(a.shape), np.ones(a.shape)
+    for i in range(1, steps):
+        term = term * x / (a + i)
         total += term
-    # Upper branch: P(Y >= y) = pmf(y)·total, pmf(y) = pmf(y - 1)·lam / y.
-    log_upper = log_pmf_below + np.log(lp / yp) + np.log(total)
-    # Lower branch: P(Y <= y - 1) = pmf(y - 1)·total (below 0.6 when y < lam).
-    lower = np.exp(np.minimum(log_pmf_below + np.log(total), 0.0))
-    log_lower_branch = np.log1p(-np.minimum(lower, 1.0 - 1e-16))
-    tail = np.where(upper, log_upper, log_lower_branch)
+    log_series = log_density + np.log(x / a) + np.log(total)
+    # Continued fraction: Q(a, x) = x^a e^-x / Γ(a) · 1 / (x + 1 - a - 1·(1 - a) / (x + 3 - a
+    # - ...)), evaluated where it converges (x >= a + 1); elsewhere a placeholder x.
+    xc = np.where(series, a + 2.0, x)
+    tiny = 1e-300
+    b = xc + 1.0 - a
+    c = np.full(a.shape, 1.0 / tiny)
+    d = 1.0 / b
+    fraction = d.copy()
+    for i in range(1, steps):
+        an = -i * (i - a)
+        b = b + 2.0
+        d = an * d + b
+        d = np.where(np.abs(d) < tiny, tiny, d)
+        c = b + an / c
+        c = np.where(np.abs(c) < tiny, tiny, c)
+        d = 1.0 / d
+        fraction = fraction * d * c
+    upper = np.exp(np.minimum(log_density + np.log(xc) + np.log(fraction), 0.0))
+    log_fraction = np.log1p(-np.minimum(upper, 1.0 - 1e-16))
+    tail = np.where(series, log_series, log_fraction)
     log_tail[positive] = tail
-    h[positive] = np.exp(log_pmf_below - tail)
+    h[positive] = np.exp(log_density - tail)
     return log_tail, h
 
 
@@ -1351,11 +1382,11 @@ def _curvature_and_residual(d: _Design, eta: np.ndarray) -> tuple[np.ndarray, np
     curvature = d.exact_weight * lam  # weighted Poisson: weights scale rate and units alike
     residual = curvature - d.exact_weighted_units
     if d.censored is not None:
-        c = d.censored
-        _, h = poisson_upper_tail(d.units[c], lam[c])
+        c, phi = d.censored, d.dispersion
         w, lc = d.weight[c], lam[c]
+        _, h = poisson_upper_tail(d.units[c] / phi, lc / phi)
         residual[c] = -w * lc * h
-        curvature[c] = w * lc * h * np.maximum(lc * (1.0 + h) - d.units[c], 0.0)
+        curvature[c] = w * lc * h * np.maximum((lc * (1.0 + h) - d.units[c]) / phi, 0.0)
     return curvature, residual
 
 
@@ -1377,9 +1408,9 @@ def _objective(d: _Design, p: _Params, product_w: np.ndarray, category_w: np.nda
     eta = p.eta(d)
     nll = float((d.exact_weight * np.exp(eta) - d.exact_weighted_units * eta).sum())
     if d.censored is not None:
-        c = d.censored
-        log_tail, _ = poisson_upper_tail(d.units[c], np.exp(eta[c]))
-        nll -= float((d.weight[c] * log_tail).sum())
+        c, phi = d.censored, d.dispersion
+        log_tail, _ = poisson_upper_tail(d.units[c] / phi, np.exp(eta[c]) / phi)
+        nll -= float((phi * d.weight[c] * log_tail).sum())
     return nll + float((product_w * p.product**2).sum() + (category_w * p.category**2).sum()
                        + (core_w * p.core**2).sum())
 
