@@ -140,6 +140,22 @@ def restrict_to_band(trust_region: tuple[np.ndarray, np.ndarray],
     return lower, upper
 
 
+def hold_band(band: tuple[np.ndarray, np.ndarray], regular: np.ndarray, margin: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``band`` (lower, upper by product index, NaN: none) narrowed to ``regular`` ± ``margin``
+    (a share) where both are known: the status quo inside the band. Where the regular price
+    lies outside the band, the window about it alone (it is what the product sells at now)."""
+    lo, hi = (np.asarray(b, dtype=np.float64) for b in band)
+    reg = np.asarray(regular, dtype=np.float64)[:len(lo)]
+    reg = np.concatenate([reg, np.full(len(lo) - len(reg), np.nan)])
+    win_lo, win_hi = reg * (1.0 - margin), reg * (1.0 + margin)
+    new_lo, new_hi = np.fmax(lo, win_lo), np.fmin(hi, win_hi)
+    apart = new_lo > new_hi
+    new_lo, new_hi = np.where(apart, win_lo, new_lo), np.where(apart, win_hi, new_hi)
+    known = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(reg)
+    return np.where(known, new_lo, lo), np.where(known, new_hi, hi)
+
+
 def trust_region_of(trust_region: tuple[np.ndarray, np.ndarray], product_index: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) for the given products from bounds by product index (NaN, no limit,

@@ -235,9 +235,13 @@ def test_the_verdict_refuses_a_claim_above_the_uncapped_price_band() -> None:
         "sales look capped by stock on 12% of train days (the low-price days of 1 product "
         "sells less than their demand and were left out of the fit); the policy prices 50% of "
         "this product's days above 10.00, the highest price its uncapped sales were seen at")}
-    # Within the band (10.04 is inside the 0.5% tolerance): no reason.
+    # Within the band (10.04 is inside the 0.5% tolerance): the claim still cannot stand.
+    inside = ("sales look capped by stock on 12% of train days (the low-price days of 1 "
+              "product sells less than their demand and were left out of the fit); the fit "
+              "cannot score the history's capped low-price days (it does not know the stock), "
+              "so the uplift over them is not measured")
     assert checks.capped_sales_reasons(censoring, 200, meta, np.array(
-        [10.04, 9.0, 40.0, 40.0])) == (None, {})
+        [10.04, 9.0, 40.0, 40.0])) == (inside, {"A": inside})
     assert checks.capped_sales_reasons({"stock_rows": 0}, 200, meta, policy) == (None, {})
     # The verdict leads with it, whatever the interval says.
     fit = {"rows": 4, "bias_pct": 0.0, "wmape": 0.1, "wmape_noise_floor": 0.1}
@@ -294,3 +298,30 @@ def test_the_trust_region_of_a_capped_product_is_its_uncapped_band() -> None:
     assert grid[0][mask[0] == 1].tolist() == [8.0, 9.0, 10.0]
     assert grid[1][mask[1] == 1].tolist() == [5.0]
     assert mask[2].all() and not fallback.any()
+
+
+def test_a_capped_product_is_held_to_its_status_quo_inside_its_band() -> None:
+    """Product 0's band is 8.00-10.00 and it sells at 9.00 now: held to 8.73-9.27 (±3%).
+    Product 1 sells at 10.50, above its band 8.00-10.00: held about 10.50 (10.185-10.815),
+    what it sells at now. Product 2 has no band: unchanged (NaN)."""
+    from pricing_cli.pricing import hold_band
+
+    band = (np.array([8.0, 8.0, np.nan]), np.array([10.0, 10.0, np.nan]))
+    lower, upper = hold_band(band, np.array([9.0, 10.5, 5.0]), 0.03)
+    np.testing.assert_allclose(lower, [8.73, 10.185, np.nan])
+    np.testing.assert_allclose(upper, [9.27, 10.815, np.nan])
+
+
+def test_the_regular_price_now_is_the_median_of_the_last_29_days() -> None:
+    """Product 0: 40 days at 10.00, then 29 days of which 5 on promotion at 7.00 and 24 at
+    11.00: its regular price now is 11.00. Product 1 has 3 days (4, 5, 6, given out of
+    order): 5.00. Product 2 has none: NaN."""
+    from pricing_cli.agent.baselines import regular_price_now
+
+    prices = [10.0] * 40 + [11.0] * 12 + [7.0] * 5 + [11.0] * 12
+    frame = pl.DataFrame({
+        "product_index": [0] * 69 + [1] * 3,
+        "date": np.concatenate([MONDAY + np.arange(69), MONDAY + np.array([2, 0, 1])]),
+        "price": prices + [6.0, 4.0, 5.0]})
+    out = regular_price_now(frame, 3)
+    assert out[:2].tolist() == [11.0, 5.0] and np.isnan(out[2])
