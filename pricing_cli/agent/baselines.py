@@ -37,6 +37,8 @@ from pricing_cli.pricing import (
 )
 
 if TYPE_CHECKING:
+    import polars as pl
+
     from pricing_cli.agent.processed import ProcessedData
 
 

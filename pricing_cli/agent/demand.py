@@ -283,11 +283,11 @@ class DemandModel:
         on_hand = (meta["on_hand"].cast(float).to_numpy()[usable] if "on_hand" in meta.columns
                    else None)
         dispersion = float(settings.train.demand_censored_dispersion)
-        row_flags = {"detect": bool(settings.train.demand_detect_capped),
-                     "reactive": bool(settings.train.demand_reactive_prices),
-                     "censor": bool(settings.train.demand_censored)}
+        detect = bool(settings.train.demand_detect_capped)
+        reactive = bool(settings.train.demand_reactive_prices)
+        censor = bool(settings.train.demand_censored)
         weights, censoring = fit_row_weights(product, dates, price, units, on_hand,
-                                             **row_flags)
+                                             detect=detect, reactive=reactive, censor=censor)
         reactive_info: dict[str, Any] = censoring.pop("reactive_prices", {})
         rows = _FitRows(product=product, dates=dates, price=price, units=units,
                         weight=weights.weight, censored=weights.censored,
@@ -365,7 +365,8 @@ class DemandModel:
                 capped = np.zeros(n_products, dtype=bool)
                 capped[[int(k) for k in low_price_info["per_product"]]] = True
                 weights, censoring = fit_row_weights(product, dates, price, units, on_hand,
-                                                     **row_flags, capped_products=capped)
+                                                     detect=detect, reactive=reactive,
+                                                     censor=censor, capped_products=capped)
                 censoring.pop("reactive_prices", None)
                 model, rows, reference_info, selection, chosen = fit_rows(
                     _FitRows(product=product, dates=dates, price=price, units=units,
