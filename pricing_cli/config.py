@@ -478,8 +478,9 @@ class TrainSettings(Section):
     product's other low-price days stay in, instead of all its low-price days being left out
     (the linear and logit shape fits still leave them out). Right for Poisson counts (a
     simulated Poisson history on the stockouts bench's prices and stock: 2.50 fitted, true
-    2.54, left out 2.62); the generator's units are baskets of 1-4, more dispersed, and
-    there it reads 2.29 (left out 2.71) unless demand_censored_dispersion says so (2: 2.50).
+    2.54, left out 2.62), but on the generator's own units (baskets of 1-4, net of returns)
+    it reads 2.29 (left out 2.71; 2.50 with demand_censored_dispersion 2, the cause not
+    established: on a basket-summed test market dispersion 1 did best).
     Days without stock data are never censored: which of them bound is unknown, and
     censoring all of a capped product's low-price days overshoots (2.97 against a true 2.62,
     2.77 left out). Off (default): left out."""
