@@ -138,6 +138,40 @@ def trust_region_bounds(min_sold: np.ndarray, max_sold: np.ndarray, margin: floa
     return lower, upper
 
 
+def restrict_to_band(trust_region: tuple[np.ndarray, np.ndarray],
+                     band: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The trust region (lower, upper by product index) narrowed to ``band`` where the band
+    is known (both ends finite; NaN: the product keeps its region). Used for the products
+    whose sales look capped by stock (demand.uncapped_price_band): their response is measured
+    only inside the band, so a price outside it relies on demand nobody saw uncapped."""
+    lower = np.asarray(trust_region[0], dtype=np.float64).copy()
+    upper = np.asarray(trust_region[1], dtype=np.float64).copy()
+    n = min(len(lower), len(band[0]))
+    band_lo = np.asarray(band[0], dtype=np.float64)[:n]
+    band_hi = np.asarray(band[1], dtype=np.float64)[:n]
+    known = np.isfinite(band_lo) & np.isfinite(band_hi)
+    # fmax/fmin: a product without a region (NaN) gets the band itself.
+    lower[:n] = np.where(known, np.fmax(lower[:n], band_lo), lower[:n])
+    upper[:n] = np.where(known, np.fmin(upper[:n], band_hi), upper[:n])
+    return lower, upper
+
+
+def hold_band(band: tuple[np.ndarray, np.ndarray], regular: np.ndarray, margin: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``band`` (lower, upper by product index, NaN: none) narrowed to ``regular`` ± ``margin``
+    (a share) where both are known: the status quo inside the band. Where the regular price
+    lies outside the band, the window about it alone (it is what the product sells at now)."""
+    lo, hi = (np.asarray(b, dtype=np.float64) for b in band)
+    reg = np.asarray(regular, dtype=np.float64)[:len(lo)]
+    reg = np.concatenate([reg, np.full(len(lo) - len(reg), np.nan)])
+    win_lo, win_hi = reg * (1.0 - margin), reg * (1.0 + margin)
+    new_lo, new_hi = np.fmax(lo, win_lo), np.fmin(hi, win_hi)
+    apart = new_lo > new_hi
+    new_lo, new_hi = np.where(apart, win_lo, new_lo), np.where(apart, win_hi, new_hi)
+    known = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(reg)
+    return np.where(known, new_lo, lo), np.where(known, new_hi, hi)
+
+
 def trust_region_of(trust_region: tuple[np.ndarray, np.ndarray], product_index: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) for the given products from bounds by product index (NaN, no limit,

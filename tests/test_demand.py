@@ -345,9 +345,10 @@ def test_a_zero_day_after_a_run_of_sales_looks_capped() -> None:
     product = np.zeros(8, dtype=np.int64)
     dates = np.datetime64("2023-01-02") + np.arange(8)
     units = np.array([5.0, 4, 6, 0, 0, 7, 3, 0])
-    weight, info = dm.capped_day_weights(product, dates, units, None, detect=True)
+    weight, bound, info = dm.capped_day_weights(product, dates, units, None, detect=True)
     # Day 3 follows three selling days; day 4 follows a zero; day 7 follows only two.
     assert weight.tolist() == [1, 1, 1, dm.CAPPED_WEIGHT, 1, 1, 1, 1]
+    assert not bound.any()  # a zero says nothing as a lower bound
     assert info["detected_capped_days"]["zero_after_sales"] == 1
 
 

@@ -37,6 +37,8 @@ from pricing_cli.pricing import (
 )
 
 if TYPE_CHECKING:
+    import polars as pl
+
     from pricing_cli.agent.processed import ProcessedData
 
 
@@ -246,6 +248,43 @@ def sold_price_range(processed_dir: ProcessedData | str | Path, n_products: int,
     low[index[keep]] = table["low"].to_numpy()[keep]
     high[index[keep]] = table["high"].to_numpy()[keep]
     return low, high
+
+
+# Days of history whose median price is a product's regular price now (recent_regular_price):
+# a 5-day promotion cannot move a 29-day median, a list-price change 15 days old has.
+RECENT_REGULAR_DAYS = 29
+
+
+def recent_regular_price(processed_dir: ProcessedData | str | Path, n_products: int,
+                         splits: tuple[str, ...] = ("train", "val")) -> np.ndarray:
+    """The median price of each product over its last RECENT_REGULAR_DAYS days with a price
+    in ``splits`` (NaN for a product without any): the price it is regularly sold at now, the
+    status quo the trust region holds a product to where its sales look capped."""
+    import polars as pl
+
+    from pricing_cli.agent.processed import as_processed
+
+    processed = as_processed(processed_dir)
+    out = np.full(n_products, np.nan)
+    parts = [processed.meta(s, ["product_index", "date", "price"]) for s in splits
+             if processed.has_split(s)]
+    if not parts:
+        return out
+    return regular_price_now(pl.concat(parts), n_products)
+
+
+def regular_price_now(frame: pl.DataFrame, n_products: int) -> np.ndarray:
+    """:func:`recent_regular_price` of the rows of ``frame`` (product_index, date, price)."""
+    import polars as pl
+
+    out = np.full(n_products, np.nan)
+    table = (frame.filter(pl.col("price") > 0).sort("product_index", "date")
+             .group_by("product_index")
+             .agg(pl.col("price").tail(RECENT_REGULAR_DAYS).median().alias("regular")))
+    index = table["product_index"].to_numpy().astype(np.int64)
+    keep = index < n_products
+    out[index[keep]] = table["regular"].to_numpy()[keep]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -257,7 +257,8 @@ def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_ca
     the policy's prices, and that is where the shapes part (docs/evaluate.md, linear and
     logit markets). The missing shapes are fitted here as train fits them
     (``demand_shapes.fit_shape`` on the model's calendar level, each price stretched by the
-    day's calendar scale, days capped by stock down-weighted), less the demand-surprise
+    day's calendar scale, the rows weighted as the fit weighted them: demand.model_row_weights,
+    capped days and the low-price leave-out included), less the demand-surprise
     controls, which are 0 on a typical day. The resampled copies carry the shape's own fit
     uncertainty into the checked interval, as the ensemble members carry the run's. A model
     without shapes or train rows: ``[model]``.
@@ -275,7 +276,7 @@ def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_ca
     import polars as pl
 
     from pricing_cli.agent import demand_shapes as shapes
-    from pricing_cli.agent.demand import capped_day_weights, cross_price_term
+    from pricing_cli.agent.demand import cross_price_term, model_row_weights
     from pricing_cli.agent.ensemble import bootstrap_product_weeks
 
     params = getattr(model, "shape_params", None)
@@ -299,7 +300,8 @@ def with_every_shape(model: Any, train: pl.DataFrame, strength: float, detect_ca
         dates = rows_frame["date"].to_numpy().astype("datetime64[D]")
         on_hand = (rows_frame["on_hand"].cast(float).to_numpy()
                    if "on_hand" in rows_frame.columns else None)
-        weight, _ = capped_day_weights(product, dates, units, on_hand, detect=detect_capped)
+        weight = model_row_weights(model, product, dates, price, units, on_hand,
+                                   detect=detect_capped).exact
         relative = price / model.reference_price[product]
         rows = shapes.ShapeRows(
             product=product, r=1.0 + model.calendar_scale(product, dates) * (relative - 1.0),

@@ -232,10 +232,10 @@ def _fit_demand(settings: Settings, processed: ProcessedData, product: str | Non
     """Fit the demand model (and its ensemble) on the train split's open days."""
     import polars as pl
 
-    from pricing_cli.agent.baselines import sold_price_range
-    from pricing_cli.agent.demand import DemandModel
+    from pricing_cli.agent.baselines import recent_regular_price, sold_price_range
+    from pricing_cli.agent.demand import DemandModel, uncapped_price_band
     from pricing_cli.agent.ensemble import decision_demand, fit_ensemble
-    from pricing_cli.pricing import trust_region_bounds
+    from pricing_cli.pricing import hold_band, restrict_to_band, trust_region_bounds
 
     cfg = settings.train
     meta_train_path = processed.path("meta_train.parquet")
@@ -274,6 +274,14 @@ def _fit_demand(settings: Settings, processed: ProcessedData, product: str | Non
             *sold_price_range(processed, n_products), cfg.trust_region,
             agreed=_agreed_best_prices(cfg, processed, ensemble, closed, n_products, monitor),
             cap=cfg.trust_region_adaptive)
+        if cfg.capped_price_band:
+            # Do no harm where sales look capped: only the band of uncapped sales is measured,
+            # and inside it the fit's response is too noisy to move from the status quo.
+            band = uncapped_price_band(demand.info.get("censoring"), n_products)
+            if cfg.capped_hold_margin is not None:
+                band = hold_band(band, recent_regular_price(processed, n_products),
+                                 cfg.capped_hold_margin)
+            trust_region = restrict_to_band(trust_region, band)
     return DemandFit(demand, demand_report, ensemble, ensemble_seconds,
                      decision_demand(demand, ensemble, cfg.decision_quantile), trust_region,
                      closed, n_products, products)
