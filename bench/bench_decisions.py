@@ -56,7 +56,7 @@ def one_market(seed: int, n_products: int) -> dict[str, float]:
             folder / f"meta_{split}.parquet")
     train = pl.read_parquet(folder / "meta_train.parquet")
     point = DemandModel.fit(train, settings)
-    ensemble = fit_ensemble(train, settings, n_products=n_products)
+    ensemble = fit_ensemble(train, settings, n_products=n_products, point=point)
     meta = bl.load_split_meta(folder, "test")
     bounds = trust_region_bounds(*bl.sold_price_range(folder, n_products), 0.10)
     trusted = dataclasses.replace(meta, trust_region=ev.series_bounds(meta, bounds))

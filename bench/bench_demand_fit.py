@@ -1,6 +1,10 @@
 """Demand fit at the full preset's scale on a synthetic meta frame (no pipeline needed).
 
     .venv/bin/python -m bench.bench_demand_fit [--products 7300] [--days 75] [--categories 40]
+        [--ensemble] [--refit estimates|full]
+
+``--ensemble`` also fits the ``train.ensemble_size`` bootstrap refits (as train does) and
+prints their seconds and the peak after them.
 
 Builds products x days train rows (547,500 by default, like the full preset's processed data)
 with a mix of the three price-response shapes, fits DemandModel with the default settings and
@@ -57,17 +61,34 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=7300)
     parser.add_argument("--days", type=int, default=75)
     parser.add_argument("--categories", type=int, default=40)
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also fit the bootstrap ensemble, as train does")
+    parser.add_argument("--refit", choices=("estimates", "full"), default=None,
+                        help="train.ensemble_refit for the members (default: the config's)")
     args = parser.parse_args()
     meta = synthetic_frame(args.products, args.days, args.categories)
+    flags = {} if args.refit is None else {"train.ensemble_refit": args.refit}
+    settings = load_settings(flags=flags, environ={})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
-    model = DemandModel.fit(meta, load_settings(environ={}))
+    model = DemandModel.fit(meta, settings)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rows": meta.height, "products": args.products,
-                      "fit_seconds": round(seconds, 2), "peak_rss_mib_before_fit": round(before),
-                      "peak_rss_mib_after_fit": round(after), "forms": model.info["forms"],
-                      "newton_iterations": model.info["newton_iterations"]}))
+    result = {"rows": meta.height, "products": args.products,
+              "fit_seconds": round(seconds, 2), "peak_rss_mib_before_fit": round(before),
+              "peak_rss_mib_after_fit": round(after), "forms": model.info["forms"],
+              "newton_iterations": model.info["newton_iterations"]}
+    if args.ensemble:
+        from pricing_cli.agent.ensemble import fit_ensemble
+
+        started = time.perf_counter()
+        ensemble = fit_ensemble(meta, settings, n_products=args.products, point=model)
+        result["ensemble_members"] = 0 if ensemble is None else ensemble.size
+        result["ensemble_seconds"] = round(time.perf_counter() - started, 2)
+        result["fit_and_ensemble_seconds"] = round(seconds + result["ensemble_seconds"], 2)
+        result["peak_rss_mib_after_ensemble"] = round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -148,9 +148,14 @@ class DemandEnsemble:
 def fit_ensemble(meta_train: pl.DataFrame, settings: Settings, *, n_products: int,
                  fallback_reference: np.ndarray | None = None,
                  monitor: RunMonitor | None = None,
-                 source: str = "meta_train.parquet") -> DemandEnsemble | None:
+                 source: str = "meta_train.parquet",
+                 point: DemandModel | None = None) -> DemandEnsemble | None:
     """``train.ensemble_size`` refits of the demand model on product-week resamples of
     ``meta_train`` (seed ``train.ensemble_seed``); None when the size is below 2.
+
+    ``point``: the fit on all of ``meta_train``. With ``train.ensemble_refit: estimates`` each
+    member keeps its selections and refits only the estimates (``DemandModel.fit``'s
+    ``selections``); without it, or with "full", each member is a whole fit.
 
     Raises:
         DataError: as :meth:`DemandModel.fit`.
@@ -164,15 +169,18 @@ def fit_ensemble(meta_train: pl.DataFrame, settings: Settings, *, n_products: in
     rng = np.random.default_rng(settings.train.ensemble_seed)
     if monitor is not None:
         monitor.add_bar("ensemble", "demand ensemble (bootstrap refits)", size)
+    selections = point if settings.train.ensemble_refit == "estimates" else None
     members: list[DemandModel] = []
     for _ in range(size):
         resample = bootstrap_product_weeks(meta_train, rng)
         members.append(DemandModel.fit(resample, settings, n_products=n_products,
-                                       fallback_reference=fallback_reference, source=source))
+                                       fallback_reference=fallback_reference, source=source,
+                                       selections=selections))
         if monitor is not None:
             monitor.update_bar("ensemble", advance=1)
             monitor.check_memory()
     info = {"seed": settings.train.ensemble_seed, "resampling": RESAMPLING,
+            "refit": "estimates" if selections is not None else "full",
             "seconds": round(time.monotonic() - started, 3)}
     return DemandEnsemble(members=members, info=info)
 

@@ -260,7 +260,7 @@ def _fit_demand(settings: Settings, processed: ProcessedData, product: str | Non
     ensemble_started = time.monotonic()
     ensemble = fit_ensemble(meta_train, settings, n_products=n_products,
                             fallback_reference=fallback_reference,
-                            monitor=monitor, source=str(meta_train_path))
+                            monitor=monitor, source=str(meta_train_path), point=demand)
     ensemble_seconds = time.monotonic() - ensemble_started
     if ensemble is not None:
         monitor.log(f"demand ensemble: {ensemble.size} bootstrap refits in "

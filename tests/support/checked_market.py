@@ -44,7 +44,7 @@ def checked_market(tmp_path: Path, flip_test_response: bool = False,
         frame.with_columns(units=pl.Series(units)).write_parquet(tmp_path / "meta_test.parquet")
     train = pl.read_parquet(tmp_path / "meta_train.parquet")
     point = DemandModel.fit(train, SETTINGS)
-    ensemble = fit_ensemble(train, SETTINGS, n_products=n_products)
+    ensemble = fit_ensemble(train, SETTINGS, n_products=n_products, point=point)
     meta = bl.load_split_meta(tmp_path, "test")
     at_historical = point.expected_units(meta.product_index, meta.date, meta.price)
     events = checks.price_change_events(
