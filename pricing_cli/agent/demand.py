@@ -363,7 +363,7 @@ class DemandModel:
             return model, rows, reference_info, selection, chosen
 
         if selections is not None:
-            model, rows, reference_info, selection, chosen, weight = _refit_estimates(
+            model, rows, reference_info, selection, chosen = _refit_estimates(
                 cls, selections, rows, reference, product_category, categories, strength,
                 forms, calendar, on_hand, censoring, settings, monitor)
         else:
@@ -1222,13 +1222,13 @@ def _refit_estimates(cls: type[DemandModel], selections: DemandModel, rows: _Fit
                      on_hand: np.ndarray | None, censoring: dict[str, Any],
                      settings: Settings, monitor: RunMonitor | None
                      ) -> tuple[DemandModel, _FitRows, dict[str, Any], dict[str, Any],
-                                np.ndarray, np.ndarray]:
+                                np.ndarray]:
     """:meth:`DemandModel.fit` with ``selections``: the estimates refitted on ``rows`` with
     every selection of ``selections`` kept (see there).
 
     Returns:
-        (model, rows with the reference columns, reference info, shape selection info (empty),
-        each product's shape, the rows' weights).
+        (model, rows with the reference columns and the point fit's weights, reference info,
+        shape selection info (empty), each product's shape).
     """
     effect = selections.reference_effect
     rows = rows.with_reference(None if effect is None else effect.rate)
@@ -1236,14 +1236,14 @@ def _refit_estimates(cls: type[DemandModel], selections: DemandModel, rows: _Fit
                       "rate": None if effect is None else effect.rate}
     chosen = np.asarray(selections.product_form, dtype=np.int8).copy()
     expected = selections.expected_units(rows.product, rows.dates, rows.price)
-    weight = rows.weight
-    if settings.train.demand_detect_capped:
-        left_out, low_price_info = capped_low_price_days(
-            rows.product, rows.dates, rows.price, rows.units, weight, expected, on_hand,
-            len(reference))
-        censoring["low_price_days"] = low_price_info
-        weight = np.where(left_out, 0.0, weight)
-        rows = replace(rows, weight=weight)
+    # The point fit's row weights (its capped products' low-price days, its reactive-price
+    # weights, its censoring mode) applied to these rows: one rule, not a second detection.
+    weights = model_row_weights(selections, rows.product, rows.dates, rows.price, rows.units,
+                                on_hand, detect=bool(settings.train.demand_detect_capped))
+    rows = replace(rows, weight=weights.weight, censored=weights.censored, exact=weights.exact)
+    low_price = ((selections.info or {}).get("censoring") or {}).get("low_price_days")
+    if low_price is not None:
+        censoring["low_price_days"] = low_price
     lags = int(calendar["control_lags"])
     leads = int(calendar.get("control_leads", 0))
     controls = None
@@ -1260,7 +1260,7 @@ def _refit_estimates(cls: type[DemandModel], selections: DemandModel, rows: _Fit
     model = _fit_with_shapes(cls, rows, reference, product_category, categories, strength,
                              forms, chosen, calendar, monitor, warm=selections,
                              controls=controls)
-    return model, rows, reference_info, {}, chosen, weight
+    return model, rows, reference_info, {}, chosen
 
 
 def _select_reference(cls: type[DemandModel], rows: _FitRows, reference: np.ndarray,
