@@ -399,7 +399,8 @@ def edit_agent(**changes: Any) -> None:
     ({"net_arch": [-1]}, "key 'net_arch' is [-1]: expected a list of at most 16 layer widths, "
                          "each 1 to 65,536"),
     ({"algo": "dqn"}, "key 'algo' is 'dqn': expected 'maskable-ppo' or 'ppo'"),
-    ({"n_features": 999}, "key 'n_features' is 999: expected input_dim + price_levels + 3 = 34"),
+    ({"n_features": 999}, "key 'n_features' is 999: expected input_dim + price_levels + 3 = 34 "
+                          "(or 2 more with the stock state of an inventory market)"),
 ])
 def test_a_forged_agent_json_is_a_model_error_naming_the_key(
         workspace: Path, capsys: pytest.CaptureFixture[str], changes: dict[str, Any],
