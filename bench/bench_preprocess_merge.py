@@ -98,7 +98,7 @@ def one_scale(work: Path, args: argparse.Namespace, products: int, days: int,
         "cp walls": [round(w, 1) for w in copies],
         "merge / cp (medians)": round(statistics.median(merge_walls)
                                       / statistics.median(copies), 2),
-        "merge / cp per round": [round(m / c, 2) for m, c in zip(merge_walls, copies)],
+        "merge / cp per round": [round(m / c, 2) for m, c in zip(merge_walls, copies, strict=True)],
         "merge max RSS": [mib(m.max_rss_bytes) for m in merges],
         "merge peak tree (run.json)": [mib(m.peak_tree_bytes) for m in merges],
         "merge kernel peak bound (run.json)": [mib(m.kernel_tree_bound_bytes) for m in merges],

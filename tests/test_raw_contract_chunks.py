@@ -4,6 +4,7 @@ counts and bad-row lines as reading each file in one piece."""
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import polars as pl
@@ -132,3 +133,44 @@ def test_a_truncated_large_gzip_is_named(tmp_path, catalog_ids):
     # the block reader's own error (Python's gzip) gets the same message
     assert raw_contract._read_error(path, EOFError("Compressed file ended")).message == (
         f"{path} is a truncated or corrupt gzip file (Compressed file ended)")
+
+
+def test_tiny_preset_features_read_in_blocks_match_one_piece(tmp_path):
+    from pricing_cli.data.generate import run_generate
+    from pricing_cli.monitor import RunMonitor
+    from pricing_cli.stages.features import run_features
+    from tests.test_features_buckets import tiny_settings
+
+    with RunMonitor("generate", "quiet") as monitor:
+        run_generate(tiny_settings(tmp_path), monitor)
+    sizes = [p.stat().st_size for p in (tmp_path / "raw" / "transactions").glob("*.csv")]
+    assert len(sizes) == 4 and max(sizes) < 2 * 2**20  # the default reads them in one piece
+    outputs = {}
+    for name, mb in (("whole", 2.0), ("blocks", chunk_mb(3000))):  # about 14 blocks a file
+        settings = tiny_settings(tmp_path, **{"features.output_dir": str(tmp_path / name),
+                                              "data.read_chunk_mb": mb})
+        with RunMonitor("features", "quiet") as monitor:
+            outputs[name] = run_features(settings, monitor).summary
+    for key in ("transaction_rows", "product_days"):
+        assert outputs["blocks"][key] == outputs["whole"][key]
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir() if p.name != "run.json")
+    assert names == sorted(p.name for p in (tmp_path / "blocks").iterdir()
+                           if p.name != "run.json")
+    manifests = [json.loads((tmp_path / name / "feature_manifest.json").read_text())
+                 for name in ("whole", "blocks")]
+    scalers = [m.pop("scalers") for m in manifests]
+    assert manifests[0] == manifests[1]  # products, rows per split, split dates, columns
+    assert list(scalers[0]) == list(scalers[1])
+    for column, scaler in scalers[0].items():  # the means and stds: last bits only
+        assert scalers[1][column]["mean"] == pytest.approx(scaler["mean"], rel=1e-9, abs=1e-15)
+        assert scalers[1][column]["std"] == pytest.approx(scaler["std"], rel=1e-9)
+    for name in (n for n in names if n.endswith(".parquet")):
+        a = pl.read_parquet(tmp_path / "whole" / name)
+        b = pl.read_parquet(tmp_path / "blocks" / name)
+        assert a.columns == b.columns and a.height == b.height
+        for column in a.columns:
+            if a[column].dtype.is_float():  # last bits only, see raw_contract_chunks.py
+                assert b[column].to_numpy() == pytest.approx(a[column].to_numpy(), rel=1e-9,
+                                                             abs=1e-12), (name, column)
+            else:
+                assert b[column].equals(a[column]), (name, column)

@@ -217,8 +217,8 @@ def _read_error(path: Path, exc: BaseException) -> DataError:
         return DataError(f"{path} is not UTF-8 text ({text})",
                          "Re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`.")
     if path.name.lower().endswith(".gz") and (
-            isinstance(exc, EOFError) or "end of file" in lowered or "gzip" in lowered or "deflate" in lowered
-            or "corrupt" in lowered or "invalid" in lowered):
+            isinstance(exc, EOFError) or "end of file" in lowered or "gzip" in lowered
+            or "deflate" in lowered or "corrupt" in lowered or "invalid" in lowered):
         return DataError(f"{path} is a truncated or corrupt gzip file ({text})",
                          "Copy or compress the file again; `gzip -t FILE` checks it.")
     if "empty" in lowered:
