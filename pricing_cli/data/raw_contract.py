@@ -237,8 +237,12 @@ def _scan(path: Path, row_index: str | None = None, block: bytes | None = None
         return pl.scan_parquet(path, row_index_name=row_index)
     # Every column as text: casting ourselves turns a bad value into a counted bad row
     # instead of an exception that names neither the row nor the file.
-    return pl.scan_csv(path if block is None else block, infer_schema=False,
-                       row_index_name=row_index)
+    if block is None:
+        return pl.scan_csv(path, infer_schema=False, row_index_name=row_index)
+    # A block is parsed eagerly (it is small) and summed as one in-memory frame: the
+    # streaming engine then cuts it into morsels of a fixed number of rows, not at points
+    # of the CSV reader's own, so a block's product-days are summed in file order.
+    return pl.read_csv(block, infer_schema=False, row_index_name=row_index).lazy()
 
 
 def _schema(path: Path) -> dict[str, Any]:
