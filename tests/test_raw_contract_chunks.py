@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from pricing_cli.config import load_settings
 from pricing_cli.data import raw_contract
 from pricing_cli.data.raw_contract import read_catalog, read_transaction_file
 from pricing_cli.data.raw_contract_chunks import csv_chunks
@@ -135,11 +136,17 @@ def test_a_truncated_large_gzip_is_named(tmp_path, catalog_ids):
         f"{path} is a truncated or corrupt gzip file (Compressed file ended)")
 
 
+def tiny_settings(root: Path, **flags):
+    paths = {"generate.output_dir": str(root / "raw"),
+             "data.transactions": str(root / "raw" / "transactions" / "*.csv"),
+             "data.catalog": str(root / "raw" / "catalog.csv")}
+    return load_settings(preset="tiny", flags={**paths, **flags}, environ={})
+
+
 def test_tiny_preset_features_read_in_blocks_match_one_piece(tmp_path):
     from pricing_cli.data.generate import run_generate
     from pricing_cli.monitor import RunMonitor
     from pricing_cli.stages.features import run_features
-    from tests.test_features_buckets import tiny_settings
 
     with RunMonitor("generate", "quiet") as monitor:
         run_generate(tiny_settings(tmp_path), monitor)
