@@ -181,3 +181,11 @@ def test_tiny_preset_features_read_in_blocks_match_one_piece(tmp_path):
                                                              abs=1e-12), (name, column)
             else:
                 assert b[column].equals(a[column]), (name, column)
+
+
+def test_an_empty_or_header_only_file_has_no_blocks(tmp_path):
+    empty, header = tmp_path / "e.csv", tmp_path / "h.csv"
+    empty.write_bytes(b"")
+    header.write_bytes(b"date,product_id,quantity,unit_price")
+    assert list(csv_chunks(empty, 8, (1, 0))) == []
+    assert list(csv_chunks(header, 8, (1, 0))) == []

@@ -129,7 +129,7 @@ def csv_chunks(path: Path, chunk_bytes: int, key_columns: tuple[int, int] | None
         data = b""
         header = b""
         at_eof = False
-        while not header:
+        while not header and not at_eof:
             block = handle.read(chunk_bytes)
             at_eof = not block
             data += block
@@ -138,6 +138,8 @@ def csv_chunks(path: Path, chunk_bytes: int, key_columns: tuple[int, int] | None
                 header, data = data[:end], data[end:]
             elif at_eof:
                 header, data = data, b""  # a header without a line break, no records
+        if not header:
+            return  # an empty file: no header, no records
         while True:
             while len(data) < chunk_bytes and not at_eof:
                 block = handle.read(chunk_bytes - len(data))
