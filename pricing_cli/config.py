@@ -115,6 +115,10 @@ class DataSettings(Section):
     """Fraction of bad rows per file above which the file is an error instead of a skip."""
     bad_row_examples: int = Field(5, ge=0)
     """How many bad rows to show per file as file:line examples."""
+    read_chunk_mb: float = Field(2.0, gt=0)
+    """CSV files larger than this (MiB) are parsed in blocks of whole records of about this
+    size, so reading holds one block, not one whole file; smaller files in one piece. Counts
+    are the same either way; float sums may differ in the last bit (docs/scaling.md)."""
 
 
 class HolidayWindowSettings(Section):

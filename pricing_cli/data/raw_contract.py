@@ -217,8 +217,8 @@ def _read_error(path: Path, exc: BaseException) -> DataError:
         return DataError(f"{path} is not UTF-8 text ({text})",
                          "Re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`.")
     if path.name.lower().endswith(".gz") and (
-            "end of file" in lowered or "gzip" in lowered or "deflate" in lowered
-            or "corrupt" in lowered or "invalid" in lowered):
+            isinstance(exc, EOFError) or "end of file" in lowered or "gzip" in lowered
+            or "deflate" in lowered or "corrupt" in lowered or "invalid" in lowered):
         return DataError(f"{path} is a truncated or corrupt gzip file ({text})",
                          "Copy or compress the file again; `gzip -t FILE` checks it.")
     if "empty" in lowered:
@@ -227,14 +227,22 @@ def _read_error(path: Path, exc: BaseException) -> DataError:
                      "Check that the file is a well-formed CSV (or Parquet) file.")
 
 
-def _scan(path: Path, row_index: str | None = None) -> pl.LazyFrame:
+def _scan(path: Path, row_index: str | None = None, block: bytes | None = None
+          ) -> pl.LazyFrame:
+    """``path`` scanned lazily; with ``block`` (a CSV header and whole records of ``path``,
+    from raw_contract_chunks.csv_chunks), that block instead of the whole file."""
     import polars as pl
 
     if _file_format(path) == "parquet":
         return pl.scan_parquet(path, row_index_name=row_index)
     # Every column as text: casting ourselves turns a bad value into a counted bad row
     # instead of an exception that names neither the row nor the file.
-    return pl.scan_csv(path, infer_schema=False, row_index_name=row_index)
+    if block is None:
+        return pl.scan_csv(path, infer_schema=False, row_index_name=row_index)
+    # A block is parsed eagerly (it is small) and summed as one in-memory frame: the
+    # streaming engine then cuts it into morsels of a fixed number of rows, not at points
+    # of the CSV reader's own, so a block's product-days are summed in file order.
+    return pl.read_csv(block, infer_schema=False, row_index_name=row_index).lazy()
 
 
 def _schema(path: Path) -> dict[str, Any]:
@@ -419,13 +427,19 @@ def _catalog_row_problem(row: dict[str, Any]) -> str | None:
 # Transactions
 
 
-def scan_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series) -> pl.LazyFrame:
+def scan_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series,
+                          block: bytes | None = None, records_before: int = 0,
+                          schema: dict[str, Any] | None = None) -> pl.LazyFrame:
     """Lazily parse one transaction file, flagging bad rows instead of failing on them.
 
     Args:
         path: one CSV(.gz) or Parquet file.
         data: the data settings (column map, date format).
         product_ids: the catalog's product_ids; rows of other products are skipped, not bad.
+        block: parse only this block of the CSV ``path`` (its header and whole records,
+            from raw_contract_chunks.csv_chunks) instead of the whole file.
+        records_before: the file's records before ``block``, so ``_line`` is the file's.
+        schema: ``path``'s columns, when already read (each block has the same header).
 
     Returns:
         A LazyFrame with ``_line`` Int64 (as in the file), ``product_id`` String, ``date`` Date,
@@ -438,7 +452,7 @@ def scan_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
     import polars as pl
 
     fmt = _file_format(path) or "csv"
-    schema = _schema(path)
+    schema = _schema(path) if schema is None else schema
     mapping = {key: getattr(data.columns, key) for key in REQUIRED_TRANSACTION_COLUMNS}
     if data.columns.store_id is not None:
         mapping["store_id"] = data.columns.store_id
@@ -449,8 +463,9 @@ def scan_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
     raw_names = {key: f"_raw_{key}" for key in REQUIRED_TRANSACTION_COLUMNS}
     raw_types = {key: schema[mapping[key]] for key in REQUIRED_TRANSACTION_COLUMNS}
     # Each stage refers to the previous one by column name, so no parse runs twice.
-    raw = _scan(path, "_row").select(
-        (pl.col("_row").cast(pl.Int64) + _header_line_offset(fmt)).alias("_line"),
+    raw = _scan(path, "_row", block).select(
+        (pl.col("_row").cast(pl.Int64) + (_header_line_offset(fmt) + records_before)
+         ).alias("_line"),
         *[pl.col(mapping[key]).alias(raw_names[key]) for key in REQUIRED_TRANSACTION_COLUMNS],
     )
     parsed = raw.with_columns(
@@ -577,9 +592,30 @@ def bad_row_reason(row: dict[str, Any], catalog_name: str) -> str:
     return "bad row"
 
 
+def _blocks(path: Path, data: DataSettings, schema: dict[str, Any]) -> Iterable[bytes | None]:
+    """What :func:`read_transaction_file` parses one after another: ``[None]`` (the whole
+    file) for Parquet and CSVs up to ``data.read_chunk_mb``, else blocks of whole records
+    (raw_contract_chunks.csv_chunks), cut between product-days where the file allows."""
+    from pricing_cli.data.raw_contract_chunks import csv_chunks, is_large
+
+    chunk_bytes = max(1, int(data.read_chunk_mb * 2**20))
+    if _file_format(path) != "csv" or not is_large(path, chunk_bytes):
+        return [None]
+    names = list(schema)
+    product, day = data.columns.product_id, data.columns.date
+    keys = (names.index(product), names.index(day)) if product in names and day in names else None
+    return (header + records for header, records in
+            csv_chunks(path, chunk_bytes, keys, date_prefix=data.date_format is None))
+
+
 def read_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
                           ) -> tuple[pl.DataFrame, FileReport]:
     """One streaming pass over one file: its good rows' daily sums and its report.
+
+    A CSV larger than ``data.read_chunk_mb`` is parsed one block of whole records at a time
+    (raw_contract_chunks.py), so memory holds one block, not the file; the blocks' sums are
+    added per (product_id, date). Blocks are cut between product-days where the file allows
+    (sorted by day or product), so each day's sum is the same running sum as in one piece.
 
     Raises:
         DataError: unreadable file, header without rows, or a bad fraction above
@@ -587,27 +623,39 @@ def read_transaction_file(path: Path, data: DataSettings, product_ids: pl.Series
     """
     import polars as pl
 
-    parsed = scan_transaction_file(path, data, product_ids)
-    daily_sums, examples = file_queries(parsed, data.bad_row_examples)
+    schema = _schema(path)
+    is_bad = pl.col("product_id").is_null()
+    parts: list[pl.DataFrame] = []
+    bad_found: list[dict[str, Any]] = []
+    rows = bad_rows = outside = 0
     try:
-        # Two separate collects, not pl.collect_all: sharing the scan makes Polars cache the
-        # whole parsed file in memory (2.1 GiB for a 530 MB CSV in polars 2.1).
-        sums = daily_sums.collect(engine="streaming")
-        is_bad = pl.col("product_id").is_null()
-        rows = int(sums["n_transactions"].sum())
-        skipped = sums.filter(is_bad)
-        outside = int(skipped["outside_catalog"].sum())
-        bad_rows = int(skipped["n_transactions"].sum()) - outside
-        # Only files with bad rows are read again, and only up to the last example.
-        bad = (examples.collect(engine="streaming") if bad_rows and data.bad_row_examples
-               else None)
-    except (pl.exceptions.PolarsError, OSError) as exc:
+        for block in _blocks(path, data, schema):
+            parsed = scan_transaction_file(path, data, product_ids, block, rows, schema)
+            daily_sums, examples = file_queries(parsed, data.bad_row_examples - len(bad_found))
+            # Two separate collects, not pl.collect_all: sharing the scan makes Polars cache
+            # the whole parsed file in memory (2.1 GiB for a 530 MB CSV in polars 2.1).
+            sums = daily_sums.collect(engine="streaming")
+            skipped = sums.filter(is_bad)
+            block_outside = int(skipped["outside_catalog"].sum())
+            block_bad = int(skipped["n_transactions"].sum()) - block_outside
+            rows += int(sums["n_transactions"].sum())
+            outside += block_outside
+            bad_rows += block_bad
+            # Only blocks with bad rows are read again, and only up to the last example.
+            if block_bad and len(bad_found) < data.bad_row_examples:
+                bad_found += examples.collect(engine="streaming").iter_rows(named=True)
+            parts.append(sums)
+            del sums, parsed, daily_sums, examples
+    except (pl.exceptions.PolarsError, OSError, EOFError) as exc:
         raise _read_error(path, exc) from None
     if rows == 0:
         raise DataError(f"{path} has a header but no transactions",
                         "Remove the file or fill it with transactions.")
-    examples_found = _with_physical_lines(
-        path, list(bad.iter_rows(named=True)) if bad is not None else [])
+    sums = parts[0] if len(parts) == 1 else pl.concat(parts).group_by(
+        "product_id", "date", maintain_order=True).agg(
+        pl.col(c).sum() for c in parts[0].columns if c not in ("product_id", "date"))
+    del parts
+    examples_found = _with_physical_lines(path, bad_found)
     report = FileReport(path, rows, bad_rows, tuple(
         f"{path}:{row['_line']}: {bad_row_reason(row, data.catalog)}"
         for row in examples_found), outside_catalog=outside)

@@ -507,6 +507,9 @@ def bucket_query(sums_files: list[Path], members: pl.DataFrame, catalog: pl.Data
     return query
 
 
+SCRATCH_ROW_GROUP = 16_384
+
+
 @dataclass
 class _SalesScratch:
     """What the reading pass keeps: each file's daily sums on disk, every product's first
@@ -523,7 +526,9 @@ class _SalesScratch:
         if sums.height == 0:
             return
         path = self.folder / f"sums_{len(self.files):05d}.parquet"
-        sums.sort("product_id", "date").write_parquet(path)
+        # Small row groups: a bucket reads its product_id range back, and the row groups'
+        # statistics let it skip the rest, so a bucket's read does not grow with the file.
+        sums.sort("product_id", "date").write_parquet(path, row_group_size=SCRATCH_ROW_GROUP)
         self.files.append(path)
         days = sums.group_by("product_id").agg(pl.col("date").min())
         self.first_days = days if self.first_days is None else pl.concat(
