@@ -419,12 +419,14 @@ class MemorySampler:
         return s
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        # start() has just sampled: the first loop sample comes one interval later (an
+        # immediate second one raced the caller's first allocations and made the sampled
+        # peak depend on thread scheduling).
+        while not self._stop.wait(self.interval_s):
             try:
                 self.sample()
             except psutil.Error:
                 pass
-            self._stop.wait(self.interval_s)
 
     def switch_output(self, jsonl_path: Path | None) -> None:
         """Send further samples to another memory.jsonl and start the peaks afresh.
